@@ -1,0 +1,27 @@
+"""``slab dataset KIND ROOT OUT_DIR``: a competition dataset → ``OUT_DIR/datalist.json``."""
+from __future__ import annotations
+
+import json
+
+from pipeline.adapters import KINDS, build_datalist
+
+HELP = "Write OUT_DIR/datalist.json (folds grouped by case) for a dataset, converting labels where needed."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("kind", metavar="KIND", choices=KINDS, help=f"dataset layout: {', '.join(KINDS)}")
+    parser.add_argument("root", metavar="ROOT", help="the dataset directory as downloaded")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where datalist.json and converted volumes go")
+    parser.add_argument("--folds", type=int, default=5, help="number of folds, grouped by case (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed that shuffles cases into folds (default: 0)")
+
+
+def run(args) -> int:
+    path = build_datalist(args.kind, args.root, args.out_dir, n_folds=args.folds, seed=args.seed)
+    datalist = json.loads(path.read_text())
+    items = datalist["training"] + datalist["validation"]
+    labelled = sum("label" in item for item in items)
+    cases = len({item["case"] for item in items})
+    print(f"wrote {path}: {len(items)} items ({labelled} labelled) from {cases} cases, "
+          f"{len(datalist['training'])} training / {len(datalist['validation'])} validation (fold 0 of {args.folds})")
+    return 0
