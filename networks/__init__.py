@@ -1,0 +1,15 @@
+"""Networks: a factory over MONAI's networks, the slice-sequence classifier, local weights."""
+from networks.factory import NETWORK_NAMES, build_network, network_divisor
+from networks.sequence import BACKBONES, SliceSequenceClassifier
+from networks.weights import load_weights, read_state_dict, save_weights
+
+__all__ = [
+    "BACKBONES",
+    "NETWORK_NAMES",
+    "SliceSequenceClassifier",
+    "build_network",
+    "load_weights",
+    "network_divisor",
+    "read_state_dict",
+    "save_weights",
+]

@@ -1,0 +1,79 @@
+"""``slab render PRED TRUTH -o OUT.png``: where a prediction hits and misses the truth, in 3D.
+
+Hits (true positives) are yellow, false positives green, misses (false negatives) red; the
+title holds the scores. ``--sections`` adds three orthogonal cross sections with outlines,
+``--mesh`` a mesh file of the same surfaces. The volumes must share one geometry.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.render import cross_sections, mesh_path, render_hits, score_line
+from transforms.errors import SlabError
+from transforms.io import check_same_geometry, load_volume
+
+HELP = "Render hits, false positives and misses of a prediction in 3D; cross sections and mesh export."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("pred", metavar="PRED", help="predicted 0/1 mask, any format slab reads")
+    parser.add_argument("truth", metavar="TRUTH", help="true 0/1 mask in PRED's geometry")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the 3D picture (PNG)")
+    parser.add_argument("--views", type=int, default=4, metavar="N", help="camera angles in the picture (default 4)")
+    parser.add_argument("--image", metavar="IMAGE", help="image in the same geometry: grey floor in 3D, sections' background")
+    parser.add_argument("--mesh", metavar="OUT.vtk|.ply|.glb", help="also write the surfaces as a mesh file")
+    parser.add_argument("--sections", metavar="OUT.png", help="also write axial, coronal and sagittal cross sections")
+    parser.add_argument("--channel", type=int, metavar="C", help="label channel of multi-channel masks")
+    parser.add_argument("--tolerance", type=float, metavar="MM", help="also show surface dice at this tolerance (mm)")
+    parser.add_argument("--size", type=int, nargs=2, default=(1200, 900), metavar=("W", "H"),
+                        help="picture size in pixels (default 1200 900)")
+
+
+def _load(path: str):
+    """Lazily where reading a slab at a time is cheap (slice stacks, uncompressed NIfTI)."""
+    if path.lower().endswith(".nii") or Path(path).is_dir():
+        try:
+            return load_volume(path, lazy=True)
+        except SlabError:  # e.g. a DICOM series directory: no lazy reader, read it whole
+            pass
+    return load_volume(path)
+
+
+def _png(path: str, option: str) -> str:
+    if Path(path).suffix.lower() != ".png":
+        raise SlabError(f"{option} {path}: expected a .png file name")
+    return path
+
+
+def run(args) -> int:
+    # Output names are checked before anything is read.
+    _png(args.output, "-o")
+    if args.sections:
+        _png(args.sections, "--sections")
+    if args.mesh:
+        mesh_path(args.mesh)
+    pred, truth = _load(args.pred), _load(args.truth)
+    volumes, names = [truth, pred], [args.truth, args.pred]
+    image = None
+    if args.image:
+        image = _load(args.image)
+        volumes.append(image)
+        names.append(args.image)
+    check_same_geometry(*volumes, names=names)
+    spacing = truth.meta["spacing"]
+
+    result = render_hits(pred, truth, args.output, spacing=spacing, views=args.views, image=image,
+                         title=f"{Path(args.pred).name} vs {Path(args.truth).name}", tolerance=args.tolerance,
+                         size=tuple(args.size), channel=args.channel, mesh=args.mesh)
+    counts = result["counts"]
+    print(f"wrote {args.output}: {score_line(result['scores'])}; voxels: {counts['hit']} hit, "
+          f"{counts['false_positive']} false positive, {counts['miss']} missed")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if result["mesh"] is not None:
+        print(f"wrote {result['mesh']}")
+    if args.sections:
+        sections = cross_sections(image, pred, truth, args.sections, spacing=spacing, channel=args.channel,
+                                  title=f"{Path(args.pred).name} vs {Path(args.truth).name}")
+        print(f"wrote {args.sections}: sections through voxel {sections['index']}")
+    return 0

@@ -1,0 +1,120 @@
+"""Datalists, the 2.5D slab sampler and slab augmentation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.datasets import SlabDataset, load_datalist
+from pipeline.phantom import make_phantom, write_phantom
+from transforms.augment import RandSlabAugmentd
+from transforms.errors import SlabError
+from transforms.slab import PLANE_AXIS, extract_slab
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [make_phantom((20, 20, 20), seed=s) for s in range(2)]
+
+
+def _items(phantoms):
+    return [{"image": p.image, "label": p.label} for p in phantoms]
+
+
+def test_load_datalist_resolves_checks_and_folds(tmp_path):
+    for case in ("a", "b", "c"):
+        write_phantom(tmp_path / case, shape=(8, 8, 8), seed=0)
+    entry = lambda case, fold: {"image": f"{case}/image.nii.gz", "label": f"{case}/label.nii.gz", "fold": fold}  # noqa: E731
+    data = {"training": [entry("a", 0), entry("b", 1)], "validation": [entry("c", 2)]}
+    (tmp_path / "datalist.json").write_text(json.dumps(data))
+    train, val = load_datalist(tmp_path / "datalist.json", fold=None)
+    assert [t["image"] for t in train] == [str(tmp_path / "a/image.nii.gz"), str(tmp_path / "b/image.nii.gz")]
+    assert [v["label"] for v in val] == [str(tmp_path / "c/label.nii.gz")]
+    train, val = load_datalist(tmp_path / "datalist.json")  # fold 0 by default
+    assert [v["fold"] for v in val] == [0] and sorted(t["fold"] for t in train) == [1, 2]
+    train, val = load_datalist(tmp_path / "datalist.json", fold=1)
+    assert [v["fold"] for v in val] == [1] and sorted(t["fold"] for t in train) == [0, 2]
+    with pytest.raises(SlabError, match="fold"):
+        load_datalist(tmp_path / "datalist.json", fold=5)
+    data["training"].append(entry("missing", 0))
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(SlabError, match="missing/image.nii.gz"):
+        load_datalist(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(SlabError, match="broken.json"):
+        load_datalist(tmp_path / "broken.json")
+
+
+def test_samples_are_slabs_of_the_normalised_volume(phantoms):
+    ds = SlabDataset(_items(phantoms), offsets=(-2, 0, 2), samples_per_epoch=12, normalize={"lower": 1, "upper": 99}, seed=5)
+    for i in range(12):
+        s = ds[i]
+        assert s["image"].dtype == torch.float32 and s["label"].dtype == torch.float32
+        volume = ds.images[s["case"]]
+        np.testing.assert_array_equal(s["image"].numpy(), extract_slab(volume, s["plane"], s["slice"], (-2, 0, 2)))
+        label = phantoms[s["case"]].label.numpy()
+        np.testing.assert_array_equal(s["label"].numpy(), extract_slab(label, s["plane"], s["slice"], (0,)))
+    assert 0 <= ds.images[0].min() and ds.images[0].max() <= 1
+
+
+def test_positive_fraction_and_planes(phantoms):
+    ds = SlabDataset(_items(phantoms), samples_per_epoch=600, positive_fraction=0.3, patch_size=(8, 8), seed=1)
+    assert any(not f[p].all() for f in ds.slice_has_label for p in PLANE_AXIS)  # negatives exist
+    draws = [ds.sample(i, 0) for i in range(600)]
+    has_label = np.mean([bool(d["label"].any()) for d in draws])
+    assert abs(has_label - 0.3) < 0.07
+    assert {d["plane"] for d in draws} == set(PLANE_AXIS)
+    assert all(d["image"].shape == (3, 8, 8) for d in draws)
+
+
+def test_deterministic_per_epoch_and_index(phantoms):
+    aug = RandSlabAugmentd(prob=0.5)
+    make = lambda: SlabDataset(_items(phantoms), samples_per_epoch=8, augment=aug, patch_size=(12, 12), seed=3)  # noqa: E731
+    a, b = make(), make()
+    a.set_epoch(2)
+    b.set_epoch(2)
+    for i in (5, 0, 3):
+        x, y = a[i], b[i]
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+    b.set_epoch(3)
+    assert any(not torch.equal(a[i]["image"], b[i]["image"]) for i in range(8))
+    batch = next(iter(DataLoader(a, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 12, 12) and batch["label"].shape == (4, 1, 12, 12)
+
+
+def test_mismatched_image_and_label_named(tmp_path):
+    write_phantom(tmp_path / "a", shape=(8, 8, 8), seed=0)
+    write_phantom(tmp_path / "b", shape=(8, 8, 9), seed=0)
+    write_phantom(tmp_path / "c", shape=(8, 8, 8), seed=0, spacing=(1, 1, 2))
+    for other in ("b", "c"):
+        with pytest.raises(SlabError, match=f"{other}/label.nii.gz"):
+            SlabDataset([{"image": str(tmp_path / "a/image.nii.gz"), "label": str(tmp_path / other / "label.nii.gz")}])
+
+
+def test_augment_geometry_identical_for_image_and_label():
+    yy, xx = np.mgrid[:24, :24]
+    blob = torch.from_numpy((((xx - 10) ** 2 + (yy - 13) ** 2) < 40).astype(np.float32))[None]
+    for seed in range(6):
+        # flips and 90° turns move pixels exactly: an image equal to its label stays equal
+        out = RandSlabAugmentd(prob=1.0, affine=False, intensity=False).set_random_state(seed)(
+            {"image": blob.repeat(3, 1, 1), "label": blob})
+        assert all(torch.equal(out["image"][c], out["label"][0]) for c in range(3))
+        # with the affine and elastic steps too, nearest resampling everywhere keeps them equal
+        out = RandSlabAugmentd(prob=1.0, label_keys=("image", "label"), elastic=True, elastic_spacing=8).set_random_state(seed)(
+            {"image": blob.clone(), "label": blob.clone()})
+        assert torch.equal(out["image"], out["label"])
+        # bilinear image, nearest label: they still agree away from the boundary
+        out = RandSlabAugmentd(prob=1.0, intensity=False).set_random_state(seed)({"image": blob.clone(), "label": blob.clone()})
+        assert ((out["image"] > 0.5) == (out["label"] > 0.5)).float().mean() > 0.97
+        assert set(out["label"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_augment_rectangular_keeps_shape_and_dtype():
+    aug = RandSlabAugmentd(prob=1.0).set_random_state(1)
+    out = aug({"image": torch.rand(3, 8, 12), "label": torch.ones(2, 8, 12, dtype=torch.uint8)})
+    assert out["image"].shape == (3, 8, 12) and out["label"].dtype == torch.uint8
+    with pytest.raises(SlabError):
+        RandSlabAugmentd(prob=2.0)
+    with pytest.raises(SlabError):
+        RandSlabAugmentd(label_keys=("mask",))

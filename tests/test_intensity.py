@@ -1,0 +1,116 @@
+"""Exact percentiles against np.percentile; percentile normalisation against its definition."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from monai.data import MetaTensor
+
+from transforms.errors import SlabError
+from transforms.intensity import PercentileNormalize, PercentileNormalized, scale_intensity, volume_percentiles
+
+Q = [0, 0.5, 1, 2.5, 25, 33.3, 50, 66.6, 75, 99, 99.5, 100]
+INT_DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.int64]
+
+
+def _random(rng, dtype, shape):
+    if np.dtype(dtype).kind == "f":
+        return (rng.standard_normal(shape) * 1000).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -2**40), min(info.max, 2**40), size=shape, dtype=dtype, endpoint=True)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES + [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (2, 3, 5), (1, 7, 9, 11), (4, 1, 1, 1)])
+def test_equals_numpy_percentile(rng, dtype, shape):
+    x = _random(rng, dtype, shape)
+    np.testing.assert_array_equal(volume_percentiles(x, Q), np.percentile(x, Q))
+    mask = rng.random(shape) > 0.4
+    mask.flat[0] = True
+    np.testing.assert_array_equal(volume_percentiles(x, Q, mask=mask), np.percentile(x[mask], Q))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    x=hnp.arrays(st.sampled_from([np.uint8, np.uint16, np.int16, np.float32]), hnp.array_shapes(min_dims=1, max_dims=4, max_side=9),
+                 elements={"allow_nan": False, "allow_infinity": False}),
+    q=st.lists(st.floats(0, 100), min_size=1, max_size=5),
+)
+def test_equals_numpy_percentile_property(x, q):
+    np.testing.assert_array_equal(volume_percentiles(x, q), np.percentile(x, np.asarray(q, float)))
+
+
+def test_scalar_q_torch_and_fortran_order(rng):
+    x = _random(rng, np.uint16, (1, 6, 7, 8))
+    assert volume_percentiles(torch.from_numpy(x.astype(np.int32)), 37.5) == np.percentile(x, [37.5])[0]
+    f = np.asfortranarray(x)
+    mask = np.asfortranarray(rng.random(x.shape) > 0.5)
+    np.testing.assert_array_equal(volume_percentiles(f, Q, mask), np.percentile(x[mask], Q))
+
+
+def test_bad_input():
+    x = np.arange(10, dtype=np.float32)
+    for q in ([-1], [101], [], "abc", [np.nan]):
+        with pytest.raises(SlabError):
+            volume_percentiles(x, q)
+    for bad in (np.nan, np.inf):
+        y = x.copy()
+        y[3] = bad
+        with pytest.raises(SlabError, match="NaN or Inf"):
+            volume_percentiles(y, [50])
+    y = x.copy()
+    y[3] = np.nan
+    assert volume_percentiles(y, 50, mask=np.arange(10) != 3) == np.percentile(np.delete(x, 3), 50)
+    with pytest.raises(SlabError):
+        volume_percentiles(x, 50, mask=np.zeros(10, bool))
+    with pytest.raises(SlabError):
+        volume_percentiles(np.zeros(0, np.uint16), 50)
+    for kwargs in ({"lower": 50, "upper": 50}, {"lower": 60, "upper": 40}, {"lower": -1}, {"upper": 101}, {"lower": "a"}):
+        with pytest.raises(SlabError):
+            PercentileNormalize(**kwargs)
+
+
+def test_normalize_per_channel_with_soft_clip(rng):
+    x = np.stack([_random(rng, np.uint16, (5, 6, 7)), _random(rng, np.uint16, (5, 6, 7)) // 7])
+    out = PercentileNormalize(lower=2, upper=98, soft_clip_alpha=0.25)(x)
+    assert out.dtype == np.float32 and out.shape == x.shape
+    for c in range(2):
+        lo, hi = np.percentile(x[c], [2, 98])
+        v = np.maximum((x[c] - lo) / (hi - lo), 0)
+        v = np.where(v > 1, (v - 1) * 0.25 + 1, v)
+        np.testing.assert_allclose(out[c], v, rtol=1e-5, atol=1e-6)
+    hard = PercentileNormalize(lower=2, upper=98)(torch.from_numpy(x.astype(np.int32)))
+    assert isinstance(hard, torch.Tensor) and float(hard.min()) == 0 and float(hard.max()) == 1
+
+
+def test_normalize_mask_and_meta(rng):
+    x = _random(rng, np.int16, (1, 6, 6, 6))
+    mask = np.zeros(x.shape, bool)
+    mask[:, :3] = True
+    image = MetaTensor(torch.from_numpy(x), affine=torch.diag(torch.tensor([2.0, 2, 3, 1])), meta={"spacing": (2, 2, 3)})
+    out = PercentileNormalized("image", lower=10, upper=90, mask_key="mask")({"image": image, "mask": mask})["image"]
+    lo, hi = np.percentile(x[mask], [10, 90])
+    expected = np.clip((x - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert isinstance(out, MetaTensor) and out.meta["spacing"] == (2, 2, 3)
+    assert torch.equal(out.affine, image.affine)
+
+
+def test_constant_channel_maps_to_zero():
+    out = scale_intensity(np.full((1, 2, 2, 2), 7.0), [7.0], [7.0])
+    assert np.all(out == 0)
+
+
+def test_lazy_volume_streams_without_loading(rng, tmp_path, monkeypatch):
+    from transforms.io import load_volume, save_volume
+
+    x = _random(rng, np.int16, (2, 6, 5, 9))
+    save_volume(x, tmp_path / "v.nii")
+    lazy = load_volume(tmp_path / "v.nii", lazy=True)
+    monkeypatch.setattr(type(lazy), "load", lambda *a, **k: pytest.fail("loaded the whole lazy volume"))
+    np.testing.assert_array_equal(volume_percentiles(lazy, Q), np.percentile(x, Q))
+    low, high = PercentileNormalize(lower=3, upper=97).percentiles(lazy)
+    np.testing.assert_array_equal(np.stack([low, high], 1), [np.percentile(x[c], [3, 97]) for c in range(2)])
+    low, high = PercentileNormalize(lower=3, upper=97, channel_wise=False).percentiles(lazy)
+    np.testing.assert_array_equal([low[0], high[0]], np.percentile(x, [3, 97]))
