@@ -312,9 +312,9 @@ class _NiftiVolume(LazyVolume):
 
 
 def _nifti_dtype(image) -> np.dtype:
-    slope, inter = image.header.get_slope_inter()
-    scaled = slope is not None and (slope, inter or 0.0) != (1.0, 0.0)
-    # Scaled integers come back as float32; torch wants native byte order.
+    # nibabel moves scl_slope/scl_inter from the image header into its array proxy.
+    scaled = (float(image.dataobj.slope), float(image.dataobj.inter)) != (1.0, 0.0)
+    # Scaled values come back as float32; torch wants native byte order.
     return np.dtype(np.float32) if scaled else image.get_data_dtype().newbyteorder("=")
 
 
@@ -403,20 +403,20 @@ def _directory_kind(directory: Path) -> tuple[str, list[Path]]:
     return "stack", sorted(slices, key=lambda p: natural_key(p.name))
 
 
-def load_volume(source, *, spacing: Sequence[float] | None = None, lazy: bool = False, workers: int | None = None):
+def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = None, workers: int | None = None):
     """Load a volume as a ``(C, X, Y, Z)`` MetaTensor in the file's dtype, affine in RAS.
 
     Parameters
     ----------
-    source : path or list of paths
+    src : path or list of paths
         A ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd`` file, a DICOM series
         directory or a directory of 2D ``.png``/``.tif`` slices (natural sort order, decoded in
         parallel). A list loads each entry as channels of one volume; geometry must agree.
+    lazy : bool
+        Return a :class:`LazyVolume` (slice stacks and NIfTI only) that reads on demand.
     spacing : (sx, sy, sz), optional
         Voxel size in mm. Sets a slice stack's spacing (else 1); for other formats it replaces
         the file's voxel size, keeping orientation and origin.
-    lazy : bool
-        Return a :class:`LazyVolume` (slice stacks and NIfTI only) that reads on demand.
     workers : int, optional
         Threads decoding slices; default one per available core.
 
@@ -431,9 +431,9 @@ def load_volume(source, *, spacing: Sequence[float] | None = None, lazy: bool = 
     >>> vol.shape, vol.dtype, vol.meta["spacing"]  # doctest: +SKIP
     (torch.Size([1, 768, 768, 200]), torch.uint16, (1.0, 1.0, 1.0))
     """
-    if isinstance(source, (list, tuple)):
-        return _load_channels(source, spacing, lazy, workers)
-    path = Path(source)
+    if isinstance(src, (list, tuple)):
+        return _load_channels(src, spacing, lazy, workers)
+    path = Path(src)
     if not path.exists():
         raise SlabError(f"{path}: no such file or directory")
     suffix = _suffix(path)
@@ -471,16 +471,23 @@ def _load_channels(sources, spacing, lazy: bool, workers: int | None) -> MetaTen
     return _metatensor(data, np.asarray(volumes[0].affine), [str(s) for s in sources], None)
 
 
-def check_same_geometry(*volumes, names: Sequence[str] | None = None, atol: float = 1e-4) -> None:
+def check_same_geometry(*volumes, names: Sequence[str] | None = None, name_a: str = "PRED", name_b: str = "TRUTH",
+                        atol: float = 1e-4) -> None:
     """Raise SlabError unless all volumes share spatial shape and affine.
 
     Parameters
     ----------
     *volumes : MetaTensor, LazyVolume or anything with ``.shape`` ``(C, X, Y, Z)`` and ``.affine``.
-    names : names for the message (default ``volume 0``, ``volume 1``, ...).
+    names : one name per volume for the message (file names, usually).
+    name_a, name_b : the names of the first two volumes when ``names`` is not given.
     atol : absolute tolerance on affine entries (mm).
+
+    Example
+    -------
+    >>> check_same_geometry(image, label, names=["image.nii.gz", "label.nii.gz"])  # doctest: +SKIP
     """
-    names = list(names) if names is not None else [f"volume {i}" for i in range(len(volumes))]
+    if names is None:
+        names = [name_a, name_b] + [f"volume {i}" for i in range(2, len(volumes))]
     ref_shape, ref_affine = tuple(volumes[0].shape[1:]), np.asarray(volumes[0].affine, dtype=np.float64)
     for name, volume in zip(names[1:], volumes[1:]):
         shape = tuple(volume.shape[1:])
@@ -519,20 +526,21 @@ def output_format(path) -> str:
     )
 
 
-def _as_numpy(volume, affine) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(volume, LazyVolume):
-        volume = volume.load()
-    if isinstance(volume, torch.Tensor):
-        if affine is None and isinstance(volume, MetaTensor):
-            affine = volume.affine
-        array = volume.detach().cpu().numpy()
-    else:
-        array = np.asarray(volume)
+def _as_numpy(data, affine, meta, dtype) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(data, LazyVolume):
+        data = data.load()
+    if affine is None and meta is not None:
+        affine = meta.get("affine")
+    if affine is None and isinstance(data, MetaTensor):
+        affine = data.affine
+    array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
     if array.ndim != 4:
-        raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(array.shape)}")
+        raise SlabError(f"data: expected shape (C, X, Y, Z), got {tuple(array.shape)}")
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise SlabError(f"affine: expected a 4x4 matrix, got shape {affine.shape}")
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
     return (array.astype(np.uint8) if array.dtype == np.bool_ else array), affine
 
 
@@ -590,19 +598,25 @@ def _write_stack(array: np.ndarray, path: Path, slice_format: str, workers: int 
         _run_parallel(write, range(depth), workers)
 
 
-def save_volume(volume, path, *, affine=None, slice_format: str = "tif", workers: int | None = None) -> Path:
+def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: str | None = None,
+                workers: int | None = None) -> Path:
     """Write a ``(C, X, Y, Z)`` volume; the format follows the path (see :func:`output_format`).
 
     Parameters
     ----------
-    volume : MetaTensor, torch.Tensor, numpy array or LazyVolume
-        Written in its own dtype (bool as uint8).
-    path : ``.nii``/``.nii.gz`` (qform and sform set to the affine), ``.nrrd``/``.nhdr``/
+    data : MetaTensor, torch.Tensor, numpy array or LazyVolume
+        Written in its own dtype (bool as uint8) unless ``dtype`` is given.
+    dst : ``.nii``/``.nii.gz`` (qform and sform set to the affine), ``.nrrd``/``.nhdr``/
         ``.mha``/``.mhd`` (converted to LPS), or a directory: one ``NNNN.tif``/``NNNN.png`` per z,
         ``img = vol[0, :, :, z].T``; a stack keeps no geometry. Written atomically.
     affine : (4, 4), optional
-        Voxel to world in RAS; default the MetaTensor's affine, else identity.
-    slice_format : ``"tif"`` or ``"png"`` (uint8/uint16 only), for a slice stack.
+        Voxel to world in RAS. Default: ``meta["affine"]``, else the MetaTensor's affine, else
+        identity.
+    meta : dict, optional
+        A MONAI meta dictionary (e.g. the input's) whose ``"affine"`` is used.
+    dtype : numpy dtype, optional
+        Cast to this dtype (``numpy.astype``) before writing.
+    slice_format : ``"tif"`` (default) or ``"png"`` (uint8/uint16 only), for a slice stack.
     workers : threads encoding slices; default one per available core.
 
     Returns
@@ -610,15 +624,15 @@ def save_volume(volume, path, *, affine=None, slice_format: str = "tif", workers
     Path
         The path written.
     """
-    path = Path(path)
+    path = Path(dst)
     kind = output_format(path)
-    array, affine = _as_numpy(volume, affine)
+    array, affine = _as_numpy(data, affine, meta, dtype)
     if kind == "nifti":
         _write_nifti(array, affine, path)
     elif kind == "itk":
         _write_itk(array, affine, path)
     else:
-        _write_stack(array, path, slice_format, workers)
+        _write_stack(array, path, slice_format or "tif", workers)
     return path
 
 
