@@ -1,0 +1,406 @@
+"""Glue the bundles' configs call: find the bundle and its data, train, predict, evaluate.
+
+The MONAI bundles under ``bundles/`` wire the library modules together in JSON
+(``configs/*.json``); the few steps that are plain Python — listing the input files, writing
+phantom datalists, looping over cases, writing ``metrics.json`` — live here, so that a config
+reads like a pipeline diagram and the CLI (``slab demo``) runs the same code as
+``python -m monai.bundle run``. Nothing here predicts, post-processes or scores by itself: each
+function calls :mod:`pipeline.infer`, :mod:`pipeline.metrics`, :mod:`pipeline.render`,
+:mod:`pipeline.train` and :mod:`pipeline.phantom`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from transforms.errors import SlabError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
+DATA_DIR = REPO_ROOT / "data"
+# What every bundle directory holds (models/model.pt only where weights ship).
+BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
+                "configs/multi_gpu_train.json", "docs/README.md", "LICENSE")
+_NIFTI = re.compile(r"\.nii(\.gz)?$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things are
+
+
+def bundle_root(name: str) -> str:
+    """The bundle directory: the working directory when it is a bundle (holds
+    ``configs/metadata.json``), else ``bundles/<name>`` of this installation.
+
+    So ``python -m monai.bundle run --config_file configs/inference.json`` works from the bundle
+    folder and ``--config_file bundles/<name>/configs/inference.json`` from the repository root;
+    ``--bundle_root DIR`` overrides both.
+    """
+    here = Path.cwd()
+    if (here / "configs" / "metadata.json").is_file():
+        return str(here)
+    return str(BUNDLES_DIR / name)
+
+
+def sample_dir(name: str) -> str:
+    """``data/<name>``, the embedded sample data of this installation."""
+    return str(DATA_DIR / name)
+
+
+def require_files(root, files: Sequence[str] = ("configs/inference.json", "models/model.pt")) -> Path:
+    """``root`` as a Path when every one of ``files`` (relative to it) exists, else a SlabError
+    naming the first missing path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SlabError(f"{root}: bundle directory not found")
+    for name in files:
+        if not (root / name).is_file():
+            raise SlabError(f"{root / name}: missing; a bundle needs {', '.join(files)}")
+    return root
+
+
+def list_inputs(dataset_dir, pattern: str = "*") -> list[str]:
+    """Files (or slice-stack folders) in ``dataset_dir`` matching ``pattern``, in sorted order."""
+    if dataset_dir is None:
+        raise SlabError("dataset_dir: required; pass --dataset_dir DIR (a folder of volumes)")
+    folder = Path(dataset_dir)
+    if not folder.is_dir():
+        raise SlabError(f"{folder}: dataset_dir not found; expected a folder of volumes")
+    found = sorted(str(p) for p in folder.glob(pattern) if not p.name.startswith("."))
+    if not found:
+        raise SlabError(f"{folder}: no input matches {pattern!r}")
+    return found
+
+
+def list_pairs(dataset_dir, image_pattern: str = "image*", label_pattern: str = "label*") -> list[dict]:
+    """``[{"image", "label"}]``: the matches of the two patterns in ``dataset_dir``, paired in
+    sorted order (so ``imagesTs/case_1.nii.gz`` pairs with ``labelsTs/case_1.nii.gz``)."""
+    images, labels = list_inputs(dataset_dir, image_pattern), list_inputs(dataset_dir, label_pattern)
+    if len(images) != len(labels):
+        raise SlabError(f"{dataset_dir}: {len(images)} images ({image_pattern}) but {len(labels)} labels "
+                        f"({label_pattern}); expected one label per image")
+    return [{"image": i, "label": lab} for i, lab in zip(images, labels)]
+
+
+def _stem(path) -> str:
+    name = Path(path).name
+    return _NIFTI.sub("", name) if _NIFTI.search(name) else Path(name).stem
+
+
+def run_bundle(bundle, configs: Sequence[str] = ("inference.json",), **overrides):
+    """Run a bundle's workflow in this process, as ``python -m monai.bundle run`` does:
+    ``configs`` (merged in order, from ``bundle/configs/``) with ``configs/metadata.json``,
+    ``bundle_root`` set to ``bundle`` and ``overrides`` (config ids, e.g. ``slab#tta``).
+
+    Returns the list of what the config's ``run`` items returned. A SlabError raised inside
+    the workflow comes out as itself (MONAI wraps it in RuntimeError).
+    """
+    import logging
+
+    from monai.bundle import ConfigWorkflow
+
+    root = require_files(bundle, [f"configs/{c}" for c in configs] + ["configs/metadata.json"])
+    files = [str(root / "configs" / c) for c in configs]
+    level = logging.getLogger("monai").level
+    logging.getLogger("monai").setLevel(logging.ERROR)  # the workflow's input summaries
+    try:
+        workflow = ConfigWorkflow(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
+                                  logging_file=False, workflow_type=None, bundle_root=str(root), **overrides)
+        workflow.initialize()
+        result = workflow.run()
+        workflow.finalize()
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, SlabError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise SlabError(str(cause)) from None
+        raise
+    finally:
+        logging.getLogger("monai").setLevel(level)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Data for the bundles' training configs
+
+
+def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96, 96, 96),
+                     train_seeds: Sequence[int] = (1, 2, 3, 4), val_seeds: Sequence[int] = (100,),
+                     spacing: Sequence[float] = (1.0, 1.0, 1.0), labels: Sequence[str] | None = None,
+                     label_format: str = "channels", targets: Mapping[str, Sequence[int]] | None = None,
+                     image_format: str = "nifti") -> str:
+    """Write phantoms (:func:`pipeline.phantom.write_phantom`) and a Decathlon datalist over them.
+
+    Phantoms are written once per ``(kind, shape, seed, spacing)`` under ``out_dir`` and reused.
+    ``kind="tumour"`` labels (BraTS values) become TC/WT/ET channels with
+    :func:`pipeline.adapters.brats_label`, as the BraTS adapter does. ``label_format="values"``
+    turns a multi-channel label into one channel of values ``1..L`` (for the slice-sequence
+    classifier's targets); ``targets`` then gives, per label name, one 0/1 per case in seed
+    order (train seeds, then validation seeds). ``image_format="png"`` stores each image as a
+    stack of 16-bit PNG slices (``image/0000.png``...), as UW-Madison scans come.
+
+    Returns
+    -------
+    str
+        ``out_dir/datalist.json``: ``training`` (train seeds) and ``validation`` (val seeds).
+    """
+    from pipeline.adapters import brats_label
+    from pipeline.phantom import write_phantom
+    from transforms.io import atomic_write, load_volume, save_volume
+
+    out = Path(out_dir)
+    shape = [int(s) for s in shape]
+    tag = f"{kind}_{'x'.join(map(str, shape))}_sp{'x'.join(f'{float(s):g}' for s in spacing)}"
+    seeds = [int(s) for s in train_seeds] + [int(s) for s in val_seeds]
+    items = []
+    for n, seed in enumerate(seeds):
+        case = out / tag / f"seed{seed}"
+        if image_format not in ("nifti", "png"):
+            raise SlabError(f"image_format: expected nifti or png, got {image_format!r}")
+        paths = {"image": case / ("image.nii.gz" if image_format == "nifti" else "image_png"),
+                 "label": case / f"label_{label_format}.nii.gz"}
+        if not paths["label"].is_file() or not paths["image"].exists():
+            _, label_path = write_phantom(case, shape=shape, seed=seed, kind=kind, spacing=spacing)
+            label = load_volume(label_path)
+            array = np.asarray(label)
+            if kind == "tumour":
+                array = brats_label(array[0], label_path)
+            if label_format == "values":
+                array = (np.argmax(array, axis=0) + 1) * array.any(axis=0)
+                array = array[None].astype(np.uint8)
+            save_volume(array, paths["label"], affine=np.asarray(label.affine))
+            if image_format == "png":
+                save_volume(load_volume(case / "image.nii.gz"), paths["image"], slice_format="png")
+        item = {"id": f"{kind}_seed{seed}", "case": f"seed{seed}", "fold": 0 if n >= len(train_seeds) else 1,
+                "image": str(paths["image"]), "label": str(paths["label"])}
+        if targets:
+            item["targets"] = {name: int(values[n]) for name, values in targets.items()}
+        items.append(item)
+    datalist = {"kind": f"phantom:{kind}", "label_format": label_format, "n_folds": 2,
+                "training": items[:len(train_seeds)], "validation": items[len(train_seeds):]}
+    if labels:
+        datalist["labels"] = list(labels)
+    path = out / "datalist.json"
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(datalist, indent=1) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train, predict, evaluate
+
+
+def run_training(datalist, config: Mapping, output_dir, *, export_weights=None, device=None, epochs=None,
+                 fold=None, resume: bool = False) -> dict:
+    """:func:`pipeline.train.train`, then the best checkpoint's weights (state dict only) to
+    ``export_weights`` (a bundle's ``models/model.pt``) and its validation summary beside them
+    (``model.json``: best metric, threshold, epochs, time).
+
+    Returns the training result with ``time_s`` and ``exported`` added.
+    """
+    from networks import read_state_dict
+    from pipeline.train import train
+    from transforms.io import atomic_write
+
+    start = time.perf_counter()
+    result = train(datalist, dict(config), output_dir, fold=fold, resume=resume, device=device, epochs=epochs)
+    result["time_s"] = round(time.perf_counter() - start, 1)
+    if export_weights:
+        target = Path(export_weights)
+        state = read_state_dict(result["best_checkpoint"])
+        with atomic_write(target) as tmp:
+            torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
+        summary = {"best": result["best"], "threshold": result["threshold"], "time_s": result["time_s"],
+                   "history": result["history"]}
+        with atomic_write(target.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n")
+        result["exported"] = str(target)
+    return result
+
+
+def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
+                  prob_name: str | None = None) -> list[dict]:
+    """:func:`pipeline.infer.predict_file` on every input: ``output_dir/<output_name>`` (the
+    cleaned mask, the input's affine) and optionally the probabilities ``<prob_name>``.
+    Names may hold ``{stem}``, the input's name without its extension."""
+    from pipeline.infer import predict_file
+
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    names = [output_name.format(stem=_stem(p)) for p in inputs]
+    if len(set(names)) != len(names):
+        raise SlabError(f"output_name: {output_name!r} gives the same file for several inputs; use {{stem}}")
+    out = Path(output_dir)
+    written = []
+    for path, name in zip(inputs, names):
+        prob = None if prob_name is None else out / prob_name.format(stem=_stem(path))
+        written.append({"image": str(path), **{k: str(v) for k, v in
+                                               predict_file(path, out / name, predictor, prob_path=prob).items()}})
+    return written
+
+
+def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerances: Sequence[float] = (0.0, 1.0),
+                   output_name: str = "{stem}_mask.nii.gz", render: bool = True, views: int = 4,
+                   metrics_name: str = "metrics.json") -> dict:
+    """Predict each image (:func:`run_inference`), score the mask written against its label
+    (:func:`pipeline.metrics.evaluate`, spacing-aware), draw hits and misses
+    (:func:`pipeline.render.render_hits`, ``<stem>_hits.png``) and cross sections
+    (:func:`pipeline.render.cross_sections`, ``<stem>_sections.png``), and write
+    ``output_dir/metrics.json``: every case and the mean over cases.
+
+    Returns the content of ``metrics.json``.
+    """
+    from pipeline.metrics import evaluate
+    from transforms.io import atomic_write, check_same_geometry, load_volume
+
+    out = Path(output_dir)
+    cases = []
+    for pair in pairs:
+        start = time.perf_counter()
+        (written,) = run_inference(predictor, [pair["image"]], out, output_name=output_name)
+        predict_s = time.perf_counter() - start
+        mask, truth = load_volume(written["mask"]), load_volume(pair["label"])
+        check_same_geometry(mask, truth, names=[written["mask"], str(pair["label"])])
+        spacing = tuple(float(s) for s in truth.meta["spacing"])
+        scores = evaluate(np.asarray(mask), np.asarray(truth) > 0, spacing, tolerances)
+        case = {"image": str(pair["image"]), "label": str(pair["label"]), "mask": written["mask"],
+                "predict_s": round(predict_s, 2), **{k: scores[k] for k in ("dice", "iou", "precision", "recall",
+                                                                             "surface_dice")},
+                "classes": scores["classes"], "spacing": list(spacing)}
+        if render:
+            from pipeline.render import cross_sections, render_hits
+
+            stem = _stem(pair["image"])
+            image = load_volume(pair["image"])
+            title = f"{Path(pair['image']).name} vs {Path(pair['label']).name}"
+            for c, scored in enumerate(scores["classes"]):
+                suffix = "" if mask.shape[0] == 1 else f"_class{c}"
+                shown = {k: scored[k] for k in ("dice", "iou", "precision", "recall", "surface_dice")}
+                hits = render_hits(mask, truth, out / f"{stem}_hits{suffix}.png", spacing=spacing, views=views,
+                                   image=image[0], title=title, scores=shown, channel=c)
+                sections = cross_sections(image[0], mask, truth, out / f"{stem}_sections{suffix}.png",
+                                          spacing=spacing, title=title, channel=c)
+                case.setdefault("pictures", []).extend([str(hits["path"]), str(sections["path"])])
+        cases.append(case)
+    keys = ("dice", "iou", "precision", "recall")
+    mean = {k: _nanmean([c[k] for c in cases]) for k in keys}
+    mean["surface_dice"] = {t: _nanmean([c["surface_dice"][t] for c in cases]) for t in cases[0]["surface_dice"]}
+    report = {"mean": mean, "cases": cases, "settings": predictor_settings(predictor)}
+    with atomic_write(out / metrics_name) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=True).replace("NaN", "null") + "\n")
+    report["path"] = str(out / metrics_name)
+    return report
+
+
+def predictor_settings(predictor) -> dict:
+    """The inference settings of a :class:`pipeline.infer.Predictor`, for reports: mode, planes,
+    offsets, TTA, device and the post-processing steps with their parameters."""
+    post = predictor.postprocess
+    steps = [getattr(post, "binarise", None), *getattr(post, "steps", [])]
+    plain = (int, float, str, bool, list, tuple, type(None))
+    offsets = getattr(predictor, "offsets", None)
+    return {"mode": predictor.mode, "planes": list(getattr(predictor, "planes", []) or []),
+            "offsets": None if offsets is None else list(offsets), "tta": predictor.tta,
+            "roi_size": None if getattr(predictor, "roi_size", None) is None else list(predictor.roi_size),
+            "postprocess": [{"step": type(step).__name__, **{k: v for k, v in vars(step).items()
+                                                            if isinstance(v, plain)}}
+                            for step in steps if step is not None],
+            "device": str(predictor.device)}
+
+
+def _nanmean(values) -> float:
+    values = [float(v) for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return np.asarray(value).tolist()
+    return str(value)
+
+
+def run_classification(network_config: Mapping, weights, inputs: Sequence, output_dir, *, offsets=(-1, 0, 1),
+                       normalize: Mapping | None = None, plane: str = "xy", n_slabs: int = 15,
+                       image_size: Sequence[int] = (128, 128), device=None, csv_name: str = "predictions.csv") -> str:
+    """Score whole studies with the slice-sequence classifier and write ``output_dir/<csv_name>``.
+
+    Each study becomes one sequence of ``n_slabs`` slabs evenly over its slices along
+    ``plane`` (:func:`pipeline.train_cls.slab_centres` and :func:`pipeline.train_cls.build_sequence`,
+    the training recipe's sequences of an unlabelled study); rows ``image,probability,max_slice_probability``
+    hold the sequence head's probability and the largest per-slice probability.
+    """
+    from networks import load_weights
+    from pipeline.train_cls import build_sequence, slab_centres
+    from transforms.intensity import PercentileNormalize
+    from transforms.io import atomic_write, load_volume
+    from transforms.slab import PLANE_AXIS
+
+    classifier = load_weights(network(network_config), weights).eval()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    classifier.to(device)
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    rows = ["image,probability,max_slice_probability"]
+    with torch.inference_mode():
+        for path in inputs:
+            image = load_volume(path)
+            if normalize is not None:
+                image = PercentileNormalize(**normalize)(image)
+            image = np.asarray(image, dtype=np.float32)
+            centres = slab_centres(0, image.shape[PLANE_AXIS[plane] + 1] - 1, n_slabs)
+            sequence = build_sequence(image, centres, plane, offsets, image_size).float()[None].to(device)
+            slice_logits, sequence_logits = classifier(sequence)
+            rows.append(f"{path},{float(torch.sigmoid(sequence_logits).max()):.6f},"
+                        f"{float(torch.sigmoid(slice_logits).max()):.6f}")
+    target = Path(output_dir) / csv_name
+    with atomic_write(target) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+    return str(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks as bundle components
+
+
+def network(config: Mapping) -> nn.Module:
+    """:func:`networks.build_network` from one config object (a bundle's ``slab#network``), so
+    that ``network_def`` follows whatever network the bundle names (e.g. ``unet`` or
+    ``swin_unetr``)."""
+    from networks import build_network
+
+    return build_network(**dict(config))
+
+
+
+class SliceLogits(nn.Module):
+    """:class:`networks.SliceSequenceClassifier` giving one tensor, the per-slice logits
+    ``(B, N)``: what MONAI's ``verify_net_in_out`` and TorchScript export expect of a bundle's
+    ``network_def``. The state dict is the classifier's own (keys under ``net.`` are not used:
+    the wrapper registers the classifier's modules directly)."""
+
+    def __init__(self, config: Mapping):
+        super().__init__()
+        classifier = network(config)
+        for name, module in classifier.named_children():
+            self.add_module(name, module)
+        self._forward = type(classifier).forward
+        self.out_channels = classifier.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slice_logits, _ = self._forward(self, x)
+        return slice_logits
+
+
+__all__ = ["bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
+           "run_training", "run_inference", "run_evaluation", "run_classification", "predictor_settings", "network",
+           "SliceLogits"]

@@ -1,0 +1,58 @@
+"""``slab train``: train a 2.5D / 3D segmentation or a slice-sequence classification network.
+
+Multi-process (multi-GPU, multi-node) training: launch the same command under ``torchrun``, e.g.
+``torchrun --nproc_per_node 4 -m pipeline.cli train --datalist D --config C --out RUN``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "train a segmentation or classification network from a datalist and a JSON config"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datalist", metavar="DATALIST.json",
+                        help="Decathlon-style datalist (slab dataset writes one)")
+    parser.add_argument("--config", metavar="CONFIG.json",
+                        help="training configuration; missing keys take their defaults (--show-config lists them)")
+    parser.add_argument("--out", metavar="RUN_DIR",
+                        help="run directory: checkpoints, logs, curves and the config used")
+    parser.add_argument("--fold", type=int, metavar="K", help="validate on fold K, train on the others")
+    parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from last.pt")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="override the config's epochs")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print every configuration key with its default and meaning, then exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.train import describe_config, train
+    from transforms.errors import SlabError
+
+    if args.show_config:
+        print(describe_config())
+        return 0
+    for flag, value in (("--datalist", args.datalist), ("--out", args.out)):
+        if not value:
+            raise SlabError(f"{flag}: required")
+    result = train(args.datalist, args.config, args.out, fold=args.fold, resume=args.resume,
+                   device=args.device, epochs=args.epochs)
+    from pipeline.distributed import dist_env
+
+    if dist_env().is_main:
+        best = result["best"]
+        last = result["history"][-1] if result["history"] else {}
+        summary = {
+            "run_dir": args.out,
+            "epochs": last.get("epoch"),
+            "train_loss": last.get("train_loss"),
+            "best_metric": best["metric"],
+            "best_value": best["value"],
+            "best_epoch": best["epoch"],
+            "threshold": result["threshold"],
+            "best_checkpoint": result["best_checkpoint"],
+        }
+        print(json.dumps(summary, indent=2))
+    return 0

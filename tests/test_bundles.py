@@ -1,0 +1,203 @@
+"""The MONAI bundles: layout, metadata against the network, verify_net_in_out, TorchScript export,
+tiny train -> infer runs through the bundles' own configs, and bad bundle directories."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
+from monai.bundle.scripts import _get_fake_spatial_shape
+
+from pipeline.bundle import BUNDLE_FILES, BUNDLES_DIR, require_files, run_bundle
+from pipeline.cli import main
+from transforms.errors import SlabError
+from transforms.io import load_volume
+
+BUNDLES = ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")
+# The fields the MONAI Bundle Specification requires of metadata.json, and the ones we add.
+REQUIRED_META = ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                 "required_packages_version", "task", "description", "authors", "copyright", "network_data_format")
+EXTRA_META = ("intended_use", "data_source", "data_type", "image_classes", "label_classes", "pred_classes",
+              "eval_metrics", "references")
+TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+               "channel_def")
+
+
+def _files(name):
+    root = BUNDLES_DIR / name
+    return root, str(root / "configs" / "metadata.json"), str(root / "configs" / "inference.json")
+
+
+def _network_section(parser):
+    return parser["slab"]["network"] if "slab" in parser else parser["classifier"]["network"]
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_layout_and_metadata_fields(name):
+    root, meta_file, _ = _files(name)
+    for relative in BUNDLE_FILES:
+        assert (root / relative).is_file(), relative
+    assert "Apache License" in (root / "LICENSE").read_text() and "Version 2.0" in (root / "LICENSE").read_text()
+    meta = json.loads(Path(meta_file).read_text())
+    for key in REQUIRED_META + EXTRA_META:
+        assert key in meta, key
+    assert meta["version"] in meta["changelog"]
+    assert meta["monai_version"] and meta["pytorch_version"] and meta["numpy_version"]
+    fmt = meta["network_data_format"]
+    assert set(fmt) == {"inputs", "outputs"}
+    for tensor in (fmt["inputs"]["image"], fmt["outputs"]["pred"]):
+        for key in TENSOR_KEYS:
+            assert key in tensor, key
+    assert "modality" in fmt["inputs"]["image"]
+    weights = root / "models" / "model.pt"
+    readme = (root / "docs" / "README.md").read_text()
+    if not weights.exists():
+        assert "no weights" in readme.lower(), "a bundle without weights says so in its docs"
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_network_matches_metadata(name):
+    """network_def, fed a tensor of the declared shape and dtype, gives the declared output."""
+    _, meta_file, config_file = _files(name)
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.read_meta(meta_file)
+    image = parser["_meta_"]["network_data_format"]["inputs"]["image"]
+    pred = parser["_meta_"]["network_data_format"]["outputs"]["pred"]
+    net = parser.get_parsed_content("network_def").eval()
+    section = _network_section(parser)
+    if section["name"] != "sequence_classifier":
+        assert image["num_channels"] == section["in_channels"] and pred["num_channels"] == section["out_channels"]
+        assert len(image["spatial_shape"]) == section["spatial_dims"]
+    shape = _get_fake_spatial_shape(image["spatial_shape"], n=2)
+    x = torch.rand(1, image["num_channels"], *shape, dtype=getattr(torch, image["dtype"]))
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape[1] == pred["num_channels"] and y.dtype == getattr(torch, pred["dtype"])
+    if pred["spatial_shape"]:
+        assert tuple(y.shape[2:]) == tuple(shape)
+    verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, device="cpu")
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_train_and_inference_share_the_network(name):
+    _, _, config_file = _files(name)
+    inference = json.loads(Path(config_file).read_text())
+    train = json.loads((BUNDLES_DIR / name / "configs" / "train.json").read_text())
+    section = inference.get("slab", inference.get("classifier"))
+    assert train["network"] == section["network"]
+    if "offsets" in section and "offsets" in train["training"]:
+        assert train["training"]["offsets"] == section["offsets"]
+    assert train["training"]["normalize"] == section["normalize"]
+
+
+def test_vessel_bundle_settings_agree_with_predictor_from_bundle():
+    """`slab predict --bundle` (Predictor.from_bundle) and the bundle's own predictor agree."""
+    from pipeline.infer import Predictor
+
+    root, meta_file, config_file = _files("vessel_2p5d")
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser.read_meta(meta_file)
+    ours, theirs = parser.get_parsed_content("predictor"), Predictor.from_bundle(root)
+    assert (ours.planes, ours.offsets, ours.tta, ours.batch_size) == (theirs.planes, theirs.offsets, theirs.tta,
+                                                                       theirs.batch_size)
+    for a, b in zip(ours.model.state_dict().values(), theirs.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_vessel_ckpt_export_torchscript(tmp_path):
+    root, meta_file, config_file = _files("vessel_2p5d")
+    ts = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(root / "models" / "model.pt"),
+                meta_file=meta_file, config_file=config_file)
+    scripted = torch.jit.load(str(ts))
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    net = parser.get_parsed_content("network_def").eval()
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    x = torch.rand(2, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
+    assert (root / "models" / "model.pt").stat().st_size < 3 * 2**20
+
+
+# Tiny settings: every bundle's train.json must run end to end within seconds.
+TINY = {
+    "vessel_2p5d": {"phantom#shape": [24, 24, 24], "phantom#train_seeds": [1], "phantom#val_seeds": [100],
+                    "training#patch_size": None, "training#samples_per_epoch": 8, "training#batch_size": 4},
+    "gi_tract_2p5d": {"phantom#shape": [24, 24, 12], "phantom#train_seeds": [1], "phantom#val_seeds": [100],
+                      "training#samples_per_epoch": 8, "training#batch_size": 4},
+    "brats_3d": {"phantom#shape": [24, 24, 24], "phantom#train_seeds": [1], "phantom#val_seeds": [100],
+                 "training#patch_size": [16, 16, 16], "training#samples_per_epoch": 2, "training#batch_size": 2,
+                 "network#channels": [4, 8, 16, 16]},
+    "spine_cls_2p5d": {"phantom#shape": [24, 24, 24], "phantom#train_seeds": [1, 2], "phantom#val_seeds": [100, 101],
+                       "phantom#targets": {"C1": [1, 0, 0, 1], "C2": [0, 1, 1, 0], "C3": [0, 0, 1, 1]},
+                       "training#classification#n_slabs": 4, "training#classification#image_size": [32, 32],
+                       "training#batch_size": 2},
+}
+INFER = {
+    "vessel_2p5d": {"slab#planes": ["xy"], "slab#tta": "none", "slab#postprocess": {"threshold": 0.5}},
+    "gi_tract_2p5d": {"slab#tta": "none"},
+    "brats_3d": {"slab#roi_size": [16, 16, 16], "slab#tta": "none", "slab#network#channels": [4, 8, 16, 16]},
+    "spine_cls_2p5d": {"classifier#n_slabs": 4, "classifier#image_size": [32, 32]},
+}
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_train_json_runs_and_its_weights_infer(name, tmp_path):
+    common = {"output_dir": str(tmp_path / "run"), "export_weights": str(tmp_path / "model.pt"), "device": "cpu",
+              "training#epochs": 1, "training#val_every": 1, "training#progress": False}
+    (result,) = run_bundle(BUNDLES_DIR / name, ("train.json",), **common, **TINY[name])
+    assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["train_loss"])
+    assert Path(result["exported"]).is_file() and (tmp_path / "model.json").is_file()
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # a plain state dict
+
+    datalist = json.loads((tmp_path / "run" / "phantoms" / "datalist.json").read_text())
+    case = datalist["validation"][0]
+    data = tmp_path / "data"
+    data.mkdir()
+    image = Path(case["image"])
+    (data / image.name).symlink_to(image)
+    (result,) = run_bundle(BUNDLES_DIR / name, ("inference.json",), dataset_dir=str(data),
+                           output_dir=str(tmp_path / "out"), weights=str(tmp_path / "model.pt"), device="cpu",
+                           **INFER[name])
+    if name == "spine_cls_2p5d":
+        rows = Path(result).read_text().splitlines()
+        assert rows[0] == "image,probability,max_slice_probability" and len(rows) == 2
+        assert 0 <= float(rows[1].split(",")[1]) <= 1
+        return
+    mask = load_volume(result[0]["mask"])
+    source = load_volume(image)
+    label = load_volume(case["label"])
+    assert mask.dtype == torch.uint8 and tuple(mask.shape) == tuple(label.shape)
+    np.testing.assert_allclose(np.asarray(mask.affine), np.asarray(source.affine), atol=1e-5)
+
+
+def test_missing_bundle_files_are_one_line_errors(tmp_path, capsys):
+    bundle = tmp_path / "vessel_2p5d"
+    shutil.copytree(BUNDLES_DIR / "vessel_2p5d" / "configs", bundle / "configs")
+    with pytest.raises(SlabError, match=str(bundle / "models" / "model.pt")):
+        require_files(bundle)
+    assert main(["demo", "--bundle", str(bundle), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bundle / "models" / "model.pt") in err
+    (bundle / "configs" / "inference.json").unlink()
+    with pytest.raises(SlabError, match="inference.json"):
+        run_bundle(bundle, ("inference.json",))
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_through_a_broken_bundle_exits_2(tmp_path, capsys):
+    pytest.importorskip("pipeline.commands.predict")
+    bundle = tmp_path / "b"
+    (bundle / "configs").mkdir(parents=True)
+    shutil.copy(BUNDLES_DIR / "vessel_2p5d" / "configs" / "inference.json", bundle / "configs")
+    code = main(["predict", "-i", str(BUNDLES_DIR.parent / "data" / "vessel_phantom" / "image.nii.gz"),
+                 "-o", str(tmp_path / "mask.nii.gz"), "--bundle", str(bundle)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "model.pt" in err
+    assert not (tmp_path / "mask.nii.gz").exists()

@@ -1,0 +1,141 @@
+"""Data parallelism on CPU with gloo: sharding helpers, sharded inference, DDP training via torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
+from transforms.errors import SlabError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n, world", [(0, 1), (1, 2), (7, 2), (10, 3), (5, 8)])
+def test_shards_partition_the_items(n, world):
+    items = [f"volume{i}" for i in range(n)]
+    shards = [shard_items(items, rank, world) for rank in range(world)]
+    flat = [x for shard in shards for x in shard]
+    assert sorted(flat) == sorted(items) and len(flat) == len(set(flat))
+    assert all(abs(len(a) - len(b)) <= 1 for a in shards for b in shards)
+    for shard in shards:  # relative order kept
+        assert shard == sorted(shard, key=items.index)
+
+
+def test_shard_and_batch_errors():
+    with pytest.raises(SlabError, match="rank"):
+        shard_items([1, 2], 2, 2)
+    with pytest.raises(SlabError, match="world_size"):
+        shard_items([1, 2], 0, 0)
+    assert rank_batch(range(8, 12), 1, 2) == [10, 11]
+    with pytest.raises(SlabError, match="multiple"):
+        rank_batch(range(5), 0, 2)
+
+
+def test_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert dist_env() == DistInfo(0, 1, 0) and dist_env().is_main and not dist_env().enabled
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SlabError, match="RANK"):
+        dist_env()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _predict(volume):
+    """A fixed tiny 2.5D UNet over two planes of one volume."""
+    from networks import build_network
+    from pipeline.infer import predict_2p5d
+
+    torch.manual_seed(0)
+    net = build_network("unet", 2, 3, 1, channels=(4, 8), strides=(2,))
+    return np.asarray(predict_2p5d(net, torch.as_tensor(volume), planes=("xy", "zy"), device="cpu", divisor=2))
+
+
+def _volumes():
+    rng = np.random.default_rng(0)
+    return [rng.random((1, 8 + i, 8, 6), dtype=np.float32) for i in range(5)]
+
+
+CONFIG = {"epochs": 2, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy", "zy"],
+          "network": {"name": "unet", "channels": [4, 8], "strides": [2]},
+          "val": {"thresholds": [0.5], "tolerance_mm": 0.0}, "progress": False, "lr": 3e-3, "warmup_epochs": 0}
+
+
+def _worker(work: Path) -> int:
+    """One rank under torchrun: sharded inference, then ``slab train`` (DDP)."""
+    from pipeline.cli import main
+    from pipeline.distributed import cleanup_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        results = map_sharded(_predict, _volumes(), info)
+        if info.is_main:
+            np.savez(work / "sharded.npz", *results)
+        return main(["train", "--datalist", str(work / "data" / "datalist.json"), "--config", str(work / "config.json"),
+                     "--out", str(work / "ddp"), "--device", "cpu"])
+    finally:
+        cleanup_distributed()
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """2 gloo processes of batch 2 each train like 1 process of batch 4 (up to summation order);
+    sharded inference over 5 volumes gives exactly the one-process outputs."""
+    from pipeline.train import load_checkpoint, train
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import write_datalist
+
+    datalist = write_datalist(tmp_path / "data", n=3)
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), __file__, str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"best_checkpoint"') == 1  # rank 0 alone reports
+
+    sharded = np.load(tmp_path / "sharded.npz")
+    single = [_predict(v) for v in _volumes()]
+    assert len(sharded.files) == len(single)
+    for i, expected in enumerate(single):
+        np.testing.assert_array_equal(sharded[f"arr_{i}"], expected)
+
+    reference = train(datalist, CONFIG, tmp_path / "single", device="cpu")
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    ref = load_checkpoint(tmp_path / "single" / "last.pt")
+    np.testing.assert_allclose([r["train_loss"] for r in ddp["history"]],
+                               [r["train_loss"] for r in reference["history"]], rtol=1e-4)
+    # Convolution biases right before an instance norm get no gradient but rounding noise, which
+    # Adam scales up to full steps; they do not change the output, so compare the networks' outputs.
+    from networks import build_network
+
+    nets = []
+    for state in (ddp, ref):
+        net = build_network(**state["network"]).eval()
+        net.load_state_dict(state["model"])
+        nets.append(net)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(nets[0](x), nets[1](x), rtol=1e-4, atol=1e-4)
+    assert ddp["history"][-1]["val_dice"] == pytest.approx(reference["history"][-1]["val_dice"], abs=1e-3)
+    # rank 0 alone wrote the run directory, the same files as one process
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(Path(sys.argv[1])))
