@@ -1,0 +1,92 @@
+"""``slab evaluate PRED TRUTH``: dice, IoU, precision, recall and surface dice as JSON.
+
+PRED is a 0/1 mask (integer or bool dtype) or a probability map (floating point, binarised
+``> --threshold`` as ``slab postprocess`` does); TRUTH a 0/1 mask with the same geometry and
+one channel per class. NIfTI files and slice stacks are read lazily, a few slices at a time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+
+from pipeline.metrics import _check_thresholds, _check_tolerances, evaluate, plot_sweep, threshold_sweep
+from transforms.errors import SlabError
+from transforms.io import atomic_write, check_same_geometry, load_volume
+
+HELP = "Score a mask or probability map against the truth: dice, IoU, precision, recall, surface dice (JSON)."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("pred", metavar="PRED",
+                        help="predicted 0/1 mask or probability map (floating point), any format slab reads")
+    parser.add_argument("truth", metavar="TRUTH",
+                        help="ground-truth 0/1 mask, one channel per class, same geometry as PRED")
+    parser.add_argument("--tolerance", nargs="+", type=float, default=[0.0], metavar="T",
+                        help="surface dice tolerance(s) in mm (default: 0, the SenNet definition)")
+    parser.add_argument("--threshold", type=float, default=0.5, metavar="t",
+                        help="a probability map's voxel is foreground when > t (default: 0.5)")
+    parser.add_argument("--sweep", nargs="*", type=float, metavar="t",
+                        help="also score these thresholds (default 0.05, 0.10, ..., 0.95) and report the best "
+                             "by surface dice at the first tolerance")
+    parser.add_argument("--json", metavar="OUT", help="also write the JSON to OUT")
+    parser.add_argument("--plot", metavar="PNG", help="plot the sweep's curves to PNG (needs --sweep)")
+
+
+def _open(path):
+    """Lazily where the reader can (NIfTI, slice stacks), so that big volumes stream."""
+    try:
+        return load_volume(path, lazy=True)
+    except SlabError:
+        return load_volume(path)
+
+
+def _is_float(volume) -> bool:
+    dtype = volume.dtype
+    return dtype.is_floating_point if hasattr(dtype, "is_floating_point") else np.issubdtype(dtype, np.floating)
+
+
+def _jsonable(value):
+    """NaN (an undefined ratio) as null; JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def run(args) -> int:
+    tolerances = _check_tolerances(args.tolerance)
+    thresholds = None
+    if args.sweep is not None:
+        thresholds = _check_thresholds(args.sweep or np.round(np.arange(1, 20) * 0.05, 2))
+    if args.plot and thresholds is None:
+        raise SlabError("--plot: plots the threshold sweep; add --sweep")
+    pred, truth = _open(args.pred), _open(args.truth)
+    names = (args.pred, args.truth)
+    check_same_geometry(pred, truth, names=names)
+    if pred.shape[0] != truth.shape[0]:
+        raise SlabError(f"{args.pred}: {pred.shape[0]} channel(s), but {args.truth} has {truth.shape[0]}")
+    probabilities = _is_float(pred)
+    if thresholds is not None and not probabilities:
+        raise SlabError(f"{args.pred}: --sweep needs a probability map (floating point), got a {pred.dtype} mask")
+    spacing = tuple(float(s) for s in truth.meta["spacing"])
+
+    result = {"pred": args.pred, "truth": args.truth}
+    result.update(evaluate(pred, truth, spacing, tolerances, args.threshold if probabilities else None, names=names))
+    if thresholds is not None:
+        result["sweep"] = threshold_sweep(pred, truth, thresholds, spacing, tolerances, names=names)
+        if args.plot:
+            plot_sweep(result["sweep"], args.plot)
+    text = json.dumps(_jsonable(result), indent=2, allow_nan=False)
+    if args.json:
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(text + "\n")
+    print(text)
+    if args.json or args.plot:
+        print(f"wrote {', '.join(p for p in (args.json, args.plot) if p)}", file=sys.stderr)
+    return 0
