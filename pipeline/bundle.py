@@ -190,7 +190,7 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
         datalist["labels"] = list(labels)
     path = out / "datalist.json"
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(datalist, indent=1) + "\n")
+        tmp.write_text(json.dumps(datalist, indent=1) + "\n", encoding="utf-8")
     return str(path)
 
 
@@ -221,9 +221,55 @@ def run_training(datalist, config: Mapping, output_dir, *, export_weights=None, 
         summary = {"best": result["best"], "threshold": result["threshold"], "time_s": result["time_s"],
                    "history": result["history"]}
         with atomic_write(target.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n")
+            tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n", encoding="utf-8")
         result["exported"] = str(target)
     return result
+
+
+def validated_postprocess(postprocess: Mapping | None, weights=None, labels: int | None = None) -> dict:
+    """``postprocess`` (:func:`transforms.post.postprocess` arguments) with the threshold that
+    training chose on validation for ``weights``, where one was recorded.
+
+    The threshold (one number, or one per label channel) is read from ``model.json`` beside
+    ``weights`` (``models/model.pt``; :func:`run_training` writes both), else from ``weights``
+    itself when it is a training checkpoint (``best.pt`` / ``last.pt``: its ``"threshold"``).
+    When neither records one (e.g. weights trained elsewhere), when ``weights`` is None or
+    missing, or when ``postprocess`` binarises by ``hysteresis`` or not at all
+    (``"threshold": null``), ``postprocess`` is returned as given (the bundle's defaults).
+
+    Parameters
+    ----------
+    postprocess : dict or None
+    weights : path to the network weights the thresholds belong to, or None
+    labels : the network's output channels; a per-channel threshold of another length is a
+        SlabError naming the file it came from.
+    """
+    options = dict(postprocess or {})
+    if weights is None or options.get("hysteresis") is not None or options.get("threshold", 0.5) is None:
+        return options
+    path = Path(weights)
+    summary = path.with_suffix(".json")
+    threshold = None
+    if summary.is_file():
+        try:
+            threshold = json.loads(summary.read_text(encoding="utf-8")).get("threshold")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise SlabError(f"{summary}: not a JSON object of the training summary ({err})") from None
+        source = summary
+    elif path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a checkpoint; loading the weights names the problem
+            state = None
+        if isinstance(state, dict) and "model" in state:
+            threshold = state.get("threshold")
+        source = path
+    if threshold is None:
+        return options
+    if isinstance(threshold, list) and labels is not None and len(threshold) != labels:
+        raise SlabError(f"{source}: threshold has {len(threshold)} values; the network predicts {labels} labels")
+    options["threshold"] = threshold
+    return options
 
 
 def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
@@ -294,7 +340,8 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
     mean["surface_dice"] = {t: _nanmean([c["surface_dice"][t] for c in cases]) for t in cases[0]["surface_dice"]}
     report = {"mean": mean, "cases": cases, "settings": predictor_settings(predictor)}
     with atomic_write(out / metrics_name) as tmp:
-        tmp.write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=True).replace("NaN", "null") + "\n")
+        text = json.dumps(report, indent=1, default=_json_default, allow_nan=True).replace("NaN", "null")
+        tmp.write_text(text + "\n", encoding="utf-8")
     report["path"] = str(out / metrics_name)
     return report
 
@@ -332,39 +379,34 @@ def _json_default(value):
 
 def run_classification(network_config: Mapping, weights, inputs: Sequence, output_dir, *, offsets=(-1, 0, 1),
                        normalize: Mapping | None = None, plane: str = "xy", n_slabs: int = 15,
-                       image_size: Sequence[int] = (128, 128), device=None, csv_name: str = "predictions.csv") -> str:
+                       image_size: Sequence[int] = (128, 128), device=None, amp: bool = True,
+                       csv_name: str = "predictions.csv") -> str:
     """Score whole studies with the slice-sequence classifier and write ``output_dir/<csv_name>``.
 
-    Each study becomes one sequence of ``n_slabs`` slabs evenly over its slices along
-    ``plane`` (:func:`pipeline.train_cls.slab_centres` and :func:`pipeline.train_cls.build_sequence`,
-    the training recipe's sequences of an unlabelled study); rows ``image,probability,max_slice_probability``
+    Each input volume is loaded, percentile-normalised (``normalize``) and scored by
+    :func:`pipeline.infer.predict_sequences` as an unlabelled study: one sequence of ``n_slabs``
+    slabs evenly over its slices along ``plane``. Rows ``image,probability,max_slice_probability``
     hold the sequence head's probability and the largest per-slice probability.
     """
     from networks import load_weights
-    from pipeline.train_cls import build_sequence, slab_centres
+    from pipeline.infer import predict_sequences
     from transforms.intensity import PercentileNormalize
     from transforms.io import atomic_write, load_volume
-    from transforms.slab import PLANE_AXIS
 
-    classifier = load_weights(network(network_config), weights).eval()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    classifier.to(device)
+    classifier = load_weights(network(network_config), weights)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     rows = ["image,probability,max_slice_probability"]
-    with torch.inference_mode():
-        for path in inputs:
-            image = load_volume(path)
-            if normalize is not None:
-                image = PercentileNormalize(**normalize)(image)
-            image = np.asarray(image, dtype=np.float32)
-            centres = slab_centres(0, image.shape[PLANE_AXIS[plane] + 1] - 1, n_slabs)
-            sequence = build_sequence(image, centres, plane, offsets, image_size).float()[None].to(device)
-            slice_logits, sequence_logits = classifier(sequence)
-            rows.append(f"{path},{float(torch.sigmoid(sequence_logits).max()):.6f},"
-                        f"{float(torch.sigmoid(slice_logits).max()):.6f}")
+    for path in inputs:
+        image = load_volume(path)
+        if normalize is not None:
+            image = PercentileNormalize(**normalize)(image)
+        (scores,) = predict_sequences(classifier, image, n_slabs=n_slabs, offsets=offsets, plane=plane,
+                                      size=image_size, device=device, amp=amp).values()
+        rows.append(f"{path},{float(np.max(scores['probability'])):.6f},"
+                    f"{float(np.max(scores['slice_probabilities'])):.6f}")
     target = Path(output_dir) / csv_name
     with atomic_write(target) as tmp:
-        tmp.write_text("\n".join(rows) + "\n")
+        tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return str(target)
 
 
@@ -402,5 +444,5 @@ class SliceLogits(nn.Module):
 
 
 __all__ = ["bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
-           "run_training", "run_inference", "run_evaluation", "run_classification", "predictor_settings", "network",
-           "SliceLogits"]
+           "run_training", "validated_postprocess", "run_inference", "run_evaluation", "run_classification",
+           "predictor_settings", "network", "SliceLogits"]

@@ -37,7 +37,7 @@ import math
 import random
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.device import amp_dtype, autocast, resolve_device
 from pipeline.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -399,7 +400,7 @@ def read_config(path: str | Path) -> dict:
     if not path.is_file():
         raise SlabError(f"{path}: no such config file")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SlabError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(config, dict):
@@ -534,19 +535,6 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The autocast dtype: bf16 (or fp16 without bf16 support) on CUDA with ``amp``; None otherwise."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a DDP wrapper."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -631,7 +619,7 @@ class RunLog:
         columns: list[str] = []
         for r in history:
             columns += [k for k in r if k not in columns]
-        with atomic_write(self.out / "log.csv") as tmp, open(tmp, "w", newline="") as f:
+        with atomic_write(self.out / "log.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             for r in history:
@@ -748,21 +736,6 @@ class _RankBatches(torch.utils.data.Sampler):
         for step in range(self.steps):
             indices = range(step * self.batch_size, (step + 1) * self.batch_size)
             yield rank_batch(indices, self.info.rank, self.info.world_size)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``cuda`` when available and not asked otherwise, else ``cpu``; an unavailable CUDA is an error."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise SlabError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SlabError("--device cuda: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise SlabError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
-    return device
 
 
 def _better(metric: str, value: float | None, best: float | None) -> bool:
@@ -896,7 +869,7 @@ def _train(datalist, cfg: dict, out: Path, fold, resume: bool, device: torch.dev
 
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "config.json") as tmp:
-            tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+            tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     barrier(info)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
@@ -1014,7 +987,7 @@ def split_items(datalist, fold: int | None) -> tuple[list[dict], list[dict], dic
     from pipeline.datasets import load_datalist
 
     train_items, val_items = load_datalist(datalist, fold=fold)
-    data = datalist if isinstance(datalist, dict) else json.loads(Path(datalist).read_text())
+    data = datalist if isinstance(datalist, dict) else json.loads(Path(datalist).read_text(encoding="utf-8"))
     if not train_items:
         raise SlabError(f"datalist: no training items{'' if fold is None else f' outside fold {fold}'}")
     return list(train_items), list(val_items), data

@@ -2,7 +2,8 @@
 
 Each *target* of a study (a vertebra C1..C7) becomes one sequence of ``n_slabs`` slabs: slab
 centres evenly spaced over the z range the target occupies in the study's label (value
-``i + 1`` is ``labels[i]``), or over the whole volume when the study has no label. The
+``i + 1`` is ``labels[i]``), or over the whole volume when the study has no label
+(:func:`pipeline.datasets.study_sequences`, built as inference builds them). The
 :class:`~networks.SliceSequenceClassifier` scores every slab and the whole sequence; the loss is
 
 ``slice_weight * BCE(slices) + seq_weight * BCE(sequence)``  (default 15 : 1),
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.datasets import OVERALL, study_sequences
 from pipeline.train import TrainTask, _build_model, _network_args, split_items
 from transforms.errors import SlabError
 
@@ -131,85 +133,13 @@ def competition_log_loss(
     return float((w * loss).sum() / w.sum()) if w.size else float("nan")
 
 
-def slab_centres(z_lo: int, z_hi: int, n: int) -> np.ndarray:
-    """``n`` slice indices evenly spaced over ``[z_lo, z_hi]`` (inclusive), rounded.
-
-    >>> slab_centres(0, 28, 5).tolist()
-    [0, 7, 14, 21, 28]
-    """
-    if n == 1:
-        return np.array([int(round((z_lo + z_hi) / 2))])
-    return np.rint(np.linspace(z_lo, z_hi, n)).astype(np.int64)
-
-
 def _nan_mean(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
-# Sequences
-
-
-OVERALL = "patient_overall"
-
-
-def _bbox(mask: np.ndarray, margin: float) -> tuple[slice, slice]:
-    """In-plane bounding box ``(H, W)`` of a 2D mask, grown by ``margin`` of its size per side."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    h0, h1, w0, w1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    dh, dw = int(round((h1 - h0) * margin)), int(round((w1 - w0) * margin))
-    return (slice(max(0, h0 - dh), min(mask.shape[0], h1 + dh)), slice(max(0, w0 - dw), min(mask.shape[1], w1 + dw)))
-
-
-def build_sequence(image: np.ndarray, centres: np.ndarray, plane: str, offsets, size, box=None) -> torch.Tensor:
-    """``(N, C*k, H, W)`` float16: the slab at each centre slice, cropped to ``box`` (in-plane
-    slices) and resized (bilinear) to ``size``."""
-    from transforms.slab import extract_slab
-
-    slabs = []
-    for z in centres:
-        slab = extract_slab(image, plane=plane, index=int(z), offsets=offsets)
-        slab = torch.from_numpy(np.ascontiguousarray(slab, dtype=np.float32))
-        if box is not None:
-            slab = slab[:, box[0], box[1]]
-        slabs.append(F.interpolate(slab[None], size=tuple(size), mode="bilinear", align_corners=False)[0])
-    return torch.stack(slabs).to(torch.float16)
-
-
-def study_sequences(item: dict, image: np.ndarray, label: np.ndarray | None, names: list[str], cfg: dict) -> list[dict]:
-    """The sequences of one study: one per target whose label value is present (slab centres
-    evenly over its slice range, cropped to its in-plane box), or, without a label, one over
-    the whole volume for ``patient_overall`` (or, lacking it, whether any target is positive)."""
-    from transforms.slab import PLANE_AXIS
-
-    c = cfg["classification"]
-    plane, n, size = c["plane"], c["n_slabs"], c["image_size"]
-    axis = PLANE_AXIS[plane]
-    targets = item.get("targets")
-    if not isinstance(targets, dict) or not targets:
-        raise SlabError(f"{item['image']}: datalist item without 'targets' (e.g. {{\"C1\": 0, ...}})")
-    out = []
-    if label is not None:
-        for i, name in enumerate(names):
-            if name not in targets:
-                raise SlabError(f"{item['image']}: targets lack {name!r} (datalist labels: {', '.join(names)})")
-            mask = label[0] == i + 1
-            along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            if along.size == 0:
-                continue  # this study's label does not show the target: no sequence for it
-            box = _bbox(mask.any(axis=axis), c["crop_margin"])
-            centres = slab_centres(int(along[0]), int(along[-1]), n)
-            seq = build_sequence(image, centres, plane, cfg["offsets"], size, box)
-            out.append({"study": str(item.get("id", item["image"])), "target": name,
-                        "y": float(targets[name]), "slabs": seq})
-    else:
-        target = OVERALL if OVERALL in targets else None
-        y = float(targets[OVERALL]) if target else float(max(float(v) for v in targets.values()))
-        centres = slab_centres(0, image.shape[axis + 1] - 1, n)
-        out.append({"study": str(item.get("id", item["image"])), "target": target or "any",
-                    "y": y, "slabs": build_sequence(image, centres, plane, cfg["offsets"], size)})
-    return out
+# Studies
 
 
 def _load_study(item: dict, normalize: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -293,19 +223,13 @@ class ClassificationTask(TrainTask):
     def has_validation(self) -> bool:
         return self.has_val
 
-    @torch.no_grad()
     def validate(self, model, device, info) -> dict:
         from pipeline.distributed import gather_objects
+        from pipeline.infer import score_sequences
 
-        model.eval()
-        rows = []
-        batch = self.cfg["val"]["batch_size"]
-        for start in range(0, len(self.val), batch):
-            chunk = self.val[start:start + batch]
-            images = torch.stack([s["slabs"].float() for s in chunk]).to(device)
-            _, seq_logits = model(images)
-            probs = torch.sigmoid(seq_logits.float()).reshape(-1).cpu().tolist()
-            rows += [(s["order"], s["study"], s["target"], p, s["y"]) for s, p in zip(chunk, probs)]
+        probs, _ = score_sequences(model, [s["slabs"] for s in self.val], batch_size=self.cfg["val"]["batch_size"],
+                                   device=device, amp=self.cfg["amp"])
+        rows = [(s["order"], s["study"], s["target"], p, s["y"]) for s, p in zip(self.val, probs.reshape(-1).tolist())]
         model.train()
         rows = sorted((r for part in gather_objects(rows, info) for r in part), key=lambda r: r[0])
         return classification_metrics([r[1:] for r in rows], self.c["pos_weight"])

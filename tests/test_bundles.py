@@ -39,8 +39,8 @@ def test_layout_and_metadata_fields(name):
     root, meta_file, _ = _files(name)
     for relative in BUNDLE_FILES:
         assert (root / relative).is_file(), relative
-    assert "Apache License" in (root / "LICENSE").read_text() and "Version 2.0" in (root / "LICENSE").read_text()
-    meta = json.loads(Path(meta_file).read_text())
+    assert "Apache License" in (root / "LICENSE").read_text(encoding="utf-8") and "Version 2.0" in (root / "LICENSE").read_text(encoding="utf-8")
+    meta = json.loads(Path(meta_file).read_text(encoding="utf-8"))
     for key in REQUIRED_META + EXTRA_META:
         assert key in meta, key
     assert meta["version"] in meta["changelog"]
@@ -52,7 +52,7 @@ def test_layout_and_metadata_fields(name):
             assert key in tensor, key
     assert "modality" in fmt["inputs"]["image"]
     weights = root / "models" / "model.pt"
-    readme = (root / "docs" / "README.md").read_text()
+    readme = (root / "docs" / "README.md").read_text(encoding="utf-8")
     if not weights.exists():
         assert "no weights" in readme.lower(), "a bundle without weights says so in its docs"
 
@@ -84,8 +84,8 @@ def test_network_matches_metadata(name):
 @pytest.mark.parametrize("name", BUNDLES)
 def test_train_and_inference_share_the_network(name):
     _, _, config_file = _files(name)
-    inference = json.loads(Path(config_file).read_text())
-    train = json.loads((BUNDLES_DIR / name / "configs" / "train.json").read_text())
+    inference = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    train = json.loads((BUNDLES_DIR / name / "configs" / "train.json").read_text(encoding="utf-8"))
     section = inference.get("slab", inference.get("classifier"))
     assert train["network"] == section["network"]
     if "offsets" in section and "offsets" in train["training"]:
@@ -156,7 +156,7 @@ def test_train_json_runs_and_its_weights_infer(name, tmp_path):
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())  # a plain state dict
 
-    datalist = json.loads((tmp_path / "run" / "phantoms" / "datalist.json").read_text())
+    datalist = json.loads((tmp_path / "run" / "phantoms" / "datalist.json").read_text(encoding="utf-8"))
     case = datalist["validation"][0]
     data = tmp_path / "data"
     data.mkdir()
@@ -166,10 +166,26 @@ def test_train_json_runs_and_its_weights_infer(name, tmp_path):
                            output_dir=str(tmp_path / "out"), weights=str(tmp_path / "model.pt"), device="cpu",
                            **INFER[name])
     if name == "spine_cls_2p5d":
-        rows = Path(result).read_text().splitlines()
+        rows = Path(result).read_text(encoding="utf-8").splitlines()
         assert rows[0] == "image,probability,max_slice_probability" and len(rows) == 2
-        assert 0 <= float(rows[1].split(",")[1]) <= 1
+        # the row is predict_sequences on the normalised study: one whole-volume sequence
+        from pipeline.bundle import network
+        from pipeline.infer import predict_sequences
+        from transforms.intensity import PercentileNormalize
+
+        section = json.loads(Path(_files(name)[2]).read_text(encoding="utf-8"))["classifier"]
+        model = network(section["network"])
+        model.load_state_dict(state)
+        study = PercentileNormalize(**section["normalize"])(load_volume(data / image.name))
+        (scores,) = predict_sequences(model, study, n_slabs=4, size=(32, 32), offsets=section["offsets"],
+                                      plane=section["plane"], device="cpu").values()
+        path, probability, max_slice = rows[1].split(",")
+        assert path == str(data / image.name)
+        assert float(probability) == pytest.approx(scores["probability"], abs=1e-6)
+        assert float(max_slice) == pytest.approx(scores["slice_probabilities"].max(), abs=1e-6)
         return
+    if name == "brats_3d":  # one threshold per channel, chosen on validation, recorded with the weights
+        assert len(json.loads((tmp_path / "model.json").read_text(encoding="utf-8"))["threshold"]) == 3
     mask = load_volume(result[0]["mask"])
     source = load_volume(image)
     label = load_volume(case["label"])
@@ -201,3 +217,56 @@ def test_predict_through_a_broken_bundle_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "model.pt" in err
     assert not (tmp_path / "mask.nii.gz").exists()
+
+
+def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
+    """Per-channel thresholds from models/model.json (or a checkpoint) binarise each channel;
+    without one, every channel is binarised at slab#postprocess#threshold (0.5)."""
+    from monai.data import MetaTensor
+
+    from pipeline.bundle import network, validated_postprocess
+    from transforms.io import save_volume
+
+    root, _, config_file = _files("brats_3d")
+    config = {**json.loads(Path(config_file).read_text(encoding="utf-8"))["slab"]["network"], "channels": [4, 8, 16, 16]}
+    torch.manual_seed(0)
+    weights = tmp_path / "models" / "model.pt"
+    weights.parent.mkdir()
+    torch.save(network(config).state_dict(), weights)
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    save_volume(MetaTensor(torch.from_numpy(rng.random((4, 24, 24, 24), dtype=np.float32)), affine=torch.eye(4)),
+                data / "case.nii.gz")
+
+    def infer(out):
+        ((written,),) = run_bundle(root, ("inference.json",), dataset_dir=str(data), output_dir=str(tmp_path / out),
+                                   weights=str(weights), device="cpu", prob_name="{stem}_prob.nii.gz",
+                                   **INFER["brats_3d"])
+        return np.asarray(load_volume(written["mask"])), np.asarray(load_volume(written["prob"]), np.float64)
+
+    def per_channel(prob, thresholds):
+        return np.stack([prob[c] > t for c, t in enumerate(thresholds)]).astype(np.uint8)
+
+    mask, prob = infer("default")  # no model.json: 0.5 for every channel
+    np.testing.assert_array_equal(mask, per_channel(prob, [0.5] * 3))
+    chosen = [float(np.median(prob[c])) for c in range(3)]  # thresholds that split every channel
+    assert len(set(chosen)) == 3
+    weights.with_suffix(".json").write_text(json.dumps({"best": {}, "threshold": chosen}))
+    mask, prob_again = infer("chosen")
+    np.testing.assert_array_equal(prob_again, prob)
+    np.testing.assert_array_equal(mask, per_channel(prob, chosen))
+    assert 0 < mask.mean() < 1 and not np.array_equal(mask, per_channel(prob, [0.5] * 3))
+
+    # a training checkpoint carries its threshold itself; hysteresis or no threshold are left alone
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"model": torch.load(weights, weights_only=True), "config": {}, "threshold": [0.2, 0.3, 0.4]},
+               checkpoint)
+    assert validated_postprocess({"threshold": 0.5, "min_size": 3}, checkpoint, 3) == {"threshold": [0.2, 0.3, 0.4],
+                                                                                     "min_size": 3}
+    assert validated_postprocess({"threshold": 0.5}, weights, 3) == {"threshold": chosen}
+    assert validated_postprocess({"hysteresis": [0.4, 0.6]}, weights, 3) == {"hysteresis": [0.4, 0.6]}
+    assert validated_postprocess({"threshold": None}, weights, 3) == {"threshold": None}
+    assert validated_postprocess({"threshold": 0.5}, None, 3) == {"threshold": 0.5}
+    assert validated_postprocess({"threshold": 0.5}, tmp_path / "elsewhere.pt", 3) == {"threshold": 0.5}
+    with pytest.raises(SlabError, match=rf"^{weights.with_suffix('.json')}: threshold has 3 values; .* 2 labels"):
+        validated_postprocess({"threshold": 0.5}, weights, 2)

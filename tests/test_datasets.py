@@ -118,3 +118,62 @@ def test_augment_rectangular_keeps_shape_and_dtype():
         RandSlabAugmentd(prob=2.0)
     with pytest.raises(SlabError):
         RandSlabAugmentd(label_keys=("mask",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Slice sequences
+
+
+def test_slab_centres_known_answers():
+    from pipeline.datasets import slab_centres
+
+    assert slab_centres(0, 28, 5).tolist() == [0, 7, 14, 21, 28]
+    assert slab_centres(10, 24, 3).tolist() == [10, 17, 24]
+    assert slab_centres(3, 8, 1).tolist() == [6]  # round(5.5) = 6
+
+
+def test_volume_sequences_crop_each_target_and_resize():
+    import torch.nn.functional as F
+
+    from pipeline.datasets import volume_sequences
+
+    rng = np.random.default_rng(1)
+    image = rng.random((1, 16, 18, 20), dtype=np.float32)
+    label = np.zeros((1, 16, 18, 20), np.uint8)
+    label[0, 2:12, 3:15, 1:9] = 1  # x 2..11, y 3..14, z 1..8
+    sequences = volume_sequences(image, label, targets=["C1", "C2"], n_slabs=3, offsets=(-1, 0, 1), plane="xy",
+                                 size=(8, 10), crop_margin=0.1)
+    assert [s["target"] for s in sequences] == ["C1"]  # C2 (value 2) is not in the label
+    (seq,) = sequences
+    assert seq["slices"].tolist() == [1, 4, 8] and seq["slabs"].dtype == torch.float16  # rint(1, 4.5, 8)
+    # box grown by round(0.1 * 10) = 1 row and round(0.1 * 12) = 1 column per side
+    for n, z in enumerate([1, 4, 8]):
+        slab = np.stack([image[0, :, :, min(max(z + o, 0), 19)] for o in (-1, 0, 1)])[:, 1:13, 2:16]
+        expected = F.interpolate(torch.from_numpy(slab)[None], size=(8, 10), mode="bilinear", align_corners=False)[0]
+        assert torch.equal(seq["slabs"][n], expected.half())
+    # zx plane: the sequence runs along y, over the target's y range 3..14
+    (zx,) = volume_sequences(image, label, targets=["C1"], n_slabs=4, offsets=(0,), plane="zx", size=(8, 8))
+    assert zx["slices"].tolist() == [3, 7, 10, 14] and tuple(zx["slabs"].shape) == (4, 1, 8, 8)
+    (whole,) = volume_sequences(image, None, n_slabs=2, offsets=(0,), plane="xy", size=(8, 8))
+    assert whole["target"] == "patient_overall" and whole["slices"].tolist() == [0, 19]
+
+
+def test_study_sequences_targets():
+    from pipeline.datasets import study_sequences
+
+    image = np.zeros((1, 8, 8, 10), np.float32)
+    label = np.zeros((1, 8, 8, 10), np.uint8)
+    label[0, 1:6, 1:6, :5], label[0, 1:6, 1:6, 5:] = 1, 2
+    cfg = {"offsets": [-1, 0, 1], "classification": {"n_slabs": 2, "image_size": [8, 8], "plane": "xy",
+                                                     "crop_margin": 0.1}}
+    item = {"id": "s0", "image": "s0.nii.gz", "targets": {"C1": 1, "C2": 0, "patient_overall": 1}}
+    rows = study_sequences(item, image, label, ["C1", "C2"], cfg)
+    assert [(r["study"], r["target"], r["y"]) for r in rows] == [("s0", "C1", 1.0), ("s0", "C2", 0.0)]
+    (row,) = study_sequences(item, image, None, ["C1", "C2"], cfg)
+    assert (row["target"], row["y"]) == ("patient_overall", 1.0)
+    (row,) = study_sequences({"image": "s1", "targets": {"C1": 0, "C2": 1}}, image, None, ["C1", "C2"], cfg)
+    assert (row["study"], row["target"], row["y"]) == ("s1", "any", 1.0)
+    with pytest.raises(SlabError, match="targets lack 'C2'"):
+        study_sequences({"image": "s2", "targets": {"C1": 0}}, image, label, ["C1", "C2"], cfg)
+    with pytest.raises(SlabError, match="without 'targets'"):
+        study_sequences({"image": "s3"}, image, label, ["C1", "C2"], cfg)

@@ -317,3 +317,109 @@ def test_predict_file_lazy_equals_eager(stack, tmp_path):
     # The reference: normalise, predict, threshold, small components, by hand.
     probs = predict_2p5d(eager.model, PercentileNormalize()(torch.from_numpy(data)), divisor=2)
     np.testing.assert_array_equal(mask_a.numpy(), postprocess(probs.numpy(), threshold=0.5, min_size=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Slice sequences
+
+
+def tiny_classifier(seed=0):
+    torch.manual_seed(seed)
+    return build_network("sequence_classifier", 2, 3, 1, backbone="resnet10", hidden_size=4, num_layers=1,
+                         dropout=0.0)
+
+
+def vertebrae(shape=(16, 18, 20)):
+    rng = np.random.default_rng(0)
+    volume = rng.random((1, *shape), dtype=np.float32)
+    label = np.zeros((1, *shape), np.uint8)
+    label[0, 2:12, 3:15, 1:9] = 1
+    label[0, 4:14, 2:10, 12:19] = 3  # value 2 (C2) is absent: no sequence for it
+    return volume, label
+
+
+SEQ = {"n_slabs": 5, "offsets": (-1, 0, 1), "plane": "xy", "size": (16, 16), "crop_margin": 0.1}
+
+
+def test_predict_sequences_equals_a_manual_forward_of_the_built_sequences():
+    from pipeline.datasets import build_sequence, slab_centres, volume_sequences
+    from pipeline.infer import predict_sequences
+
+    model = tiny_classifier()
+    volume, label = vertebrae()
+    targets = ["C1", "C2", "C3"]
+    out = predict_sequences(model, volume, label, targets=targets, batch_size=1, device="cpu", **SEQ)
+    assert list(out) == ["C1", "C3"]
+    sequences = volume_sequences(volume, label, targets=targets, **SEQ)
+    model.eval()
+    with torch.no_grad():
+        slice_logits, seq_logits = model(torch.stack([s["slabs"].float() for s in sequences]))
+    for i, s in enumerate(sequences):
+        got = out[s["target"]]
+        assert isinstance(got["probability"], float)
+        assert got["probability"] == pytest.approx(float(torch.sigmoid(seq_logits[i, 0])), abs=1e-6)
+        np.testing.assert_allclose(got["slice_probabilities"], torch.sigmoid(slice_logits[i]).numpy(), atol=1e-6)
+        np.testing.assert_array_equal(got["slices"], s["slices"])
+    # np.rint(linspace(1, 8, 5)) and np.rint(linspace(12, 18, 5)): each target's own slice range
+    assert out["C1"]["slices"].tolist() == [1, 3, 4, 6, 8] and out["C3"]["slices"].tolist() == [12, 14, 15, 16, 18]
+
+    # no label: one sequence over the whole volume; a MetaTensor as loaded
+    whole = predict_sequences(model, MetaTensor(torch.from_numpy(volume), affine=torch.eye(4)), device="cpu", **SEQ)
+    assert list(whole) == ["patient_overall"]
+    centres = slab_centres(0, 19, 5)
+    assert whole["patient_overall"]["slices"].tolist() == centres.tolist() == [0, 5, 10, 14, 19]
+    with torch.no_grad():
+        slice_logits, seq_logits = model(build_sequence(volume, centres, "xy", (-1, 0, 1), (16, 16)).float()[None])
+    assert whole["patient_overall"]["probability"] == pytest.approx(float(torch.sigmoid(seq_logits[0, 0])), abs=1e-6)
+    np.testing.assert_allclose(whole["patient_overall"]["slice_probabilities"], torch.sigmoid(slice_logits[0]),
+                               atol=1e-6)
+
+
+def test_score_sequences_batches_do_not_change_the_result():
+    from pipeline.datasets import volume_sequences
+    from pipeline.infer import score_sequences
+
+    volume, label = vertebrae()
+    slabs = [s["slabs"] for s in volume_sequences(volume, label, targets=["C1", "C2", "C3"], **SEQ)] * 2
+    one, one_slices = score_sequences(tiny_classifier(), slabs, batch_size=1, device="cpu")
+    all_, all_slices = score_sequences(tiny_classifier(), slabs, batch_size=4, device="cpu")
+    assert one.shape == (4, 1) and one_slices.shape == (4, 5)
+    torch.testing.assert_close(one, all_, atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_slices, all_slices, atol=1e-6, rtol=0)
+    empty, empty_slices = score_sequences(tiny_classifier(), [], device="cpu")
+    assert empty.numel() == 0 and empty_slices.numel() == 0
+
+
+def test_predict_sequences_bad_input():
+    from pipeline.infer import predict_sequences
+
+    model = tiny_classifier()
+    volume, label = vertebrae()
+    bad = volume.copy()
+    bad[0, 1, 1, 1] = np.nan
+    with pytest.raises(SlabError, match="NaN"):
+        predict_sequences(model, bad, device="cpu", **SEQ)
+    with pytest.raises(SlabError, match="^volume: expected shape"):
+        predict_sequences(model, volume[0], device="cpu", **SEQ)
+    with pytest.raises(SlabError, match="^label:"):
+        predict_sequences(model, volume, label[:, :8], targets=["C1"], device="cpu", **SEQ)
+    with pytest.raises(SlabError, match="^targets:"):
+        predict_sequences(model, volume, label, device="cpu", **SEQ)
+    with pytest.raises(SlabError, match="^size:"):
+        predict_sequences(model, volume, device="cpu", **{**SEQ, "size": (16,)})
+    with pytest.raises(SlabError, match="^n_slabs:"):
+        predict_sequences(model, volume, device="cpu", **{**SEQ, "n_slabs": 0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_sequences_on_cuda_with_amp_matches_cpu():
+    from pipeline.infer import predict_sequences
+
+    volume, label = vertebrae()
+    cpu = predict_sequences(tiny_classifier(), volume, label, targets=["C1", "C2", "C3"], device="cpu", **SEQ)
+    gpu = predict_sequences(tiny_classifier(), volume, label, targets=["C1", "C2", "C3"], device="cuda", amp=True,
+                            **SEQ)
+    assert list(gpu) == list(cpu)
+    for key in cpu:
+        assert gpu[key]["probability"] == pytest.approx(cpu[key]["probability"], abs=2e-2)
+        np.testing.assert_allclose(gpu[key]["slice_probabilities"], cpu[key]["slice_probabilities"], atol=2e-2)

@@ -309,6 +309,62 @@ def test_postprocess_matches_the_chain_of_references(rng):
         d["pred"], np.stack([skimage_remove_small(c * roi[0] > 0.5, 3, 3) for c in p]))
 
 
+def test_per_channel_thresholds_match_a_numpy_reference(rng):
+    p = np.stack([smooth_map(rng, (9, 10, 11)) for _ in range(3)])
+    thresholds = [0.3, 0.5, 0.7]
+
+    def reference(x, ts):  # compared in float64: exact for float32 values
+        return np.stack([x[c].astype(np.float64) > t for c, t in enumerate(ts)]).astype(np.uint8)
+
+    expected = reference(p, thresholds)
+    assert len({int(e.sum()) for e in expected}) == 3  # the channels really differ
+    np.testing.assert_array_equal(Threshold(thresholds)(p), expected)
+    np.testing.assert_array_equal(Threshold(np.array(thresholds))(p), expected)
+    np.testing.assert_array_equal(Threshold((0.5, 0.5, 0.5))(p), Threshold(0.5)(p))
+    out = Threshold(thresholds)(MetaTensor(torch.from_numpy(p), affine=torch.eye(4)))
+    assert isinstance(out, MetaTensor) and out.dtype == torch.uint8
+    np.testing.assert_array_equal(out.numpy(), expected)
+    np.testing.assert_array_equal(Thresholdd("pred", threshold=thresholds)({"pred": p})["pred"], expected)
+    np.testing.assert_array_equal(Threshold([0.4])(p[0]), reference(p[:1], [0.4])[0])  # (X, Y, Z): one channel
+    np.testing.assert_array_equal(
+        postprocess(p, threshold=thresholds, min_size=5, connectivity=6),
+        np.stack([skimage_remove_small(e.astype(bool), 5, 1) for e in expected]))
+    for bad, labels in (([0.3, 0.5], 3), ([0.3, 0.5, 0.7, 0.9], 3)):
+        with pytest.raises(SlabError, match=rf"^threshold: {len(bad)} values for {labels} label channels"):
+            Threshold(bad)(p)
+        with pytest.raises(SlabError, match="^threshold"):
+            postprocess(p, threshold=bad)
+    with pytest.raises(SlabError, match="^threshold: 2 values for 1 label channel;"):
+        Threshold([0.3, 0.5])(p[0])
+    for bad in ([], [0.5, float("nan")], [0.5, "a"]):
+        with pytest.raises(SlabError, match="^threshold"):
+            Threshold(bad)
+
+
+def test_per_channel_hysteresis_matches_skimage_per_channel(rng):
+    p = np.stack([smooth_map(rng, (10, 9, 12)) for _ in range(3)])
+    pairs = [(0.3, 0.6), (0.45, 0.7), (0.5, 0.9)]
+    expected = np.stack([apply_hysteresis_threshold(p[c], *pairs[c]) for c in range(3)])
+    assert len({int(e.sum()) for e in expected}) == 3
+    np.testing.assert_array_equal(postprocess(p, hysteresis=pairs, connectivity=6), expected)
+    np.testing.assert_array_equal(postprocess(p, hysteresis=np.array(pairs), connectivity=6), expected)
+    lows, highs = zip(*pairs)
+    np.testing.assert_array_equal(HysteresisFill(lows, highs, 6)(p), expected)
+    np.testing.assert_array_equal(HysteresisFill(0.3, highs, 6)(p), np.stack(
+        [apply_hysteresis_threshold(p[c], 0.3, highs[c]) for c in range(3)]))
+    np.testing.assert_array_equal(postprocess(p, hysteresis=(0.4, 0.6), connectivity=6),
+                                  np.stack([apply_hysteresis_threshold(c, 0.4, 0.6) for c in p]))
+    with pytest.raises(SlabError, match="^hysteresis: 2 values for 3 label channels"):
+        postprocess(p, hysteresis=pairs[:2])
+    with pytest.raises(SlabError, match=r"^hysteresis: low 0.9 is above high 0.5 \(channel 1\)"):
+        postprocess(p, hysteresis=[(0.3, 0.6), (0.9, 0.5)])
+    for bad in ([(0.3, 0.6), (0.4,)], [0.3, 0.5, 0.7], 0.5, "ab"):
+        with pytest.raises(SlabError, match="^hysteresis: expected"):
+            postprocess(p, hysteresis=bad)
+    with pytest.raises(SlabError, match="^hysteresis: 2 low and 3 high values"):
+        HysteresisFill((0.1, 0.2), (0.5, 0.6, 0.7))
+
+
 def test_postprocess_without_threshold_wants_a_mask(rng):
     mask = (rng.random((1, 6, 6, 6)) > 0.5).astype(np.float32)
     np.testing.assert_array_equal(postprocess(mask, threshold=None), mask)

@@ -50,6 +50,26 @@ def _check_number(name: str, value) -> float:
     return float(value)
 
 
+def _check_values(name: str, value) -> float | tuple[float, ...]:
+    """A finite number, or a non-empty sequence of them (one per label channel) as a tuple."""
+    if _is_sequence(value):
+        values = tuple(value.ravel().tolist()) if isinstance(value, np.ndarray) else tuple(value)
+        if not values:
+            raise SlabError(f"{name}: expected a number or one number per label channel, got {value!r}")
+        return tuple(_check_number(name, v) for v in values)
+    return _check_number(name, value)
+
+
+def _per_channel(name: str, value, labels: int) -> list[float]:
+    """``value`` (a number or one per channel) as one number per label channel, the length checked."""
+    if not isinstance(value, tuple):
+        return [value] * labels
+    if len(value) != labels:
+        raise SlabError(f"{name}: {len(value)} values for {labels} label channel{'s' * (labels != 1)}; "
+                        "expected one number or one per channel")
+    return list(value)
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise SlabError(f"{name}: expected an integer >= {minimum}, got {value!r}")
@@ -198,22 +218,34 @@ class Threshold(Transform):
 
     Parameters
     ----------
-    threshold : float
-        Compared exactly with the values, whatever their dtype.
+    threshold : float, or a sequence of floats
+        One value for every label channel, or one value per channel of an ``(L, X, Y, Z)``
+        input (e.g. the per-label thresholds chosen on validation); a sequence whose length is
+        not ``L`` is a SlabError (an ``(X, Y, Z)`` input is one channel). Compared exactly with
+        the values, whatever their dtype.
 
     Example
     -------
     >>> Threshold(0.5)(np.array([[[[0.2, 0.5, 0.7]]]])).tolist()
     [[[[0, 0, 1]]]]
+    >>> Threshold([0.1, 0.6])(np.array([[[[0.2, 0.7]]], [[[0.2, 0.7]]]])).tolist()
+    [[[[1, 1]]], [[[0, 1]]]]
     """
 
-    def __init__(self, threshold: float = 0.5):
-        self.threshold = _check_number("threshold", threshold)
+    def __init__(self, threshold: float | Sequence[float] = 0.5):
+        self.threshold = _check_values("threshold", threshold)
 
     def __call__(self, x):
         a = _numpy(x)
         _check_no_nan(a, "Threshold")
-        return _like(_greater(a, self.threshold).view(np.uint8), x)
+        if not isinstance(self.threshold, tuple):
+            return _like(_greater(a, self.threshold).view(np.uint8), x)
+        volumes = _volumes(a, "Threshold")
+        out = np.empty(a.shape, np.uint8)
+        channels = [out] if a.ndim == 3 else list(out)
+        for v, t, dest in zip(volumes, _per_channel("threshold", self.threshold, len(volumes)), channels):
+            dest[...] = _greater(v, t)
+        return _like(out, x)
 
 
 class HysteresisFill(Transform):
@@ -225,25 +257,36 @@ class HysteresisFill(Transform):
 
     Parameters
     ----------
-    low, high : float
-        ``low <= high``.
+    low, high : float, or sequences of floats
+        ``low <= high``. Each is one value for every label channel or one value per channel of
+        an ``(L, X, Y, Z)`` input (length ``L``, else a SlabError).
     connectivity : 6, 18 or 26
     """
 
-    def __init__(self, low: float, high: float, connectivity: int = 26):
-        self.low, self.high = _check_number("low", low), _check_number("high", high)
-        if self.low > self.high:
-            raise SlabError(f"hysteresis: low {self.low:g} is above high {self.high:g}; expected low <= high")
+    def __init__(self, low: float | Sequence[float], high: float | Sequence[float], connectivity: int = 26):
+        self.low, self.high = _check_values("low", low), _check_values("high", high)
+        lows, highs = (list(v) if isinstance(v, tuple) else [v] for v in (self.low, self.high))
+        n = max(len(lows), len(highs))
+        if {len(lows), len(highs)} - {1, n}:
+            raise SlabError(f"hysteresis: {len(lows)} low and {len(highs)} high values; expected one pair per channel")
+        for c, (lo, hi) in enumerate(zip(lows * (n // len(lows)), highs * (n // len(highs)))):
+            if lo > hi:
+                where = f" (channel {c})" if n > 1 else ""
+                raise SlabError(f"hysteresis: low {lo:g} is above high {hi:g}{where}; expected low <= high")
         self.connectivity = _check_connectivity(connectivity)
 
-    def _fill(self, v: np.ndarray) -> np.ndarray:
-        return _filter_components(_greater(v, self.low), self.connectivity, lambda seeds: seeds > 0,
-                                  count_in=_greater(v, self.high))
+    def _fill(self, v: np.ndarray, low: float, high: float) -> np.ndarray:
+        return _filter_components(_greater(v, low), self.connectivity, lambda seeds: seeds > 0,
+                                  count_in=_greater(v, high))
 
     def __call__(self, x):
         a = _numpy(x)
         _check_no_nan(a, "HysteresisFill")
-        return _like(_per_volume(a, self._fill, "HysteresisFill"), x)
+        volumes = _volumes(a, "HysteresisFill")
+        lows = _per_channel("hysteresis", self.low, len(volumes))
+        highs = _per_channel("hysteresis", self.high, len(volumes))
+        results = [self._fill(v, lo, hi) for v, lo, hi in zip(volumes, lows, highs)]
+        return _like(results[0] if a.ndim == 3 else np.stack(results), x)
 
 
 class RemoveSmallComponents(Transform):
@@ -418,11 +461,13 @@ class Postprocess(Transform):
 
     Parameters
     ----------
-    threshold : float or None
-        Binarise ``x > threshold``. ``None`` (with no ``hysteresis``) means the input is
-        already a mask: anything but 0/1 is a SlabError.
-    hysteresis : (low, high), optional
-        Use :class:`HysteresisFill` instead of the threshold.
+    threshold : float, sequence of floats, or None
+        Binarise ``x > threshold``: one value for every label channel, or one per channel
+        (length ``L``; see :class:`Threshold`). ``None`` (with no ``hysteresis``) means the
+        input is already a mask: anything but 0/1 is a SlabError.
+    hysteresis : (low, high), or a sequence of (low, high) pairs, optional
+        Use :class:`HysteresisFill` instead of the threshold: one pair for every label channel,
+        or one pair per channel (length ``L``).
     min_size : int >= 0
         :class:`RemoveSmallComponents`; 0 skips it.
     keep_largest : int >= 1, optional
@@ -434,14 +479,12 @@ class Postprocess(Transform):
     ``__call__(x, roi=None)``: ``roi`` is passed to :class:`MaskToROI` before binarising.
     """
 
-    def __init__(self, threshold: float | None = 0.5, hysteresis: Sequence[float] | None = None, min_size: int = 0,
+    def __init__(self, threshold: float | Sequence[float] | None = 0.5,
+                 hysteresis: Sequence[float] | Sequence[Sequence[float]] | None = None, min_size: int = 0,
                  keep_largest: int | None = None, fill_holes: str | None = None, connectivity: int = 26):
         connectivity = _check_connectivity(connectivity)
         if hysteresis is not None:
-            try:
-                low, high = hysteresis
-            except (TypeError, ValueError):
-                raise SlabError(f"hysteresis: expected (low, high), got {hysteresis!r}") from None
+            low, high = _hysteresis_pairs(hysteresis)
             self.binarise = HysteresisFill(low, high, connectivity=connectivity)
         elif threshold is not None:
             self.binarise = Threshold(threshold)
@@ -463,7 +506,23 @@ class Postprocess(Transform):
         return _like(a, x)
 
 
-def postprocess(x, *, threshold: float | None = 0.5, hysteresis: Sequence[float] | None = None, min_size: int = 0,
+def _is_sequence(value) -> bool:
+    return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+
+
+def _hysteresis_pairs(hysteresis) -> tuple:
+    """``(low, high)`` of one pair of numbers, or ``(lows, highs)`` of a sequence of pairs."""
+    items = list(hysteresis) if _is_sequence(hysteresis) else []
+    if items and not any(_is_sequence(v) for v in items) and len(items) == 2:
+        return items[0], items[1]
+    if not items or not all(_is_sequence(p) and len(p) == 2 for p in items):
+        raise SlabError(f"hysteresis: expected (low, high) or one (low, high) pair per label channel, "
+                        f"got {hysteresis!r}")
+    return tuple(p[0] for p in items), tuple(p[1] for p in items)
+
+
+def postprocess(x, *, threshold: float | Sequence[float] | None = 0.5,
+                hysteresis: Sequence[float] | Sequence[Sequence[float]] | None = None, min_size: int = 0,
                 keep_largest: int | None = None, fill_holes: str | None = None, roi=None, connectivity: int = 26):
     """Probability map (or mask) to cleaned mask; see :class:`Postprocess` for the parameters.
 
@@ -472,6 +531,8 @@ def postprocess(x, *, threshold: float | None = 0.5, hysteresis: Sequence[float]
     >>> prob = np.zeros((1, 8, 8, 8), np.float32); prob[0, 2:6, 2:6, 2:6] = 0.9; prob[0, 0, 0, 0] = 0.8
     >>> int(postprocess(prob, threshold=0.5, min_size=2).sum())
     64
+    >>> int(postprocess(np.concatenate([prob, prob]), threshold=[0.5, 0.85]).sum())
+    129
     """
     return Postprocess(threshold, hysteresis, min_size, keep_largest, fill_holes, connectivity)(x, roi)
 

@@ -1,0 +1,60 @@
+"""Device resolution and mixed precision (pipeline.device), shared by training and inference."""
+import pytest
+import torch
+
+import pipeline.infer
+import pipeline.train
+from pipeline.device import amp_dtype, autocast, resolve_device
+from transforms.errors import SlabError
+
+
+def test_resolve_device():
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == default and resolve_device("auto").type == default
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    for bad in ("tpu", "meta", 3.5):
+        with pytest.raises(SlabError, match="^--device: expected cpu, cuda or cuda:N"):
+            resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_one_line_error():
+    for device in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(SlabError, match=r"^--device cuda: CUDA is not available on this machine$"):
+            resolve_device(device)
+
+
+def test_amp_only_on_cuda():
+    assert amp_dtype(torch.device("cpu"), True) is None
+    assert amp_dtype(torch.device("cpu"), False) is None
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        assert amp_dtype(torch.device("cuda"), True) == expected
+        assert amp_dtype(torch.device("cuda"), False) is None
+
+
+def test_autocast_is_a_no_op_without_a_dtype():
+    a = torch.rand(4, 4)
+    with autocast(torch.device("cpu"), amp_dtype(torch.device("cpu"), True)):
+        assert not torch.is_autocast_enabled("cpu")
+        y = a @ a
+    assert y.dtype == torch.float32 and torch.equal(y, a @ a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_autocast_on_cuda_computes_in_the_amp_dtype():
+    device = torch.device("cuda")
+    dtype = amp_dtype(device, True)
+    a = torch.rand(8, 8, device=device)
+    with autocast(device, dtype):
+        y = a @ a
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), a @ a, rtol=2e-2, atol=2e-2)
+
+
+def test_one_implementation():
+    """Training and inference use these very functions, not copies."""
+    for module in (pipeline.train, pipeline.infer):
+        assert module.resolve_device is resolve_device
+        assert module.amp_dtype is amp_dtype and module.autocast is autocast
