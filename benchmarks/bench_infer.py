@@ -28,8 +28,6 @@ directory and removed afterwards. Exit status 1 when an output differs.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +39,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage as ndi
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, best_of, print_table, run_probe
+
 sys.path.insert(0, str(ROOT))
 from networks import build_network  # noqa: E402
 from pipeline.infer import PLANES, predict_2p5d, predict_3d  # noqa: E402
@@ -52,28 +51,24 @@ GIB = 1 << 30
 # Runs in a fresh interpreter: the lazy stack through predict_2p5d with a one-layer network;
 # prints the peak resident set (VmHWM: the kernel's high-water mark of the whole process).
 MEMORY_PROBE = r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
+import json, time
 import numpy as np, tifffile, torch
 from pathlib import Path
+from common import proc_status
 from pipeline.infer import predict_2p5d
 from transforms.io import load_volume
 
-stack, planes, budget, out = sys.argv[2], sys.argv[3].split(","), int(sys.argv[4]), sys.argv[5]
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+stack, planes, budget, out = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
 
 torch.manual_seed(0)
 net = torch.nn.Conv2d(3, 1, 3, padding=1)
 scale = lambda block: block.to(torch.float32).mul_(1 / 65535)
 volume = load_volume(stack, lazy=True)
-baseline = status("VmRSS")
+baseline = proc_status("VmRSS")["VmRSS"]
 start = time.perf_counter()
 probs = predict_2p5d(net, volume, planes=planes, memory_budget=budget, out_path=out, preprocess=scale)
 seconds = time.perf_counter() - start
-peak = status("VmHWM")
+peak = proc_status("VmHWM")["VmHWM"]
 error = 0.0
 if planes == ["xy"]:
     files = sorted(Path(stack).glob("*.tif"))
@@ -111,19 +106,6 @@ def smooth_volume(size: int, channels: int = 1, seed: int = 0) -> torch.Tensor:
     field = ndi.gaussian_filter(rng.standard_normal((channels, size, size, size)).astype(np.float32), (0, 2, 2, 2))
     field = (field - field.min()) / (field.max() - field.min())
     return torch.from_numpy(field)
-
-
-def best_of(repeats: int, ours, reference):
-    """Alternate the two calls; best time of each and their last outputs."""
-    times = {"ours": [], "reference": []}
-    outputs = {}
-    for _ in range(repeats):
-        for name, fn in (("reference", reference), ("ours", ours)):
-            outputs[name] = None
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return min(times["ours"]), min(times["reference"]), outputs["ours"], outputs["reference"]
 
 
 def overhead_row(size: int, repeats: int) -> tuple:
@@ -195,11 +177,7 @@ def memory_rows(shape: tuple[int, int, int], tmp: Path) -> list[tuple]:
     for planes, target in (("xy", "<= 3 GiB" if shape == (1024, 1024, 512) else "-"),
                            ("xy,zx,zy", "<= 4 GiB" if shape == (1024, 1024, 512) else "-")):
         out = tmp / "probs.npy"
-        result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ROOT), str(stack), planes, str(GIB), str(out)],
-                                capture_output=True, text=True)
-        if result.returncode:
-            raise SystemExit(result.stderr)
-        m = json.loads(result.stdout.strip().splitlines()[-1])
+        m = run_probe(MEMORY_PROBE, stack, planes, GIB, out)
         out.unlink()
         volume_bytes = int(np.prod(shape)) * 2
         note = (f"{m['seconds']:.1f} s; resident after imports {m['baseline'] / GIB:.2f} GiB; result {m['dtype']} "
@@ -253,15 +231,9 @@ def main(argv=None) -> int:
         rows += cuda_rows(256 if not args.quick else 128)
 
     print(f"Inference, best of {repeats}, {torch.get_num_threads()} torch threads\n")
-    print("| task | ours | reference | ours | reference | ratio | target | identical | notes |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |")
-    identical = True
-    for task, ours_name, reference_name, ours, reference, ratio, target, same, note in rows:
-        identical &= same is not False
-        checked = "-" if same is None else "yes" if same else "NO"
-        print(f"| {task} | {ours_name} | {reference_name} | {ours} | {reference} | {ratio} | {target} | {checked} "
-              f"| {note} |")
-    return 0 if identical else 1
+    print_table(("task", "ours", "reference", "ours", "reference", "ratio", "target", "identical", "notes"),
+                "lllrrrrll", [(*row[:7], "-" if row[7] is None else "yes" if row[7] else "NO", row[8]) for row in rows])
+    return 0 if all(row[7] is not False for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -21,12 +21,9 @@ directory and removed afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +31,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, best_of, print_table, run_probe
+
 sys.path.insert(0, str(ROOT))
 from transforms.intensity import volume_percentiles  # noqa: E402
 from transforms.io import load_volume, natural_key, save_volume  # noqa: E402
@@ -46,23 +44,23 @@ PERCENTILES = [0.5, 99.5]
 # imports and first-use set-up (decoder, threads, MetaTensor: a tiny stack loaded first) do not
 # count; without it, ru_maxrss (a lifetime peak) is the fallback.
 MEMORY_PROBE = r"""
-import json, resource, sys
-sys.path.insert(0, sys.argv[3])
+import json, resource
+from common import proc_status
 from transforms.io import load_volume
 load_volume(sys.argv[2])
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-
 try:
-    with open("/proc/self/clear_refs", "w") as f:
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
         f.write("5")
-    before, method = status("VmRSS"), "VmHWM"
+    method = "VmHWM"
 except OSError:
-    before, method = status("VmRSS"), "ru_maxrss"
+    method = "ru_maxrss"
+before = proc_status("VmRSS")["VmRSS"]
 volume = load_volume(sys.argv[1])
-peak = status("VmHWM") if method == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if method == "VmHWM":
+    peak = proc_status("VmHWM")["VmHWM"]
+else:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"peak": peak - before, "nbytes": volume.numpy().nbytes, "method": method}))
 """
 
@@ -101,25 +99,6 @@ def tifffile_loop(directory: Path) -> np.ndarray:
     return np.stack([tifffile.imread(f) for f in files])
 
 
-def best_of(repeats: int, ours, reference):
-    """Alternate the two calls; best time of each and their last outputs."""
-    times = {"ours": [], "reference": []}
-    outputs = {}
-    for _ in range(repeats):
-        for name, fn in (("reference", reference), ("ours", ours)):
-            outputs[name] = None  # free the previous output before timing the next call
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return min(times["ours"]), min(times["reference"]), outputs["ours"], outputs["reference"]
-
-
-def peak_memory(directory: Path, warm_up: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(directory), str(warm_up), str(ROOT)],
-                            capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="40 slices of 256x256, 128^3 cube, best of 2")
@@ -147,7 +126,7 @@ def main(argv=None) -> int:
         del volume, expected, out, ref
 
         save_volume(make_stack(2, 8), Path(tmp) / "warm_up", slice_format="png")
-        memory = peak_memory(Path(tmp) / "png", Path(tmp) / "warm_up")
+        memory = run_probe(MEMORY_PROBE, Path(tmp) / "png", Path(tmp) / "warm_up")
         share = memory["peak"] / memory["nbytes"]
         rows.append((f"peak memory loading the .png stack ({memory['method']})", "`load_volume`", "volume size",
                      f"{memory['peak'] / 2**20:.0f} MiB", f"{memory['nbytes'] / 2**20:.0f} MiB",
@@ -164,12 +143,9 @@ def main(argv=None) -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"Volume I/O, best of {repeats}, {cores} cores available to the loader threads\n")
-    print("| task | ours | reference | ours | reference | ratio | target | met | identical |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |")
-    for task, ours_name, reference_name, ours, reference, ratio, target, met, same in rows:
-        checked = "-" if same is None else "yes" if same else "NO"
-        print(f"| {task} | {ours_name} | {reference_name} | {ours} | {reference} | {ratio} | {target} "
-              f"| {'yes' if met else 'no'} | {checked} |")
+    print_table(("task", "ours", "reference", "ours", "reference", "ratio", "target", "met", "identical"), "lllrrrrll",
+                [(*row[:7], "yes" if row[7] else "no", "-" if row[8] is None else "yes" if row[8] else "NO")
+                 for row in rows])
     return 0 if identical else 1
 
 

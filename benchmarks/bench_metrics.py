@@ -12,11 +12,11 @@ Rows:
   (``compute_surface_distances`` + ``compute_surface_dice_at_tolerance``) and MONAI's
   ``compute_surface_dice(..., use_subvoxels=True)``. Targets 100x and 50x, same value.
 * tolerance 1 and 2 mm, spacing (0.8, 0.8, 2.5): against surface-distance. Target 10x.
-* streaming: the pair tiled (mirrored) to 1024^3 uint8, on disk as ``np.memmap``, tolerance 0,
-  in a fresh process. Voxels per second and memory: the peak of the process's private memory
-  (RssAnon, sampled every 5 ms; the interpreter with torch and MONAI imported included) plus
-  its shared libraries (RssFile before the run), target 512 MiB; and VmHWM, which also counts
-  the memory-mapped input pages (page cache the kernel reclaims at will).
+* streaming: the pair tiled (mirrored) to 1024^3 uint8 (2 GiB together), on disk as
+  ``np.memmap``, tolerance 0, in a fresh process. Voxels per second and memory: VmHWM, the
+  kernel's high-water mark of everything resident in the process (the interpreter with torch
+  and MONAI imported, its shared libraries, and the memory-mapped input pages while they are
+  mapped in), target 512 MiB; and VmHWM before the run (imports and a warm-up).
 * with CUDA: tolerance 0 on CUDA tensors, voxels per second.
 
 Ours is the best of three runs; a reference that takes seconds runs once. Exit status 1 when
@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,8 @@ import torch
 from monai.metrics import compute_surface_dice
 from scipy import ndimage as ndi
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, best_time, print_table, run_probe
+
 sys.path.insert(0, str(ROOT))
 from pipeline.metrics import surface_dice  # noqa: E402
 from pipeline.phantom import make_phantom  # noqa: E402
@@ -47,40 +46,22 @@ MIB = 1 << 20
 
 # Runs in a fresh interpreter: surface dice of two uint8 memmaps; prints time and memory.
 STREAM_PROBE = r"""
-import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
+import json, time
 import numpy as np
+from common import proc_status
 from pipeline.metrics import surface_dice
 
-def status():
-    fields = {}
-    for line in open("/proc/self/status"):
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-shape = tuple(json.loads(sys.argv[4]))
-pred = np.memmap(sys.argv[2], dtype=np.uint8, mode="r", shape=shape)
-truth = np.memmap(sys.argv[3], dtype=np.uint8, mode="r", shape=shape)
+shape = tuple(json.loads(sys.argv[3]))
+pred = np.memmap(sys.argv[1], dtype=np.uint8, mode="r", shape=shape)
+truth = np.memmap(sys.argv[2], dtype=np.uint8, mode="r", shape=shape)
 surface_dice(pred[:2], truth[:2])  # warm up: tables and caches
-base = status()
-peak, done = [base["RssAnon"]], threading.Event()
-
-def sample():
-    while not done.wait(0.005):
-        peak[0] = max(peak[0], status()["RssAnon"])
-
-sampler = threading.Thread(target=sample)
-sampler.start()
+base = proc_status("VmHWM")["VmHWM"]
 start = time.perf_counter()
 value = surface_dice(pred, truth)
 seconds = time.perf_counter() - start
-done.set()
-sampler.join()
-end = status()
-print(json.dumps({"seconds": seconds, "value": value, "anon_peak": max(peak[0], end["RssAnon"]),
-                  "anon_base": base["RssAnon"], "libs": base["RssFile"], "hwm": end["VmHWM"]}))
+end = proc_status("VmHWM", "RssFile")
+print(json.dumps({"seconds": seconds, "value": value, "hwm": end["VmHWM"], "hwm_base": base,
+                  "rss_file": end["RssFile"]}))
 """
 
 
@@ -92,15 +73,6 @@ def vessel_pair(size: int):
     noise /= noise.std()
     pred = (ndi.gaussian_filter(truth.astype(np.float32), 1.0) + 0.15 * noise) > 0.5
     return pred, truth
-
-
-def best_of(repeats: int, fn):
-    times, value = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), value
 
 
 def deepmind(pred, truth, spacing, tolerance):
@@ -121,8 +93,8 @@ def compare_rows(pred, truth, label: str) -> list[dict]:
              ((0.8, 0.8, 2.5), 1.0, "surface-distance", deepmind, 10, 1e-9),
              ((0.8, 0.8, 2.5), 2.0, "surface-distance", deepmind, 10, 1e-9)]
     for spacing, tolerance, name, reference, target, atol in cases:
-        ours_s, ours = best_of(3, lambda: surface_dice(pred, truth, spacing, tolerance))
-        ref_s, ref = best_of(1, lambda: reference(pred, truth, spacing, tolerance))
+        ours_s, ours = best_time(3, lambda: surface_dice(pred, truth, spacing, tolerance))
+        ref_s, ref = best_time(1, lambda: reference(pred, truth, spacing, tolerance))
         rows.append({"case": f"{label}, tolerance {tolerance:g} mm, spacing {spacing}", "reference": name,
                      "ours_s": ours_s, "ref_s": ref_s, "ours": ours, "ref": ref, "target": target,
                      "same": abs(ours - ref) <= atol})
@@ -146,10 +118,7 @@ def stream_row(pred, truth, size: int) -> dict:
         paths = [Path(tmp) / "pred.u8", Path(tmp) / "truth.u8"]
         for path, mask in zip(paths, (pred, truth)):
             write_tiled(path, mask.view(np.uint8), size)
-        out = subprocess.run([sys.executable, "-c", STREAM_PROBE, str(ROOT), *map(str, paths), json.dumps([size] * 3)],
-                             capture_output=True, text=True, check=True)
-    probe = json.loads(out.stdout.strip().splitlines()[-1])
-    probe["peak"] = probe["anon_peak"] + probe["libs"]
+        probe = run_probe(STREAM_PROBE, *paths, json.dumps([size] * 3))
     probe["size"] = size
     return probe
 
@@ -165,7 +134,7 @@ def cuda_row(pred, truth) -> dict | None:
         return value
 
     run()
-    seconds, value = best_of(3, run)
+    seconds, value = best_time(3, run)
     return {"seconds": seconds, "value": value, "same": abs(value - surface_dice(pred, truth)) <= 1e-9,
             "device": torch.cuda.get_device_name()}
 
@@ -183,25 +152,26 @@ def main() -> int:
     gpu = cuda_row(pred, truth)
 
     print(f"\n### Surface dice: ours vs the references ({label})\n")
-    print("| case | reference | ours (s) | reference (s) | speed-up | target | ours | reference value | same |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
-    for r in rows:
-        print(f"| {r['case']} | {r['reference']} | {r['ours_s']:.3f} | {r['ref_s']:.2f} | "
-              f"{r['ref_s'] / r['ours_s']:.0f}x | {r['target']}x | {r['ours']:.10f} | {r['ref']:.10f} | "
-              f"{'yes' if r['same'] else 'NO'} |")
+    print_table(("case", "reference", "ours (s)", "reference (s)", "speed-up", "target", "ours", "reference value",
+                 "same"), "llrrrrrrc",
+                [(r["case"], r["reference"], f"{r['ours_s']:.3f}", f"{r['ref_s']:.2f}",
+                  f"{r['ref_s'] / r['ours_s']:.0f}x", f"{r['target']}x", f"{r['ours']:.10f}", f"{r['ref']:.10f}",
+                  "yes" if r["same"] else "NO")
+                 for r in rows])
     voxels = probe["size"] ** 3
     print(f"\n### Streaming: {probe['size']}^3 uint8 pair as np.memmap, tolerance 0 (fresh process)\n")
-    print("| seconds | voxels/s | peak memory (private + libraries) | target | private at start | "
-          "VmHWM incl. mapped input pages |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {probe['seconds']:.1f} | {voxels / probe['seconds'] / 1e6:.0f} M | {probe['peak'] / MIB:.0f} MiB | "
-          f"512 MiB | {probe['anon_base'] / MIB:.0f} MiB | {probe['hwm'] / MIB:.0f} MiB |")
+    print_table(("seconds", "voxels/s", "VmHWM (everything resident, mapped input pages included)", "target",
+                 "VmHWM before the run", "value"), "rrrrrr",
+                [(f"{probe['seconds']:.1f}", f"{voxels / probe['seconds'] / 1e6:.0f} M",
+                  f"{probe['hwm'] / MIB:.0f} MiB", "512 MiB", f"{probe['hwm_base'] / MIB:.0f} MiB",
+                  f"{probe['value']:.10f}")])
     if gpu is None:
         print("\nCUDA: not available, row skipped.")
     else:
         print(f"\n### CUDA tensors ({gpu['device']}), tolerance 0, {label}\n")
-        print("| seconds | voxels/s | same as CPU |\n| ---: | ---: | :---: |")
-        print(f"| {gpu['seconds']:.4f} | {size ** 3 / gpu['seconds'] / 1e6:.0f} M | {'yes' if gpu['same'] else 'NO'} |")
+        print_table(("seconds", "voxels/s", "same as CPU"), "rrc",
+                    [(f"{gpu['seconds']:.4f}", f"{size ** 3 / gpu['seconds'] / 1e6:.0f} M",
+                      "yes" if gpu["same"] else "NO")])
     ok = all(r["same"] for r in rows) and (gpu is None or gpu["same"])
     return 0 if ok else 1
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import remove_small_objects
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import ROOT, best_of, print_table
+
+sys.path.insert(0, str(ROOT))
 from transforms.post import HysteresisFill, RemoveSmallComponents  # noqa: E402
 
 TARGETS = {"HysteresisFill": 4.0, "RemoveSmallComponents": 3.0}
@@ -47,18 +47,6 @@ def skimage_remove_small(mask: np.ndarray, min_size: int, connectivity: int) -> 
     if "max_size" in inspect.signature(remove_small_objects).parameters:  # scikit-image >= 0.26
         return remove_small_objects(mask, max_size=min_size - 1, connectivity=connectivity)
     return remove_small_objects(mask, min_size=min_size, connectivity=connectivity)
-
-
-def best_of(repeats: int, ours, reference):
-    """Alternate the two calls; best time of each and their last outputs."""
-    times = {"ours": [], "reference": []}
-    outputs = {}
-    for _ in range(repeats):
-        for name, fn in (("reference", reference), ("ours", ours)):
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return min(times["ours"]), min(times["reference"]), outputs["ours"], outputs["reference"]
 
 
 def main(argv=None) -> int:
@@ -89,11 +77,11 @@ def main(argv=None) -> int:
             rows.append((ours_name, reference_name, label, f"{mask.mean():.1%}", t_ref, t_ours, same))
 
     print(f"Post-processing at {size}^3 (float32 probabilities), best of {repeats}, one thread\n")
-    print("| ours | scikit-image | input (> 0.5) | scikit-image (s) | ours (s) | speed-up | target | identical |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
-    for ours_name, reference_name, label, fraction, t_ref, t_ours, same in rows:
-        print(f"| `{ours_name}` | `{reference_name}` | {label}, {fraction} | {t_ref:.3f} | {t_ours:.3f} | "
-              f"{t_ref / t_ours:.1f}x | {TARGETS[ours_name]:.0f}x | {'yes' if same else 'NO'} |")
+    print_table(("ours", "scikit-image", "input (> 0.5)", "scikit-image (s)", "ours (s)", "speed-up", "target",
+                 "identical"), "lllrrrrl",
+                [(f"`{ours_name}`", f"`{reference_name}`", f"{label}, {fraction}", f"{t_ref:.3f}", f"{t_ours:.3f}",
+                  f"{t_ref / t_ours:.1f}x", f"{TARGETS[ours_name]:.0f}x", "yes" if same else "NO")
+                 for ours_name, reference_name, label, fraction, t_ref, t_ours, same in rows])
     return 0 if identical else 1
 
 

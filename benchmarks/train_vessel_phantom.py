@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from networks import build_network, load_weights, network_divisor  # noqa: E402
+from pipeline.device import amp_dtype, resolve_device  # noqa: E402
 from pipeline.infer import predict_2p5d  # noqa: E402
 from pipeline.metrics import evaluate, threshold_sweep  # noqa: E402
 from pipeline.phantom import write_phantom  # noqa: E402
@@ -55,7 +56,8 @@ def _datalist(root: Path, shape, n_train: int) -> tuple[Path, dict]:
         image, label = write_phantom(root / f"{role}{i}", shape=shape, seed=100 + i, kind="vessels")
         cases.setdefault(role, []).append({"image": str(image), "label": str(label)})
     path = root / "datalist.json"
-    path.write_text(json.dumps({"labels": ["vessel"], "training": cases["train"], "validation": cases["val"]}))
+    path.write_text(json.dumps({"labels": ["vessel"], "training": cases["train"], "validation": cases["val"]}),
+                    encoding="utf-8")
     return path, cases
 
 
@@ -77,19 +79,20 @@ def _load(item: dict, normalize: dict):
 
 def throughput(steps: int) -> None:
     """Training images per second of one epoch of ``steps`` steps, fp32 and (CUDA) AMP."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    batch = 32 if device == "cuda" else 8
+    device = resolve_device(None)
+    batch = 32 if device.type == "cuda" else 8
     with tempfile.TemporaryDirectory(prefix="slab-train-speed-") as tmp:
         root = Path(tmp)
         datalist, _ = _datalist(root, (128, 128, 128), n_train=2)
-        for amp in ([False, True] if device == "cuda" else [False]):
+        for amp in ([False, True] if device.type == "cuda" else [False]):
             config = {"epochs": 1, "batch_size": batch, "samples_per_epoch": batch * steps, "patch_size": [128, 128],
                       "amp": amp, "progress": False, "warmup_epochs": 0, "val_every": 1,
                       "val": {"max_volumes": 1, "thresholds": [0.5], "tolerance_mm": 0.0}}
             result = train(datalist, config, root / f"amp{amp}", device=device)
             row = result["history"][-1]
-            name = (torch.cuda.get_device_name() if device == "cuda" else "CPU")
-            mode = "fp32" if not amp else ("AMP bf16" if torch.cuda.is_bf16_supported() else "AMP fp16")
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+            dtype = amp_dtype(device, amp)
+            mode = "fp32" if dtype is None else f"AMP {'bf16' if dtype == torch.bfloat16 else 'fp16'}"
             print(f"{name}: {mode:8s} batch {batch}, {steps} steps of 3x128x128 slabs: "
                   f"{row['images_per_s']:.1f} images/s")
 

@@ -358,7 +358,7 @@ def build_datalist(kind: str, root, out_dir, n_folds: int = 5, seed: int = 0) ->
                 "training": [item for item in items if item["fold"] != 0],
                 "validation": [item for item in items if item["fold"] == 0],
             }
-            tmp.write_text(json.dumps(datalist, indent=1) + "\n")
+            tmp.write_text(json.dumps(datalist, indent=1) + "\n", encoding="utf-8")
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()

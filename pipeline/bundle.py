@@ -226,52 +226,6 @@ def run_training(datalist, config: Mapping, output_dir, *, export_weights=None, 
     return result
 
 
-def validated_postprocess(postprocess: Mapping | None, weights=None, labels: int | None = None) -> dict:
-    """``postprocess`` (:func:`transforms.post.postprocess` arguments) with the threshold that
-    training chose on validation for ``weights``, where one was recorded.
-
-    The threshold (one number, or one per label channel) is read from ``model.json`` beside
-    ``weights`` (``models/model.pt``; :func:`run_training` writes both), else from ``weights``
-    itself when it is a training checkpoint (``best.pt`` / ``last.pt``: its ``"threshold"``).
-    When neither records one (e.g. weights trained elsewhere), when ``weights`` is None or
-    missing, or when ``postprocess`` binarises by ``hysteresis`` or not at all
-    (``"threshold": null``), ``postprocess`` is returned as given (the bundle's defaults).
-
-    Parameters
-    ----------
-    postprocess : dict or None
-    weights : path to the network weights the thresholds belong to, or None
-    labels : the network's output channels; a per-channel threshold of another length is a
-        SlabError naming the file it came from.
-    """
-    options = dict(postprocess or {})
-    if weights is None or options.get("hysteresis") is not None or options.get("threshold", 0.5) is None:
-        return options
-    path = Path(weights)
-    summary = path.with_suffix(".json")
-    threshold = None
-    if summary.is_file():
-        try:
-            threshold = json.loads(summary.read_text(encoding="utf-8")).get("threshold")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise SlabError(f"{summary}: not a JSON object of the training summary ({err})") from None
-        source = summary
-    elif path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - not a checkpoint; loading the weights names the problem
-            state = None
-        if isinstance(state, dict) and "model" in state:
-            threshold = state.get("threshold")
-        source = path
-    if threshold is None:
-        return options
-    if isinstance(threshold, list) and labels is not None and len(threshold) != labels:
-        raise SlabError(f"{source}: threshold has {len(threshold)} values; the network predicts {labels} labels")
-    options["threshold"] = threshold
-    return options
-
-
 def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
                   prob_name: str | None = None) -> list[dict]:
     """:func:`pipeline.infer.predict_file` on every input: ``output_dir/<output_name>`` (the
@@ -444,5 +398,5 @@ class SliceLogits(nn.Module):
 
 
 __all__ = ["bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
-           "run_training", "validated_postprocess", "run_inference", "run_evaluation", "run_classification",
+           "run_training", "run_inference", "run_evaluation", "run_classification",
            "predictor_settings", "network", "SliceLogits"]

@@ -706,6 +706,8 @@ class Predictor:
             raise SlabError(f"{config_path}: not a JSON object ({err})") from None
         if not isinstance(section, dict) or not isinstance(section.get("network"), dict):
             raise SlabError(f"{config_path}: expected a \"slab\" object with a \"network\" object")
+        if not isinstance(section.get("postprocess", {}), dict):
+            raise SlabError(f"{config_path}: \"postprocess\" in \"slab\" must be an object")
         unknown = sorted(set(section) - set(BUNDLE_KEYS))
         if unknown:
             raise SlabError(f"{config_path}: unknown key {', '.join(unknown)} in \"slab\"; "
@@ -716,12 +718,23 @@ class Predictor:
     def from_bundle(cls, directory, **overrides) -> "Predictor":
         """A predictor from a bundle: the ``"slab"`` section of ``configs/inference.json`` (see
         :meth:`bundle_section`) and the weights ``models/model.pt``. ``overrides`` (keyword
-        arguments of :class:`Predictor`) that are not None win over the bundle's values.
+        arguments of :class:`Predictor`) that are not None win over the bundle's values; a
+        ``postprocess`` override is merged into the bundle's ``postprocess``.
+
+        The bundle binarises as its own inference does: at the threshold recorded on
+        validation beside the weights (:func:`recorded_postprocess`), unless the overrides give
+        a ``threshold`` or ``hysteresis`` themselves.
         """
         section = cls.bundle_section(directory)
+        weights = Path(directory) / "models" / "model.pt"
         options = {k: v for k, v in section.items() if k != "network"}
-        options.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(section["network"], Path(directory) / "models" / "model.pt", **options)
+        options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
+        given = dict(overrides.get("postprocess") or {})
+        postprocess = {**(section.get("postprocess") or {}), **given}
+        if "threshold" not in given:
+            postprocess = recorded_postprocess(postprocess, weights, section["network"].get("out_channels"))
+        options["postprocess"] = postprocess
+        return cls(section["network"], weights, **options)
 
     def _offsets(self, channels: int) -> tuple[int, ...]:
         if self.offsets is not None:
@@ -767,6 +780,53 @@ class Predictor:
             return True
         voxels = int(np.prod(volume.shape[1:]))
         return (volume.shape[0] + self.out_channels) * voxels * 4 <= self.memory_budget
+
+
+def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int | None = None) -> dict:
+    """``postprocess`` (:func:`transforms.post.postprocess` arguments) with the threshold that
+    training chose on validation for ``weights``, where one was recorded.
+
+    The threshold (one number, or one per label channel) is read from ``model.json`` beside
+    ``weights`` (``models/model.pt``; :func:`pipeline.bundle.run_training` writes both), else
+    from ``weights`` itself when it is a training checkpoint (``best.pt`` / ``last.pt``: its
+    ``"threshold"``).
+    When neither records one (e.g. weights trained elsewhere), when ``weights`` is None or
+    missing, or when ``postprocess`` binarises by ``hysteresis`` or not at all
+    (``"threshold": null``), ``postprocess`` is returned as given (the bundle's defaults).
+
+    Parameters
+    ----------
+    postprocess : dict or None
+    weights : path to the network weights the thresholds belong to, or None
+    labels : the network's output channels; a per-channel threshold of another length is a
+        SlabError naming the file it came from.
+    """
+    options = dict(postprocess or {})
+    if weights is None or options.get("hysteresis") is not None or options.get("threshold", 0.5) is None:
+        return options
+    path = Path(weights)
+    summary = path.with_suffix(".json")
+    threshold = None
+    if summary.is_file():
+        try:
+            threshold = json.loads(summary.read_text(encoding="utf-8")).get("threshold")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise SlabError(f"{summary}: not a JSON object of the training summary ({err})") from None
+        source = summary
+    elif path.is_file():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a checkpoint; loading the weights names the problem
+            state = None
+        if isinstance(state, dict) and "model" in state:
+            threshold = state.get("threshold")
+        source = path
+    if threshold is None:
+        return options
+    if isinstance(threshold, list) and labels is not None and len(threshold) != labels:
+        raise SlabError(f"{source}: threshold has {len(threshold)} values; the network predicts {labels} labels")
+    options["threshold"] = threshold
+    return options
 
 
 def _construct(cls, options: Mapping, name: str):

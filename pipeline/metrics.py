@@ -15,7 +15,9 @@ How it is computed: one pass over slice pairs builds, for every cell, a 16-bit c
 masks' 8 corners and adds it to a 65536-bin histogram; tables indexed by that code give the
 areas, the surface-in-both flag and the voxel counts (every voxel is a corner of 8 cells), so
 surface dice at tolerance 0 and all overlap metrics come from the histogram. The pass reads a
-few slices at a time, along the axis that is slowest in memory. Tolerances above 0 need the
+few slices at a time, along the axis that is slowest in memory; from an ``np.memmap`` it copies
+those slices and drops the mapped pages it has passed from the process, so that streaming a
+file larger than memory keeps only the slices at hand resident. Tolerances above 0 need the
 distance from each surface cell to the other surface: a second pass over the bounding box, in
 chunks with a halo, tests the cell offsets inside the tolerance ellipsoid (nearest first), or
 for large ellipsoids takes an exact distance transform (``edt``) and settles the cells whose
@@ -36,12 +38,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import mmap
 
 import numpy as np
 import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import _get_neighbour_code_to_normals_table, do_metric_reduction
 
+from transforms.checks import check_spacing
 from transforms.errors import SlabError
 
 __all__ = [
@@ -74,16 +78,6 @@ def _key(tolerance: float) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Arguments
-
-
-def _check_spacing(spacing) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise SlabError(f"spacing: expected three voxel sizes in mm, got {spacing!r}") from None
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise SlabError(f"spacing: expected three positive voxel sizes in mm, got {spacing!r}")
-    return values
 
 
 def _check_tolerances(tolerances) -> tuple[float, ...]:
@@ -139,6 +133,7 @@ class _Reader:
         self.threshold = threshold
         self.cuda = device is not None and device.type == "cuda"
         self.shape = tuple(tuple(volume.shape)[-3:][i] for i in perm)
+        self.mapping = _shared_mapping(volume)
 
     def at(self, threshold: float) -> _Reader:
         """The same volume, binarised ``> threshold``."""
@@ -151,6 +146,8 @@ class _Reader:
         data = self.volume[tuple(index) if self.channel is None else (self.channel, *index)]
         if isinstance(data, torch.Tensor):
             return data.permute(self.perm).to(self.device)
+        if self.mapping is not None:
+            data = _copy_and_release(data, *self.mapping)
         data = np.asarray(data).transpose(self.perm)
         return data if self.device is None else torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
 
@@ -197,6 +194,41 @@ class _Reader:
         return data.astype(np.uint8, copy=False)
 
 
+def _shared_mapping(volume) -> tuple[mmap.mmap, int] | None:
+    """``(mmap, its address)`` of an ``np.memmap`` whose pages may be dropped once read (a
+    shared mapping: the file keeps the data), else None."""
+    mapped = getattr(volume, "_mmap", None)
+    if (not isinstance(volume, np.memmap) or not isinstance(mapped, mmap.mmap) or volume.mode == "c"
+            or not hasattr(mmap, "MADV_DONTNEED")):
+        return None
+    probe = np.frombuffer(mapped, np.uint8, count=1)
+    address = probe.__array_interface__["data"][0]
+    del probe  # releases the buffer export, so the mapping can still close
+    return mapped, address
+
+
+def _copy_and_release(block: np.ndarray, mapped: mmap.mmap, address: int) -> np.ndarray:
+    """A private copy of the memory-mapped ``block``, and the mapped pages it spans before its
+    last page dropped from the process (they are read again from the page cache if needed).
+
+    Streaming a memory map otherwise keeps every page read resident in the process until the
+    end, so its resident set grows to the size of the inputs.
+    """
+    copy = np.array(block)
+    if block.size:
+        low = high = block.__array_interface__["data"][0]
+        for n, stride in zip(block.shape, block.strides):
+            low, high = low + min(0, stride * (n - 1)), high + max(0, stride * (n - 1))
+        high += block.itemsize
+        # Only a block that is (nearly) one contiguous run: else it spans pages of data still to come.
+        if high - low <= 2 * block.nbytes:
+            start = (low - address) // mmap.PAGESIZE * mmap.PAGESIZE
+            end = (high - address) // mmap.PAGESIZE * mmap.PAGESIZE
+            if end > start:
+                mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return copy
+
+
 def _readers(pred, truth, channels, names, threshold: float | None = None) -> tuple[_Reader, _Reader]:
     """Readers of one class of ``pred`` and ``truth`` that stream along the same axis into the
     same kind of array: torch on the first tensor's device if either is a tensor.
@@ -224,9 +256,9 @@ def _binarize(data, threshold: float):
         return (data.double() > threshold).to(torch.uint8)  # float64 holds every value and threshold
     # Imported here: transforms.post brings scikit-image and the I/O stack (~100 MB resident),
     # which streaming a mask does not need.
-    from transforms.post import _greater
+    from transforms.post import greater_than
 
-    return _greater(data, threshold).view(np.uint8)
+    return greater_than(data, threshold).view(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +602,7 @@ def surface_dice(pred, truth, spacing=(1.0, 1.0, 1.0), tolerance: float = 0.0) -
     >>> round(surface_dice(a, np.roll(a, 1, axis=0), tolerance=1.0), 4)
     1.0
     """
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     (tolerance,) = _check_tolerances(tolerance)
     channels = _check_pair(pred, truth)
     if len(channels) != 1:
@@ -609,7 +641,7 @@ def evaluate(pred, truth, spacing=(1.0, 1.0, 1.0), tolerances=(0.0,), threshold:
         "spacing": [sx, sy, sz], "tolerances": [...], "threshold": threshold}``.
         Undefined ratios (0/0) are NaN.
     """
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     tolerances = _check_tolerances(tolerances)
     channels = _check_pair(pred, truth, names)
     classes = []
@@ -674,7 +706,7 @@ def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=
         "best": {"metric", "threshold", "value"}, "classes": [per-class curves]}``; curves
         at the top level are means over classes.
     """
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     tolerances = _check_tolerances(tolerance)
     levels = _check_thresholds(thresholds)
     if metric not in (*OVERLAP_KEYS, "surface_dice"):
@@ -743,7 +775,7 @@ class _BatchMetric(CumulativeIterationMetric):
 
     def __init__(self, spacing, include_background: bool, reduction, get_not_nans: bool):
         super().__init__()
-        self.spacing = _check_spacing(spacing)
+        self.spacing = check_spacing(spacing)
         self.include_background = include_background
         self.reduction = reduction
         self.get_not_nans = get_not_nans

@@ -26,6 +26,7 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
+from transforms.checks import check_spacing
 from transforms.errors import SlabError
 
 KINDS = ("vessels", "organs", "tumour")
@@ -60,16 +61,6 @@ def check_shape(shape) -> tuple[int, int, int]:
     if min(items) < MIN_SIZE:
         raise SlabError(f"shape: a phantom needs at least {MIN_SIZE} voxels per axis, got {tuple(map(int, items))}")
     return tuple(int(s) for s in items)
-
-
-def _check_spacing(spacing) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise SlabError(f"spacing: expected three positive numbers (sx, sy, sz), got {spacing!r}") from None
-    if len(values) != 3 or not all(np.isfinite(s) and s > 0 for s in values):
-        raise SlabError(f"spacing: expected three positive numbers (sx, sy, sz), got {values}")
-    return values
 
 
 def _check_seed(seed) -> int:
@@ -337,7 +328,7 @@ def make_phantom(shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kin
     """
     shape = check_shape(shape)
     seed = _check_seed(seed)
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     if kind not in KINDS:
         raise SlabError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     if sparse and kind != "vessels":

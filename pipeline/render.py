@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from pipeline.metrics import evaluate
+from transforms.checks import check_spacing
 from transforms.errors import SlabError
 from transforms.io import LazyVolume, atomic_write
 
@@ -96,13 +97,6 @@ def _image(image, shape: tuple[int, ...]) -> _Spatial:
     if image.shape != shape:
         raise SlabError(f"image: spatial shape {image.shape} does not match the masks {shape}")
     return image
-
-
-def _check_spacing(spacing) -> tuple[float, float, float]:
-    values = tuple(float(s) for s in np.ravel(spacing))
-    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
-        raise SlabError(f"spacing: expected three positive numbers (sx, sy, sz), got {values}")
-    return values
 
 
 def _check_size(size) -> tuple[int, int]:
@@ -311,7 +305,7 @@ def render_hits(
     >>> render_hits(pred, truth, "hits.png", views=2)["counts"]  # doctest: +SKIP
     {'hit': 1152, 'false_positive': 576, 'miss': 576}
     """
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     if not 1 <= int(views) <= 16:
         raise SlabError(f"views: expected 1 to 16 camera angles, got {views}")
     mesh = None if mesh is None else mesh_path(mesh)
@@ -437,7 +431,7 @@ def export_mesh(
         ``path``, ``faces`` (per category), ``factor`` and ``notes``.
     """
     out_path = mesh_path(out_path)
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     p, t = _pair(pred, truth, channel)
     factor = display_factor(p.shape, max_voxels)
     labels, counts = category_map(p.volume, t.volume, factor, p.channel)
@@ -491,7 +485,7 @@ def cross_sections(
     dict
         ``path`` and ``index``.
     """
-    spacing = _check_spacing(spacing)
+    spacing = check_spacing(spacing)
     width, height = _check_size(size)
     p, t = _pair(pred, truth, channel)
     image = None if image is None else _image(image, p.shape)

@@ -12,12 +12,13 @@ import tifffile
 from pipeline.adapters import assign_folds, brats_label, build_datalist, split_datalist
 from pipeline.cli import main
 from transforms.errors import SlabError
+from transforms.io import keep_locale
 
 X, Y, Z = 16, 12, 3  # slice images are Y rows x X columns
 
 
 def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -41,7 +42,7 @@ def read_nifti(path):
 
 
 def load_datalist(out):
-    return json.loads((out / "datalist.json").read_text())
+    return json.loads((out / "datalist.json").read_text(encoding="utf-8"))
 
 
 def all_items(datalist):
@@ -127,11 +128,11 @@ def test_sennet_csv_problems_write_nothing(sennet, tmp_path):
 def test_failure_keeps_an_earlier_output(sennet, tmp_path):
     out = tmp_path / "out"
     build_datalist("sennet", sennet, out, n_folds=2)
-    before = (out / "datalist.json").read_text()
+    before = (out / "datalist.json").read_text(encoding="utf-8")
     write_csv(sennet / "train_rles.csv", ["id", "rle"], [["kidney_1_voi_0000", "1 x"]])
     with pytest.raises(SlabError, match="expected integers"):
         build_datalist("sennet", sennet, out, n_folds=3)
-    assert (out / "datalist.json").read_text() == before
+    assert (out / "datalist.json").read_text(encoding="utf-8") == before
     assert sorted(p.name for p in out.iterdir()) == ["datalist.json", "volumes"]
     # A later run that succeeds replaces the outputs.
     write_csv(sennet / "train_rles.csv", ["id", "rle"], [["kidney_1_voi_0000", "2 1"]])
@@ -204,18 +205,18 @@ def test_uwmgi(uwmgi, tmp_path):
 def test_uwmgi_bad_roots(uwmgi, tmp_path):
     out = tmp_path / "out"
     csv_path = uwmgi / "train.csv"
-    text = csv_path.read_text()
+    text = csv_path.read_text(encoding="utf-8")
     csv_path.unlink()
     with pytest.raises(SlabError, match=r"uwmgi/train\.csv: missing"):
         build_datalist("uwmgi", uwmgi, out, n_folds=2)
-    csv_path.write_text(text.replace("segmentation", "mask", 1))
+    csv_path.write_text(text.replace("segmentation", "mask", 1), encoding="utf-8")
     with pytest.raises(SlabError, match=r"train\.csv: missing column\(s\) segmentation"):
         build_datalist("uwmgi", uwmgi, out, n_folds=2)
     # Labels for a case-day whose scans are not there.
-    csv_path.write_text(text + "case9_day1_slice_0001,stomach,\n")
+    csv_path.write_text(text + "case9_day1_slice_0001,stomach,\n", encoding="utf-8")
     with pytest.raises(SlabError, match=r"case9/case9_day1/scans: missing; .*train\.csv has labels for case9_day1"):
         build_datalist("uwmgi", uwmgi, out, n_folds=2)
-    csv_path.write_text(text)
+    csv_path.write_text(text, encoding="utf-8")
     scans = uwmgi / "train/case2/case2_day5/scans"
     (scans / f"slice_0002_{X}_{Y}_1.00_2.00.png").rename(scans / f"slice_0002_{X}_{Y}_1.00_2.50.png")
     with pytest.raises(SlabError, match=r"slice_0002_16_12_1.00_2.50.png: size or spacing differs"):
@@ -249,7 +250,7 @@ def brats(tmp_path, rng):
         seg = np.zeros((6, 5, 4), np.uint8)
         seg[1, 1, 1], seg[2, 2, 2], seg[3, 3, 3] = 1, 2, 4
         write_nifti(case / f"{case.name}_seg.nii", seg, affine)
-    (root / "name_mapping.csv").write_text("a,b\n")
+    (root / "name_mapping.csv").write_text("a,b\n", encoding="utf-8")
     return root
 
 
@@ -321,7 +322,8 @@ def write_dicom_series(directory, volume, spacing=(0.5, 0.75, 1.25), origin=(10.
             piece.SetMetaData(tag, value)
         # Files named against the slice order: the reader must order them by position.
         writer.SetFileName(str(directory / f"{(7 * z) % 5:03d}_{z}.dcm"))
-        writer.Execute(piece)
+        with keep_locale():  # GDCM's writer switches the process to the "C" locale
+            writer.Execute(piece)
 
 
 def dicom_affine(spacing=(0.5, 0.75, 1.25), origin=(10.0, -20.0, 30.0)):
@@ -432,7 +434,7 @@ def test_assign_folds_grouped_and_balanced():
 
 
 def test_split_datalist(brats, tmp_path):
-    datalist = json.loads(build_datalist("brats", brats, tmp_path / "out", n_folds=3).read_text())
+    datalist = json.loads(build_datalist("brats", brats, tmp_path / "out", n_folds=3).read_text(encoding="utf-8"))
     for fold in range(3):
         training, validation = split_datalist(datalist, fold)
         assert [i["fold"] for i in validation] == [fold]

@@ -224,7 +224,8 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
     without one, every channel is binarised at slab#postprocess#threshold (0.5)."""
     from monai.data import MetaTensor
 
-    from pipeline.bundle import network, validated_postprocess
+    from pipeline.bundle import network
+    from pipeline.infer import recorded_postprocess
     from transforms.io import save_volume
 
     root, _, config_file = _files("brats_3d")
@@ -251,22 +252,33 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
     np.testing.assert_array_equal(mask, per_channel(prob, [0.5] * 3))
     chosen = [float(np.median(prob[c])) for c in range(3)]  # thresholds that split every channel
     assert len(set(chosen)) == 3
-    weights.with_suffix(".json").write_text(json.dumps({"best": {}, "threshold": chosen}))
+    weights.with_suffix(".json").write_text(json.dumps({"best": {}, "threshold": chosen}), encoding="utf-8")
     mask, prob_again = infer("chosen")
     np.testing.assert_array_equal(prob_again, prob)
     np.testing.assert_array_equal(mask, per_channel(prob, chosen))
     assert 0 < mask.mean() < 1 and not np.array_equal(mask, per_channel(prob, [0.5] * 3))
 
+    # slab predict --bundle binarises as the bundle run does; an explicit --threshold wins
+    section = json.loads(Path(config_file).read_text(encoding="utf-8"))["slab"]
+    section.update(roi_size=[16, 16, 16], tta="none", network={**section["network"], "channels": [4, 8, 16, 16]})
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "inference.json").write_text(json.dumps({"slab": section}), encoding="utf-8")
+    cli = ["predict", "-i", str(data / "case.nii.gz"), "--bundle", str(tmp_path), "--device", "cpu"]
+    assert main(cli + ["-o", str(tmp_path / "cli.nii.gz")]) == 0
+    np.testing.assert_array_equal(np.asarray(load_volume(tmp_path / "cli.nii.gz")), mask)
+    assert main(cli + ["-o", str(tmp_path / "cli_05.nii.gz"), "--threshold", "0.5"]) == 0
+    np.testing.assert_array_equal(np.asarray(load_volume(tmp_path / "cli_05.nii.gz")), per_channel(prob, [0.5] * 3))
+
     # a training checkpoint carries its threshold itself; hysteresis or no threshold are left alone
     checkpoint = tmp_path / "best.pt"
     torch.save({"model": torch.load(weights, weights_only=True), "config": {}, "threshold": [0.2, 0.3, 0.4]},
                checkpoint)
-    assert validated_postprocess({"threshold": 0.5, "min_size": 3}, checkpoint, 3) == {"threshold": [0.2, 0.3, 0.4],
-                                                                                     "min_size": 3}
-    assert validated_postprocess({"threshold": 0.5}, weights, 3) == {"threshold": chosen}
-    assert validated_postprocess({"hysteresis": [0.4, 0.6]}, weights, 3) == {"hysteresis": [0.4, 0.6]}
-    assert validated_postprocess({"threshold": None}, weights, 3) == {"threshold": None}
-    assert validated_postprocess({"threshold": 0.5}, None, 3) == {"threshold": 0.5}
-    assert validated_postprocess({"threshold": 0.5}, tmp_path / "elsewhere.pt", 3) == {"threshold": 0.5}
+    assert recorded_postprocess({"threshold": 0.5, "min_size": 3}, checkpoint, 3) == {"threshold": [0.2, 0.3, 0.4],
+                                                                                    "min_size": 3}
+    assert recorded_postprocess({"threshold": 0.5}, weights, 3) == {"threshold": chosen}
+    assert recorded_postprocess({"hysteresis": [0.4, 0.6]}, weights, 3) == {"hysteresis": [0.4, 0.6]}
+    assert recorded_postprocess({"threshold": None}, weights, 3) == {"threshold": None}
+    assert recorded_postprocess({"threshold": 0.5}, None, 3) == {"threshold": 0.5}
+    assert recorded_postprocess({"threshold": 0.5}, tmp_path / "elsewhere.pt", 3) == {"threshold": 0.5}
     with pytest.raises(SlabError, match=rf"^{weights.with_suffix('.json')}: threshold has 3 values; .* 2 labels"):
-        validated_postprocess({"threshold": 0.5}, weights, 2)
+        recorded_postprocess({"threshold": 0.5}, weights, 2)

@@ -121,7 +121,7 @@ def test_console_script_reports_bad_input(tmp_path):
         pytest.skip(f"no console script beside {sys.executable}")
     (tmp_path / "flat.png").write_bytes(b"")
     result = subprocess.run([str(script), "convert", str(tmp_path / "flat.png"), str(tmp_path / "v.nii.gz")],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, encoding="utf-8", timeout=300)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     expected = f"slab: error: {tmp_path / 'flat.png'}: a single image file where a 3D volume is expected"

@@ -27,7 +27,7 @@ def test_load_datalist_resolves_checks_and_folds(tmp_path):
         write_phantom(tmp_path / case, shape=(8, 8, 8), seed=0)
     entry = lambda case, fold: {"image": f"{case}/image.nii.gz", "label": f"{case}/label.nii.gz", "fold": fold}  # noqa: E731
     data = {"training": [entry("a", 0), entry("b", 1)], "validation": [entry("c", 2)]}
-    (tmp_path / "datalist.json").write_text(json.dumps(data))
+    (tmp_path / "datalist.json").write_text(json.dumps(data), encoding="utf-8")
     train, val = load_datalist(tmp_path / "datalist.json", fold=None)
     assert [t["image"] for t in train] == [str(tmp_path / "a/image.nii.gz"), str(tmp_path / "b/image.nii.gz")]
     assert [v["label"] for v in val] == [str(tmp_path / "c/label.nii.gz")]
@@ -38,10 +38,10 @@ def test_load_datalist_resolves_checks_and_folds(tmp_path):
     with pytest.raises(SlabError, match="fold"):
         load_datalist(tmp_path / "datalist.json", fold=5)
     data["training"].append(entry("missing", 0))
-    (tmp_path / "bad.json").write_text(json.dumps(data))
+    (tmp_path / "bad.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(SlabError, match="missing/image.nii.gz"):
         load_datalist(tmp_path / "bad.json")
-    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "broken.json").write_text("{", encoding="utf-8")
     with pytest.raises(SlabError, match="broken.json"):
         load_datalist(tmp_path / "broken.json")
 

@@ -28,7 +28,7 @@ def test_demo_writes_mask_metrics_and_pictures(tmp_path, capsys):
     mask, image = load_volume(out / "mask.nii.gz"), load_volume(DATA_DIR / "vessel_phantom" / "image.nii.gz")
     assert tuple(mask.shape) == tuple(image.shape) and set(np.unique(np.asarray(mask))) <= {0, 1}
     np.testing.assert_allclose(np.asarray(mask.affine), np.asarray(image.affine))
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     case = metrics["cases"][0]
     assert metrics["settings"]["planes"] == ["xy"] and metrics["settings"]["tta"] == "none"
     assert case["surface_dice"]["0.0"] >= MIN_SURFACE_DICE_0_XY

@@ -48,7 +48,7 @@ def test_probability_map_with_tolerances_and_json(files, tmp_path, capsys):
     assert printed == {"pred": str(paths["prob"]), "truth": str(paths["truth"]), **_approx(expected)}
     assert sorted(printed["surface_dice"]) == ["0.0", "1.0", "2.5"]
     assert len(printed["classes"]) == 2
-    assert json.loads(out.read_text()) == printed
+    assert json.loads(out.read_text(encoding="utf-8")) == printed
 
 
 def test_mask_is_not_thresholded(files, capsys):

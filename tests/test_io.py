@@ -1,4 +1,5 @@
 """Volume I/O against files written and read directly with nibabel, SimpleITK, PIL and tifffile."""
+import locale
 import tracemalloc
 
 import nibabel as nib
@@ -19,6 +20,7 @@ from transforms.io import (
     SaveVolumed,
     atomic_write,
     check_same_geometry,
+    keep_locale,
     load_volume,
     natural_key,
     save_volume,
@@ -272,7 +274,8 @@ def _write_dicom_series(directory, data_zyx, spacing, origin, direction):
         ]:
             slice_k.SetMetaData(tag, value)
         writer.SetFileName(str(directory / f"IM{depth - k:03d}.dcm"))
-        writer.Execute(slice_k)
+        with keep_locale():  # GDCM's writer switches the process to the "C" locale
+            writer.Execute(slice_k)
     return image
 
 
@@ -291,6 +294,47 @@ def test_dicom_series_oblique_loads_ordered_by_position_in_ras(tmp_path, rng):
         lps = reference.TransformIndexToPhysicalPoint(index)
         ras = affine @ [*index, 1.0]
         np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-5)
+
+
+def _process_locale():
+    return locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)
+
+
+def test_dicom_series_load_keeps_process_locale(tmp_path, rng, monkeypatch):
+    before = _process_locale()
+    _write_dicom_series(tmp_path / "dcm", _volume(rng, np.int16, (3, 4, 5)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                        np.eye(3))
+    assert _process_locale() == before
+    load_volume(tmp_path / "dcm")
+    assert _process_locale() == before
+
+    # The reader switching the locale the way GDCM's writer does is undone too, also on failure.
+    execute = sitk.ImageSeriesReader.Execute
+
+    def switching(reader):
+        locale.setlocale(locale.LC_ALL, "C")
+        return execute(reader)
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", switching)
+    assert load_volume(tmp_path / "dcm").shape == (1, 5, 4, 3)
+    assert _process_locale() == before
+
+    def failing(reader):
+        locale.setlocale(locale.LC_ALL, "C")
+        raise RuntimeError("gdcm: unreadable")
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", failing)
+    with pytest.raises(SlabError, match="not a readable DICOM series"):
+        load_volume(tmp_path / "dcm")
+    assert _process_locale() == before
+
+
+def test_keep_locale_restores_every_category():
+    before = _process_locale()
+    with pytest.raises(RuntimeError), keep_locale():
+        locale.setlocale(locale.LC_ALL, "C")
+        raise RuntimeError("GDCM failed")
+    assert _process_locale() == before
 
 
 # ------------------------------------------------------------------------------ lazy volumes
@@ -420,16 +464,16 @@ def test_dictionary_transforms_round_trip(tmp_path, rng):
 
 def test_atomic_write_leaves_nothing_on_failure_and_replaces_on_success(tmp_path):
     target = tmp_path / "table.csv"
-    target.write_text("old")
+    target.write_text("old", encoding="utf-8")
     with pytest.raises(RuntimeError):
         with atomic_write(target) as tmp:
-            tmp.write_text("half")
+            tmp.write_text("half", encoding="utf-8")
             raise RuntimeError("interrupted")
-    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+    assert target.read_text(encoding="utf-8") == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
     with atomic_write(target) as tmp:
         assert tmp.name == "table.csv" and tmp.parent != tmp_path
-        tmp.write_text("new")
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
+        tmp.write_text("new", encoding="utf-8")
+    assert target.read_text(encoding="utf-8") == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -460,13 +504,13 @@ def test_truncated_and_corrupt_nifti(tmp_path, rng):
 
 def test_non_image_file_in_stack(tmp_path, rng):
     _write_slices(tmp_path / "s", [_volume(rng, np.uint8, (4, 4)) for _ in range(3)], ["0", "1", "2"], "png")
-    (tmp_path / "s" / "1.png").write_text("this is not a PNG")
+    (tmp_path / "s" / "1.png").write_text("this is not a PNG", encoding="utf-8")
     with pytest.raises(SlabError, match="not a readable .png image") as excinfo:
         load_volume(tmp_path / "s")
     _one_line_error(excinfo, tmp_path / "s" / "1.png")
 
     _write_slices(tmp_path / "t", [_volume(rng, np.uint8, (4, 4)) for _ in range(3)], ["0", "1", "2"], "tif")
-    (tmp_path / "t" / "notes.txt").write_text("scan notes")
+    (tmp_path / "t" / "notes.txt").write_text("scan notes", encoding="utf-8")
     with pytest.raises(SlabError, match="not a .png/.tif slice") as excinfo:
         load_volume(tmp_path / "t")
     _one_line_error(excinfo, tmp_path / "t" / "notes.txt")
@@ -527,7 +571,7 @@ def test_missing_file_and_unsupported_suffix(tmp_path, rng):
 
 def test_bad_outputs_write_nothing(tmp_path, rng):
     (tmp_path / "keep").mkdir()
-    (tmp_path / "keep" / "report.pdf").write_text("mine")
+    (tmp_path / "keep" / "report.pdf").write_text("mine", encoding="utf-8")
     cases = [
         (_volume(rng, np.float32), "stack", {"slice_format": "png"}, "PNG holds uint8 or uint16"),
         (_volume(rng, np.uint8, (2, 3, 3, 3)), "stack", {}, "holds one channel"),

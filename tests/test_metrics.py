@@ -1,5 +1,6 @@
 """pipeline.metrics against DeepMind's surface-distance and MONAI, on tiny volumes."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,37 @@ def test_inputs_stream_from_memmap_lazy_volume_and_tensors(rng, tmp_path, monkey
         (np.asfortranarray(pred)[None], lazy),
     ]:
         assert M.evaluate(p, t, (0.8, 0.8, 2.0), (0.0, 1.0))["surface_dice"] == expected["surface_dice"]
+
+
+def _rss_file_kib() -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not hasattr(M.mmap, "MADV_DONTNEED") or not Path("/proc/self/status").exists(),
+                    reason="needs madvise(MADV_DONTNEED) and /proc")
+def test_streaming_a_memmap_drops_the_pages_it_has_read(rng, tmp_path):
+    """Exact on memmaps (C order, Fortran order, a channel of a 4D map), and the mapped pages
+    read do not stay resident: the process's file-backed memory grows by far less than the
+    inputs (8 MiB)."""
+    pred, truth = blobs(rng, (64, 256, 256), 0.3).astype(np.uint8), blobs(rng, (64, 256, 256), 0.3).astype(np.uint8)
+    expected = M.surface_dice(pred, truth)
+    for order in "CF":
+        maps = []
+        for name, data in (("p", pred), ("t", truth)):
+            path = tmp_path / f"{name}{order}.u8"
+            out = np.memmap(path, np.uint8, "w+", shape=data.shape, order=order)
+            out[:] = data
+            out.flush()
+            del out
+            maps.append(np.memmap(path, np.uint8, "r", shape=data.shape, order=order))
+        before = _rss_file_kib()
+        value = M.surface_dice(*maps)
+        assert _rss_file_kib() - before < 2048
+        assert value == pytest.approx(expected, abs=1e-15) and value == M.surface_dice(*(np.array(m) for m in maps))
+    stacked = np.lib.format.open_memmap(tmp_path / "s.npy", mode="w+", dtype=np.uint8, shape=(2,) + pred.shape)
+    stacked[0], stacked[1] = truth, pred
+    assert M.surface_dice(stacked[1:], truth[None]) == expected
 
 
 def test_overlap_metrics_known_values():

@@ -176,7 +176,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
 def test_missing_and_non_torch_files(tmp_path):
     with pytest.raises(SlabError, match="nope.pt: no such weights file"):
         load_weights(_tiny_unet(), tmp_path / "nope.pt")
-    (tmp_path / "text.pt").write_text("not weights")
+    (tmp_path / "text.pt").write_text("not weights", encoding="utf-8")
     with pytest.raises(SlabError, match="text.pt: not a torch weights file"):
         load_weights(_tiny_unet(), tmp_path / "text.pt")
     torch.save({"model": {"a": 1}}, tmp_path / "odd.pt")

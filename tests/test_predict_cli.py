@@ -24,7 +24,7 @@ def model(tmp_path):
     """A saved tiny UNet (bias lifted so that the mask is neither empty nor full)."""
     torch.manual_seed(0)
     net = build_network(**CONFIG)
-    (tmp_path / "net.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "net.json").write_text(json.dumps(CONFIG), encoding="utf-8")
     save_weights(net, tmp_path / "net.pt")
     return net, str(tmp_path / "net.json"), str(tmp_path / "net.pt")
 
@@ -61,7 +61,7 @@ def test_nifti_in_mask_prob_and_rle_out(tmp_path, model, image, capsys):
     assert 0 < mask.sum() < mask.size
     np.testing.assert_allclose(np.asanyarray(nib.load(prob).dataobj), probs, atol=1e-6)
     np.testing.assert_allclose(nib.load(prob).affine, AFFINE)
-    rows = csv.read_text().splitlines()
+    rows = csv.read_text(encoding="utf-8").splitlines()
     assert rows[0] == "id,rle" and len(rows) == 1 + data.shape[2]
     for z, row in enumerate(rows[1:]):
         name, rle = row.split(",")
@@ -96,7 +96,7 @@ def test_directory_of_volumes_and_bundle(tmp_path, model, image):
     save_weights(net, bundle / "models" / "model.pt")
     section = {"network": CONFIG, "planes": ["xy"], "tta": "none", "postprocess": {"threshold": 0.5, "min_size": 0},
                "normalize": {"lower": 0.5, "upper": 99.5}}
-    (bundle / "configs" / "inference.json").write_text(json.dumps({"slab": section}))
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"slab": section}), encoding="utf-8")
     out, csv = tmp_path / "out", tmp_path / "all.csv"
     assert main(["predict", "-i", str(cases), "-o", str(out), "--bundle", str(bundle), "--rle-csv", str(csv),
                  "--threshold", "0.45"]) == 0
@@ -105,7 +105,7 @@ def test_directory_of_volumes_and_bundle(tmp_path, model, image):
     np.testing.assert_array_equal(np.asanyarray(nib.load(out / "kidney_5.nii.gz").dataobj), expected)
     np.testing.assert_allclose(nib.load(out / "kidney_5.nii.gz").affine, AFFINE)
     assert load_volume(out / "kidney_6").shape == (1,) + data.shape
-    rows = csv.read_text().splitlines()
+    rows = csv.read_text(encoding="utf-8").splitlines()
     assert rows[0] == "id,rle" and len(rows) == 1 + 2 * data.shape[2]
     assert rows[1].startswith("kidney_5_0000,") and rows[1 + data.shape[2]].startswith("kidney_6_0000,")
 
@@ -126,7 +126,7 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, model, image, capsys
     nib.save(nib.Nifti1Image(np.stack([data, data], -1), AFFINE), two)
     _refused(capsys, ["predict", "-i", str(two)] + base, "2 channel(s) do not divide the network's 3", out)
     offsets = tmp_path / "offsets.json"
-    offsets.write_text(json.dumps({**CONFIG, "offsets": [-2, 0, 2]}))
+    offsets.write_text(json.dumps({**CONFIG, "offsets": [-2, 0, 2]}), encoding="utf-8")
     _refused(capsys, ["predict", "-i", str(two), "-o", str(out), "--network", str(offsets), "--weights", weights],
              "2 channel(s) x 3 offsets = 6 slab channels; the network takes 3", out)
     other = tmp_path / "other.pt"

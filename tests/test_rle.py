@@ -119,7 +119,7 @@ def test_bad_arguments():
 
 
 def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -194,7 +194,7 @@ def test_submission_round_trip(tmp_path, rng):
     mask = (rng.random((5, 4, 3)) < 0.4).astype(np.uint8)
     mask[:, :, 1] = 0
     path = write_submission_csv(mask, tmp_path / "sub.csv", "kidney_5")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "rle"]
     assert [r[0] for r in rows[1:]] == ["kidney_5_0000", "kidney_5_0001", "kidney_5_0002"]

@@ -58,7 +58,7 @@ def write_datalist(root: Path, n: int = 3, shape=SHAPE, kind: str = "vessels", e
     datalist = {"n_folds": 2, "training": [x for x in items if x["fold"]], "validation": [x for x in items if not x["fold"]],
                 **(extra or {})}
     path = root / "datalist.json"
-    path.write_text(json.dumps(datalist))
+    path.write_text(json.dumps(datalist), encoding="utf-8")
     return path
 
 
@@ -134,9 +134,9 @@ def test_config_errors_name_the_key(config, named):
 
 def test_config_file(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"epochs": 3}))
+    path.write_text(json.dumps({"epochs": 3}), encoding="utf-8")
     assert validate_config(path)["epochs"] == 3
-    path.write_text("{not json")
+    path.write_text("{not json", encoding="utf-8")
     with pytest.raises(SlabError, match="not valid JSON"):
         validate_config(path)
     with pytest.raises(SlabError, match="no such config"):
@@ -194,9 +194,9 @@ def test_train_2p5d_writes_a_complete_run(vessels, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
-    assert json.loads((out / "config.json").read_text()) == validate_config(_config())
+    assert json.loads((out / "config.json").read_text(encoding="utf-8")) == validate_config(_config())
 
-    rows = (out / "log.csv").read_text().splitlines()
+    rows = (out / "log.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 3
     header = rows[0].split(",")
     for column in ("epoch", "lr", "train_loss", "images_per_s", "val_surface_dice_0", "val_surface_dice_tol",
@@ -252,7 +252,7 @@ def test_resume_reaches_the_same_result(vessels, tmp_path, monkeypatch):
     assert [r["train_loss"] for r in straight["history"]] == [r["train_loss"] for r in resumed["history"]]
     assert [r["val_surface_dice_0"] for r in straight["history"]] == [r["val_surface_dice_0"] for r in resumed["history"]]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
-    assert len((tmp_path / "resumed" / "log.csv").read_text().splitlines()) == 3
+    assert len((tmp_path / "resumed" / "log.csv").read_text(encoding="utf-8").splitlines()) == 3
 
     # a finished run resumes to itself without training
     again = train(vessels, cfg, tmp_path / "resumed", resume=True, device="cpu")
@@ -328,7 +328,7 @@ def test_folds_split_by_case(vessels):
 
 def _broken_datalist(root: Path, problem: str) -> Path:
     path = write_datalist(root, n=2)
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     item = data["training"][0]
     if problem == "missing":
         item["label"] = str(root / "nowhere.nii.gz")
@@ -341,7 +341,7 @@ def _broken_datalist(root: Path, problem: str) -> Path:
         from transforms.io import save_volume
 
         item["image"] = str(save_volume(MetaTensor(torch.rand(2, *SHAPE), affine=torch.eye(4)), root / "two.nii.gz"))
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
 
@@ -353,9 +353,9 @@ def _broken_datalist(root: Path, problem: str) -> Path:
 def test_bad_data_fails_before_training(tmp_path, problem, message, monkeypatch):
     datalist = _broken_datalist(tmp_path / "data", problem)
     if problem == "channels":  # the two-channel image is the second training item, after the first
-        data = json.loads(datalist.read_text())
+        data = json.loads(datalist.read_text(encoding="utf-8"))
         data["training"].insert(0, data["validation"].pop())
-        datalist.write_text(json.dumps(data))
+        datalist.write_text(json.dumps(data), encoding="utf-8")
     monkeypatch.setattr(train_module, "_epoch", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(SlabError, match=message):
         train(datalist, _config(epochs=1), tmp_path / "run", device="cpu")
@@ -458,7 +458,7 @@ def write_classification_datalist(root: Path, n: int = 8, shape=(16, 16, 20)) ->
     data = {"labels": ["V1", "V2"], "label_format": "values", "n_folds": 2,
             "training": [i for i in items if i["fold"]], "validation": [i for i in items if not i["fold"]]}
     path = root / "datalist.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
 
@@ -488,7 +488,7 @@ def test_train_classification(tmp_path):
     model = build_network(**best["network"])
     model.load_state_dict(best["model"])
     rows = []
-    for item in json.loads(datalist.read_text())["validation"]:
+    for item in json.loads(datalist.read_text(encoding="utf-8"))["validation"]:
         label = load_volume(item["label"]) if "label" in item else None
         scores = predict_sequences(model, load_volume(item["image"]), label, targets=["V1", "V2"], n_slabs=4,
                                    size=(16, 16), plane="xy", offsets=(-1, 0, 1), device="cpu")
@@ -502,11 +502,11 @@ def test_train_classification(tmp_path):
 
 def test_classification_data_errors(tmp_path):
     datalist = write_classification_datalist(tmp_path / "data", n=4)
-    data = json.loads(datalist.read_text())
+    data = json.loads(datalist.read_text(encoding="utf-8"))
     del data["training"][0]["targets"]
     with pytest.raises(SlabError, match="targets"):
         train(data, CLS, tmp_path / "run", device="cpu")
-    data = json.loads(datalist.read_text())
+    data = json.loads(datalist.read_text(encoding="utf-8"))
     data.pop("labels")
     with pytest.raises(SlabError, match="labels"):
         train(data, CLS, tmp_path / "run", device="cpu")

@@ -16,7 +16,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     datalist = write_datalist(root, n=3)
     config = root / "config.json"
-    config.write_text(json.dumps({**TINY, "epochs": 1, "planes": ["xy"]}))
+    config.write_text(json.dumps({**TINY, "epochs": 1, "planes": ["xy"]}), encoding="utf-8")
     return datalist, config
 
 
@@ -34,7 +34,7 @@ def test_train_command(data, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs"] == 2 and summary["best_metric"] == "surface_dice_0"
     assert Path(summary["best_checkpoint"]).is_file()
-    used = json.loads((out / "config.json").read_text())
+    used = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert used["epochs"] == 2 and used["planes"] == ["xy"]
     # --resume of a finished run trains nothing and reports the same
     assert main(["train", "--datalist", str(datalist), "--config", str(config), "--out", str(out),
@@ -57,17 +57,17 @@ def test_bad_input_exits_2(data, tmp_path, capsys):
     assert "none.json" in _error(capsys)
 
     bad_config = tmp_path / "bad.json"
-    bad_config.write_text(json.dumps({"epochs": 1, "learning_rate": 0.1}))
+    bad_config.write_text(json.dumps({"epochs": 1, "learning_rate": 0.1}), encoding="utf-8")
     assert main(["train", "--datalist", str(datalist), "--config", str(bad_config), "--out", str(tmp_path / "b")]) == 2
     assert "'learning_rate'" in _error(capsys)
 
-    bad_config.write_text(json.dumps({"epochs": 1, "val": {"tolerance_mm": -2}}))
+    bad_config.write_text(json.dumps({"epochs": 1, "val": {"tolerance_mm": -2}}), encoding="utf-8")
     assert main(["train", "--datalist", str(datalist), "--config", str(bad_config), "--out", str(tmp_path / "b")]) == 2
     assert "val.tolerance_mm" in _error(capsys)
 
-    missing = json.loads(datalist.read_text())
+    missing = json.loads(datalist.read_text(encoding="utf-8"))
     missing["training"][0]["image"] = str(tmp_path / "gone.nii.gz")
-    (tmp_path / "missing.json").write_text(json.dumps(missing))
+    (tmp_path / "missing.json").write_text(json.dumps(missing), encoding="utf-8")
     assert main(["train", "--datalist", str(tmp_path / "missing.json"), "--config", str(config),
                  "--out", str(tmp_path / "c")]) == 2
     assert "gone.nii.gz" in _error(capsys)
@@ -91,7 +91,7 @@ def test_resume_from_another_config_exits_2(data, tmp_path, capsys):
     assert main(args + ["--config", str(config)]) == 0
     capsys.readouterr()
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({**json.loads(config.read_text()), "batch_size": 2}))
+    other.write_text(json.dumps({**json.loads(config.read_text(encoding="utf-8")), "batch_size": 2}), encoding="utf-8")
     assert main(args + ["--config", str(other), "--resume"]) == 2
     assert "batch_size: 4 -> 2" in _error(capsys)
     assert main(args + ["--config", str(config)]) == 2  # no --resume: the run is kept

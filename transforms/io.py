@@ -13,8 +13,10 @@ Every file is written through :func:`atomic_write`; bad input raises a one-line
 """
 from __future__ import annotations
 
+import locale
 import os
 import re
+import threading
 import shutil
 import tempfile
 import zlib
@@ -33,6 +35,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from nibabel.filebasedimages import ImageFileError
 
+from transforms.checks import check_spacing
 from transforms.errors import SlabError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -42,6 +45,7 @@ SLICE_FORMATS = ("tif", "png")
 PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 _EXPECTED = "a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd file, a DICOM directory or a directory of .png/.tif slices"
+_LOCALE_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +96,7 @@ def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
 
 def _with_spacing(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """The same orientation and origin with voxel size ``spacing``."""
-    spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise SlabError(f"spacing: expected three positive numbers (sx, sy, sz), got {tuple(np.ravel(spacing))}")
+    spacing = np.asarray(check_spacing(spacing))
     out = np.array(affine, dtype=np.float64)
     out[:3, :3] = out[:3, :3] / np.asarray(_spacing(affine)) * spacing
     return out
@@ -104,6 +106,28 @@ def _metatensor(array: np.ndarray, affine: np.ndarray, source, spacing: Sequence
     affine = np.asarray(affine, dtype=np.float64) if spacing is None else _with_spacing(affine, spacing)
     meta = {"filename_or_obj": source, "spacing": _spacing(affine), "spatial_shape": tuple(array.shape[1:])}
     return MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(affine), meta=meta)
+
+
+@contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process locale (every category) after the block, however it ends.
+
+    GDCM, SimpleITK's DICOM library, switches the whole process to the ASCII ``"C"`` locale
+    (seen on writing a series with SimpleITK 2.5), after which Python's default text encoding
+    is ASCII. Every GDCM call goes through this guard; blocks are serialised so that threads
+    cannot save one another's switched locale.
+
+    Example
+    -------
+    >>> with keep_locale():
+    ...     pass
+    """
+    with _LOCALE_LOCK:
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            yield
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
 
 
 @contextmanager
@@ -118,7 +142,7 @@ def atomic_write(path) -> Iterator[Path]:
 
     Example
     -------
-    >>> with atomic_write("out/table.csv") as tmp, open(tmp, "w") as f:  # doctest: +SKIP
+    >>> with atomic_write("out/table.csv") as tmp, open(tmp, "w", encoding="utf-8") as f:  # doctest: +SKIP
     ...     f.write("id,rle\\n")
     """
     target = Path(path)
@@ -373,15 +397,16 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(directory))
-    if len(series) != 1:
-        raise SlabError(f"{directory}: holds {len(series)} DICOM series; expected one series per directory")
-    # GDCM orders the files by slice position along the slice normal.
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(directory), series[0]))
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise SlabError(f"{directory}: not a readable DICOM series ({_one_line(err)})") from None
+    with keep_locale():
+        series = reader.GetGDCMSeriesIDs(str(directory))
+        if len(series) != 1:
+            raise SlabError(f"{directory}: holds {len(series)} DICOM series; expected one series per directory")
+        # GDCM orders the files by slice position along the slice normal.
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(directory), series[0]))
+        try:
+            image = reader.Execute()
+        except RuntimeError as err:
+            raise SlabError(f"{directory}: not a readable DICOM series ({_one_line(err)})") from None
     return _itk_volume(image, directory)
 
 
@@ -392,7 +417,9 @@ def _directory_kind(directory: Path) -> tuple[str, list[Path]]:
     if not files:
         raise SlabError(f"{directory}: empty directory; expected {_EXPECTED}")
     if not slices:
-        if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)):
+        with keep_locale():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
+        if series:
             return "dicom", []
         raise SlabError(f"{directory}: no .png/.tif slices and no DICOM series found")
     others = sorted(set(files) - set(slices), key=lambda p: natural_key(p.name))

@@ -128,26 +128,41 @@ def check_binary(x, who: str) -> np.ndarray:
     raise SlabError(f"{who}: expected a binary mask (values 0/1), got values in [{low}, {high}]; threshold it first")
 
 
-def _greater(a: np.ndarray, t: float) -> np.ndarray:
-    """``a > t`` compared as real numbers, computed in ``a``'s dtype (no float64 copy of ``a``).
+def greater_than(x: np.ndarray, threshold: float) -> np.ndarray:
+    """``x > threshold`` compared as real numbers, computed in ``x``'s dtype (no float64 copy).
 
-    NumPy would compare a float32 array with a Python float in float32, rounding ``t``; with
-    ``t`` rounded *down* to the array's precision the comparison is exact, which is what
-    ``skimage`` gets from its float64 thresholds.
+    NumPy would compare a float32 array with a Python float in float32, rounding
+    ``threshold``; with the threshold rounded *down* to the array's precision the comparison
+    is exact, which is what ``skimage`` gets from its float64 thresholds. Integer and bool
+    arrays compare against the threshold's floor, clipped to the dtype's range.
+
+    Parameters
+    ----------
+    x : numpy array (float, integer or bool)
+    threshold : float
+
+    Returns
+    -------
+    bool array of ``x``'s shape
+
+    Example
+    -------
+    >>> greater_than(np.array([0.1, 0.2, 0.3], np.float32), 0.2).tolist()  # float32(0.2) > 0.2
+    [False, True, True]
     """
-    if a.dtype.kind == "f":
-        rounded = a.dtype.type(t)
-        if float(rounded) > t:
-            rounded = np.nextafter(rounded, a.dtype.type(-np.inf))
-        return a > rounded
-    if a.dtype == np.bool_:
-        a = a.view(np.uint8)
-    info = np.iinfo(a.dtype)
-    if t < info.min:
-        return np.ones(a.shape, bool)
-    if t >= info.max:
-        return np.zeros(a.shape, bool)
-    return a > a.dtype.type(math.floor(t))
+    if x.dtype.kind == "f":
+        rounded = x.dtype.type(threshold)
+        if float(rounded) > threshold:
+            rounded = np.nextafter(rounded, x.dtype.type(-np.inf))
+        return x > rounded
+    if x.dtype == np.bool_:
+        x = x.view(np.uint8)
+    info = np.iinfo(x.dtype)
+    if threshold < info.min:
+        return np.ones(x.shape, bool)
+    if threshold >= info.max:
+        return np.zeros(x.shape, bool)
+    return x > x.dtype.type(math.floor(threshold))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +254,12 @@ class Threshold(Transform):
         a = _numpy(x)
         _check_no_nan(a, "Threshold")
         if not isinstance(self.threshold, tuple):
-            return _like(_greater(a, self.threshold).view(np.uint8), x)
+            return _like(greater_than(a, self.threshold).view(np.uint8), x)
         volumes = _volumes(a, "Threshold")
         out = np.empty(a.shape, np.uint8)
         channels = [out] if a.ndim == 3 else list(out)
         for v, t, dest in zip(volumes, _per_channel("threshold", self.threshold, len(volumes)), channels):
-            dest[...] = _greater(v, t)
+            dest[...] = greater_than(v, t)
         return _like(out, x)
 
 
@@ -276,8 +291,8 @@ class HysteresisFill(Transform):
         self.connectivity = _check_connectivity(connectivity)
 
     def _fill(self, v: np.ndarray, low: float, high: float) -> np.ndarray:
-        return _filter_components(_greater(v, low), self.connectivity, lambda seeds: seeds > 0,
-                                  count_in=_greater(v, high))
+        return _filter_components(greater_than(v, low), self.connectivity, lambda seeds: seeds > 0,
+                                  count_in=greater_than(v, high))
 
     def __call__(self, x):
         a = _numpy(x)

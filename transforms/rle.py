@@ -159,7 +159,7 @@ def read_csv_rows(csv_path, columns: Sequence[str]) -> Iterator[tuple[str, dict[
     path = Path(csv_path)
     if not path.is_file():
         raise SlabError(f"{path}: CSV file not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = [c.strip() for c in (reader.fieldnames or [])]
         missing = [c for c in columns if c not in header]
@@ -267,7 +267,7 @@ def write_submission_csv(mask, csv_path, id_prefix: str) -> Path:
     if mask.ndim != 3:
         raise SlabError(f"mask: expected a volume (X, Y, Z), got shape {mask.shape}")
     path = Path(csv_path)
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(SENNET_COLUMNS)
         for z in range(mask.shape[2]):

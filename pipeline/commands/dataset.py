@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     path = build_datalist(args.kind, args.root, args.out_dir, n_folds=args.folds, seed=args.seed)
-    datalist = json.loads(path.read_text())
+    datalist = json.loads(path.read_text(encoding="utf-8"))
     items = datalist["training"] + datalist["validation"]
     labelled = sum("label" in item for item in items)
     cases = len({item["case"] for item in items})

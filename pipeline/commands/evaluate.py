@@ -85,7 +85,7 @@ def run(args) -> int:
     text = json.dumps(_jsonable(result), indent=2, allow_nan=False)
     if args.json:
         with atomic_write(args.json) as tmp:
-            tmp.write_text(text + "\n")
+            tmp.write_text(text + "\n", encoding="utf-8")
     print(text)
     if args.json or args.plot:
         print(f"wrote {', '.join(p for p in (args.json, args.plot) if p)}", file=sys.stderr)

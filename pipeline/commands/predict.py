@@ -1,7 +1,8 @@
 """``slab predict -i INPUT -o OUTPUT``: a trained network over volumes, to masks in their geometry.
 
 The network comes from ``--bundle DIR`` (``DIR/configs/inference.json``, section ``"slab"``, and
-``DIR/models/model.pt``; see :meth:`pipeline.infer.Predictor.from_bundle`) or from
+``DIR/models/model.pt``, binarised at the thresholds recorded on validation beside the weights
+as the bundle's own inference does; see :meth:`pipeline.infer.Predictor.from_bundle`) or from
 ``--network CONFIG.json --weights MODEL.pt`` (CONFIG.json: ``build_network`` arguments plus
 optional ``offsets``, ``planes``, ``roi_size``). Flags given on the command line win over the
 bundle's settings.
@@ -63,8 +64,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
-def _postprocess(args, base: dict) -> dict:
-    options = dict(base)
+def _postprocess(args) -> dict:
+    """The post-processing options given on the command line."""
+    options = {}
     if args.threshold is not None:
         options.update(threshold=args.threshold, hysteresis=None)
     if args.hysteresis is not None:
@@ -94,24 +96,21 @@ def _predictor(args) -> Predictor:
         if args.weights:
             raise SlabError("--weights: a bundle brings its own weights (models/model.pt); give one or the other")
         section = Predictor.bundle_section(args.bundle)
-        base = section.get("postprocess") or {}
-        if not isinstance(base, dict):
-            raise SlabError(f"{args.bundle}: \"postprocess\" in configs/inference.json must be an object")
-        overrides["postprocess"] = _postprocess(args, base)
+        overrides["postprocess"] = _postprocess(args)  # over the bundle's, recorded thresholds included
         overrides[_batch_key(section["network"])] = args.batch_size
         return Predictor.from_bundle(args.bundle, **overrides)
     if not args.weights:
         raise SlabError("--weights: --network needs the weights file (MODEL.pt)")
     path = Path(args.network)
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SlabError(f"{path}: no such network config file") from None
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
         raise SlabError(f"{path}: not a JSON network config ({err})") from None
     if not isinstance(config, dict):
         raise SlabError(f"{path}: expected a JSON object of build_network arguments")
-    overrides["postprocess"] = _postprocess(args, {})
+    overrides["postprocess"] = _postprocess(args)
     overrides[_batch_key(config)] = args.batch_size
     return Predictor(config, args.weights, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -181,9 +180,9 @@ def run(args) -> int:
             print(f"wrote {', '.join(str(p) for key, p in written.items() if key != 'rle_csv' or not collection)}")
         if args.rle_csv and collection:
             # One submission CSV: the header once, then every volume's rows in order.
-            with atomic_write(args.rle_csv) as staged, open(staged, "w", newline="") as out:
+            with atomic_write(args.rle_csv) as staged, open(staged, "w", newline="", encoding="utf-8") as out:
                 for k, csv in enumerate(csvs):
-                    lines = csv.read_text().splitlines(keepends=True)
+                    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
                     out.writelines(lines if k == 0 else lines[1:])
             print(f"wrote {args.rle_csv}")
     return 0
