@@ -23,7 +23,6 @@ or, without a label, one sequence over the whole volume (target ``patient_overal
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from transforms.checks import read_json_object
 from transforms.errors import SlabError
 from transforms.intensity import PercentileNormalize
 from transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
@@ -81,12 +81,7 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
         data = datalist
     else:
         path = Path(datalist)
-        if not path.is_file():
-            raise SlabError(f"{path}: no such datalist file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SlabError(f"{path}: not valid JSON ({err.__class__.__name__}: {err})") from None
+        data = read_json_object(path, "datalist")
     name = str(path) if path is not None else "datalist"
     if not isinstance(data, Mapping) or not isinstance(data.get("training"), list):
         raise SlabError(f"{name}: expected a JSON object with a 'training' list")

@@ -51,7 +51,6 @@ device and put in eval mode in place.
 from __future__ import annotations
 
 import functools
-import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -67,6 +66,7 @@ from tqdm.auto import tqdm
 from networks import build_network, load_weights, network_divisor
 from pipeline.datasets import volume_sequences
 from pipeline.device import amp_dtype, autocast, resolve_device
+from transforms.checks import read_json_object
 from transforms.errors import SlabError
 from transforms.intensity import PercentileNormalize, scale_intensity
 from transforms.io import LazyVolume, atomic_write, load_volume, output_format, save_volume
@@ -698,12 +698,7 @@ class Predictor:
         ``sw_batch_size``: the keyword arguments of :class:`Predictor` of the same names.
         """
         config_path = Path(directory) / "configs" / "inference.json"
-        if not config_path.is_file():
-            raise SlabError(f"{config_path}: no such file; a bundle holds configs/inference.json")
-        try:
-            section = json.loads(config_path.read_text(encoding="utf-8")).get("slab")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise SlabError(f"{config_path}: not a JSON object ({err})") from None
+        section = read_json_object(config_path, "bundle inference config (configs/inference.json)").get("slab")
         if not isinstance(section, dict) or not isinstance(section.get("network"), dict):
             raise SlabError(f"{config_path}: expected a \"slab\" object with a \"network\" object")
         if not isinstance(section.get("postprocess", {}), dict):
@@ -808,10 +803,7 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
     summary = path.with_suffix(".json")
     threshold = None
     if summary.is_file():
-        try:
-            threshold = json.loads(summary.read_text(encoding="utf-8")).get("threshold")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise SlabError(f"{summary}: not a JSON object of the training summary ({err})") from None
+        threshold = read_json_object(summary, "training summary").get("threshold")
         source = summary
     elif path.is_file():
         try:

@@ -55,6 +55,7 @@ from pipeline.distributed import (
     process_device,
     rank_batch,
 )
+from transforms.checks import read_json_object
 from transforms.errors import SlabError
 
 TASKS = ("segmentation_2p5d", "segmentation_3d", "classification")
@@ -396,16 +397,7 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
 
 def read_config(path: str | Path) -> dict:
     """A configuration from a JSON file (not yet validated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlabError(f"{path}: no such config file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SlabError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise SlabError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(path, "config")
 
 
 def describe_config(schema: dict | None = None, prefix: str = "") -> str:
@@ -987,7 +979,7 @@ def split_items(datalist, fold: int | None) -> tuple[list[dict], list[dict], dic
     from pipeline.datasets import load_datalist
 
     train_items, val_items = load_datalist(datalist, fold=fold)
-    data = datalist if isinstance(datalist, dict) else json.loads(Path(datalist).read_text(encoding="utf-8"))
+    data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
     if not train_items:
         raise SlabError(f"datalist: no training items{'' if fold is None else f' outside fold {fold}'}")
     return list(train_items), list(val_items), data

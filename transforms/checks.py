@@ -29,3 +29,31 @@ def check_spacing(spacing, name: str = "spacing") -> tuple[float, float, float]:
     if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
         raise SlabError(f"{name}: expected three positive numbers (sx, sy, sz), got {values}")
     return values
+
+
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in the file ``path``; SlabError naming the file otherwise.
+
+    Parameters
+    ----------
+    path : str or Path
+    what : str
+        What the file is, for the messages (e.g. ``"datalist"``, ``"config"``).
+
+    Returns
+    -------
+    dict
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlabError(f"{path}: no such {what} file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SlabError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise SlabError(f"{path}: expected a JSON object ({what})")
+    return data

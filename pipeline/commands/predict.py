@@ -15,11 +15,11 @@ every volume, with each volume's name as its id prefix.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from pipeline.infer import MODES, TTA_MODES, Predictor, check_planes, predict_file
+from transforms.checks import read_json_object
 from transforms.errors import SlabError
 from transforms.io import ITK_SUFFIXES, NIFTI_SUFFIXES, SLICE_SUFFIXES, atomic_write, output_format
 from transforms.post import CONNECTIVITIES, FILL_MODES
@@ -101,15 +101,7 @@ def _predictor(args) -> Predictor:
         return Predictor.from_bundle(args.bundle, **overrides)
     if not args.weights:
         raise SlabError("--weights: --network needs the weights file (MODEL.pt)")
-    path = Path(args.network)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SlabError(f"{path}: no such network config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
-        raise SlabError(f"{path}: not a JSON network config ({err})") from None
-    if not isinstance(config, dict):
-        raise SlabError(f"{path}: expected a JSON object of build_network arguments")
+    config = read_json_object(args.network, "network config")
     overrides["postprocess"] = _postprocess(args)
     overrides[_batch_key(config)] = args.batch_size
     return Predictor(config, args.weights, **{k: v for k, v in overrides.items() if v is not None})
