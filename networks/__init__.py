@@ -1,5 +1,5 @@
 """Networks: a factory over MONAI's networks, the slice-sequence classifier, local weights."""
-from networks.factory import NETWORK_NAMES, build_network, network_divisor
+from networks.factory import NETWORK_NAMES, build_network, network_divisor, network_min_size, padded_size
 from networks.sequence import BACKBONES, SliceSequenceClassifier
 from networks.weights import load_weights, read_state_dict, save_weights
 
@@ -10,6 +10,8 @@ __all__ = [
     "build_network",
     "load_weights",
     "network_divisor",
+    "network_min_size",
+    "padded_size",
     "read_state_dict",
     "save_weights",
 ]

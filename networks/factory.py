@@ -11,6 +11,7 @@ import inspect
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch.nn as nn
 from monai.networks import nets
 
@@ -39,12 +40,38 @@ def _valid_options(name: str) -> list[str]:
     return [p for p in params if p not in _FIXED and p not in ("pretrained", "progress", "kwargs")]
 
 
-def _check(name: str, spatial_dims: int, options: dict[str, Any]) -> dict[str, Any]:
-    """Validate name, dims and option names; return the defaults merged with ``options``."""
-    if name not in _NETWORKS:
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+# Sizing options whose values must be positive integers (a stride may be one per axis).
+_POSITIVE = {
+    "unet": ("channels", "strides", "kernel_size", "up_kernel_size"),
+    "basic_unet": ("features",),
+    "flexible_unet": ("decoder_channels",),
+    "segresnet": ("init_filters", "blocks_down", "blocks_up", "num_groups"),
+    "swin_unetr": ("patch_size", "depths", "num_heads", "feature_size", "window_size"),
+    "sequence_classifier": ("hidden_size", "num_layers"),
+}
+_NON_NEGATIVE = ("num_res_units",)
+
+
+def _check_positive_ints(name: str, option: str, value, allow_zero: bool = False) -> None:
+    """``value`` is a positive integer or a (nested) list of them; else a SlabError naming it."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    flat = [v for item in items for v in (item if isinstance(item, (list, tuple)) else [item])]
+    low = 0 if allow_zero else 1
+    if not flat or not all(_is_int(v) and v >= low for v in flat):
+        what = "integers >= 0" if allow_zero else "positive integers"
+        raise SlabError(f"network {name!r}: option {option} must be {what}, got {value!r}")
+
+
+def _check(name, spatial_dims, options: dict[str, Any]) -> dict[str, Any]:
+    """Validate name, dims and options; return the defaults merged with ``options``."""
+    if not isinstance(name, str) or name not in _NETWORKS:
         raise SlabError(f"network name: unknown network {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
     dims = _NETWORKS[name][2]
-    if spatial_dims not in dims:
+    if not _is_int(spatial_dims) or spatial_dims not in dims:
         raise SlabError(f"network {name!r}: spatial_dims must be one of {dims}, got {spatial_dims!r}")
     if options.get("pretrained"):
         raise SlabError(f"network {name!r}: pretrained weights are not downloaded; load local weights instead")
@@ -55,9 +82,21 @@ def _check(name: str, spatial_dims: int, options: dict[str, Any]) -> dict[str, A
         raise SlabError(
             f"network {name!r}: unknown option {', '.join(map(repr, unknown))}; valid options: {', '.join(valid)}"
         )
+    for option in _POSITIVE.get(name, ()):
+        if option in options:
+            _check_positive_ints(name, option, options[option])
+    for option in _NON_NEGATIVE:
+        if option in options:
+            _check_positive_ints(name, option, options[option], allow_zero=True)
     # JSON gives lists where MONAI documents tuples.
     merged = {**_NETWORKS[name][1], **options}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+
+
+def _check_channels(in_channels, out_channels) -> None:
+    for label, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if not _is_int(value) or value < 1:
+            raise SlabError(f"network {label}: expected a positive integer, got {value!r}")
 
 
 def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: int, **options: Any) -> nn.Module:
@@ -91,13 +130,16 @@ def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: 
     'UNet'
     """
     kwargs = _check(name, spatial_dims, options)
+    _check_channels(in_channels, out_channels)
     constructor = _NETWORKS[name][0]
     if name == "flexible_unet":
         kwargs["pretrained"] = False
     try:
-        return constructor(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
-    except (ValueError, TypeError, KeyError, AssertionError) as err:
-        raise SlabError(f"network {name!r}: {' '.join(str(err).split())}") from err
+        return constructor(spatial_dims=int(spatial_dims), in_channels=int(in_channels),
+                           out_channels=int(out_channels), **kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure to build from user options is a config error
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise SlabError(f"network {name!r}: cannot be built with these options ({reason})") from None
 
 
 def _option(name: str, kwargs: dict[str, Any], option: str) -> Any:
@@ -105,6 +147,32 @@ def _option(name: str, kwargs: dict[str, Any], option: str) -> Any:
     if option in kwargs:
         return kwargs[option]
     return inspect.signature(_NETWORKS[name][0]).parameters[option].default
+
+
+def network_min_size(name: str, spatial_dims: int, **options: Any) -> int:
+    """The smallest size every spatial axis of an input must have for ``name``: twice its divisor.
+
+    At the divisor itself the deepest feature map is one voxel wide, and instance or batch
+    normalisation there (UNet, BasicUNet, SwinUNETR; FlexibleUNet in training) needs more than
+    one value. Inference and training pad each axis to ``max(min_size, a multiple of the
+    divisor)`` (:func:`padded_size`) and crop back.
+
+    Example
+    -------
+    >>> network_min_size("unet", 2, strides=(2, 2, 2))
+    16
+    """
+    divisor = network_divisor(name, spatial_dims, **options)
+    return 1 if divisor == 1 else 2 * divisor
+
+
+def padded_size(size: int, divisor: int, min_size: int = 1) -> int:
+    """``size`` rounded up to a multiple of ``divisor``, at least ``min_size`` (itself a multiple).
+
+    >>> padded_size(5, 8, 16), padded_size(17, 8, 16), padded_size(1, 1)
+    (16, 24, 1)
+    """
+    return max(int(min_size), -(-int(size) // int(divisor)) * int(divisor))
 
 
 def network_divisor(name: str, spatial_dims: int, **options: Any) -> int:

@@ -1,16 +1,28 @@
-"""The ``slab`` command line: a thin dispatcher over ``pipeline.commands``.
+"""The ``slab`` command line: a thin dispatcher over ``pipeline.commands``, and the one boundary
+where errors become messages.
 
-Each sub-command lives in its own module under ``pipeline/commands/`` with three names:
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
-only when their command runs, so ``slab --help`` stays fast.
+Each sub-command lives in its own module under ``pipeline/commands/`` with ``HELP`` (one line),
+``add_arguments(parser)``, ``run(args) -> int`` and optionally ``paths(args) -> (inputs,
+outputs)``: the files it reads and writes, by argument name. Before ``run``, the dispatcher
+refuses outputs that would touch an input (:func:`transforms.outputs.check_outputs`). Modules are
+imported only when their command runs, so ``slab --help`` stays fast.
+
+The boundary: a :class:`~transforms.errors.SlabError` (or a bad argument) is printed as one line
+``slab: error: ...`` with exit status 2; Ctrl-C and SIGTERM remove what was being written and exit
+with 130 / 143. Libraries' own log lines and warnings are silenced unless ``slab --verbose``;
+slab's warnings (:class:`~transforms.errors.SlabWarning`) are printed as ``slab: warning: ...``.
+Anything else that escapes a command is a bug, and is shown as one.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
+import warnings
 
-from transforms.errors import SlabError
+from transforms.errors import SlabError, SlabWarning
 
 COMMANDS = {
     "phantom": "pipeline.commands.phantom",
@@ -23,6 +35,16 @@ COMMANDS = {
     "render": "pipeline.commands.render",
     "demo": "pipeline.commands.demo",
 }
+DESCRIPTION = "2.5D and 3D segmentation of 3D medical volumes."
+# Loggers of libraries that print INFO/WARNING lines for conditions slab reports itself.
+QUIET_LOGGERS = ("monai", "tifffile", "imagecodecs", "nibabel", "pyvista", "matplotlib", "PIL", "ignite")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``slab predict: error: argument -o: ... (slab predict --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _module(name: str):
@@ -30,8 +52,9 @@ def _module(name: str):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slab", description="2.5D and 3D segmentation of 3D medical volumes.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = Parser(prog="slab", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show libraries' log lines and warnings")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         if command is None or name == command:
             module = _module(name)
@@ -41,27 +64,65 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    print(f"slab: warning: {message}", file=sys.stderr)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silence other libraries' log lines and warnings (slab's own warnings still show)."""
+    warnings.showwarning = _show_warning
+    if verbose:
+        return
+    warnings.simplefilter("ignore")
+    warnings.simplefilter("default", SlabWarning)  # each distinct warning once per place
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tensorboard's TensorFlow stub, if present
+
+
 def main(argv: list[str] | None = None) -> int:
+    from transforms.outputs import Terminated, check_outputs, handle_signals
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    if command is None and argv and not argv[0].startswith("-"):
-        print(f"slab: error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    rest = argv[1:] if verbose else argv
+    command = rest[0] if rest and rest[0] in COMMANDS else None
+    if command is None and rest and not rest[0].startswith("-"):
+        print(f"slab: error: unknown command {rest[0]!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     if command is None:
         # `slab`, `slab --help`: list every command with its help line.
-        parser = argparse.ArgumentParser(prog="slab", description="2.5D and 3D segmentation of 3D medical volumes.")
+        parser = Parser(prog="slab", description=DESCRIPTION)
+        parser.add_argument("-v", "--verbose", action="store_true", help="show libraries' log lines and warnings")
         sub = parser.add_subparsers(dest="command", metavar="COMMAND")
         for name in COMMANDS:
             sub.add_parser(name, help=_module(name).HELP)
         parser.parse_args(argv)
         parser.print_help()
         return 0
-    args = build_parser(command).parse_args(argv)
+    quiet_libraries(verbose)
+    handle_signals()
     try:
-        return int(_module(command).run(args) or 0)
+        args = build_parser(command).parse_args(argv)
+        module = _module(command)
+        if hasattr(module, "paths"):
+            check_outputs(*module.paths(args))
+        return int(module.run(args) or 0)
     except SlabError as err:
-        print(f"slab: error: {err}", file=sys.stderr)
+        print(f"slab: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"slab {command}: error: out of memory; give a smaller input or --memory-budget where the command "
+              "has one", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slab {command}: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
+    except Terminated as stop:
+        print(f"slab {command}: terminated by signal {stop.signum}; nothing half-written was left", file=sys.stderr)
+        return 128 + stop.signum
+    except BrokenPipeError:  # `slab evaluate ... | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from networks import build_network, load_weights, network_divisor
+from networks import build_network, load_weights, network_divisor, network_min_size, padded_size
 from pipeline.datasets import volume_sequences
 from pipeline.device import amp_dtype, autocast, resolve_device
 from transforms.checks import read_json_object
@@ -173,19 +173,20 @@ def _views(tta: str) -> list[tuple[bool, tuple[int, ...]]]:
     return [(t, dims) for t in transposes for dims in flips]
 
 
-def _predict_view(forward: _Forward, slabs: torch.Tensor, view, divisor) -> torch.Tensor:
-    """Sigmoid of the network on one view of ``slabs``, mapped back: ``(B, L, H, W)``."""
+def _predict_view(forward: _Forward, slabs: torch.Tensor, view, size) -> torch.Tensor:
+    """Sigmoid of the network on one view of ``slabs``, mapped back: ``(B, L, H, W)``.
+    ``size`` is ``(divisor, min_size)``: each image is padded to both and cropped back."""
     transpose, dims = view
     x = slabs.transpose(-2, -1) if transpose else slabs
     x = x.flip(dims) if dims else x
-    x, pads = pad_to_divisor(x, divisor)
+    x, pads = pad_to_divisor(x, size[0], min_size=size[1])
     y = unpad(forward(x), pads)
     y = y.flip(dims) if dims else y
     y = y.transpose(-2, -1) if transpose else y
     return y.sigmoid_()
 
 
-def _predict_slices(forward, block, plane, offset_sets, views, divisor, batch_size, start, stop, target, first, bar):
+def _predict_slices(forward, block, plane, offset_sets, views, size, batch_size, start, stop, target, first, bar):
     """Predict slices ``start:stop`` of ``block`` in ``plane``; write (``first``) or add the sum
     over the views into ``target``, whose slice 0 along the plane's axis is ``start``."""
     axis = PLANE_AXIS[plane]
@@ -195,7 +196,7 @@ def _predict_slices(forward, block, plane, offset_sets, views, divisor, batch_si
         total = None
         for _, slabs in group:
             for view in views:
-                probs = _predict_view(forward, slabs, view, divisor)
+                probs = _predict_view(forward, slabs, view, size)
                 total = probs if total is None else total.add_(probs)
         dest = target.narrow(axis + 1, int(indices[0]) - start, len(indices))
         total = total.to(dest.device).movedim(0, axis + 1)
@@ -312,9 +313,9 @@ def _slices_per_block(budget: int, volume_shape, axis: int, labels: int, itemsiz
 
 
 def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1), tta: str = "none",
-                 batch_size: int = 8, device=None, amp: bool = True, divisor=None, memory_budget: int | None = None,
-                 out_path=None, out_dtype: str = "float16", preprocess: Callable | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 batch_size: int = 8, device=None, amp: bool = True, divisor=None, min_size=None,
+                 memory_budget: int | None = None, out_path=None, out_dtype: str = "float16",
+                 preprocess: Callable | None = None, progress: bool = False) -> torch.Tensor:
     """Multi-plane 2.5D inference, averaged over planes and test-time augmentations.
 
     Parameters
@@ -333,6 +334,10 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     divisor : int, optional
         The network's input size multiple (``networks.network_divisor``); images are padded up
         to it and cropped back.
+    min_size : int, optional
+        The network's smallest input size (``networks.network_min_size``; default twice the
+        divisor, where the deepest feature map is two voxels wide): smaller images (a one-slice
+        volume's zx plane, say) are padded up to it.
     memory_budget : int, optional
         Bytes of working memory. When the float32 input and accumulators would pass it (or the
         input is a LazyVolume: default 1 GiB), blocks of slices are read on demand and sums
@@ -372,7 +377,9 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     preprocess = preprocess or _as_float
     source = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
     forward = _Forward(model, device, amp)
-    divisor = 1 if divisor is None else divisor
+    divisor = 1 if divisor is None else _check_positive("divisor", divisor)
+    min_size = (1 if divisor == 1 else 2 * divisor) if min_size is None else _check_positive("min_size", min_size)
+    size = (divisor, min_size)
     views = _views(tta)
     offset_sets = (offsets,) if tta == "none" else (offsets, tuple(-o for o in offsets))
     count = len(planes) * len(offset_sets) * len(views)
@@ -382,26 +389,36 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     total_slices = sum(shape[PLANE_AXIS[p] + 1] for p in planes)
 
     with torch.inference_mode():
-        # The label count sizes the accumulators: one slab (of one slice) through the network tells it.
-        probe = _read_block(source, 2, 0, 1, preprocess, name)
-        labels = forward(next(iter_slab_batches(probe, "xy", offsets, 1))[1]).shape[1]
-        del probe
+        axis = PLANE_AXIS[planes[0]]
+        labels = _count_labels(forward, shape[0] * len(offsets), [n for a, n in enumerate(shape[1:]) if a != axis],
+                               size)
         lazy = isinstance(volume, LazyVolume)
         budget = memory_budget if memory_budget is not None else (DEFAULT_MEMORY_BUDGET if lazy else None)
         in_memory = not lazy and out_path is None and (budget is None or (shape[0] + labels) * voxels * 4 <= budget)
         with tqdm(total=total_slices, disable=not progress, desc="2.5D", unit="slice") as bar:
             if in_memory:
-                probs = _predict_in_memory(forward, source, planes, offset_sets, views, divisor, batch_size,
+                probs = _predict_in_memory(forward, source, planes, offset_sets, views, size, batch_size,
                                            labels, count, preprocess, name, bar)
             else:
-                probs = _predict_on_disk(forward, source, planes, offset_sets, views, divisor, batch_size, labels,
+                probs = _predict_on_disk(forward, source, planes, offset_sets, views, size, batch_size, labels,
                                          count, preprocess, name, bar, budget or DEFAULT_MEMORY_BUDGET, out_path,
                                          out_dtype)
     affine, meta = _volume_meta(volume)
     return probs if affine is None else MetaTensor(probs, affine=affine, meta=meta)
 
 
-def _predict_in_memory(forward, volume, planes, offset_sets, views, divisor, batch_size, labels, count, preprocess,
+def _count_labels(forward: _Forward, channels: int, image_shape, size) -> int:
+    """The network's output channels, from one blank slab of the first plane's padded size (the
+    volume is not read); a network that cannot run on it is a configuration error."""
+    h, w = (padded_size(n, *size) for n in image_shape)
+    try:
+        return int(forward(torch.zeros(1, channels, h, w)).shape[1])
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise SlabError(f"network: does not run on a {channels}-channel {h}x{w} input "
+                        f"({' '.join(str(err).split())[:200]})") from None
+
+
+def _predict_in_memory(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,
                        name, bar) -> torch.Tensor:
     shape = tuple(int(s) for s in volume.shape)
     voxels = int(np.prod(shape[1:]))
@@ -410,13 +427,13 @@ def _predict_in_memory(forward, volume, planes, offset_sets, views, divisor, bat
     acc = _fortran_empty((labels,) + shape[1:], where)
     for p, plane in enumerate(planes):
         n = shape[PLANE_AXIS[plane] + 1]
-        _predict_slices(forward, block, plane, offset_sets, views, divisor, batch_size, 0, n, acc, p == 0, bar)
+        _predict_slices(forward, block, plane, offset_sets, views, size, batch_size, 0, n, acc, p == 0, bar)
     if count > 1:
         acc.div_(count)
     return acc.cpu()
 
 
-def _predict_on_disk(forward, volume, planes, offset_sets, views, divisor, batch_size, labels, count, preprocess,
+def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,
                      name, bar, budget, out_path, out_dtype) -> torch.Tensor:
     shape = tuple(int(s) for s in volume.shape)
     halo = max(abs(o) for o in offset_sets[0])
@@ -439,7 +456,7 @@ def _predict_on_disk(forward, volume, planes, offset_sets, views, divisor, batch
                     sums_shape = list((labels,) + shape[1:])
                     sums_shape[axis + 1] = stop - start
                     sums = _fortran_empty(tuple(sums_shape), "cpu")
-                    _predict_slices(forward, block, plane, offset_sets, views, divisor, batch_size,
+                    _predict_slices(forward, block, plane, offset_sets, views, size, batch_size,
                                     start - lo, stop - lo, sums, True, bar)
                     del block
                     sink.add(p, axis, start, sums)
@@ -659,6 +676,7 @@ class Predictor:
         self.out_channels = int(config["out_channels"])
         options = {k: v for k, v in config.items() if k not in ("name", "spatial_dims", "in_channels", "out_channels")}
         self.divisor = network_divisor(config["name"], dims, **options)
+        self.min_size = network_min_size(config["name"], dims, **options)
         self.planes = check_planes(planes if planes is not None else extra.get("planes", PLANES))
         offsets = offsets if offsets is not None else extra.get("offsets")
         self.offsets = None if offsets is None else check_offsets(offsets)
@@ -668,9 +686,10 @@ class Predictor:
             if roi_size is None:
                 raise SlabError("roi_size: a 3D network needs the sliding-window size (--roi X Y Z)")
             if (not isinstance(roi_size, (list, tuple)) or len(roi_size) != 3
-                    or not all(isinstance(r, (int, np.integer)) and r > 0 and r % self.divisor == 0 for r in roi_size)):
+                    or not all(isinstance(r, (int, np.integer)) and not isinstance(r, bool)
+                               and r >= self.min_size and r % self.divisor == 0 for r in roi_size)):
                 raise SlabError(f"roi_size: expected three multiples of the network's divisor {self.divisor}, "
-                                f"got {list(roi_size)}")
+                                f"each at least {self.min_size}, got {roi_size!r}")
         self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
         if normalize is None or isinstance(normalize, PercentileNormalize):
             self.normalize = normalize
@@ -766,6 +785,7 @@ class Predictor:
                               progress=self.progress)
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
+                            min_size=self.min_size,
                             memory_budget=self.memory_budget, preprocess=self.preprocess(volume),
                             progress=self.progress)
 

@@ -1158,7 +1158,7 @@ class _SegmentationTask(TrainTask):
     spatial_dims = 2
 
     def __init__(self, datalist, cfg: dict, fold: int | None, info: DistInfo) -> None:
-        from networks import network_divisor
+        from networks import network_divisor, network_min_size
 
         self.cfg = cfg
         train_items, val_items, data = split_items(datalist, fold)
@@ -1176,6 +1176,7 @@ class _SegmentationTask(TrainTask):
         self.network = _network_args(cfg, self.spatial_dims, self.in_channels(), self.n_labels)
         self.model = _build_model(self.network)
         self.divisor = network_divisor(self.network["name"], self.spatial_dims, **_options(self.network))
+        self.min_size = network_min_size(self.network["name"], self.spatial_dims, **_options(self.network))
         self.validation = None
         self.val_items = val_items
         self.info = info
@@ -1223,17 +1224,20 @@ class _SegmentationTask(TrainTask):
 
 class _PadCollate:
     """Batch samples of different sizes: zero-pad images and labels to the largest, rounded up
-    to the network's divisor (extra voxels after the data, so crops stay aligned)."""
+    to the network's divisor and at least its minimum size (extra voxels after the data, so
+    crops stay aligned)."""
 
-    def __init__(self, divisor: int) -> None:
-        self.divisor = divisor
+    def __init__(self, divisor: int, min_size: int = 1) -> None:
+        self.divisor, self.min_size = divisor, min_size
 
     def __call__(self, samples: list[dict]) -> dict:
         import torch.nn.functional as F
 
+        from networks import padded_size
+
         dims = samples[0]["image"].ndim - 1
         size = [max(s["image"].shape[1 + d] for s in samples) for d in range(dims)]
-        size = [-(-n // self.divisor) * self.divisor for n in size]
+        size = [padded_size(n, self.divisor, self.min_size) for n in size]
         out = {}
         for key in ("image", "label"):
             padded = []
@@ -1273,7 +1277,7 @@ class Segmentation2p5DTask(_SegmentationTask):
             if image.shape[0] != self.image_channels or label.shape[0] != targets:
                 raise SlabError(f"{name}: {image.shape[0]} image channels / {label.shape[0]} label targets; the first "
                                 f"training item has {self.image_channels} / {targets}")
-        self.collate = _PadCollate(self.divisor)
+        self.collate = _PadCollate(self.divisor, self.min_size)
         self.start_validation()
 
     def in_channels(self) -> int:
@@ -1288,7 +1292,7 @@ class Segmentation2p5DTask(_SegmentationTask):
         val = self.cfg["val"]
         prob = predict_2p5d(model, image, planes=val["planes"] or self.cfg["planes"], offsets=self.cfg["offsets"],
                             tta=val["tta"], batch_size=val["batch_size"], device=device, amp=self.cfg["amp"],
-                            divisor=self.divisor)
+                            divisor=self.divisor, min_size=self.min_size)
         return np.asarray(prob)
 
 
@@ -1304,8 +1308,9 @@ class Segmentation3DTask(_SegmentationTask):
         from monai.transforms import Compose, FgBgToIndicesd, SpatialPadd
 
         prepare = Compose([SpatialPadd(["image", "label"], cfg["patch_size"]), FgBgToIndicesd("label")])
-        if any(p % self.divisor for p in cfg["patch_size"]):
-            raise _fail("patch_size", f"multiples of the network's divisor {self.divisor}", cfg["patch_size"])
+        if any(p % self.divisor or p < self.min_size for p in cfg["patch_size"]):
+            raise _fail("patch_size", f"multiples of the network's divisor {self.divisor}, each at least "
+                        f"{self.min_size}", cfg["patch_size"])
         self.volumes = []
         for item in self.train_items:
             image, label, _ = load_pair(item, cfg["normalize"])

@@ -1,4 +1,4 @@
-"""The one exception type for errors a user can cause."""
+"""The exception and warning types for conditions a user can cause."""
 
 
 class SlabError(ValueError):
@@ -7,3 +7,9 @@ class SlabError(ValueError):
     The message names the file or argument and says what was expected, in one line.
     The CLI prints it as ``slab: error: <message>`` and exits with status 2.
     """
+
+
+class SlabWarning(UserWarning):
+    """Something a user should know about an input that slab handled (e.g. a NIfTI whose qform
+    and sform disagree). The CLI prints it as ``slab: warning: <message>``; other libraries'
+    warnings are silenced there."""

@@ -306,15 +306,16 @@ class SliceStackd(MapTransform):
 # Padding to a network's divisor
 
 
-def _divisors(divisor, n: int) -> tuple[int, ...]:
+def _divisors(divisor, n: int, name: str = "divisor") -> tuple[int, ...]:
     items = list(divisor) if isinstance(divisor, (list, tuple)) else [divisor] * n
     if len(items) != n:
-        raise SlabError(f"divisor: expected one number or {n}, got {divisor!r}")
-    return tuple(_positive_int(item, "divisor") for item in items)
+        raise SlabError(f"{name}: expected one number or {n}, got {divisor!r}")
+    return tuple(_positive_int(item, name) for item in items)
 
 
-def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", value: float = 0.0):
-    """Pad the last ``spatial_dims`` axes of ``x`` up to multiples of ``divisor`` (pad, not resize).
+def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", value: float = 0.0, min_size=1):
+    """Pad the last ``spatial_dims`` axes of ``x`` up to multiples of ``divisor`` (pad, not resize),
+    and to at least ``min_size`` (a network's smallest input, ``networks.network_min_size``).
 
     Each axis gets ``total // 2`` before and the rest after, so content stays centred.
 
@@ -324,6 +325,7 @@ def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", va
     divisor : int or one int per spatial axis
     spatial_dims : how many trailing axes are spatial
     mode : ``"constant"`` (with ``value``), ``"edge"`` or ``"reflect"``
+    min_size : int or one int per spatial axis; each padded axis is at least this long
 
     Returns
     -------
@@ -343,8 +345,10 @@ def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", va
         raise SlabError(f"mode: expected one of {', '.join(PAD_MODES)}, got {mode!r}")
     sizes = tuple(int(s) for s in x.shape[-spatial_dims:])
     pads = []
-    for size, div in zip(sizes, _divisors(divisor, spatial_dims)):
-        total = -size % div
+    minimums = _divisors(min_size, spatial_dims, "min_size") if min_size != 1 else (1,) * spatial_dims
+    for size, div, least in zip(sizes, _divisors(divisor, spatial_dims), minimums):
+        total = max(least - size, -size % div)
+        total += -(size + total) % div  # a minimum that is not a multiple still ends on one
         pads.append((total // 2, total - total // 2))
     pads = tuple(pads)
     if not any(before or after for before, after in pads):

@@ -1,0 +1,480 @@
+"""File formats: NIfTI, NRRD/MHA/MHD (SimpleITK), DICOM series, slice-stack directories.
+
+Each reader returns a ``(C, X, Y, Z)`` array, its RAS affine and the file's own geometry notes;
+each writer takes them back. Every header is checked (:mod:`transforms.headers`) before a decoder
+sees it or memory is allocated, every failure of a decoder on a user's file is one
+:class:`SlabError` naming the file, and ITK's own warnings are kept off stderr. The public API is
+:mod:`transforms.io`; the helpers here are shared with :mod:`transforms.lazy`.
+"""
+from __future__ import annotations
+
+import locale
+import math
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from transforms.checks import check_spacing
+from transforms.errors import SlabError, SlabWarning
+from transforms.headers import check_claim, check_memory, check_metaimage, check_nrrd
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+SLICE_FORMATS = ("tif", "png")
+PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+EXPECTED = "a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd file, a DICOM directory or a directory of .png/.tif slices"
+# UW-Madison GI tract scans: slice_<number>_<width>_<height>_<sx>_<sy>.png; slices are 3 mm apart.
+UWMGI_SCAN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d*)?)_(\d+(?:\.\d*)?)\.png$")
+UWMGI_SLICE_THICKNESS = 3.0
+# qform and sform further apart than this (mm, at any corner of the volume) are reported.
+_FORMS_TOLERANCE = 1e-3
+_LOCALE_LOCK = threading.Lock()
+
+sitk.ProcessObject_SetGlobalWarningDisplay(False)  # slab reports what matters itself
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders digit runs by value: ``slice_2`` before ``slice_10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def suffix_of(path: Path) -> str:
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(path).suffix.lower()
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_parallel(fn: Callable[[int], None], items: Iterable[int], workers: int | None) -> None:
+    """Call ``fn`` on every item in threads; the first failure (lowest item) is raised."""
+    items = list(items)
+    workers = workers or default_workers()
+    if workers == 1 or len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(min(workers, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def with_spacing(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """The same orientation and origin with voxel size ``spacing``."""
+    spacing = np.asarray(check_spacing(spacing))
+    out = np.array(affine, dtype=np.float64)
+    out[:3, :3] = out[:3, :3] / np.asarray(spacing_of(affine)) * spacing
+    return out
+
+
+@contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process locale (every category) after the block, however it ends.
+
+    GDCM, SimpleITK's DICOM library, switches the whole process to the ASCII ``"C"`` locale
+    (seen on writing a series with SimpleITK 2.5), after which Python's default text encoding
+    is ASCII. Every GDCM call goes through this guard; blocks are serialised so that threads
+    cannot save one another's switched locale.
+
+    Example
+    -------
+    >>> with keep_locale():
+    ...     pass
+    """
+    with _LOCALE_LOCK:
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            yield
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
+def corner_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """The largest distance (mm) between where two affines put the corners of a volume."""
+    corners = np.array([[i * (n - 1) for i, n in zip(bits, shape)] + [1]
+                        for bits in np.ndindex(2, 2, 2)], dtype=np.float64).T
+    return float(np.max(np.linalg.norm((np.asarray(a) @ corners - np.asarray(b) @ corners)[:3], axis=0)))
+
+
+def is_sheared(affine: np.ndarray, atol: float = 1e-6) -> bool:
+    """Whether the affine's axes are not orthogonal (a shear, which ITK cannot store)."""
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = axes / np.linalg.norm(axes, axis=0)
+    return not np.allclose(unit.T @ unit, np.eye(3), atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# NIfTI
+
+
+def nifti_dtype(image) -> np.dtype:
+    # nibabel moves scl_slope/scl_inter from the image header into its array proxy.
+    scaled = (float(image.dataobj.slope), float(image.dataobj.inter)) != (1.0, 0.0)
+    # Scaled values come back as float32; torch wants native byte order.
+    return np.dtype(np.float32) if scaled else image.get_data_dtype().newbyteorder("=")
+
+
+def nifti_forms(image) -> dict:
+    """The NIfTI header's qform and sform with their codes (kept so that an output written in the
+    input's geometry carries both as the input did)."""
+    header = image.header
+    return {"qform": np.asarray(header.get_qform(), np.float64), "qform_code": int(header["qform_code"]),
+            "sform": np.asarray(header.get_sform(), np.float64), "sform_code": int(header["sform_code"])}
+
+
+def _warn_forms(path: Path, image, forms: dict) -> None:
+    if not (forms["qform_code"] > 0 and forms["sform_code"] > 0):
+        return
+    apart = corner_distance(forms["qform"], forms["sform"], image.shape[:3])
+    if apart > _FORMS_TOLERANCE:
+        warnings.warn(f"{path}: its qform and sform place the volume up to {apart:.2f} mm apart; slab and nibabel "
+                      "use the sform, ITK-based viewers (3D Slicer, ITK-SNAP) the qform; NIfTI outputs keep both as "
+                      "this file has them, so each viewer shows them where it shows this file", SlabWarning,
+                      stacklevel=4)
+
+
+def open_nifti(path: Path, lazy: bool):
+    """nibabel's image for ``path``, its header checked: 3D or 4D, and no more voxels than the
+    file can hold (the file size for ``.nii``, 1032 times it for ``.nii.gz``)."""
+    try:
+        image = nib.load(path, mmap=lazy)
+        shape = tuple(int(s) for s in image.shape)
+        proxy = image.dataobj
+        claimed = math.prod(shape) * proxy.dtype.itemsize
+        offset = int(proxy.offset)
+        forms = nifti_forms(image)
+        _ = image.affine
+    except Exception as err:  # noqa: BLE001 - nibabel raises many kinds on a corrupt header
+        raise SlabError(f"{path}: not a readable NIfTI file ({one_line(err)})") from None
+    if len(shape) < 3:
+        raise SlabError(f"{path}: a {len(shape)}D image of shape {shape} where a 3D volume is expected")
+    if len(shape) > 4:
+        raise SlabError(f"{path}: a {len(shape)}D image; expected (X, Y, Z) or (X, Y, Z, C)")
+    if min(shape) < 1:
+        raise SlabError(f"{path}: image of shape {shape}; expected at least one voxel per axis")
+    size = path.stat().st_size
+    if suffix_of(path) == ".nii":
+        if size < offset + claimed:
+            raise SlabError(f"{path}: truncated NIfTI, {size} bytes where its header needs {offset + claimed}")
+    else:
+        check_claim(path, claimed, size, "gzip")
+    _warn_forms(path, image, forms)
+    return image
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    image = open_nifti(path, lazy=False)
+    proxy = image.dataobj
+    dtype = nifti_dtype(image)
+    voxels = math.prod(image.shape)
+    check_memory(voxels * (proxy.dtype.itemsize + (dtype.itemsize if dtype != proxy.dtype else 0)), str(path))
+    try:
+        data = np.asarray(proxy.get_unscaled())
+        if dtype != proxy.dtype:  # scaled in float32, as nibabel would, without a float64 copy
+            data = data.astype(np.float32)
+            data *= np.float32(proxy.slope)
+            data += np.float32(proxy.inter)
+        else:
+            data = data.astype(dtype, copy=False)
+    except Exception as err:  # noqa: BLE001 - zlib, EOF, OS errors of a damaged file
+        raise SlabError(f"{path}: truncated or corrupt NIfTI ({one_line(err)})") from None
+    data = data[np.newaxis] if data.ndim == 3 else np.moveaxis(data, -1, 0)
+    return data, image.affine, {"nifti_forms": nifti_forms(image)}
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, forms: dict | None = None) -> None:
+    """``forms`` (an input's :func:`nifti_forms`): when its sform is ``affine``, the output gets
+    the input's qform and sform with their codes, so every viewer shows it where it shows the input."""
+    from transforms.outputs import atomic_write
+
+    data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    image = nib.Nifti1Image(data, affine, dtype=data.dtype)
+    if forms is not None and np.allclose(forms["sform"], affine, atol=1e-6) and forms["sform_code"] > 0:
+        image.set_sform(forms["sform"], code=forms["sform_code"])
+        image.set_qform(forms["qform"], code=forms["qform_code"])
+    else:
+        image.set_sform(affine, code=1)
+        image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    with atomic_write(path) as tmp:
+        nib.save(image, tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# SimpleITK formats (LPS on disk)
+
+
+def itk_affine(image: sitk.Image) -> np.ndarray:
+    lps = np.eye(4)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    lps[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ lps
+
+
+def itk_volume(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if image.GetDimension() != 3:
+        raise SlabError(
+            f"{path}: a {image.GetDimension()}D image of size {image.GetSize()} where a 3D volume is expected"
+        )
+    array = sitk.GetArrayFromImage(image)  # (Z, Y, X) or (Z, Y, X, C)
+    data = array.transpose(2, 1, 0)[np.newaxis] if array.ndim == 3 else array.transpose(3, 2, 1, 0)
+    return data, itk_affine(image)
+
+
+def check_itk_header(path: Path) -> dict:
+    """The MetaImage or NRRD header validated (:mod:`transforms.headers`) before ITK parses it."""
+    return check_nrrd(path) if suffix_of(path) in (".nrrd", ".nhdr") else check_metaimage(path)
+
+
+def read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    header = check_itk_header(path)
+    check_memory(2 * header["claimed"], str(path))  # ITK's buffer and the array made from it
+    try:
+        image = sitk.ReadImage(str(path))
+    except Exception as err:  # noqa: BLE001 - ITK raises RuntimeError, and others on odd headers
+        raise SlabError(f"{path}: not a readable {suffix_of(path)} image ({one_line(err)})") from None
+    data, affine = itk_volume(image, path)
+    return data, affine, {}
+
+
+def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    from transforms.outputs import atomic_write
+
+    if is_sheared(affine):
+        raise SlabError(f"{path}: the volume's affine is sheared (its axes are not orthogonal), which NRRD/MHA "
+                        "cannot store (ITK would move it); write NIfTI instead")
+    if array.shape[0] == 1:
+        image = sitk.GetImageFromArray(array[0].transpose(2, 1, 0))
+    else:
+        image = sitk.GetImageFromArray(array.transpose(3, 2, 1, 0), isVector=True)
+    lps = LPS_TO_RAS @ affine
+    spacing = np.asarray(spacing_of(lps))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    with atomic_write(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), True)  # compressed, as .nii.gz is
+        except RuntimeError as err:
+            raise SlabError(f"{path}: cannot write {array.dtype} as {suffix_of(path)} ({one_line(err)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM series
+
+
+def _series_files(directory: Path) -> list[str]:
+    reader = sitk.ImageSeriesReader()
+    with keep_locale():
+        try:
+            series = reader.GetGDCMSeriesIDs(str(directory))
+        except RuntimeError as err:
+            raise SlabError(f"{directory}: not a readable DICOM directory ({one_line(err)})") from None
+        if len(series) != 1:
+            raise SlabError(f"{directory}: holds {len(series)} DICOM series; expected one series per directory")
+        # GDCM orders the files by slice position along the slice normal.
+        return list(reader.GetGDCMSeriesFileNames(str(directory), series[0]))
+
+
+def _dicom_headers(directory: Path, files: list[str]):
+    import pydicom
+
+    try:
+        return [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in files]
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on damaged files
+        raise SlabError(f"{directory}: not a readable DICOM series ({one_line(err)})") from None
+
+
+def check_dicom_series(directory: Path, headers) -> None:
+    """One orientation, and slice positions evenly spaced along the normal: no gaps, no repeats.
+
+    A series with a gap or uneven positions would be stacked at an averaged spacing (ITK's
+    behaviour), putting every slice but the ends in the wrong place.
+    """
+    if len(headers) < 2:
+        return
+    try:
+        orientations = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except (AttributeError, TypeError, ValueError):
+        raise SlabError(f"{directory}: DICOM slices without ImageOrientationPatient / ImagePositionPatient; "
+                        "cannot place them in 3D") from None
+    if orientations.shape[1] != 6 or positions.shape[1] != 3:
+        raise SlabError(f"{directory}: malformed ImageOrientationPatient or ImagePositionPatient")
+    if not np.allclose(orientations, orientations[0], atol=1e-4):
+        raise SlabError(f"{directory}: the DICOM series mixes slice orientations; expected one")
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    along = positions @ normal
+    steps = np.diff(along)
+    step = float(np.median(steps))
+    if abs(step) < 1e-6 or np.any(np.abs(steps) < 1e-6):
+        raise SlabError(f"{directory}: the DICOM series repeats slice positions ({len(headers)} files at "
+                        f"{len(np.unique(np.round(along, 4)))} positions); expected one slice per position")
+    worst = int(np.argmax(np.abs(steps - step)))
+    if abs(steps[worst] - step) > 0.01 * abs(step) + 1e-3:
+        raise SlabError(f"{directory}: DICOM slice positions are not evenly spaced ({abs(steps[worst]):.4g} mm between "
+                        f"slices {worst} and {worst + 1}, {abs(step):.4g} mm elsewhere: a gap or a second stack); "
+                        "split the series into evenly spaced parts")
+
+
+def _stored_dtype(header) -> np.dtype | None:
+    """The dtype that holds the rescaled values of a 16-bit series (slope 1, integer intercept)."""
+    try:
+        bits, signed = int(header.BitsStored), int(header.PixelRepresentation) == 1
+        slope = float(getattr(header, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(header, "RescaleIntercept", 0) or 0)
+        allocated = int(header.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if allocated != 16 or slope != 1 or not intercept.is_integer():
+        return None
+    low = (-(1 << (bits - 1)) if signed else 0) + int(intercept)
+    high = ((1 << (bits - 1)) - 1 if signed else (1 << bits) - 1) + int(intercept)
+    for dtype in (np.int16, np.uint16):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.int16) if signed else np.dtype(np.uint16)  # checked on the values below
+
+
+def read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    files = _series_files(directory)
+    headers = _dicom_headers(directory, files)
+    check_dicom_series(directory, headers)
+    try:
+        rows, cols = int(headers[0].Rows), int(headers[0].Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise SlabError(f"{directory}: DICOM slices without Rows / Columns") from None
+    check_memory(2 * rows * cols * len(files) * 4, str(directory))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    with keep_locale():
+        try:
+            image = reader.Execute()
+        except Exception as err:  # noqa: BLE001 - GDCM errors on damaged files
+            raise SlabError(f"{directory}: not a readable DICOM series ({one_line(err)})") from None
+    data, affine = itk_volume(image, directory)
+    stored = _stored_dtype(headers[0])
+    if stored is not None and data.dtype != stored and data.size:
+        info = np.iinfo(stored)
+        if info.min <= data.min() and data.max() <= info.max:
+            data = data.astype(stored)  # ITK widens 16-bit CT to int32 for the intercept
+    return data, affine, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+
+
+def directory_kind(directory: Path) -> tuple[str, list[Path]]:
+    """``("stack", slice files in natural order)`` or ``("dicom", [])``."""
+    entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
+    files = [p for p in entries if p.is_file()]
+    slices = [p for p in files if suffix_of(p) in SLICE_SUFFIXES]
+    if not files:
+        folders = sorted(p.name for p in entries if p.is_dir())
+        if folders:
+            shown = ", ".join(folders[:4]) + (", ..." if len(folders) > 4 else "")
+            raise SlabError(f"{directory}: holds only sub-folders ({shown}), no slices; give the folder of slices "
+                            "itself (e.g. its images/)")
+        raise SlabError(f"{directory}: empty directory; expected {EXPECTED}")
+    if not slices:
+        with keep_locale():
+            try:
+                series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
+            except RuntimeError:
+                series = ()
+        if series:
+            return "dicom", []
+        raise SlabError(f"{directory}: no .png/.tif slices and no DICOM series found")
+    others = sorted(set(files) - set(slices), key=lambda p: natural_key(p.name))
+    if others:
+        raise SlabError(f"{others[0]}: not a .png/.tif slice; a slice directory holds only slices")
+    if len({suffix_of(p) == ".png" for p in slices}) > 1:
+        raise SlabError(f"{directory}: mixes .png and .tif slices; expected one format")
+    return "stack", sorted(slices, key=lambda p: natural_key(p.name))
+
+
+def stack_spacing(files: Sequence[Path]) -> tuple[float, float, float] | None:
+    """The voxel size that slice file names carry: UW-Madison scans
+    (``slice_XXXX_W_H_SX_SY.png``, 3 mm slices); None for names without one."""
+    found = {UWMGI_SCAN.match(Path(f).name) for f in files}
+    if None in found or not found:
+        return None
+    spacings = {(float(m[4]), float(m[5])) for m in found}
+    if len(spacings) != 1:
+        return None
+    sx, sy = spacings.pop()
+    return (sx, sy, UWMGI_SLICE_THICKNESS) if sx > 0 and sy > 0 else None
+
+
+def write_stack(array: np.ndarray, path: Path, slice_format: str, workers: int | None) -> None:
+    import imagecodecs
+    import tifffile
+
+    from transforms.outputs import atomic_write
+
+    if slice_format not in SLICE_FORMATS:
+        raise SlabError(f"slice_format: expected one of {', '.join(SLICE_FORMATS)}, got {slice_format!r}")
+    if array.shape[0] != 1:
+        raise SlabError(f"{path}: a slice stack holds one channel; the volume has {array.shape[0]}")
+    if slice_format == "png" and array.dtype not in PNG_DTYPES:
+        raise SlabError(f"{path}: PNG holds uint8 or uint16 slices, the volume is {array.dtype}; write TIFF")
+    check_stack_target(path)
+    volume, depth = array[0], array.shape[3]
+    width = max(4, len(str(depth - 1)))
+    with atomic_write(path) as tmp:
+        tmp.mkdir()
+
+        def write(z: int) -> None:
+            image = np.ascontiguousarray(volume[:, :, z].T)
+            target = tmp / f"{z:0{width}d}.{slice_format}"
+            if slice_format == "png":
+                target.write_bytes(imagecodecs.png_encode(image))
+            else:
+                tifffile.imwrite(target, image, photometric="minisblack", metadata=None)
+
+        run_parallel(write, range(depth), workers)
+
+
+def check_stack_target(path: Path) -> None:
+    """A slice stack replaces a directory only when it holds slices alone."""
+    if path.is_dir():
+        strays = sorted(p.name for p in path.iterdir() if suffix_of(p) not in SLICE_SUFFIXES)
+        if strays:
+            raise SlabError(f"{path}: exists and holds files other than slices ({strays[0]}); not replacing it")
+    elif path.exists():
+        raise SlabError(f"{path}: exists and is a file; a slice stack is written to a directory")
