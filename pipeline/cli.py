@@ -41,10 +41,10 @@ QUIET_LOGGERS = ("monai", "tifffile", "imagecodecs", "nibabel", "pyvista", "matp
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``slab predict: error: argument -o: ... (slab predict --help)``."""
+    """argparse with one-line errors: ``slab: error: argument -o: ... (see slab predict --help)``."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"slab: error: {message} (see {self.prog} --help)\n")
 
 
 def _module(name: str):
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     handle_signals()
     try:
         args = build_parser(command).parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad argument (already printed in one line)
+        return int(stop.code or 0)
+    try:
         module = _module(command)
         if hasattr(module, "paths"):
             check_outputs(*module.paths(args))

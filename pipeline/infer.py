@@ -51,7 +51,6 @@ device and put in eval mode in place.
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -66,28 +65,26 @@ from tqdm.auto import tqdm
 from networks import build_network, load_weights, network_divisor, network_min_size, padded_size
 from pipeline.datasets import volume_sequences
 from pipeline.device import amp_dtype, autocast, resolve_device
-from transforms.checks import read_json_object
+from transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
 from transforms.errors import SlabError
 from transforms.intensity import PercentileNormalize, scale_intensity
 from transforms.io import LazyVolume, atomic_write, load_volume, output_format, save_volume
+from transforms.outputs import reserve, temp_dir
 from transforms.post import Postprocess
-from transforms.rle import write_submission_csv
+from transforms.rle import write_rle_csv
 from transforms.slab import PLANE_AXIS, check_offsets, iter_slab_batches, pad_to_divisor, slab_offsets, unpad
 
-PLANES = tuple(PLANE_AXIS)
-TTA_MODES = ("none", "flips", "full")
-TTA_MODES_3D = ("none", "flips")
 OUT_DTYPES = ("float16", "float32")
-MODES = ("2.5d", "3d")
 # Working memory for a LazyVolume when no memory_budget is given.
 DEFAULT_MEMORY_BUDGET = 1 << 30
 # On-disk arrays are mapped this many bytes at a time, so mapped pages never pile up.
 _MAP_BYTES = 64 << 20
 DEFAULT_NORMALIZE = MappingProxyType({"lower": 0.5, "upper": 99.5})
 # The network_config keys that configure inference rather than build_network.
-INFERENCE_KEYS = ("offsets", "planes", "roi_size")
+INFERENCE_KEYS = ("offsets", "planes", "roi_size", "labels")
 # The keys of a bundle's configs/inference.json "slab" section (see Predictor.from_bundle).
-BUNDLE_KEYS = ("network", "mode", "planes", "offsets", "tta", "normalize", "postprocess", "roi_size", "overlap",
+BUNDLE_KEYS = ("network", "labels", "mode", "planes", "offsets", "tta", "normalize", "postprocess", "roi_size",
+               "overlap",
                "batch_size", "sw_batch_size")
 
 
@@ -97,8 +94,15 @@ BUNDLE_KEYS = ("network", "mode", "planes", "offsets", "tta", "normalize", "post
 
 def check_planes(planes) -> tuple[str, ...]:
     """Planes as a tuple of names; a string may list them with commas (``"xy,zx"``)."""
-    items = planes.split(",") if isinstance(planes, str) else list(planes)
-    items = tuple(str(p).strip() for p in items)
+    if isinstance(planes, str):
+        items = planes.split(",")
+    elif isinstance(planes, (list, tuple)):
+        items = list(planes)
+    else:
+        raise SlabError(f"planes: expected a list of xy, zx, zy, got {planes!r}")
+    if not all(isinstance(p, str) for p in items):
+        raise SlabError(f"planes: expected a list of xy, zx, zy, got {planes!r}")
+    items = tuple(p.strip() for p in items)
     if not items or not all(items):
         raise SlabError(f"planes: expected a list of xy, zx, zy, got {planes!r}")
     for plane in items:
@@ -222,6 +226,8 @@ class _DiskArray:
         self.offset = array.offset
         del array
         self.plane_bytes = int(np.prod(self.shape[:3])) * self.dtype.itemsize
+        # Every block on disk now: a full disk is an error here, not a bus error mid-write.
+        reserve(self.path, self.offset + self.plane_bytes * self.shape[3])
 
     def map(self, zs: int, ze: int) -> torch.Tensor:
         """A writable tensor over ``[..., zs:ze]``; unmapped when the last reference goes."""
@@ -439,8 +445,7 @@ def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_si
     halo = max(abs(o) for o in offset_sets[0])
     itemsize = np.dtype(volume.dtype).itemsize if isinstance(volume, LazyVolume) else 4
     k = len(offset_sets[0])
-    with tempfile.TemporaryDirectory(prefix="slab-infer-") as tmp:
-        tmp = Path(tmp)
+    with temp_dir("infer") as tmp:
         target = Path(out_path) if out_path else tmp / "probabilities.npy"
         with atomic_write(target) as staged:
             sink = _DiskSink(tmp, staged, (labels,) + shape[1:], out_dtype, len(planes), count)
@@ -651,12 +656,14 @@ class Predictor:
         (``hysteresis`` one ``(low, high)`` pair per channel).
     device, amp, batch_size, memory_budget, progress : see :func:`predict_2p5d`.
     roi_size, overlap, sw_batch_size : 3D settings (:func:`predict_3d`).
+    labels : names of the output channels (written into multi-label RLE CSVs); default
+        ``label_1``, ``label_2``, ... A network config may carry them as ``labels``.
     """
 
     def __init__(self, network_config: Mapping, weights=None, *, mode: str | None = None, planes=None, offsets=None,
                  tta: str = "none", normalize=DEFAULT_NORMALIZE, postprocess: Mapping | None = None, device=None,
                  amp: bool = True, batch_size: int = 8, memory_budget: int | None = None, roi_size=None,
-                 overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False):
+                 overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None):
         if not isinstance(network_config, Mapping):
             raise SlabError(f"network config: expected an object of build_network arguments, got {network_config!r}")
         config = dict(network_config)
@@ -674,6 +681,7 @@ class Predictor:
             load_weights(self.model, weights)
         self.in_channels = int(config["in_channels"])
         self.out_channels = int(config["out_channels"])
+        self.labels = _check_labels(labels if labels is not None else extra.get("labels"), self.out_channels)
         options = {k: v for k, v in config.items() if k not in ("name", "spatial_dims", "in_channels", "out_channels")}
         self.divisor = network_divisor(config["name"], dims, **options)
         self.min_size = network_min_size(config["name"], dims, **options)
@@ -749,6 +757,24 @@ class Predictor:
             postprocess = recorded_postprocess(postprocess, weights, section["network"].get("out_channels"))
         options["postprocess"] = postprocess
         return cls(section["network"], weights, **options)
+
+    def label_names(self) -> list[str]:
+        """The name of every output channel (``label_1``... where the network config names none)."""
+        return list(self.labels) if self.labels else [f"label_{i + 1}" for i in range(self.out_channels)]
+
+    def check_input(self, info, name) -> None:
+        """SlabError naming ``name`` unless a volume of ``info`` = ``(shape (C, X, Y, Z), ...)``
+        (:func:`transforms.io.volume_info`) suits this network: its channel count."""
+        channels = int(info[0][0])
+        try:
+            if self.mode == "3d":
+                if channels != self.in_channels:
+                    raise SlabError(f"{channels} channel(s); the network takes {self.in_channels}")
+            else:
+                self._offsets(channels)
+        except SlabError as err:
+            where = ", ".join(map(str, name)) if isinstance(name, (list, tuple)) else name
+            raise SlabError(f"{where}: {str(err).removeprefix('image: ')}") from None
 
     def _offsets(self, channels: int) -> tuple[int, ...]:
         if self.offsets is not None:
@@ -841,6 +867,18 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
     return options
 
 
+def _check_labels(labels, out_channels: int) -> tuple[str, ...] | None:
+    """Output channel names: None, or one distinct non-empty string per output channel."""
+    if labels is None:
+        return None
+    if (not isinstance(labels, (list, tuple)) or len(labels) != out_channels
+            or not all(isinstance(n, str) and n.strip() and "," not in n for n in labels)
+            or len(set(labels)) != len(labels)):
+        raise SlabError(f"labels: expected {out_channels} distinct names (one per output channel, no commas), "
+                        f"got {labels!r}")
+    return tuple(labels)
+
+
 def _construct(cls, options: Mapping, name: str):
     """``cls(**options)`` with unknown or bad options as a one-line SlabError."""
     if not isinstance(options, Mapping):
@@ -864,16 +902,18 @@ def _open(path, predictor: Predictor):
 
 
 def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
-                 id_prefix: str | None = None) -> dict[str, Path]:
-    """Predict one volume file and write its mask (and probabilities, RLE CSV).
+                 id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None) -> dict[str, Path]:
+    """Predict one volume and write its mask (and probabilities, RLE CSV).
 
-    Load ``input_path`` (any format ``load_volume`` reads; lazily when the predictor's memory
-    budget asks for it), normalise, predict, post-process (``predictor.postprocess``), and write
-    the uint8 mask to ``output_path`` (NIfTI or NRRD/MHA with the input's affine, or a slice
-    stack for a directory name), optionally the probabilities to ``prob_path`` (float32; an
-    on-disk float16 result stays float16 in a slice stack) and a SenNet submission CSV
-    (``id,rle``, ids ``{id_prefix}_{z:04d}``) to ``rle_csv``. Output names are checked before
-    anything is read; every file is written atomically.
+    Load ``input_path`` (any format ``load_volume`` reads, or a list of files as channels; lazily
+    when the predictor's memory budget asks for it), normalise, predict, post-process
+    (``predictor.postprocess``), and write the uint8 mask to ``output_path`` (NIfTI or NRRD/MHA
+    with the input's geometry, or a slice stack of 0/255 for a directory name), optionally the
+    probabilities to ``prob_path`` (float32; an on-disk float16 result stays float16 in a slice
+    stack) and a submission CSV to ``rle_csv``: ``id,rle`` for one label (SenNet), else
+    ``id,class,segmentation`` with the predictor's label names (UW-Madison). Row ids are
+    ``row_ids(depth)``, or ``{id_prefix}_{z:04d}``. Output names are checked before anything is
+    read; every file is written atomically.
 
     Returns
     -------
@@ -882,19 +922,20 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     output_format(output_path)
     if prob_path is not None:
         output_format(prob_path)
-    if rle_csv is not None and not id_prefix:
+    if rle_csv is not None and not (id_prefix or row_ids):
         raise SlabError("id_prefix: an RLE CSV needs the id prefix of its rows (e.g. kidney_5)")
     volume = _open(input_path, predictor)
     probs = predictor(volume)
     mask = predictor.postprocess(probs)
-    if rle_csv is not None and mask.shape[0] != 1:
-        raise SlabError(f"rle_csv: a submission CSV holds one label; the network predicts {mask.shape[0]}")
     affine = np.asarray(volume.affine)
-    written = {"mask": save_volume(mask, output_path, affine=affine)}
+    meta = dict(getattr(volume, "meta", {}))
+    written = {"mask": save_volume(mask, output_path, affine=affine, meta=meta, mask=True)}
     if prob_path is not None:
         if probs.dtype != torch.float32 and output_format(prob_path) != "stack":
             probs = probs.float()  # NIfTI and ITK files have no float16
-        written["prob"] = save_volume(probs, prob_path, affine=affine)
+        written["prob"] = save_volume(probs, prob_path, affine=affine, meta=meta)
     if rle_csv is not None:
-        written["rle_csv"] = write_submission_csv(np.asarray(mask[0]), rle_csv, id_prefix)
+        depth = int(mask.shape[-1])
+        ids = row_ids(depth) if row_ids is not None else [f"{id_prefix}_{z:04d}" for z in range(depth)]
+        written["rle_csv"] = write_rle_csv(np.asarray(mask), rle_csv, ids, predictor.label_names())
     return written

@@ -8,6 +8,7 @@ warm-up, validates on whole volumes with the inference engine, and writes to ``o
 ``config.json``     the configuration used, every default filled in
 ``last.pt``         model, optimizer, scheduler, AMP scaler, epoch, config, RNG states, history
 ``best.pt``         the same at the best validation score, with ``threshold`` chosen on validation
+                    (both links into ``state/``, switched together in one step: they never disagree)
 ``log.csv``         one row per epoch (rewritten whole, so a resumed run keeps one clean table)
 ``curves.png``      loss and metric curves
 ``tensorboard/``    the same scalars for TensorBoard
@@ -34,8 +35,11 @@ import csv
 import inspect
 import json
 import math
+import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,16 +59,18 @@ from pipeline.distributed import (
     process_device,
     rank_batch,
 )
-from transforms.checks import read_json_object
+from transforms.checks import PLANES, read_json_object
 from transforms.errors import SlabError
 
 TASKS = ("segmentation_2p5d", "segmentation_3d", "classification")
-PLANES = ("xy", "zx", "zy")
 LOSSES = ("dice_bce", "dice_ce")
 TTAS = ("none", "flips", "full")
 SEG_METRICS = ("surface_dice_0", "surface_dice_tol", "dice")
 CLS_METRICS = ("auc", "log_loss")
 LOWER_IS_BETTER = ("log_loss", "val_loss")
+# What a run directory holds (outputs that must not overwrite an input such as the datalist);
+# last.pt, best.pt and state are links into states/.
+RUN_FILES = ("config.json", "states", "log.csv", "curves.png", "tensorboard")
 # Keys that change how a run is executed, not what it computes: they may differ on resume.
 RUNTIME_KEYS = ("num_workers", "progress")
 
@@ -545,6 +551,68 @@ def save_checkpoint(path: Path, state: dict) -> Path:
     return path
 
 
+def _fsynced_save(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _link(target: str, link: Path) -> None:
+    """Point the symbolic link ``link`` at ``target`` in one step (a temporary link renamed over it)."""
+    staged = link.with_name(f".{link.name}.slab-{os.getpid()}-link")
+    staged.unlink(missing_ok=True)
+    os.symlink(target, staged)
+    os.replace(staged, link)
+
+
+def save_epoch_state(out: Path, last: dict, best: dict | None) -> None:
+    """Write one epoch's ``last.pt`` and ``best.pt`` so that they change together, atomically.
+
+    Both go into a new folder ``states/epoch_NNNNN.*/`` (``best.pt`` hard-linked from the current
+    state when the best did not change; no copy), which one rename of the symbolic link ``state``
+    makes current. ``RUN/last.pt`` and ``RUN/best.pt`` are links into ``state/``, so a reader, a
+    crash or a kill at any moment sees either the old pair or the new pair, never one of each.
+    Older state folders are removed afterwards.
+    """
+    states = out / "states"
+    states.mkdir(parents=True, exist_ok=True)
+    current = (out / "state").resolve() if (out / "state").is_symlink() else None
+    new = Path(tempfile.mkdtemp(prefix=f"epoch_{int(last['epoch']):05d}.", dir=states))
+    try:
+        _fsynced_save(last, new / "last.pt")
+        if best is not None:
+            _fsynced_save(best, new / "best.pt")
+        elif current is not None and (current / "best.pt").is_file():
+            os.link(current / "best.pt", new / "best.pt")
+        elif (out / "best.pt").is_file() and not (out / "best.pt").is_symlink():  # a run from before states/
+            shutil.copy2(out / "best.pt", new / "best.pt")
+        _link(os.path.relpath(new, out), out / "state")
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    for name in ("last.pt", "best.pt"):
+        if not (out / name).is_symlink():
+            _link(os.path.join("state", name), out / name)
+    for folder in states.iterdir():
+        if folder != new:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_epoch_state(out: Path, last: dict) -> None:
+    """``--resume``'s check that ``best.pt`` is the best epoch ``last.pt`` records."""
+    epoch = (last.get("best") or {}).get("epoch")
+    best_path = out / "best.pt"
+    if epoch is None:
+        return
+    if not best_path.is_file():
+        raise SlabError(f"--resume: {best_path} is missing, but {out / 'last.pt'} records epoch {epoch} as the best")
+    best = load_checkpoint(best_path)
+    if best.get("epoch") != epoch:
+        raise SlabError(f"--resume: {best_path} is from epoch {best.get('epoch')}, but {out / 'last.pt'} records "
+                        f"epoch {epoch} as the best; the run's checkpoints disagree")
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`train` (read with ``weights_only=True``)."""
     path = Path(path)
@@ -811,6 +879,7 @@ def _resume_state(out: Path, cfg: dict, resume: bool) -> dict | None:
     if not last.exists():
         raise SlabError(f"--resume: {last} not found; nothing to resume")
     state = load_checkpoint(last)
+    check_epoch_state(out, state)
     diff = config_differences(state["config"], cfg)
     if diff:
         raise SlabError(f"--resume: {out} was trained with another config ({'; '.join(diff[:4])})")
@@ -906,9 +975,8 @@ def _train(datalist, cfg: dict, out: Path, fold, resume: bool, device: torch.dev
                     "history": history,
                     "rng": rng_states(),
                 }
-                save_checkpoint(out / "last.pt", ckpt)
-                if improved or (best["value"] is None and not task.has_validation()):
-                    save_checkpoint(out / "best.pt", ckpt)
+                new_best = improved or (best["value"] is None and not task.has_validation())
+                save_epoch_state(out, ckpt, ckpt if new_best else None)
                 log.epoch(history, (epoch + 1) * steps)
             barrier(info)
     finally:

@@ -108,7 +108,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
 def test_bad_spacing_and_png_of_floats(tmp_path, stack, capsys):
     src, _ = stack
     assert main(["convert", str(src), str(tmp_path / "v.nii"), "--spacing", "1", "0", "1"]) == 2
-    assert "spacing: expected three positive numbers" in _error_line(capsys)
+    assert "argument --spacing: expected a positive number, got '0'" in _error_line(capsys)
     nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), tmp_path / "f.nii")
     assert main(["convert", str(tmp_path / "f.nii"), str(tmp_path / "pngs"), "--slice-format", "png"]) == 2
     assert "PNG holds uint8 or uint16" in _error_line(capsys)

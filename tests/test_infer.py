@@ -310,7 +310,7 @@ def test_predict_file_lazy_equals_eager(stack, tmp_path):
     a = predict_file(path, tmp_path / "a.nii.gz", eager, prob_path=tmp_path / "pa.nii.gz")
     b = predict_file(path, tmp_path / "b", lazy, prob_path=tmp_path / "pb")
     mask_a, mask_b = load_volume(a["mask"]), load_volume(b["mask"])
-    assert mask_a.dtype == torch.uint8 and torch.equal(mask_a, mask_b)
+    assert mask_a.dtype == torch.uint8 and torch.equal(mask_a * 255, mask_b)  # a stack holds 0/255
     prob_a, prob_b = load_volume(a["prob"]), load_volume(b["prob"])
     assert prob_a.dtype == torch.float32 and prob_b.dtype == torch.float16
     assert torch.equal(prob_a.half(), prob_b)

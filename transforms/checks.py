@@ -11,6 +11,16 @@ import numpy as np
 
 from transforms.errors import SlabError
 
+MAX_JSON_BYTES = 64 << 20
+# Choices shared by the engines and the command line (kept here so that `slab --help` need not
+# import the engines).
+PLANES = ("xy", "zx", "zy")
+MODES = ("2.5d", "3d")
+TTA_MODES = ("none", "flips", "full")
+TTA_MODES_3D = ("none", "flips")
+CONNECTIVITIES = (6, 18, 26)
+FILL_MODES = ("3d", "slice")
+
 
 def check_spacing(spacing, name: str = "spacing") -> tuple[float, float, float]:
     """``spacing`` as three positive, finite voxel sizes ``(sx, sy, sz)`` in mm.
@@ -50,10 +60,18 @@ def read_json_object(path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SlabError(f"{path}: no such {what} file")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise SlabError(f"{path}: {path.stat().st_size} bytes; a {what} file is at most {MAX_JSON_BYTES >> 20} MiB")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SlabError(f"{path}: not valid JSON ({err})") from None
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise SlabError(f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
+    except RecursionError:
+        raise SlabError(f"{path}: JSON nested too deeply to be a {what}") from None
+    except ValueError as err:  # JSONDecodeError, and integers of thousands of digits
+        raise SlabError(f"{path}: not valid JSON ({' '.join(str(err).split())[:120]})") from None
+    except OSError as err:
+        raise SlabError(f"{path}: cannot read the {what} ({err.strerror})") from None
     if not isinstance(data, dict):
         raise SlabError(f"{path}: expected a JSON object ({what})")
     return data

@@ -343,7 +343,9 @@ class PercentileNormalize(Transform):
         return pairs[:, 0], pairs[:, 1]
 
     def __call__(self, img, mask=None):
-        low, high = self.percentiles(img, mask)
+        source = getattr(img, "meta", {}).get("filename_or_obj") if hasattr(img, "meta") else None
+        name = ", ".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source or "image")
+        low, high = self.percentiles(img, mask, name=name)
         out = scale_intensity(img, low, high, self.soft_clip_alpha)
         if isinstance(img, MetaTensor) and not isinstance(out, MetaTensor):
             out = MetaTensor(out, affine=img.affine, meta=dict(img.meta))

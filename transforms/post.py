@@ -24,11 +24,10 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import ball
 
+from transforms.checks import CONNECTIVITIES, FILL_MODES
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry
 
-CONNECTIVITIES = (6, 18, 26)
-FILL_MODES = ("3d", "slice")
 # Voxels per chunk when walking a labelled volume: temporaries stay small and in cache.
 _CHUNK_VOXELS = 1 << 20
 

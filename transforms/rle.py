@@ -119,13 +119,15 @@ def rle_decode(rle, shape: Sequence[int], order: str = "C", where: str = "rle") 
     tokens = rle.split()
     if len(tokens) % 2:
         raise SlabError(f"{where}: odd number of tokens ({len(tokens)}); expected 'start length' pairs")
-    try:
-        if not _RLE_CHARACTERS.fullmatch(rle):
-            raise ValueError
-        runs = np.fromiter(map(int, tokens), dtype=np.int64, count=len(tokens)).reshape(-1, 2)
-    except ValueError:
-        bad = next(t for t in tokens if not _INTEGER.fullmatch(t))
-        raise SlabError(f"{where}: expected integers, got {bad!r}") from None
+    if not _RLE_CHARACTERS.fullmatch(rle) or not all(_INTEGER.fullmatch(t) for t in tokens):
+        bad = next((t for t in tokens if not _INTEGER.fullmatch(t)), rle.strip()[:20])
+        raise SlabError(f"{where}: expected integers, got {bad!r}")
+    # Below 10**18, a start plus a length stays inside int64; larger is no image's RLE.
+    big = next((t for t in tokens if len(t.lstrip("+-").lstrip("0")) > 18), None)
+    if big is not None:
+        raise SlabError(f"{where}: number {big[:24]}{'...' if len(big) > 24 else ''} is larger than any image "
+                        f"(this one has {size} pixels)")
+    runs = np.fromiter(map(int, tokens), dtype=np.int64, count=len(tokens)).reshape(-1, 2)
     starts, lengths = runs[:, 0] - 1, runs[:, 1]
     if (lengths < 0).any():
         raise SlabError(f"{where}: negative run length {int(lengths[lengths < 0][0])}")
@@ -159,15 +161,27 @@ def read_csv_rows(csv_path, columns: Sequence[str]) -> Iterator[tuple[str, dict[
     path = Path(csv_path)
     if not path.is_file():
         raise SlabError(f"{path}: CSV file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise SlabError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(header) or 'nothing'})")
-        reader.fieldnames = header
-        for n, row in enumerate(reader, start=2):
-            yield f"{path}: row {n}", row
+    csv.field_size_limit(1 << 30)  # an RLE of a 1303x912 slice is megabytes long
+    # utf-8-sig: a byte-order mark before the header (Excel writes one) is not part of "id".
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            reader = csv.reader(f)
+            header = [c.strip() for c in next(reader, [])]
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise SlabError(f"{path}: missing column(s) {', '.join(missing)} "
+                                f"(has: {', '.join(header) or 'nothing'})")
+            index = {c: header.index(c) for c in columns}
+            for n, cells in enumerate(reader, start=2):
+                if not cells:
+                    continue  # a blank line
+                if len(cells) <= max(index.values()):
+                    raise SlabError(f"{path}: row {n} has {len(cells)} field(s); expected {', '.join(columns)}")
+                yield f"{path}: row {n}", {c: cells[i] for c, i in index.items()}
+        except UnicodeDecodeError as err:
+            raise SlabError(f"{path}: not UTF-8 text (byte {err.start} of a line); save the CSV as UTF-8") from None
+        except csv.Error as err:
+            raise SlabError(f"{path}: not a readable CSV file ({err})") from None
 
 
 def read_sennet_rles(csv_path) -> dict[str, dict[int, tuple[str, str]]]:
@@ -257,19 +271,43 @@ def read_uwmgi_label(csv_path, case_day: str, shape: Sequence[int],
     return uwmgi_label(days[case_day], shape, slice_numbers)
 
 
-def write_submission_csv(mask, csv_path, id_prefix: str) -> Path:
-    """Write a SenNet submission ``id,rle`` for a mask volume ``(X, Y, Z)``.
+def write_rle_csv(mask, csv_path, row_ids: Sequence[str], classes: Sequence[str] | None = None) -> Path:
+    """Write a submission CSV for a mask ``(L, X, Y, Z)`` (or ``(X, Y, Z)``), one row per slice.
 
-    Row ``z`` has id ``f"{id_prefix}_{z:04d}"`` and the row-major RLE of the slice image
-    ``mask[:, :, z].T``; an empty slice is ``"1 0"``. Written atomically.
+    One label: ``id,rle`` (SenNet), an empty slice ``"1 0"``. Several: ``id,class,segmentation``
+    (UW-Madison), one row per slice and class in ``classes`` order, an empty slice ``""``. Slice
+    ``z``'s image is ``mask[c, :, :, z].T``, encoded row-major; its id is ``row_ids[z]``.
+    Written atomically.
     """
     mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise SlabError(f"mask: expected a volume (X, Y, Z), got shape {mask.shape}")
+    mask = mask[np.newaxis] if mask.ndim == 3 else mask
+    if mask.ndim != 4:
+        raise SlabError(f"mask: expected a volume (X, Y, Z) or (L, X, Y, Z), got shape {mask.shape}")
+    labels, depth = mask.shape[0], mask.shape[3]
+    if len(row_ids) != depth:
+        raise SlabError(f"row_ids: {len(row_ids)} ids for {depth} slices")
+    classes = list(classes) if classes is not None else [f"label_{i + 1}" for i in range(labels)]
+    if labels > 1 and len(classes) != labels:
+        raise SlabError(f"classes: {len(classes)} names for {labels} label channels")
     path = Path(csv_path)
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(SENNET_COLUMNS)
-        for z in range(mask.shape[2]):
-            writer.writerow((f"{id_prefix}_{z:04d}", rle_encode(mask[:, :, z].T, empty="1 0")))
+        if labels == 1:
+            writer.writerow(SENNET_COLUMNS)
+            for z in range(depth):
+                writer.writerow((row_ids[z], rle_encode(mask[0, :, :, z].T, empty="1 0")))
+        else:
+            writer.writerow(UWMGI_COLUMNS)
+            for z in range(depth):
+                for c in range(labels):
+                    writer.writerow((row_ids[z], classes[c], rle_encode(mask[c, :, :, z].T)))
     return path
+
+
+def write_submission_csv(mask, csv_path, id_prefix: str) -> Path:
+    """Write a SenNet submission ``id,rle`` for a mask volume ``(X, Y, Z)``: row ``z`` has id
+    ``f"{id_prefix}_{z:04d}"`` (:func:`write_rle_csv`)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise SlabError(f"mask: expected a volume (X, Y, Z), got shape {mask.shape}")
+    return write_rle_csv(mask, csv_path, [f"{id_prefix}_{z:04d}" for z in range(mask.shape[2])])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from pipeline.adapters import KINDS, build_datalist
+from pipeline.commands import non_negative_int, positive_int
 
 HELP = "Write OUT_DIR/datalist.json (folds grouped by case) for a dataset, converting labels where needed."
 
@@ -12,13 +13,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("kind", metavar="KIND", choices=KINDS, help=f"dataset layout: {', '.join(KINDS)}")
     parser.add_argument("root", metavar="ROOT", help="the dataset directory as downloaded")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where datalist.json and converted volumes go")
-    parser.add_argument("--folds", type=int, default=5, help="number of folds, grouped by case (default: 5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed that shuffles cases into folds (default: 0)")
+    parser.add_argument("--folds", type=positive_int, default=5,
+                        help="number of folds, grouped by case (default: 5; at most the number of cases)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed that shuffles cases into folds (default: 0)")
+
+
+def paths(args) -> tuple[dict, dict]:
+    from pathlib import Path
+
+    out = Path(args.out_dir)
+    return {"ROOT": args.root}, {"OUT_DIR": [out / "datalist.json", out / "volumes"]}
 
 
 def run(args) -> int:
     path = build_datalist(args.kind, args.root, args.out_dir, n_folds=args.folds, seed=args.seed)
     datalist = json.loads(path.read_text(encoding="utf-8"))
+    args.folds = datalist["n_folds"]
     items = datalist["training"] + datalist["validation"]
     labelled = sum("label" in item for item in items)
     cases = len({item["case"] for item in items})

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from pipeline.commands import positive_int
+
 HELP = "run the vessel_2p5d bundle on the embedded phantom: predict, clean up, score, render (outputs/demo)"
 
 
@@ -25,7 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--planes", metavar="P[,P]", help="inference planes, e.g. xy or xy,zx,zy (default: the bundle's)")
     parser.add_argument("--tta", choices=("none", "flips", "full"), help="test-time augmentation (default: the bundle's)")
     parser.add_argument("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--views", type=int, default=4, metavar="N", help="camera angles in the 3D picture (default 4)")
+    parser.add_argument("--views", type=positive_int, default=4, metavar="N", help="camera angles in the 3D picture (default 4)")
+
+
+def paths(args) -> tuple[dict, dict]:
+    from pipeline.commands.predict import bundle_contents
+
+    return {"--bundle": bundle_contents(args.bundle), "--data": args.data}, {"--out": args.out}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from pipeline.commands import non_negative_float, probability
 from pipeline.metrics import _check_thresholds, _check_tolerances, evaluate, plot_sweep, threshold_sweep
 from transforms.errors import SlabError
 from transforms.io import atomic_write, check_same_geometry, load_volume
@@ -24,11 +25,11 @@ def add_arguments(parser) -> None:
                         help="predicted 0/1 mask or probability map (floating point), any format slab reads")
     parser.add_argument("truth", metavar="TRUTH",
                         help="ground-truth 0/1 mask, one channel per class, same geometry as PRED")
-    parser.add_argument("--tolerance", nargs="+", type=float, default=[0.0], metavar="T",
+    parser.add_argument("--tolerance", nargs="+", type=non_negative_float, default=[0.0], metavar="T",
                         help="surface dice tolerance(s) in mm (default: 0, the SenNet definition)")
-    parser.add_argument("--threshold", type=float, default=0.5, metavar="t",
-                        help="a probability map's voxel is foreground when > t (default: 0.5)")
-    parser.add_argument("--sweep", nargs="*", type=float, metavar="t",
+    parser.add_argument("--threshold", type=probability, default=0.5, metavar="t",
+                        help="a probability map's voxel is foreground when > t, t in [0, 1] (default: 0.5)")
+    parser.add_argument("--sweep", nargs="*", type=probability, metavar="t",
                         help="also score these thresholds (default 0.05, 0.10, ..., 0.95) and report the best "
                              "by surface dice at the first tolerance")
     parser.add_argument("--json", metavar="OUT", help="also write the JSON to OUT")
@@ -57,6 +58,10 @@ def _jsonable(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def paths(args) -> tuple[dict, dict]:
+    return {"PRED": args.pred, "TRUTH": args.truth}, {"--json": args.json, "--plot": args.plot}
 
 
 def run(args) -> int:

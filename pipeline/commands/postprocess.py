@@ -7,6 +7,7 @@ values; the component and hole steps work on the binarised volume.
 """
 from __future__ import annotations
 
+from pipeline.commands import finite_float, non_negative_int, positive_int
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry, load_volume, output_format, save_volume
 from transforms.post import CONNECTIVITIES, FILL_MODES, Postprocess, check_binary
@@ -19,18 +20,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("output", metavar="OUT",
                         help="uint8 mask: .nii[.gz], .nrrd, .nhdr, .mha, .mhd or a slice directory")
     binarise = parser.add_mutually_exclusive_group()
-    binarise.add_argument("--threshold", type=float, metavar="T",
+    binarise.add_argument("--threshold", type=finite_float, metavar="T",
                           help="foreground where IN > T (required when IN is not already 0/1)")
-    binarise.add_argument("--hysteresis", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    binarise.add_argument("--hysteresis", type=finite_float, nargs=2, metavar=("LOW", "HIGH"),
                           help="flood fill from voxels > HIGH through voxels > LOW")
-    parser.add_argument("--min-size", type=int, default=0, metavar="N",
+    parser.add_argument("--min-size", type=non_negative_int, default=0, metavar="N",
                         help="remove components of fewer than N voxels (default 0: keep all)")
-    parser.add_argument("--keep-largest", type=int, metavar="K", help="keep the K largest components")
+    parser.add_argument("--keep-largest", type=positive_int, metavar="K", help="keep the K largest components")
     parser.add_argument("--fill-holes", nargs="?", const="3d", choices=FILL_MODES,
                         help="fill enclosed holes in 3D (default) or in each z slice")
     parser.add_argument("--roi", metavar="MASK", help="0/1 organ mask in IN's geometry; everything outside is zeroed")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, default=26,
                         help="voxel connectivity of components and flood fill (default 26)")
+
+
+def paths(args) -> tuple[dict, dict]:
+    return {"IN": args.input, "--roi": args.roi}, {"OUT": args.output}
 
 
 def run(args) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.commands import non_negative_float, non_negative_int, positive_int
 from pipeline.render import cross_sections, mesh_path, render_hits, score_line
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry, load_volume
@@ -19,13 +20,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("pred", metavar="PRED", help="predicted 0/1 mask, any format slab reads")
     parser.add_argument("truth", metavar="TRUTH", help="true 0/1 mask in PRED's geometry")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the 3D picture (PNG)")
-    parser.add_argument("--views", type=int, default=4, metavar="N", help="camera angles in the picture (default 4)")
+    parser.add_argument("--views", type=positive_int, default=4, metavar="N", help="camera angles in the picture (default 4)")
     parser.add_argument("--image", metavar="IMAGE", help="image in the same geometry: grey floor in 3D, sections' background")
     parser.add_argument("--mesh", metavar="OUT.vtk|.ply|.glb", help="also write the surfaces as a mesh file")
     parser.add_argument("--sections", metavar="OUT.png", help="also write axial, coronal and sagittal cross sections")
-    parser.add_argument("--channel", type=int, metavar="C", help="label channel of multi-channel masks")
-    parser.add_argument("--tolerance", type=float, metavar="MM", help="also show surface dice at this tolerance (mm)")
-    parser.add_argument("--size", type=int, nargs=2, default=(1200, 900), metavar=("W", "H"),
+    parser.add_argument("--channel", type=non_negative_int, metavar="C", help="label channel of multi-channel masks")
+    parser.add_argument("--tolerance", type=non_negative_float, metavar="MM", help="also show surface dice at this tolerance (mm)")
+    parser.add_argument("--size", type=positive_int, nargs=2, default=(1200, 900), metavar=("W", "H"),
                         help="picture size in pixels (default 1200 900)")
 
 
@@ -43,6 +44,11 @@ def _png(path: str, option: str) -> str:
     if Path(path).suffix.lower() != ".png":
         raise SlabError(f"{option} {path}: expected a .png file name")
     return path
+
+
+def paths(args) -> tuple[dict, dict]:
+    return ({"PRED": args.pred, "TRUTH": args.truth, "--image": args.image},
+            {"-o": args.output, "--sections": args.sections, "--mesh": args.mesh})
 
 
 def run(args) -> int:

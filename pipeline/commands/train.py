@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.commands import non_negative_int, positive_int
+
 HELP = "train a segmentation or classification network from a datalist and a JSON config"
 
 
@@ -18,13 +20,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training configuration; missing keys take their defaults (--show-config lists them)")
     parser.add_argument("--out", metavar="RUN_DIR",
                         help="run directory: checkpoints, logs, curves and the config used")
-    parser.add_argument("--fold", type=int, metavar="K", help="validate on fold K, train on the others")
+    parser.add_argument("--fold", type=non_negative_int, metavar="K", help="validate on fold K, train on the others")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from last.pt")
     parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--epochs", type=int, metavar="N", help="override the config's epochs")
+    parser.add_argument("--epochs", type=positive_int, metavar="N", help="override the config's epochs")
     parser.add_argument("--show-config", action="store_true",
                         help="print every configuration key with its default and meaning, then exit")
+
+
+def paths(args) -> tuple[dict, dict]:
+    """The datalist, the config and every volume the datalist lists are inputs; the run's files
+    (not the run directory, which may hold the datalist) are outputs."""
+    from pathlib import Path
+
+    from pipeline.train import RUN_FILES
+
+    inputs = {"--datalist": args.datalist, "--config": args.config}
+    if args.datalist and Path(args.datalist).is_file():
+        from pipeline.datasets import datalist_paths
+
+        inputs["datalist entries"] = datalist_paths(args.datalist)
+    return inputs, {"--out": [Path(args.out) / name for name in RUN_FILES] if args.out else None}
 
 
 def run(args: argparse.Namespace) -> int:
