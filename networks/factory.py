@@ -88,6 +88,12 @@ def _check(name, spatial_dims, options: dict[str, Any]) -> dict[str, Any]:
     for option in _NON_NEGATIVE:
         if option in options:
             _check_positive_ints(name, option, options[option], allow_zero=True)
+    if name == "unet":
+        channels = options.get("channels", _NETWORKS[name][1]["channels"])
+        strides = options.get("strides", _NETWORKS[name][1]["strides"])
+        if len(strides) != len(channels) - 1:
+            raise SlabError(f"network 'unet': {len(strides)} strides for {len(channels)} channels; expected one "
+                            "stride per down-sampling step (len(channels) - 1)")
     # JSON gives lists where MONAI documents tuples.
     merged = {**_NETWORKS[name][1], **options}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}

@@ -226,6 +226,22 @@ def run_training(datalist, config: Mapping, output_dir, *, export_weights=None, 
     return result
 
 
+def check_inputs(predictor, images: Sequence, labels: Sequence | None = None) -> None:
+    """Every input's header checked (and its channels against the network, its label's shape and
+    geometry against it) before anything is written: a bad third case fails before the first is
+    predicted."""
+    from transforms.io import volume_info
+
+    for n, image in enumerate(images):
+        info = volume_info(image)
+        predictor.check_input(info, image)
+        if labels is not None:
+            shape, _, affine = volume_info(labels[n])
+            if tuple(shape[1:]) != tuple(info[0][1:]) or not np.allclose(affine, info[2], atol=1e-4):
+                raise SlabError(f"{labels[n]}: shape {tuple(shape[1:])} or geometry does not match {image} "
+                                f"{tuple(info[0][1:])}")
+
+
 def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
                   prob_name: str | None = None) -> list[dict]:
     """:func:`pipeline.infer.predict_file` on every input: ``output_dir/<output_name>`` (the
@@ -238,6 +254,7 @@ def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str =
     if len(set(names)) != len(names):
         raise SlabError(f"output_name: {output_name!r} gives the same file for several inputs; use {{stem}}")
     out = Path(output_dir)
+    check_inputs(predictor, inputs)
     written = []
     for path, name in zip(inputs, names):
         prob = None if prob_name is None else out / prob_name.format(stem=_stem(path))
@@ -261,6 +278,7 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
     from transforms.io import atomic_write, check_same_geometry, load_volume
 
     out = Path(output_dir)
+    check_inputs(predictor, [p["image"] for p in pairs], [p["label"] for p in pairs])
     cases = []
     for pair in pairs:
         start = time.perf_counter()

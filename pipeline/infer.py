@@ -706,6 +706,7 @@ class Predictor:
         else:
             raise SlabError(f"normalize: expected percentile settings or None, got {normalize!r}")
         self.postprocess = _construct(Postprocess, {"threshold": 0.5, **(postprocess or {})}, "postprocess")
+        _check_probabilities(postprocess or {})
         self.device = resolve_device(device)
         if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
             raise SlabError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
@@ -756,7 +757,14 @@ class Predictor:
         if "threshold" not in given:
             postprocess = recorded_postprocess(postprocess, weights, section["network"].get("out_channels"))
         options["postprocess"] = postprocess
-        return cls(section["network"], weights, **options)
+        config_path = Path(directory) / "configs" / "inference.json"
+        try:
+            return cls(section["network"], weights, **options)
+        except SlabError as err:
+            message = str(err)
+            if str(weights) in message or str(config_path) in message:
+                raise
+            raise SlabError(f"{config_path}: {message}") from None
 
     def label_names(self) -> list[str]:
         """The name of every output channel (``label_1``... where the network config names none)."""
@@ -865,6 +873,15 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
         raise SlabError(f"{source}: threshold has {len(threshold)} values; the network predicts {labels} labels")
     options["threshold"] = threshold
     return options
+
+
+def _check_probabilities(postprocess: Mapping) -> None:
+    """A predictor binarises probabilities: its thresholds (and hysteresis pairs) lie in [0, 1]."""
+    for key in ("threshold", "hysteresis"):
+        value = postprocess.get(key)
+        flat = np.ravel(np.asarray(value, dtype=object)).tolist() if value is not None else []
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= 1 for v in flat):
+            raise SlabError(f"postprocess {key}: {value!r}; probabilities are thresholded in [0, 1]")
 
 
 def _check_labels(labels, out_channels: int) -> tuple[str, ...] | None:

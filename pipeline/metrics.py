@@ -177,21 +177,24 @@ class _Reader:
         return data
 
     def _binary(self, data):
+        """A block as 0/1 ``uint8``: 0/1 values (any dtype, bool), or integer 0/255 (stacks)."""
         if isinstance(data, torch.Tensor):
             if data.dtype == torch.bool:
                 return data.to(torch.uint8)
-            if not (data.numel() == 0 or bool(((data == 0) | (data == 1)).all())):
-                raise SlabError(f"{self.name}: expected a binary mask (0/1), found other values")
+            if data.numel() and not bool(((data == 0) | (data == 1)).all()):
+                if data.is_floating_point() or not bool(((data == 0) | (data == 1) | (data == 255)).all()):
+                    raise SlabError(f"{self.name}: expected a binary mask (0/1 or 0/255), found other values")
+                return (data != 0).to(torch.uint8)
             return data.to(torch.uint8)
         if data.dtype == bool:
             return data.view(np.uint8)
-        if data.dtype == np.uint8:
-            binary = data.size == 0 or int(data.max()) <= 1
-        else:
-            binary = bool(((data == 0) | (data == 1)).all())
-        if not binary:
-            raise SlabError(f"{self.name}: expected a binary mask (0/1), found other values")
-        return data.astype(np.uint8, copy=False)
+        if data.size == 0:
+            return data.astype(np.uint8, copy=False)
+        if int(data.max()) <= 1 if data.dtype == np.uint8 else bool(((data == 0) | (data == 1)).all()):
+            return data.astype(np.uint8, copy=False)
+        if data.dtype.kind in "ui" and bool(((data == 0) | (data == 1) | (data == 255)).all()):
+            return (data != 0).view(np.uint8)
+        raise SlabError(f"{self.name}: expected a binary mask (0/1 or 0/255), found other values")
 
 
 def _shared_mapping(volume) -> tuple[mmap.mmap, int] | None:

@@ -37,8 +37,8 @@ def test_forward_keeps_spatial_size_at_divisor_multiples(name, dims):
 
 def test_divisor_known_values():
     assert network_divisor("unet", 2) == 8  # default strides (2, 2, 2)
-    assert network_divisor("unet", 3, strides=(2, 2, 2, 2)) == 16
-    assert network_divisor("unet", 2, strides=((2, 1), 2)) == 4  # lcm over axes of (4, 2)
+    assert network_divisor("unet", 3, channels=(4, 8, 16, 32, 64), strides=(2, 2, 2, 2)) == 16
+    assert network_divisor("unet", 2, channels=(4, 8, 16), strides=((2, 1), 2)) == 4  # lcm over axes of (4, 2)
     assert network_divisor("basic_unet", 3) == 16
     assert network_divisor("flexible_unet", 2, backbone="efficientnet-b3") == 32
     assert network_divisor("segresnet", 3) == 8  # MONAI default blocks_down (1, 2, 2, 4)

@@ -95,7 +95,8 @@ def with_spacing(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """The same orientation and origin with voxel size ``spacing``."""
     spacing = np.asarray(check_spacing(spacing))
     out = np.array(affine, dtype=np.float64)
-    out[:3, :3] = out[:3, :3] / np.asarray(spacing_of(affine)) * spacing
+    with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate affine stays degenerate (NaN)
+        out[:3, :3] = out[:3, :3] / np.asarray(spacing_of(affine)) * spacing
     return out
 
 

@@ -15,10 +15,23 @@ from transforms.formats import nifti_dtype, nifti_forms, one_line, run_parallel,
 from transforms.headers import check_memory, png_claim, tiff_claim
 
 
+def check_affine(affine: np.ndarray, source) -> np.ndarray:
+    """A usable voxel-to-world matrix: finite, with three independent axes of non-zero length."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise SlabError(f"{source}: its voxel-to-world affine is not a finite 4x4 matrix; the header is corrupt")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.min(sizes) <= 0 or abs(np.linalg.det(affine[:3, :3])) <= 1e-12 * float(np.prod(sizes)):
+        spacing = ", ".join(f"{s:g}" for s in sizes)
+        raise SlabError(f"{source}: degenerate geometry (voxel size {spacing} mm, or axes not independent); the "
+                        "header's voxel size or orientation is broken (give --spacing where the command has it)")
+    return affine
+
+
 def metatensor(array: np.ndarray, affine: np.ndarray, source, spacing=None, extra: dict | None = None) -> MetaTensor:
     """A loaded volume: ``array`` with its affine (RAS) and meta (source, spacing, shape, and the
     format's own geometry notes in ``extra``, e.g. a NIfTI's qform and sform)."""
-    affine = np.asarray(affine, dtype=np.float64) if spacing is None else with_spacing(affine, spacing)
+    affine = check_affine(affine if spacing is None else with_spacing(affine, spacing), source)
     meta = {"filename_or_obj": source, "spacing": spacing_of(affine), "spatial_shape": tuple(array.shape[1:])}
     if extra and spacing is None:
         meta.update(extra)
@@ -80,7 +93,7 @@ class LazyVolume:
                  extra: dict | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self.affine = np.asarray(affine, dtype=np.float64) if spacing is None else with_spacing(affine, spacing)
+        self.affine = check_affine(affine if spacing is None else with_spacing(affine, spacing), source)
         self.meta = {"filename_or_obj": source, "spacing": spacing_of(self.affine), "spatial_shape": self.shape[1:]}
         self.extra = dict(extra or {}) if spacing is None else {}
         self.meta.update(self.extra)

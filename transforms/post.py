@@ -107,7 +107,8 @@ def _check_no_nan(a: np.ndarray, who: str) -> None:
 
 
 def check_binary(x, who: str) -> np.ndarray:
-    """``x`` as a numpy bool array, or SlabError unless every value is 0 or 1 (or bool).
+    """``x`` as a numpy bool array, or SlabError unless every value is 0 or 1 (or bool); an
+    integer mask stored as 0/255 (slice stacks, SenNet's label TIFFs) is binary too.
 
     Parameters
     ----------
@@ -124,7 +125,10 @@ def check_binary(x, who: str) -> np.ndarray:
     low, high = np.min(a), np.max(a)
     if low >= 0 and high <= 1 and (a.dtype.kind != "f" or np.all((a == 0) | (a == 1))):
         return a.view(np.bool_) if a.dtype.itemsize == 1 else a != 0
-    raise SlabError(f"{who}: expected a binary mask (values 0/1), got values in [{low}, {high}]; threshold it first")
+    if a.dtype.kind in "ui" and low >= 0 and high == 255 and np.all((a == 0) | (a == 1) | (a == 255)):
+        return a != 0
+    raise SlabError(f"{who}: expected a binary mask (values 0/1 or 0/255), got values in [{low}, {high}]; "
+                    "threshold it first")
 
 
 def greater_than(x: np.ndarray, threshold: float) -> np.ndarray:

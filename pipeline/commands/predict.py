@@ -49,7 +49,8 @@ def add_arguments(parser) -> None:
                           help="foreground where probability > T, T in [0, 1] (default 0.5)")
     binarise.add_argument("--hysteresis", type=probability, nargs=2, metavar=("LOW", "HIGH"),
                           help="flood fill from voxels > HIGH through voxels > LOW (both in [0, 1])")
-    parser.add_argument("--min-size", type=non_negative_int, metavar="N", help="remove components of fewer than N voxels")
+    parser.add_argument("--min-size", type=non_negative_int, metavar="N",
+                        help="remove components of fewer than N voxels")
     parser.add_argument("--keep-largest", type=positive_int, metavar="K", help="keep the K largest components")
     parser.add_argument("--fill-holes", nargs="?", const="3d", choices=FILL_MODES, help="fill enclosed holes")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, help="component connectivity (default 26)")
