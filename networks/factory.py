@@ -12,6 +12,7 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+import torch
 import torch.nn as nn
 from monai.networks import nets
 
@@ -140,12 +141,38 @@ def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: 
     constructor = _NETWORKS[name][0]
     if name == "flexible_unet":
         kwargs["pretrained"] = False
+    args = dict(spatial_dims=int(spatial_dims), in_channels=int(in_channels), out_channels=int(out_channels), **kwargs)
     try:
-        return constructor(spatial_dims=int(spatial_dims), in_channels=int(in_channels),
-                           out_channels=int(out_channels), **kwargs)
+        _check_size(name, constructor, args)
+        return constructor(**args)
+    except SlabError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure to build from user options is a config error
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise SlabError(f"network {name!r}: cannot be built with these options ({reason})") from None
+
+
+def _parameter_count(name: str, constructor, args: dict) -> int | None:
+    """Parameters of the network ``args`` build, counted without allocating them (built on torch's
+    meta device; SwinUNETR, which cannot be, from its stage widths); None where unknown."""
+    if name == "swin_unetr":
+        size, depths = int(args.get("feature_size", 24)), args.get("depths", (2, 2, 2, 2))
+        return 2 * sum(12 * int(d) * (size * 2 ** i) ** 2 for i, d in enumerate(depths))
+    try:
+        with torch.device("meta"):
+            network = constructor(**args)
+    except Exception:  # noqa: BLE001 - the real build reports the problem
+        return None
+    return sum(p.numel() for p in network.parameters())
+
+
+def _check_size(name: str, constructor, args: dict) -> None:
+    """Refuse a network whose weights would not fit in memory, before allocating them."""
+    from transforms.headers import check_memory
+
+    count = _parameter_count(name, constructor, args)
+    if count is not None:
+        check_memory(4 * count, f"network {name!r} ({count:,} parameters)", "; make it smaller")
 
 
 def _option(name: str, kwargs: dict[str, Any], option: str) -> Any:

@@ -178,6 +178,8 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
     with_fold = [item for item in pool if "fold" in item]
     if not with_fold and int(fold) == 0:
         return training, validation
+    if not pool:
+        raise SlabError(f"{name}: no items to split into folds")
     if len(with_fold) != len(pool):
         raise SlabError(f"{name}: fold {fold} needs a 'fold' on every item; some items have none")
     from pipeline.adapters import split_datalist

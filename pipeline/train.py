@@ -327,7 +327,8 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
     if not isinstance(config, dict):
         raise SlabError(f"config: expected a JSON object, got {type(config).__name__}")
     config = copy.deepcopy(config)
-    for dotted, value in TASK_DEFAULTS.get(config.get("task"), {}).items():
+    task = config.get("task")
+    for dotted, value in (TASK_DEFAULTS.get(task, {}) if isinstance(task, str) else {}).items():
         *path, key = dotted.split(".")
         section = config
         for part in path:

@@ -12,6 +12,7 @@ import locale
 import math
 import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -122,6 +123,30 @@ def keep_locale() -> Iterator[None]:
             locale.setlocale(locale.LC_ALL, saved)
 
 
+# Whether ITK's and GDCM's own messages reach stderr (``slab --verbose`` sets it).
+SHOW_NATIVE_MESSAGES = False
+
+
+@contextmanager
+def native() -> Iterator[None]:
+    """Around every ITK / GDCM call: the locale restored afterwards (:func:`keep_locale`) and the
+    libraries' own stderr messages (MetaIO's, GDCM's), which slab reports in its own words, kept
+    off the terminal unless :data:`SHOW_NATIVE_MESSAGES`."""
+    with keep_locale():
+        if SHOW_NATIVE_MESSAGES:
+            yield
+            return
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
 def corner_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
     """The largest distance (mm) between where two affines put the corners of a volume."""
     corners = np.array([[i * (n - 1) for i, n in zip(bits, shape)] + [1]
@@ -155,11 +180,15 @@ def nifti_forms(image) -> dict:
             "sform": np.asarray(header.get_sform(), np.float64), "sform_code": int(header["sform_code"])}
 
 
+_FORMS_WARNED: set[str] = set()  # each file is reported once per process
+
+
 def _warn_forms(path: Path, image, forms: dict) -> None:
-    if not (forms["qform_code"] > 0 and forms["sform_code"] > 0):
+    if not (forms["qform_code"] > 0 and forms["sform_code"] > 0) or str(path) in _FORMS_WARNED:
         return
     apart = corner_distance(forms["qform"], forms["sform"], image.shape[:3])
     if apart > _FORMS_TOLERANCE:
+        _FORMS_WARNED.add(str(path))
         warnings.warn(f"{path}: its qform and sform place the volume up to {apart:.2f} mm apart; slab and nibabel "
                       "use the sform, ITK-based viewers (3D Slicer, ITK-SNAP) the qform; NIfTI outputs keep both as "
                       "this file has them, so each viewer shows them where it shows this file", SlabWarning,
@@ -264,7 +293,8 @@ def read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     header = check_itk_header(path)
     check_memory(2 * header["claimed"], str(path))  # ITK's buffer and the array made from it
     try:
-        image = sitk.ReadImage(str(path))
+        with native():
+            image = sitk.ReadImage(str(path))
     except Exception as err:  # noqa: BLE001 - ITK raises RuntimeError, and others on odd headers
         raise SlabError(f"{path}: not a readable {suffix_of(path)} image ({one_line(err)})") from None
     data, affine = itk_volume(image, path)
@@ -288,7 +318,8 @@ def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     image.SetOrigin(lps[:3, 3].tolist())
     with atomic_write(path) as tmp:
         try:
-            sitk.WriteImage(image, str(tmp), True)  # compressed, as .nii.gz is
+            with native():
+                sitk.WriteImage(image, str(tmp), True)  # compressed, as .nii.gz is
         except RuntimeError as err:
             raise SlabError(f"{path}: cannot write {array.dtype} as {suffix_of(path)} ({one_line(err)})") from None
 
@@ -299,7 +330,7 @@ def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def _series_files(directory: Path) -> list[str]:
     reader = sitk.ImageSeriesReader()
-    with keep_locale():
+    with native():
         try:
             series = reader.GetGDCMSeriesIDs(str(directory))
         except RuntimeError as err:
@@ -382,7 +413,7 @@ def read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     check_memory(2 * rows * cols * len(files) * 4, str(directory))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    with keep_locale():
+    with native():
         try:
             image = reader.Execute()
         except Exception as err:  # noqa: BLE001 - GDCM errors on damaged files
@@ -413,7 +444,7 @@ def directory_kind(directory: Path) -> tuple[str, list[Path]]:
                             "itself (e.g. its images/)")
         raise SlabError(f"{directory}: empty directory; expected {EXPECTED}")
     if not slices:
-        with keep_locale():
+        with native():
             try:
                 series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
             except RuntimeError:

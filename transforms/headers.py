@@ -202,8 +202,15 @@ def check_metaimage(path) -> dict:
     header_size = fields.get("headersize", "0")
     if not re.fullmatch(r"-?\d{1,12}", header_size) or int(header_size) < -1:
         raise SlabError(f"{path}: HeaderSize = {header_size[:20]!r}; expected an integer >= -1")
-    compressed = fields.get("compresseddata", "false").lower() in ("true", "1", "yes")
-    check_claim(path, claimed, max(0, available - max(0, int(header_size))), "gzip" if compressed else "raw")
+    for key in ("binarydata", "binarydatabyteordermsb", "elementbyteordermsb", "compresseddata"):
+        if key in fields and fields[key].lower() not in ("true", "false", "1", "0"):
+            raise SlabError(f"{path}: {key} = {fields[key][:20]!r}; expected True or False")
+    compressed = fields.get("compresseddata", "false").lower() in ("true", "1")
+    binary = fields.get("binarydata", "true").lower() in ("true", "1")
+    encoding = "gzip" if compressed else "raw" if binary else "text"
+    if encoding == "text":
+        claimed = math.prod(sizes) * channels  # one value per at least two characters
+    check_claim(path, claimed, max(0, available - max(0, int(header_size))), encoding)
     return {"sizes": sizes, "channels": channels, "claimed": claimed}
 
 

@@ -38,6 +38,7 @@ from transforms.formats import (  # noqa: F401 - re-exported: the public names o
     check_stack_target,
     directory_kind,
     keep_locale,
+    native,
     natural_key,
     open_nifti,
     read_dicom,
@@ -129,7 +130,8 @@ def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         try:
-            reader.ReadImageInformation()
+            with native():
+                reader.ReadImageInformation()
         except Exception as err:  # noqa: BLE001
             raise SlabError(f"{path}: not a readable {suffix_of(path)} image ({err})") from None
         size = reader.GetSize()

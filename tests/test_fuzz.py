@@ -1,0 +1,284 @@
+"""Fuzzing (hypothesis, bounded): the RLE codec, both CSV readers, the volume loader on mutated
+NIfTI / NRRD / MHA / PNG / TIFF bytes, network / bundle / training configs and datalists.
+
+Only :class:`SlabError` may escape, and nothing may allocate past a bound: every example runs
+under an address-space cap of 1 GiB above what the process already maps, and a refusal must come
+from slab's own checks (a message about an allocation that failed means a header was trusted).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import resource
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import imagecodecs
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from transforms.errors import SlabError
+
+SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large])
+ALLOCATION_WORDS = ("alloc", "memory", "bad_alloc")
+
+
+def _mapped_bytes() -> int:
+    for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextmanager
+def memory_cap(extra: int = 1 << 30):
+    """Cap the address space at what is mapped now plus ``extra`` while the block runs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _mapped_bytes() + extra
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def only_slab_errors(fn, *args, **kwargs):
+    """``fn(*args)`` under the memory cap; a SlabError is fine unless it reports a failed allocation."""
+    with memory_cap():
+        try:
+            fn(*args, **kwargs)
+        except SlabError as err:
+            message = str(err).lower()
+            assert not any(word in message for word in ALLOCATION_WORDS) or "needs" in message, message
+            assert "\n" not in str(err), str(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# RLE and CSVs
+
+
+rle_text = st.one_of(
+    st.text(alphabet="0123456789 -+\t\n", max_size=60),
+    st.lists(st.integers(-10, 2 ** 70), max_size=8).map(lambda xs: " ".join(map(str, xs))),
+    st.text(max_size=30),
+)
+
+
+@settings(**SETTINGS, max_examples=300)
+@given(rle=rle_text, rows=st.integers(1, 9), cols=st.integers(1, 9), order=st.sampled_from(["C", "F"]))
+def test_rle_decode_takes_anything(rle, rows, cols, order):
+    from transforms.rle import rle_decode, rle_encode
+
+    try:
+        mask = rle_decode(rle, (rows, cols), order)
+    except SlabError:
+        return
+    assert mask.shape == (rows, cols) and mask.dtype == np.uint8
+    assert np.array_equal(rle_decode(rle_encode(mask, order), (rows, cols), order), mask)
+
+
+@settings(**SETTINGS, max_examples=150)
+@given(data=st.one_of(st.binary(max_size=300),
+                      st.lists(st.lists(st.text(max_size=12), max_size=4), max_size=5).map(
+                          lambda rows: "\n".join(",".join(r) for r in [["id", "rle"]] + rows).encode()),
+                      st.lists(st.tuples(st.sampled_from(["kidney_1_0000", "kidney_1_0001", "k_x", ""]), rle_text),
+                               max_size=4).map(
+                          lambda rows: ("id,rle\n" + "".join(f"{i},{r}\n" for i, r in rows)).encode())))
+def test_sennet_csv_reader_takes_anything(tmp_path, data):
+    from transforms.rle import read_sennet_rles, sennet_label
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "train_rles.csv"
+    path.write_bytes(data)
+
+    def read():
+        for rles in read_sennet_rles(path).values():
+            sennet_label(rles, (4, 3, 2))
+
+    only_slab_errors(read)
+
+
+@settings(**SETTINGS, max_examples=150)
+@given(data=st.one_of(st.binary(max_size=300),
+                      st.lists(st.tuples(st.sampled_from(["case1_day2_slice_0001", "case1_day2_slice_0009", "x"]),
+                                         st.sampled_from(["stomach", "large_bowel", "liver", ""]), rle_text),
+                               max_size=4).map(
+                          lambda rows: ("id,class,segmentation\n" + "".join(
+                              f"{i},{c},{r}\n" for i, c, r in rows)).encode())))
+def test_uwmgi_csv_reader_takes_anything(tmp_path, data):
+    from transforms.rle import read_uwmgi_rles, uwmgi_label
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "train.csv"
+    path.write_bytes(data)
+
+    def read():
+        for rles in read_uwmgi_rles(path).values():
+            uwmgi_label(rles, (4, 3, 2))
+
+    only_slab_errors(read)
+
+
+# ---------------------------------------------------------------------------------------------
+# Volume files with mutated bytes
+
+
+def _nifti(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6), np.diag([0.5, 0.5, 2, 1])), path)
+
+
+def _itk(path: Path) -> None:
+    image = sitk.GetImageFromArray(np.arange(120, dtype=np.uint8).reshape(6, 5, 4))
+    image.SetSpacing((0.5, 0.5, 2.0))
+    sitk.WriteImage(image, str(path), path.suffix == ".nrrd")  # the NRRD compressed, the MHA raw
+
+
+def _stack(path: Path, fmt: str) -> None:
+    path.mkdir()
+    for z in range(2):
+        image = np.full((5, 4), 40 * z, np.uint16)
+        if fmt == "png":
+            (path / f"{z:04d}.png").write_bytes(imagecodecs.png_encode(image))
+        else:
+            tifffile.imwrite(path / f"{z:04d}.tif", image)
+
+
+def _mutate(data: bytes, edits, header: int) -> bytes:
+    out = bytearray(data)
+    for kind, where, value in edits:
+        if not out:
+            break
+        at = where % min(len(out), header)
+        if kind == "set":
+            out[at] = value % 256
+        elif kind == "int32":
+            out[at:at + 4] = (int(value) % 2 ** 32).to_bytes(4, "little")
+        elif kind == "truncate":
+            out = out[:at]
+        elif kind == "insert":
+            out[at:at] = bytes([value % 256]) * (1 + value % 7)
+        elif kind == "digits":  # text headers: a number grows or turns negative
+            out[at:at] = str(value).encode()
+    return bytes(out)
+
+
+edits = st.lists(st.tuples(st.sampled_from(["set", "int32", "truncate", "insert", "digits"]),
+                           st.integers(0, 10 ** 6), st.integers(-(2 ** 31), 2 ** 32 - 1)), min_size=1, max_size=6)
+FORMATS = {
+    "nii": (lambda p: _nifti(p), "v.nii", 352),
+    "nii.gz": (lambda p: _nifti(p), "v.nii.gz", 352),
+    "mha": (lambda p: _itk(p), "v.mha", 400),
+    "nrrd": (lambda p: _itk(p), "v.nrrd", 300),
+    "png": (lambda p: _stack(p, "png"), "s", 60),
+    "tif": (lambda p: _stack(p, "tif"), "s", 200),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@settings(**SETTINGS, max_examples=80)
+@given(changes=edits)
+def test_the_loader_takes_mutated_files(tmp_path, fmt, changes):
+    from transforms.io import load_volume
+
+    make, name, header = FORMATS[fmt]
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    path = folder / name
+    make(path)
+    if fmt == "nii.gz":  # mutate the header inside the gzip stream, as a writer's bug would
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(_mutate(raw, changes, header)))
+    elif path.is_dir():
+        victim = sorted(path.iterdir())[1]
+        victim.write_bytes(_mutate(victim.read_bytes(), changes, header))
+    else:
+        path.write_bytes(_mutate(path.read_bytes(), changes, header))
+
+    def load():
+        volume = load_volume(path)
+        assert volume.ndim == 4 and volume.numel() * volume.element_size() <= 1032 * 4096
+
+    only_slab_errors(load)
+    only_slab_errors(lambda: load_volume(path, lazy=True)[:, :1] if fmt in ("nii", "png", "tif") else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and datalists
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 40), 2 ** 40), st.floats(allow_nan=True),
+              st.text(max_size=8), st.sampled_from(["unet", "xy", "flips", "2.5d", "3d", "instance", "$@x", "@y"])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+small_ints = st.lists(st.integers(-2, 40), min_size=0, max_size=5)
+
+
+def network_configs():
+    return st.fixed_dictionaries(
+        {"name": st.sampled_from(["unet", "basic_unet", "segresnet", "swin_unetr", "flexible_unet", "nope", 3]),
+         "spatial_dims": st.sampled_from([2, 3, 1, "2", None]),
+         "in_channels": st.sampled_from([1, 3, 0, -1, 2.5, "3"]),
+         "out_channels": st.sampled_from([1, 2, 0, None])},
+        optional={"channels": st.one_of(small_ints, json_values), "strides": st.one_of(small_ints, json_values),
+                  "features": small_ints, "feature_size": st.sampled_from([12, 0, 7, 24, 10 ** 9]),
+                  "depths": small_ints, "init_filters": st.integers(-1, 16), "blocks_down": small_ints,
+                  "backbone": st.sampled_from(["resnet10", "efficientnet-b0", "vgg", 5]),
+                  "offsets": st.one_of(small_ints, json_values), "planes": json_values, "roi_size": small_ints,
+                  "labels": json_values, "kernel_size": st.integers(-1, 7), "num_res_units": st.integers(-1, 3),
+                  "bogus": json_values})
+
+
+@settings(**SETTINGS, max_examples=150)
+@given(config=network_configs())
+def test_network_configs_take_anything(config):
+    from pipeline.infer import Predictor
+
+    only_slab_errors(lambda: Predictor(config, normalize=None))
+
+
+@settings(**SETTINGS, max_examples=120)
+@given(section=st.fixed_dictionaries({"network": st.one_of(network_configs(), json_values)},
+                                     optional={k: json_values for k in ("planes", "offsets", "tta", "normalize",
+                                                                        "postprocess", "roi_size", "overlap",
+                                                                        "batch_size", "mode", "labels")}))
+def test_bundle_sections_take_anything(tmp_path, section):
+    from pipeline.infer import Predictor
+
+    bundle = Path(tempfile.mkdtemp(dir=tmp_path))
+    (bundle / "configs").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps({"slab": section}), encoding="utf-8")
+    only_slab_errors(lambda: Predictor.from_bundle(bundle))
+
+
+@settings(**SETTINGS, max_examples=200)
+@given(config=st.dictionaries(st.sampled_from(["task", "network", "offsets", "planes", "normalize", "epochs",
+                                               "batch_size", "samples_per_epoch", "patch_size", "lr", "augment",
+                                               "val", "classification", "loss", "seed", "warmup_epochs"]),
+                              json_values, max_size=6))
+def test_training_configs_take_anything(config):
+    from pipeline.train import validate_config
+
+    only_slab_errors(validate_config, config)
+
+
+@settings(**SETTINGS, max_examples=200)
+@given(datalist=st.one_of(json_values, st.fixed_dictionaries(
+    {"training": st.lists(st.dictionaries(st.sampled_from(["image", "label", "fold", "case", "targets"]),
+                                          json_values, max_size=5), max_size=3)},
+    optional={"validation": json_values, "n_folds": json_values, "labels": json_values})),
+    fold=st.sampled_from([None, 0, 1, -1, "a"]))
+def test_datalists_take_anything(tmp_path, datalist, fold):
+    from pipeline.datasets import load_datalist
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "datalist.json"
+    path.write_text(json.dumps(datalist), encoding="utf-8")
+    only_slab_errors(load_datalist, path, fold=fold)
