@@ -254,3 +254,37 @@ def test_bad_input(call, message):
     a[1:3, 1:3, 1:3] = 1
     with pytest.raises(SlabError, match=message):
         call(a, a.copy())
+
+
+@pytest.mark.parametrize("angle", [0.3, 1.1])
+def test_oblique_affine_scores_as_its_spacing(tmp_path, angle, capsys):
+    """A rotated affine stored in float32 (NIfTI's sform) has column lengths 0.5000000035 where the
+    voxel size is 0.5; the score must be the one of spacing 0.5, as surface-distance gives it and
+    as the same data in an axis-aligned file gives it."""
+    import json
+
+    import nibabel as nib
+
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(3)
+    truth = np.zeros((24, 20, 16), np.uint8)
+    truth[5:17, 4:15, 3:12] = 1
+    pred = truth.copy()
+    pred[5:17, 4:15, 11:13] = 1  # a surface moved by two voxels: exactly 1 mm at 0.5 mm
+    pred[rng.random(pred.shape) < 0.01] ^= 1
+    c, s = np.cos(angle), np.sin(angle)
+    rotated = np.eye(4)
+    rotated[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.diag([0.5, 0.5, 0.5])
+    rotated[:3, 3] = [-30.0, 12.0, 4.0]
+    scores = {}
+    for name, affine in (("oblique", rotated), ("aligned", np.diag([0.5, 0.5, 0.5, 1.0]))):
+        for kind, data in (("pred", pred), ("truth", truth)):
+            nib.save(nib.Nifti1Image(data, affine.astype(np.float32)), tmp_path / f"{name}_{kind}.nii.gz")
+        assert main(["evaluate", str(tmp_path / f"{name}_pred.nii.gz"), str(tmp_path / f"{name}_truth.nii.gz"),
+                     "--tolerance", "0", "1", "2"]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)["surface_dice"]
+    assert scores["oblique"] == scores["aligned"]
+    for tolerance in (1.0, 2.0):
+        assert scores["oblique"][str(tolerance)] == pytest.approx(reference(pred, truth, (0.5, 0.5, 0.5), tolerance),
+                                                                  abs=1e-9)

@@ -224,3 +224,43 @@ def test_train_3d_any_volume_and_patch_size(tmp_path_factory, shapes, patch_step
            "patch_size": patch, "progress": False, "val": {"thresholds": [0.5]}}
     result = train(root / "datalist.json", cfg, root / "run", device="cpu")
     assert np.isfinite(result["history"][0]["train_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: files of any shape in, files of the same shape and geometry out
+
+
+@settings(**SETTINGS, max_examples=8)
+@given(shape=st.tuples(*[st.integers(1, 40)] * 3), name=st.sampled_from(["unet", "segresnet", "basic_unet"]),
+       tta=st.sampled_from(["none", "flips"]), axes=st.sampled_from(["xy", "xy,zx,zy"]),
+       on_disk=st.booleans(), stack=st.booleans())
+def test_slab_predict_any_shape_keeps_shape_and_geometry(tmp_path_factory, shape, name, tta, axes, on_disk, stack):
+    import json
+
+    import nibabel as nib
+
+    from networks import save_weights
+    from pipeline.cli import main
+    from transforms.io import load_volume, save_volume
+
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    net = config(name, 2)
+    (root / "net.json").write_text(json.dumps(net), encoding="utf-8")
+    save_weights(build_network(**net), root / "net.pt")
+    data = (np.random.default_rng(sum(shape)).random(shape) * 1000).astype(np.uint16)
+    affine = oblique_affine((0.7, 0.9, 2.5), 0.5)
+    if stack:
+        source = save_volume(torch.from_numpy(data)[None], root / "slices", slice_format="png")
+        affine = np.eye(4)
+    else:
+        source = root / "scan.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), source)
+    args = ["predict", "-i", str(source), "-o", str(root / "mask.nii.gz"), "--prob", str(root / "prob.nii.gz"),
+            "--network", str(root / "net.json"), "--weights", str(root / "net.pt"), "--tta", tta, "--axes", axes,
+            "--device", "cpu"] + (["--memory-budget", "0.0001"] if on_disk else [])
+    assert main(args) == 0
+    for written in ("mask.nii.gz", "prob.nii.gz"):
+        out = load_volume(root / written)
+        assert tuple(out.shape) == (1, *shape)
+        np.testing.assert_allclose(np.asarray(out.affine), affine, atol=1e-5)

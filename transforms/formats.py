@@ -88,8 +88,17 @@ def run_parallel(fn: Callable[[int], None], items: Iterable[int], workers: int |
             raise
 
 
-def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+def spacing_of(affine: np.ndarray, declared: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """The voxel size of ``affine``: the lengths of its axes, or the size the file ``declared``
+    (a NIfTI's pixdim, ITK's spacing) where those agree to float32 precision. The lengths of a
+    rotated float32 affine's columns carry rounding (0.5000000035 for 0.5), which would move
+    distances that are exactly a tolerance out of it."""
+    lengths = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    if declared is not None and len(declared) >= 3:
+        exact = np.asarray([float(s) for s in declared[:3]])
+        if np.all(np.isfinite(exact)) and np.allclose(exact, lengths, rtol=1e-6, atol=0):
+            return tuple(float(s) for s in exact)
+    return tuple(float(s) for s in lengths)
 
 
 def with_spacing(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -241,7 +250,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     except Exception as err:  # noqa: BLE001 - zlib, EOF, OS errors of a damaged file
         raise SlabError(f"{path}: truncated or corrupt NIfTI ({one_line(err)})") from None
     data = data[np.newaxis] if data.ndim == 3 else np.moveaxis(data, -1, 0)
-    return data, image.affine, {"nifti_forms": nifti_forms(image)}
+    return data, image.affine, {"nifti_forms": nifti_forms(image), "declared_spacing": image.header.get_zooms()[:3]}
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, forms: dict | None = None) -> None:
@@ -298,7 +307,7 @@ def read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     except Exception as err:  # noqa: BLE001 - ITK raises RuntimeError, and others on odd headers
         raise SlabError(f"{path}: not a readable {suffix_of(path)} image ({one_line(err)})") from None
     data, affine = itk_volume(image, path)
-    return data, affine, {}
+    return data, affine, {"declared_spacing": image.GetSpacing()}
 
 
 def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -424,7 +433,7 @@ def read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         info = np.iinfo(stored)
         if info.min <= data.min() and data.max() <= info.max:
             data = data.astype(stored)  # ITK widens 16-bit CT to int32 for the intercept
-    return data, affine, {}
+    return data, affine, {"declared_spacing": image.GetSpacing()}
 
 
 # ---------------------------------------------------------------------------------------------

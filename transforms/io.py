@@ -161,6 +161,7 @@ def _load_channels(sources, spacing, lazy: bool, workers: int | None) -> MetaTen
     # (C, Z, Y, X) order keeps x fastest in each channel, like a single loaded volume.
     data = np.concatenate([v.numpy().transpose(0, 3, 2, 1) for v in volumes]).transpose(0, 3, 2, 1)
     extra = {k: v for k, v in volumes[0].meta.items() if k == "nifti_forms"}
+    extra["declared_spacing"] = volumes[0].meta["spacing"]
     return metatensor(data, np.asarray(volumes[0].affine), [str(s) for s in sources], None, extra)
 
 

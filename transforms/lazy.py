@@ -31,8 +31,11 @@ def check_affine(affine: np.ndarray, source) -> np.ndarray:
 def metatensor(array: np.ndarray, affine: np.ndarray, source, spacing=None, extra: dict | None = None) -> MetaTensor:
     """A loaded volume: ``array`` with its affine (RAS) and meta (source, spacing, shape, and the
     format's own geometry notes in ``extra``, e.g. a NIfTI's qform and sform)."""
+    extra = dict(extra or {})
+    declared = extra.pop("declared_spacing", None) if spacing is None else None
     affine = check_affine(affine if spacing is None else with_spacing(affine, spacing), source)
-    meta = {"filename_or_obj": source, "spacing": spacing_of(affine), "spatial_shape": tuple(array.shape[1:])}
+    meta = {"filename_or_obj": source, "spacing": spacing_of(affine, declared or spacing),
+            "spatial_shape": tuple(array.shape[1:])}
     if extra and spacing is None:
         meta.update(extra)
     return MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(affine), meta=meta)
@@ -94,9 +97,11 @@ class LazyVolume:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.affine = check_affine(affine if spacing is None else with_spacing(affine, spacing), source)
-        self.meta = {"filename_or_obj": source, "spacing": spacing_of(self.affine), "spatial_shape": self.shape[1:]}
         self.extra = dict(extra or {}) if spacing is None else {}
-        self.meta.update(self.extra)
+        declared = self.extra.get("declared_spacing") if spacing is None else spacing
+        self.meta = {"filename_or_obj": source, "spacing": spacing_of(self.affine, declared),
+                     "spatial_shape": self.shape[1:]}
+        self.meta.update({k: v for k, v in self.extra.items() if k != "declared_spacing"})
 
     @property
     def nbytes(self) -> int:
@@ -207,7 +212,7 @@ class NiftiVolume(LazyVolume):
         spatial = image.shape[:3]
         channels = image.shape[3] if len(image.shape) == 4 else 1
         super().__init__((channels,) + spatial, nifti_dtype(image), image.affine, str(path), spacing,
-                         {"nifti_forms": nifti_forms(image)})
+                         {"nifti_forms": nifti_forms(image), "declared_spacing": image.header.get_zooms()[:3]})
 
     def _read(self, c, x, y, z) -> np.ndarray:
         try:
