@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from transforms.errors import SlabError
+from transforms.errors import SlabError, SlabWarning
 from transforms.io import atomic_write, check_same_geometry, load_volume, natural_key, save_volume
+from transforms.lazy import SliceStack
 from transforms.rle import UWMGI_CLASSES, read_csv_rows, read_sennet_rles, read_uwmgi_rles, sennet_label, uwmgi_label
 
 KINDS = ("sennet", "uwmgi", "brats", "rsna-spine")
@@ -41,7 +42,29 @@ RSNA_TARGETS = RSNA_VERTEBRAE + ("patient_overall",)
 _UWMGI_SCAN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d*)?)_(\d+(?:\.\d*)?)\.png$")
 _SENNET_KIDNEY = re.compile(r"^(kidney_\d+)(?:_|$)")
 
-Save = Callable[..., str]  # save(volume, relative path, affine=None) -> the final absolute path
+class Staging:
+    """Where an adapter writes what it converts: into a staging folder that becomes
+    ``out_dir/volumes`` only when the whole dataset has converted. Paths it returns are final."""
+
+    def __init__(self, staging: Path, final: Path):
+        self.staging, self.final = staging, final
+        self.skipped: list[dict] = []  # cases left out, with the reason
+
+    def save(self, volume, relative: str, affine=None) -> str:
+        """Write ``volume`` at ``volumes/<relative>``; its final absolute path."""
+        save_volume(volume, self.staging / relative, affine=affine)
+        return str(self.final / relative)
+
+    def link(self, files: list[Path], relative: str) -> str:
+        """A folder ``volumes/<relative>`` of links to ``files`` (slices another volume owns)."""
+        folder = self.staging / relative
+        folder.mkdir(parents=True)
+        for path in files:
+            (folder / path.name).symlink_to(Path(path).resolve())
+        return str(self.final / relative)
+
+    def skip(self, case: str, reason: str) -> None:
+        self.skipped.append({"case": case, "reason": reason})
 
 
 def _natural(paths):
@@ -68,13 +91,30 @@ def _require_file(path: Path, what: str) -> Path:
 # SenNet + HOA (HiP-CT kidney vessels)
 
 
-def sennet_items(root: Path, save: Save) -> list[dict]:
+def _sennet_images(volume: Path, volumes: list[Path]) -> list[Path] | None:
+    """The image slices of a label-only volume (``kidney_3_dense``: its labels are a run of
+    ``kidney_3_sparse``'s slices, with the same file names), or None."""
+    labels = volume / "labels"
+    names = [p.name for p in _natural(labels.iterdir()) if p.is_file()] if labels.is_dir() else []
+    if (volume / "images").is_dir() or not names:
+        return None
+    siblings = [v for v in volumes if v != volume and _sennet_case(v.name) == _sennet_case(volume.name)
+                and (v / "images").is_dir()]
+    for sibling in sorted(siblings, key=lambda v: "sparse" not in v.name):  # competitors paired with _sparse
+        if all((sibling / "images" / name).is_file() for name in names):
+            return [sibling / "images" / name for name in names]
+    return None
+
+
+def sennet_items(root: Path, out: Staging) -> list[dict]:
     """``train/<name>/images/*.tif`` with ``labels/*.tif``, or labels from ``train_rles.csv``.
 
     The image is the slice directory itself. A volume without a label stack gets its label
     decoded from the CSV (ids ``<name>_<slice:04d>``) and written as NIfTI (0/1); a label stack
-    is used as it is (0/255). Volumes of one kidney (``kidney_1_dense``, ``kidney_1_voi``)
-    share a case.
+    is used as it is (0/255). A volume with labels but no images (``kidney_3_dense``) takes the
+    slices of the same names from its kidney's other volume (``kidney_3_sparse/images``), as the
+    competitors paired them: a folder of links to them is written. Volumes of one kidney
+    (``kidney_1_dense``, ``kidney_1_voi``) share a case.
     """
     train = _require_dir(root / "train", "train/<volume>/images/*.tif")
     volumes = _subdirs(train)
@@ -84,7 +124,12 @@ def sennet_items(root: Path, save: Save) -> list[dict]:
     items = []
     for volume in volumes:
         images, labels = volume / "images", volume / "labels"
-        image = load_volume(_require_dir(images, f"the image slices of {volume.name} (images/*.tif)"), lazy=True)
+        paired = _sennet_images(volume, volumes)
+        if paired is None:
+            image = load_volume(_require_dir(images, f"the image slices of {volume.name} (images/*.tif)"), lazy=True)
+        else:
+            image = SliceStack(paired[0].parent, paired)
+            images = Path(out.link(paired, f"{volume.name}/images"))
         item = {"id": volume.name, "case": _sennet_case(volume.name), "image": str(images)}
         if labels.is_dir():
             check_same_geometry(image, load_volume(labels, lazy=True), names=[str(images), str(labels)])
@@ -96,7 +141,7 @@ def sennet_items(root: Path, save: Save) -> list[dict]:
             if volume.name not in rles:
                 raise SlabError(f"{csv_path}: no rows for {volume.name}, whose {labels} is absent")
             label = sennet_label(rles[volume.name], image.shape[1:])
-            item["label"] = save(label[np.newaxis], f"{volume.name}/label.nii.gz", image.affine)
+            item["label"] = out.save(label[np.newaxis], f"{volume.name}/label.nii.gz", image.affine)
         items.append(item)
     return items
 
@@ -110,7 +155,7 @@ def _sennet_case(name: str) -> str:
 # UW-Madison GI Tract (MRI, 16-bit PNG slices, RLE labels)
 
 
-def uwmgi_items(root: Path, save: Save) -> list[dict]:
+def uwmgi_items(root: Path, out: Staging) -> list[dict]:
     """``train/caseN/caseN_dayM/scans/slice_XXXX_W_H_SX_SY.png`` and ``train.csv``.
 
     Each case-day becomes ``image.nii.gz`` with spacing ``(SX, SY, 3)`` mm and a 3-channel
@@ -135,8 +180,8 @@ def uwmgi_items(root: Path, save: Save) -> list[dict]:
         label = uwmgi_label(rles.pop(day.name), image.shape[1:], numbers)
         items.append({
             "id": day.name, "case": day.parent.name,
-            "image": save(image, f"{day.name}/image.nii.gz"),
-            "label": save(label, f"{day.name}/label.nii.gz", image.affine),
+            "image": out.save(image, f"{day.name}/image.nii.gz"),
+            "label": out.save(label, f"{day.name}/label.nii.gz", image.affine),
         })
     if rles:
         day = sorted(rles, key=natural_key)[0]
@@ -167,29 +212,41 @@ def _uwmgi_scans(scans: Path) -> tuple[list[int], tuple[int, int], tuple[float, 
 # BraTS 2020 (multi-modal brain MRI)
 
 
-def brats_items(root: Path, save: Save) -> list[dict]:
-    """``BraTS20_Training_XXX/*_{flair,t1,t1ce,t2,seg}.nii[.gz]``.
+def brats_items(root: Path, out: Staging) -> list[dict]:
+    """Case folders ``BraTS20_Training_XXX/*_{flair,t1,t1ce,t2,seg}.nii[.gz]`` at any depth under
+    ``root`` (the Kaggle download nests them in ``MICCAI_BraTS2020_TrainingData/``).
 
     The image is the list of the four modality files (loaded as channels); the label
     ``{0, 1, 2, 4}`` becomes 3 channels: tumour core (1, 4), whole tumour (1, 2, 4),
-    enhancing tumour (4).
+    enhancing tumour (4). A case whose segmentation is misnamed (``BraTS20_Training_355`` ships
+    ``W39_1998.09.19_Segm.nii``) uses its one ``*Segm.nii[.gz]``; a case missing a file is
+    skipped and reported, not the whole dataset.
     """
-    cases = [d for d in _subdirs(root) if d.name.startswith("BraTS")]
+    cases = _natural({p.parent for p in root.rglob("*.nii*") if p.parent.name.startswith("BraTS")})
     if not cases:
-        raise SlabError(f"{root}: no BraTS20_Training_XXX case directories")
+        raise SlabError(f"{root}: no BraTS20_Training_XXX case directories (at any depth)")
     items = []
     for case in cases:
-        images = [str(_brats_file(case, m)) for m in BRATS_MODALITIES]
-        seg_path = _brats_file(case, "seg")
-        seg = load_volume(seg_path)
-        check_same_geometry(*(load_volume(p, lazy=True) for p in images), seg, names=images + [str(seg_path)])
+        try:
+            images = [str(_brats_file(case, m)) for m in BRATS_MODALITIES]
+            seg_path = _brats_file(case, "seg")
+            seg = load_volume(seg_path)
+            check_same_geometry(*(load_volume(p, lazy=True) for p in images), seg, names=images + [str(seg_path)])
+            label = brats_label(seg.numpy()[0], seg_path)
+        except SlabError as err:
+            out.skip(case.name, str(err))
+            continue
         items.append({"id": case.name, "case": case.name, "image": images,
-                      "label": save(brats_label(seg.numpy()[0], seg_path), f"{case.name}/label.nii.gz", seg.affine)})
+                      "label": out.save(label, f"{case.name}/label.nii.gz", seg.affine)})
+    if not items:
+        raise SlabError(f"{root}: no usable BraTS case ({len(out.skipped)} skipped; first: {out.skipped[0]['reason']})")
     return items
 
 
 def _brats_file(case: Path, modality: str) -> Path:
     found = [p for p in case.iterdir() if p.name.endswith((f"_{modality}.nii", f"_{modality}.nii.gz"))]
+    if not found and modality == "seg":
+        found = [p for p in case.iterdir() if re.search(r"seg(m)?\.nii(\.gz)?$", p.name, re.IGNORECASE)]
     if len(found) != 1:
         what = "missing" if not found else f"{len(found)} files"
         raise SlabError(f"{case / f'{case.name}_{modality}.nii.gz'}: {what}; expected one *_{modality}.nii[.gz]")
@@ -209,7 +266,7 @@ def brats_label(seg: np.ndarray, source="seg") -> np.ndarray:
 # RSNA 2022 cervical spine fracture (CT DICOM, vertebra segmentations for some studies)
 
 
-def rsna_spine_items(root: Path, save: Save) -> list[dict]:
+def rsna_spine_items(root: Path, out: Staging) -> list[dict]:
     """``train_images/<StudyUID>/*.dcm``, ``segmentations/<StudyUID>.nii``, ``train.csv``.
 
     The image is the DICOM directory; ``targets`` holds C1..C7 and patient_overall (0/1).
@@ -252,7 +309,7 @@ def rsna_spine_items(root: Path, save: Save) -> list[dict]:
                 if label.min() < 0 or label.max() > 255 or not np.array_equal(label, np.round(label)):
                     raise SlabError(f"{segmentations[uid]}: expected integer vertebra labels 0..255")
                 label = label.astype(np.uint8)
-            item["label"] = save(label, f"{uid}/label.nii.gz", dicom.affine)
+            item["label"] = out.save(label, f"{uid}/label.nii.gz", dicom.affine)
         items.append(item)
     return items
 
@@ -297,8 +354,8 @@ def assign_folds(cases, n_folds: int, seed: int = 0) -> dict[str, int]:
     counts: dict[str, int] = {}
     for case in cases:
         counts[case] = counts.get(case, 0) + 1
-    if not 2 <= n_folds <= len(counts):
-        raise SlabError(f"folds: expected 2 to {len(counts)} (the number of cases), got {n_folds}")
+    if not 1 <= n_folds <= len(counts):
+        raise SlabError(f"folds: expected 1 to {len(counts)} (the number of cases), got {n_folds}")
     order = sorted(counts, key=natural_key)
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
     order.sort(key=lambda case: -counts[case])  # stable: the shuffle breaks ties
@@ -342,21 +399,25 @@ def build_datalist(kind: str, root, out_dir, n_folds: int = 5, seed: int = 0) ->
     created = not out_dir.exists()
     try:
         with atomic_write(out_dir / "datalist.json") as tmp:
-            staging = tmp.parent / "volumes"
-
-            def save(volume, relative: str, affine=None) -> str:
-                save_volume(volume, staging / relative, affine=affine)
-                return str(out_dir / "volumes" / relative)
-
-            items = sorted(adapter(root, save), key=lambda item: natural_key(item["id"]))
+            out = Staging(tmp.parent / "volumes", out_dir / "volumes")
+            items = sorted(adapter(root, out), key=lambda item: natural_key(item["id"]))
+            for skipped in out.skipped:
+                warnings.warn(f"{root}: skipped case {skipped['case']}: {skipped['reason']}", SlabWarning,
+                              stacklevel=2)
+            cases = len({item["case"] for item in items})
+            if n_folds > cases:
+                warnings.warn(f"folds: {n_folds} folds for {cases} case{'s' * (cases != 1)}; using "
+                              f"{max(1, cases)} (folds never split a case)", SlabWarning, stacklevel=2)
+                n_folds = max(1, cases)
             folds = assign_folds([item["case"] for item in items], n_folds, seed)
             for item in items:
                 item["fold"] = folds[item["case"]]
+            validation = [item for item in items if item["fold"] == 0] if n_folds > 1 else []
             datalist = {
                 "kind": kind, "root": str(root), "labels": labels, "label_format": label_format,
                 "n_folds": n_folds, "seed": seed,
-                "training": [item for item in items if item["fold"] != 0],
-                "validation": [item for item in items if item["fold"] == 0],
+                "training": [item for item in items if item not in validation],
+                "validation": validation, "skipped": out.skipped,
             }
             tmp.write_text(json.dumps(datalist, indent=1) + "\n", encoding="utf-8")
     except BaseException:

@@ -156,7 +156,7 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
     from pipeline.phantom import write_phantom
     from transforms.io import atomic_write, load_volume, save_volume
 
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # the datalist's paths are absolute: they resolve from anywhere
     shape = [int(s) for s in shape]
     tag = f"{kind}_{'x'.join(map(str, shape))}_sp{'x'.join(f'{float(s):g}' for s in spacing)}"
     seeds = [int(s) for s in train_seeds] + [int(s) for s in val_seeds]

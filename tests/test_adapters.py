@@ -11,7 +11,7 @@ import tifffile
 
 from pipeline.adapters import assign_folds, brats_label, build_datalist, split_datalist
 from pipeline.cli import main
-from transforms.errors import SlabError
+from transforms.errors import SlabError, SlabWarning
 from transforms.io import keep_locale
 
 X, Y, Z = 16, 12, 3  # slice images are Y rows x X columns
@@ -89,6 +89,33 @@ def test_sennet(sennet, tmp_path):
     assert items["kidney_1_voi"]["label"] == str(out / "volumes/kidney_1_voi/label.nii.gz")
     np.testing.assert_array_equal(label, expected)
     np.testing.assert_array_equal(affine, np.eye(4))
+
+
+def test_sennet_as_downloaded_dense_labels_pair_with_sparse_images(sennet, tmp_path, rng, capsys):
+    """kidney_3_dense ships labels only: its slices are kidney_3_sparse's of the same names. The
+    default 5 folds exceed the 3 kidneys: 3 folds, with a warning. The 0/255 label stacks then
+    score and render like 0/1 masks."""
+    dense = (rng.random((X, Y, 2)) < 0.3).astype(np.uint8) * 255
+    write_stack(sennet / "train" / "kidney_3_dense" / "labels", dense, first=1)  # slices 0001, 0002
+    out = tmp_path / "out"
+    with pytest.warns(SlabWarning, match="5 folds for 3 cases; using 3"):
+        build_datalist("sennet", sennet, out)
+    datalist = load_datalist(out)
+    assert datalist["n_folds"] == 3
+    item = all_items(datalist)["kidney_3_dense"]
+    assert item["case"] == "kidney_3" and item["image"] == str(out / "volumes/kidney_3_dense/images")
+    assert sorted(p.name for p in (out / "volumes/kidney_3_dense/images").iterdir()) == ["0001.tif", "0002.tif"]
+    from transforms.io import load_volume
+
+    np.testing.assert_array_equal(load_volume(item["image"]).numpy()[0],
+                                  load_volume(sennet / "train/kidney_3_sparse/images").numpy()[0][:, :, 1:])
+    assert all_items(datalist)["kidney_3_sparse"]["fold"] == item["fold"]  # one kidney, one fold
+    label = item["label"]
+    assert main(["evaluate", label, label, "--tolerance", "0", "1"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["dice"] == 1.0 and scores["surface_dice"]["0.0"] == 1.0
+    assert main(["render", label, label, "-o", str(tmp_path / "hits.png"), "--views", "1"]) == 0
+    assert (tmp_path / "hits.png").is_file()
 
 
 def test_sennet_bad_roots(sennet, tmp_path):
@@ -281,22 +308,44 @@ def test_brats_label_values():
         brats_label(np.array([0, 3, 4]), "x_seg.nii")
 
 
-def test_brats_bad_roots(brats, tmp_path):
-    out = tmp_path / "out"
+def test_brats_bad_cases_are_skipped_and_reported(brats, tmp_path):
     case = brats / "BraTS20_Training_003"
     seg = nib.load(case / "BraTS20_Training_003_seg.nii")
-    write_nifti(case / "BraTS20_Training_003_seg.nii", np.full((6, 5, 4), 3, np.uint8), seg.affine)
-    with pytest.raises(SlabError, match=r"BraTS20_Training_003_seg.nii: unexpected label values \[3\]"):
-        build_datalist("brats", brats, out, n_folds=2)
-    write_nifti(case / "BraTS20_Training_003_seg.nii", np.zeros((6, 5, 3), np.uint8), seg.affine)
-    with pytest.raises(SlabError, match=r"BraTS20_Training_003_seg.nii: spatial shape"):
-        build_datalist("brats", brats, out, n_folds=2)
-    (case / "BraTS20_Training_003_t1ce.nii.gz").unlink()
-    with pytest.raises(SlabError, match=r"BraTS20_Training_003_t1ce.nii.gz: missing"):
-        build_datalist("brats", brats, out, n_folds=2)
+    problems = [
+        (lambda: write_nifti(case / "BraTS20_Training_003_seg.nii", np.full((6, 5, 4), 3, np.uint8), seg.affine),
+         r"BraTS20_Training_003_seg.nii: unexpected label values \[3\]"),
+        (lambda: write_nifti(case / "BraTS20_Training_003_seg.nii", np.zeros((6, 5, 3), np.uint8), seg.affine),
+         r"BraTS20_Training_003_seg.nii: spatial shape"),
+        (lambda: (case / "BraTS20_Training_003_t1ce.nii.gz").unlink(), r"BraTS20_Training_003_t1ce.nii.gz: missing"),
+    ]
+    for n, (break_it, reason) in enumerate(problems):
+        break_it()
+        out = tmp_path / f"out{n}"
+        with pytest.warns(SlabWarning, match=f"skipped case BraTS20_Training_003: .*{reason}"):
+            build_datalist("brats", brats, out, n_folds=2)
+        datalist = load_datalist(out)
+        assert sorted(all_items(datalist)) == ["BraTS20_Training_001", "BraTS20_Training_002"]
+        assert [s["case"] for s in datalist["skipped"]] == ["BraTS20_Training_003"]
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SlabError, match=r"no BraTS20_Training_XXX case directories"):
-        build_datalist("brats", case, out, n_folds=2)
-    assert not out.exists()
+        build_datalist("brats", tmp_path / "empty", tmp_path / "none", n_folds=2)
+    assert not (tmp_path / "none").exists()
+
+
+def test_brats_as_kaggle_ships_it_nested_with_the_misnamed_case(brats, tmp_path):
+    """The Kaggle download: cases under MICCAI_BraTS2020_TrainingData/, and case 355's
+    segmentation named W39_1998.09.19_Segm.nii."""
+    nested = tmp_path / "kaggle" / "BraTS2020_TrainingData" / "MICCAI_BraTS2020_TrainingData"
+    nested.parent.mkdir(parents=True)
+    brats.rename(nested)
+    case = nested / "BraTS20_Training_002"
+    (case / "BraTS20_Training_002_seg.nii").rename(case / "W39_1998.09.19_Segm.nii")
+    out = tmp_path / "out"
+    build_datalist("brats", tmp_path / "kaggle", out, n_folds=3)
+    items = all_items(load_datalist(out))
+    assert sorted(items) == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
+    label, _ = read_nifti(items["BraTS20_Training_002"]["label"])
+    assert label.shape == (6, 5, 4, 3) and label[3, 3, 3].tolist() == [1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,10 +476,9 @@ def test_assign_folds_grouped_and_balanced():
     assert sorted(sizes) == [4, 4, 4]          # greedy by size: a | b + e | c + d
     assert folds == assign_folds(cases, 3, seed=0)
     assert len({tuple(sorted(assign_folds(list("abcdef"), 3, seed=s).items())) for s in range(6)}) > 1
-    with pytest.raises(SlabError, match="folds: expected 2 to 5"):
+    with pytest.raises(SlabError, match="folds: expected 1 to 5"):
         assign_folds(cases, 6)
-    with pytest.raises(SlabError, match="folds: expected 2 to 5"):
-        assign_folds(cases, 1)
+    assert set(assign_folds(cases, 1).values()) == {0}
 
 
 def test_split_datalist(brats, tmp_path):
@@ -453,7 +501,9 @@ def test_cli(sennet, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("slab: error: ") and "missing" in err and err.count("\n") == 1
     assert not (tmp_path / "o2").exists()
-    assert main(["dataset", "sennet", str(sennet), str(tmp_path / "o3"), "--folds", "9"]) == 2
-    assert "folds: expected 2 to 3" in capsys.readouterr().err
+    assert main(["dataset", "sennet", str(sennet), str(tmp_path / "o3"), "--folds", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "slab: warning: folds: 9 folds for 3 cases; using 3" in captured.err
+    assert "(fold 0 of 3)" in captured.out
     assert main(["dataset", "kaggle", str(sennet), str(out)]) == 2
     assert "argument KIND: invalid choice: 'kaggle'" in capsys.readouterr().err

@@ -282,3 +282,22 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
     assert recorded_postprocess({"threshold": 0.5}, tmp_path / "elsewhere.pt", 3) == {"threshold": 0.5}
     with pytest.raises(SlabError, match=rf"^{weights.with_suffix('.json')}: threshold has 3 values; .* 2 labels"):
         recorded_postprocess({"threshold": 0.5}, weights, 2)
+
+
+@pytest.mark.parametrize("name", ["vessel_2p5d", "gi_tract_2p5d", "brats_3d"])
+def test_training_writes_only_under_a_relative_output_dir(name, tmp_path, monkeypatch):
+    """A bundle's training never touches the repository (the shipped weights stay as they are);
+    a relative --output_dir resolves from the working directory, phantom datalists included."""
+    import hashlib
+
+    def digest(folder: Path) -> dict:
+        return {str(p): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(BUNDLES_DIR)
+    monkeypatch.chdir(tmp_path)
+    (result,) = run_bundle(BUNDLES_DIR / name, ("train.json",), output_dir="relative/run", device="cpu",
+                           **{"training#epochs": 1, "training#progress": False}, **TINY[name])
+    assert Path(result["exported"]).resolve() == (tmp_path / "relative" / "run" / "models" / "model.pt")
+    assert digest(BUNDLES_DIR) == before
+    default = json.loads((BUNDLES_DIR / name / "configs" / "inference.json").read_text(encoding="utf-8"))
+    assert default["output_dir"] == f"eval/{name}"  # relative: the working directory, never the bundle

@@ -29,10 +29,11 @@ def paths(args) -> tuple[dict, dict]:
 def run(args) -> int:
     path = build_datalist(args.kind, args.root, args.out_dir, n_folds=args.folds, seed=args.seed)
     datalist = json.loads(path.read_text(encoding="utf-8"))
-    args.folds = datalist["n_folds"]
     items = datalist["training"] + datalist["validation"]
     labelled = sum("label" in item for item in items)
     cases = len({item["case"] for item in items})
+    skipped = f", {len(datalist['skipped'])} case(s) skipped" if datalist.get("skipped") else ""
     print(f"wrote {path}: {len(items)} items ({labelled} labelled) from {cases} cases, "
-          f"{len(datalist['training'])} training / {len(datalist['validation'])} validation (fold 0 of {args.folds})")
+          f"{len(datalist['training'])} training / {len(datalist['validation'])} validation "
+          f"(fold 0 of {datalist['n_folds']}){skipped}")
     return 0

@@ -59,6 +59,6 @@ def run(args) -> int:
         mask = post(volume, roi)
     except SlabError as err:
         raise SlabError(f"{args.input}: {err}") from None
-    save_volume(mask, args.output)
+    save_volume(mask, args.output, mask=True)  # a slice stack of 0/255, as SenNet's labels
     print(f"wrote {args.output}: {tuple(mask.shape)} uint8, {int(mask.sum())} foreground voxels")
     return 0
