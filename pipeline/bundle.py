@@ -293,7 +293,8 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
                                                                              "surface_dice")},
                 "classes": scores["classes"], "spacing": list(spacing)}
         if render:
-            from pipeline.render import cross_sections, render_hits
+            from pipeline.render import render_hits
+            from pipeline.sections import cross_sections
 
             stem = _stem(pair["image"])
             image = load_volume(pair["image"])
@@ -304,7 +305,7 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
                 hits = render_hits(mask, truth, out / f"{stem}_hits{suffix}.png", spacing=spacing, views=views,
                                    image=image[0], title=title, scores=shown, channel=c)
                 sections = cross_sections(image[0], mask, truth, out / f"{stem}_sections{suffix}.png",
-                                          spacing=spacing, title=title, channel=c)
+                                          spacing=spacing, title=title, channel=c, affine=np.asarray(truth.affine))
                 case.setdefault("pictures", []).extend([str(hits["path"]), str(sections["path"])])
         cases.append(case)
     keys = ("dice", "iou", "precision", "recall")

@@ -4,8 +4,8 @@ Every voxel of ``pred ∪ truth`` is a *hit* (true positive, yellow), a *false p
 or a *miss* (false negative, red). :func:`render_hits` draws the surfaces of the three
 categories in one off-screen pyvista scene from several angles, with the scores in the title;
 :func:`export_mesh` writes the same surfaces to a mesh file for interactive viewing;
-:func:`cross_sections` shows three orthogonal sections of the image with the outlines of
-prediction and truth.
+:func:`pipeline.sections.cross_sections` shows three orthogonal sections of the image with the
+outlines of prediction and truth.
 
 Large volumes are reduced for display only: blocks of ``f³`` voxels become one display voxel
 that is foreground when any voxel in the block is (so one-voxel vessels survive), labelled
@@ -24,7 +24,6 @@ import numpy as np
 import pyvista as pv
 import torch
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from pipeline.metrics import evaluate
@@ -173,9 +172,14 @@ def _surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int) -> pv.Po
         return None
     step = tuple(factor * s for s in spacing)
     # Display voxel j covers voxels [j f, (j + 1) f): its centre sits at ((f - 1) / 2 + j f) * spacing.
-    grid = pv.ImageData(dimensions=labels.shape, spacing=step, origin=tuple((factor - 1) / 2 * s for s in spacing))
+    # One empty display voxel around the map closes every surface (a one-slice volume too).
+    labels = np.pad(labels, 1)
+    origin = tuple((factor - 1) / 2 * s - t for s, t in zip(spacing, step))
+    grid = pv.ImageData(dimensions=labels.shape, spacing=step, origin=origin)
     grid.point_data["labels"] = labels.ravel(order="F")
     surface = grid.contour_labels("external", output_mesh_type="triangles", scalars="labels", simplify_output=True)
+    if surface.n_cells == 0:
+        return None
     category = np.asarray(surface.cell_data["boundary_labels"]).astype(np.uint8)  # the foreground side
     surface.clear_data()
     surface.cell_data["category"] = category
@@ -256,6 +260,7 @@ def render_hits(
     max_faces: int = 1_000_000,
     channel: int | None = None,
     mesh=None,
+    affine=None,
 ) -> dict:
     """Picture of hits (yellow), false positives (green) and misses (red) in 3D from several angles.
 
@@ -289,7 +294,9 @@ def render_hits(
         Label channel of a multi-channel ``pred``/``truth``.
     mesh : path, optional
         Also write the surfaces as a mesh file, as :func:`export_mesh` does (skipped, with a
-        note, when there is no surface).
+        note, when there is no surface), in world coordinates from ``affine``.
+    affine : (4, 4), optional
+        Voxel to world (RAS) of the volumes, for the mesh file; default ``diag(spacing)``.
 
     Returns
     -------
@@ -362,7 +369,7 @@ def render_hits(
     with atomic_write(out_png) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     if mesh is not None:
-        _write_mesh(surface, mesh)
+        _write_mesh(_to_world(surface, spacing, np.diag([*spacing, 1.0]) if affine is None else affine), mesh)
     return {"path": Path(out_png), "counts": counts, "scores": dict(scores), "factor": factor, "notes": notes,
             "mesh": mesh}
 
@@ -385,6 +392,16 @@ def mesh_path(path) -> Path:
             f"{path}: unsupported mesh format {path.suffix or '(no suffix)'!r}; expected {', '.join(MESH_SUFFIXES)}"
         )
     return path
+
+
+def _to_world(surface: pv.PolyData, spacing, affine) -> pv.PolyData:
+    """A surface from voxel index x spacing (the picture's frame) to world coordinates in LPS mm,
+    the frame 3D Slicer reads mesh files in (it shows them over the image they came from)."""
+    world = surface.copy()
+    index = np.asarray(surface.points, dtype=np.float64) / np.asarray(spacing)
+    ras = index @ np.asarray(affine, dtype=np.float64)[:3, :3].T + np.asarray(affine, dtype=np.float64)[:3, 3]
+    world.points = ras * np.array([-1.0, -1.0, 1.0])
+    return world
 
 
 def _write_mesh(surface: pv.PolyData, path: Path) -> dict[str, int]:
@@ -417,13 +434,15 @@ def export_mesh(
     max_voxels: int = 256**3,
     max_faces: int = 1_000_000,
     channel: int | None = None,
+    affine=None,
 ) -> dict:
-    """Write the hit / false-positive / miss surfaces as one mesh file.
+    """Write the hit / false-positive / miss surfaces as one mesh file, in world coordinates.
 
     ``.vtk`` keeps a cell array ``category`` (1 hit, 2 false positive, 3 miss) and an ``RGB``
     cell colour array; ``.ply`` keeps the ``RGB`` colours; ``.glb`` holds one coloured mesh per
-    category. Coordinates are voxel index times ``spacing`` (mm), as in :func:`render_hits`,
-    whose other arguments these are too.
+    category. Coordinates are world millimetres in LPS (the volumes' ``affine``, voxel to RAS,
+    default ``diag(spacing)``), as 3D Slicer reads mesh files: the mesh overlays the image. Other
+    arguments as for :func:`render_hits`.
 
     Returns
     -------
@@ -438,94 +457,5 @@ def export_mesh(
     surface = _surfaces(labels, spacing, factor, max_faces)
     if surface is None:
         raise SlabError(f"{out_path}: prediction and truth are both empty; there is no surface to export")
-    faces = _write_mesh(surface, out_path)
+    faces = _write_mesh(_to_world(surface, spacing, np.diag([*spacing, 1.0]) if affine is None else affine), out_path)
     return {"path": out_path, "faces": faces, "factor": factor, "notes": _notes(counts, factor)}
-
-
-def _centre(mask: _Spatial) -> tuple[int, int, int] | None:
-    """Voxel nearest the centre of mass of a mask, read in slabs; None when empty."""
-    total, sums = 0, np.zeros(3)
-    for index, block in mask.slabs(_CHUNK):
-        idx = np.nonzero(block)
-        if idx[0].size:
-            total += idx[0].size
-            sums += [i.sum() + s.start * i.size for i, s in zip(idx, index)]
-    return None if total == 0 else tuple(int(round(s / total)) for s in sums)
-
-
-def cross_sections(
-    image,
-    pred,
-    truth,
-    out_png,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    index: Sequence[int] | None = None,
-    title: str | None = None,
-    size: tuple[int, int] = (1200, 450),
-    channel: int | None = None,
-) -> dict:
-    """Axial, coronal and sagittal sections of the image with prediction and truth outlines.
-
-    Parameters
-    ----------
-    image : array-like ``(X, Y, Z)`` or ``(C, X, Y, Z)``, or None
-        Shown in grey (its first channel); None shows the outlines on black.
-    pred, truth : array-like
-        Masks as for :func:`render_hits`.
-    out_png : path
-        The PNG written (atomically), ``size`` pixels.
-    spacing : (sx, sy, sz)
-        Voxel size; sets each panel's aspect ratio (axes in mm).
-    index : (x, y, z), optional
-        The voxel the three sections pass through; default the truth's centre of mass (the
-        prediction's when the truth is empty, else the volume centre).
-
-    Returns
-    -------
-    dict
-        ``path`` and ``index``.
-    """
-    spacing = check_spacing(spacing)
-    width, height = _check_size(size)
-    p, t = _pair(pred, truth, channel)
-    image = None if image is None else _image(image, p.shape)
-    if index is None:
-        index = _centre(t) or _centre(p) or tuple(s // 2 for s in p.shape)
-    index = tuple(int(i) for i in index)
-    if len(index) != 3 or not all(0 <= i < s for i, s in zip(index, p.shape)):
-        raise SlabError(f"index: expected a voxel (x, y, z) inside shape {p.shape}, got {index}")
-    x, y, z = index
-    sx, sy, sz = spacing
-    X, Y, Z = p.shape
-    # (name, section index, horizontal extent, vertical extent, axis labels)
-    panels = [
-        (f"axial z={z}", (slice(None), slice(None), z), (X * sx, Y * sy), ("x (mm)", "y (mm)")),
-        (f"coronal y={y}", (slice(None), y, slice(None)), (X * sx, Z * sz), ("x (mm)", "z (mm)")),
-        (f"sagittal x={x}", (x, slice(None), slice(None)), (Y * sy, Z * sz), ("y (mm)", "z (mm)")),
-    ]
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="black")
-    for ax, (name, section, (w, h), (xlabel, ylabel)) in zip(fig.subplots(1, 3), panels):
-        extent = (0, w, 0, h)
-        if image is not None:
-            values = np.asarray(image[section], dtype=np.float32)
-            lo, hi = np.percentile(values, (1, 99))
-            ax.imshow(values.T, cmap="gray", origin="lower", extent=extent, vmin=lo, vmax=max(hi, lo + 1e-6),
-                      interpolation="nearest")
-        else:
-            ax.imshow(np.zeros((2, 2)), cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1)
-        for mask, colour in ((t, OUTLINES["truth"]), (p, OUTLINES["prediction"])):
-            values = mask.mask(section).astype(np.float32)
-            if values.any() and min(values.shape) > 1:
-                ax.contour(values.T, levels=[0.5], colors=[colour], linewidths=1.2, origin="lower", extent=extent)
-        ax.set_aspect("equal")
-        ax.set_title(name, color="white", fontsize=10)
-        ax.set_xlabel(xlabel, color="white", fontsize=8)
-        ax.set_ylabel(ylabel, color="white", fontsize=8)
-        ax.tick_params(colors="white", labelsize=7)
-    handles = [Line2D([], [], color=c, label=name) for name, c in OUTLINES.items()]
-    fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False, labelcolor="white")
-    if title:
-        fig.suptitle(title, color="white", fontsize=11, x=0.01, ha="left")
-    with atomic_write(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    return {"path": Path(out_png), "index": index}

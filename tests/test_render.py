@@ -6,9 +6,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.metrics import evaluate
+from pipeline.sections import cross_sections
 from pipeline.render import (
     category_map,
-    cross_sections,
     display_factor,
     export_mesh,
     render_hits,
@@ -152,9 +152,10 @@ def test_export_mesh_categories(tmp_path, spheres):
     codes, cells = np.unique(mesh.cell_data["category"], return_counts=True)
     assert codes.tolist() == [1, 2, 3]
     assert dict(zip(["hit", "false_positive", "miss"], cells.tolist())) == vtk["faces"]
-    # Physical coordinates: the union of the spheres spans x in [6, 21], z in [6, 18] voxels.
+    # World coordinates in LPS (x negated from RAS): the union of the spheres spans voxels x in
+    # [6, 21], z in [6, 18]; the default affine is diag(spacing).
     xmin, xmax, _, _, zmin, zmax = mesh.bounds
-    assert xmin == pytest.approx(6, abs=1) and xmax == pytest.approx(12 + SHIFT + R, abs=1)
+    assert xmin == pytest.approx(-(12 + SHIFT + R), abs=1) and xmax == pytest.approx(-6, abs=1)
     assert zmin == pytest.approx(2 * 6, abs=2) and zmax == pytest.approx(2 * 18, abs=2)
 
     export_mesh(pred, truth, tmp_path / "hits.ply", spacing=(1, 1, 2))
@@ -227,3 +228,71 @@ def test_cli_render_bad_input(tmp_path, spheres, capsys):
     assert main(["render", str(tmp_path / "truth.nii.gz"), str(tmp_path / "truth.nii.gz"), "-o", str(tmp_path / "o.jpg")]) == 2
     assert "expected a .png" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_mesh_is_in_world_coordinates_over_the_image(tmp_path, spheres):
+    """The mesh of an oblique volume sits where its voxels are in the world (LPS, as Slicer reads
+    meshes): its centroid is the mask's world centroid."""
+    _, truth = spheres
+    angle = 0.7
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                               [0, 0, 1.0]]) @ np.diag([0.8, 0.8, 2.0])
+    affine[:3, 3] = [-50.0, 20.0, 10.0]
+    export_mesh(truth, truth, tmp_path / "hits.vtk", spacing=(0.8, 0.8, 2.0), affine=affine)
+    mesh = pv.read(tmp_path / "hits.vtk")
+    voxels = np.argwhere(truth).mean(axis=0)
+    ras = affine[:3, :3] @ voxels + affine[:3, 3]
+    np.testing.assert_allclose(np.asarray(mesh.points).mean(axis=0), ras * [-1, -1, 1], atol=0.6)
+
+
+def test_a_one_slice_volume_renders(tmp_path, capsys):
+    mask = np.zeros((20, 18, 1), np.uint8)
+    mask[5:10, 4:12, 0] = 1
+    save_volume(mask[None], tmp_path / "one.nii.gz")
+    path = str(tmp_path / "one.nii.gz")
+    assert main(["render", path, path, "-o", str(tmp_path / "hits.png"), "--views", "1", "--size", "480", "400",
+                 "--sections", str(tmp_path / "s.png"), "--mesh", str(tmp_path / "m.vtk")]) == 0
+    assert pv.read(tmp_path / "m.vtk").n_cells > 0 and (tmp_path / "s.png").is_file()
+
+
+def test_axial_section_of_a_dicom_series_is_the_slice_a_dicom_viewer_shows():
+    """A DICOM viewer shows each stored slice image as it is, row 0 at the top (anterior) and column
+    0 on the left (the patient's right): the radiological convention the sections follow."""
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from pipeline.sections import orientation, section
+
+    series = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
+    volume = load_volume(series)
+    codes = orientation(volume.affine)
+    datasets = sorted((pydicom.dcmread(p) for p in series.iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    z_axis = codes.index("S") if "S" in codes else codes.index("I")
+    for k, ds in enumerate(datasets):
+        z = k if codes[z_axis] == "S" else len(datasets) - 1 - k
+        shown = section(volume.numpy()[0], codes, "axial", [z if a == z_axis else 0 for a in range(3)])
+        stored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(shown, stored)
+
+
+def test_every_view_puts_the_patient_where_radiology_does():
+    """A RAS volume with a marker on the patient's right, anterior, superior corner: right is on
+    the picture's left (axial, coronal), anterior at the top (axial) and on the left (sagittal),
+    superior at the top (coronal, sagittal)."""
+    from pipeline.sections import orientation, section
+
+    volume = np.zeros((5, 6, 7))
+    volume[4, 5, 6] = 1  # highest x (right), y (anterior), z (superior) in RAS
+    codes = orientation(np.eye(4))
+    assert codes == ("R", "A", "S")
+    corner = (4, 5, 6)
+    axial, coronal, sagittal = (section(volume, codes, view, corner) for view in ("axial", "coronal", "sagittal"))
+    assert np.argwhere(axial).tolist() == [[0, 0]]  # top (anterior), left (right)
+    assert np.argwhere(coronal).tolist() == [[0, 0]]  # top (superior), left (right)
+    assert np.argwhere(sagittal).tolist() == [[0, 0]]  # top (superior), left (anterior)
+    flipped = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-ordered voxels, as ITK reads DICOM before conversion
+    assert orientation(flipped) == ("L", "P", "S")
+    assert np.argwhere(section(volume, orientation(flipped), "axial", corner)).tolist() == [[5, 4]]

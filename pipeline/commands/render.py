@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.commands import non_negative_float, non_negative_int, positive_int
-from pipeline.render import cross_sections, mesh_path, render_hits, score_line
+from pipeline.render import mesh_path, render_hits, score_line
+from pipeline.sections import cross_sections
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry, load_volume
 
@@ -66,11 +69,11 @@ def run(args) -> int:
         volumes.append(image)
         names.append(args.image)
     check_same_geometry(*volumes, names=names)
-    spacing = truth.meta["spacing"]
+    spacing, affine = truth.meta["spacing"], np.asarray(truth.affine)
 
     result = render_hits(pred, truth, args.output, spacing=spacing, views=args.views, image=image,
                          title=f"{Path(args.pred).name} vs {Path(args.truth).name}", tolerance=args.tolerance,
-                         size=tuple(args.size), channel=args.channel, mesh=args.mesh)
+                         size=tuple(args.size), channel=args.channel, mesh=args.mesh, affine=affine)
     counts = result["counts"]
     print(f"wrote {args.output}: {score_line(result['scores'])}; voxels: {counts['hit']} hit, "
           f"{counts['false_positive']} false positive, {counts['miss']} missed")
@@ -80,6 +83,7 @@ def run(args) -> int:
         print(f"wrote {result['mesh']}")
     if args.sections:
         sections = cross_sections(image, pred, truth, args.sections, spacing=spacing, channel=args.channel,
-                                  title=f"{Path(args.pred).name} vs {Path(args.truth).name}")
-        print(f"wrote {args.sections}: sections through voxel {sections['index']}")
+                                  title=f"{Path(args.pred).name} vs {Path(args.truth).name}", affine=affine)
+        print(f"wrote {args.sections}: sections through voxel {sections['index']} "
+              f"(voxel axes point {sections['orientation']}; radiological convention)")
     return 0
