@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -60,7 +61,7 @@ from pipeline.distributed import (
     rank_batch,
 )
 from transforms.checks import PLANES, read_json_object
-from transforms.errors import SlabError
+from transforms.errors import SlabError, SlabWarning
 
 TASKS = ("segmentation_2p5d", "segmentation_3d", "classification")
 LOSSES = ("dice_bce", "dice_ce")
@@ -799,6 +800,53 @@ class _RankBatches(torch.utils.data.Sampler):
             yield rank_batch(indices, self.info.rank, self.info.world_size)
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _choose_best(best: dict, row: dict, epoch: int, validated: bool) -> tuple[dict, bool]:
+    """``(best, improved)`` after an epoch's ``row``.
+
+    The best checkpoint is the one with the best ``val.metric``. While that metric is undefined
+    on every epoch (an AUC on a validation split without both classes, a Dice of empty masks),
+    the lowest validation loss (else training loss) stands in, recorded as ``fallback`` and
+    reported once; the first epoch with a defined metric takes over from it.
+    """
+    metric = best["metric"]
+    key = metric if metric.startswith("val_") else f"val_{metric}"
+    if not validated:
+        return {**best, "epoch": epoch}, True  # no validation: the last epoch is the best
+    if _finite(row.get(key)):
+        if best.get("fallback") or _better(metric, row[key], best["value"]):
+            return {"metric": metric, "value": row[key], "epoch": epoch}, True
+        return best, False
+    if best["value"] is not None and not best.get("fallback"):
+        return best, False
+    fallback = "val_loss" if _finite(row.get("val_loss")) and metric != "val_loss" else "train_loss"
+    if not best.get("fallback"):
+        warnings.warn(f"val.metric {metric} is undefined at epoch {epoch} (e.g. a validation split without both "
+                      f"classes); the best checkpoint is chosen by {fallback} until it is defined", SlabWarning,
+                      stacklevel=3)
+    if best.get("fallback") and not _better(fallback, row.get(fallback), best.get("fallback_value")):
+        return best, False
+    return {"metric": metric, "value": None, "epoch": epoch, "fallback": fallback,
+            "fallback_value": row.get(fallback)}, True
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """One line per epoch: ``epoch 3/10  train_loss 0.4123  val_dice 0.8120  threshold 0.5  12.3 s``."""
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    for key, value in row.items():
+        if key in ("epoch", "lr", "images_per_s", "epoch_s") or key.startswith("val_auc_"):
+            continue
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+        elif isinstance(value, list):
+            parts.append(f"{key} {','.join(f'{v:g}' for v in value)}")
+    parts.append(f"{row['images_per_s']:.1f} img/s  {row['epoch_s']:.1f} s")
+    return "  ".join(parts)
+
+
 def _better(metric: str, value: float | None, best: float | None) -> bool:
     if value is None or value != value:
         return False
@@ -955,11 +1003,11 @@ def _train(datalist, cfg: dict, out: Path, fold, resume: bool, device: torch.dev
                 if "threshold" in metrics:
                     threshold = metrics["threshold"]
             history.append(row)
-            key = best["metric"] if best["metric"].startswith("val_") else f"val_{best['metric']}"
-            improved = _better(best["metric"], row.get(key), best["value"])
+            best, improved = _choose_best(best, row, epoch + 1, task.has_validation())
             if improved:
-                best = {"metric": best["metric"], "value": row[key], "epoch": epoch + 1}
                 best_threshold = threshold
+            if info.is_main:
+                print(epoch_line(row, cfg["epochs"]), flush=True)
             if info.is_main:
                 ckpt = {
                     "model": {k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()},
@@ -976,8 +1024,7 @@ def _train(datalist, cfg: dict, out: Path, fold, resume: bool, device: torch.dev
                     "history": history,
                     "rng": rng_states(),
                 }
-                new_best = improved or (best["value"] is None and not task.has_validation())
-                save_epoch_state(out, ckpt, ckpt if new_best else None)
+                save_epoch_state(out, ckpt, ckpt if improved else None)
                 log.epoch(history, (epoch + 1) * steps)
             barrier(info)
     finally:

@@ -301,3 +301,19 @@ def test_training_writes_only_under_a_relative_output_dir(name, tmp_path, monkey
     assert digest(BUNDLES_DIR) == before
     default = json.loads((BUNDLES_DIR / name / "configs" / "inference.json").read_text(encoding="utf-8"))
     assert default["output_dir"] == f"eval/{name}"  # relative: the working directory, never the bundle
+
+
+def test_spine_training_whose_validation_auc_is_undefined_falls_back_to_the_loss(tmp_path):
+    """Validation studies without both classes give an all-NaN AUC: the best checkpoint is chosen
+    by the validation loss instead (said in a warning), and the weights export."""
+    from transforms.errors import SlabWarning
+
+    tiny = {**TINY["spine_cls_2p5d"], "phantom#targets": {"C1": [1, 0, 0, 0], "C2": [0, 1, 0, 0],
+                                                           "C3": [1, 1, 0, 0]}}
+    with pytest.warns(SlabWarning, match="val.metric auc is undefined at epoch 1 .* chosen by val_loss"):
+        (result,) = run_bundle(BUNDLES_DIR / "spine_cls_2p5d", ("train.json",), output_dir=str(tmp_path / "run"),
+                               device="cpu", **{"training#epochs": 2, "training#progress": False}, **tiny)
+    assert result["best"]["fallback"] == "val_loss" and result["best"]["epoch"] in (1, 2)
+    assert Path(result["exported"]).is_file()
+    losses = [row["val_loss"] for row in result["history"]]
+    assert result["best"]["epoch"] == 1 + int(np.argmin(losses))

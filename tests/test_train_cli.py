@@ -31,7 +31,11 @@ def test_train_command(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--datalist", str(datalist), "--config", str(config), "--out", str(out),
                  "--device", "cpu", "--epochs", "2", "--fold", "1"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert lines[0].startswith("epoch 1/2  train_loss ") and lines[1].startswith("epoch 2/2  train_loss ")
+    assert "val_surface_dice_0 " in lines[1] and "threshold " in lines[1] and lines[1].endswith(" s")
+    summary = json.loads(printed[printed.index("{"):])
     assert summary["epochs"] == 2 and summary["best_metric"] == "surface_dice_0"
     assert Path(summary["best_checkpoint"]).is_file()
     used = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -39,7 +43,8 @@ def test_train_command(data, tmp_path, capsys):
     # --resume of a finished run trains nothing and reports the same
     assert main(["train", "--datalist", str(datalist), "--config", str(config), "--out", str(out),
                  "--device", "cpu", "--epochs", "2", "--fold", "1", "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out)["best_value"] == summary["best_value"]
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{"):])["best_value"] == summary["best_value"]
 
 
 def test_show_config(capsys):
