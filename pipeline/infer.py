@@ -738,9 +738,10 @@ class Predictor:
         return section
 
     @classmethod
-    def from_bundle(cls, directory, **overrides) -> "Predictor":
+    def from_bundle(cls, directory, weights=None, **overrides) -> "Predictor":
         """A predictor from a bundle: the ``"slab"`` section of ``configs/inference.json`` (see
-        :meth:`bundle_section`) and the weights ``models/model.pt``. ``overrides`` (keyword
+        :meth:`bundle_section`) and the weights ``models/model.pt`` (or ``weights``, e.g. a
+        training run's export, with its ``model.json`` beside it). ``overrides`` (keyword
         arguments of :class:`Predictor`) that are not None win over the bundle's values; a
         ``postprocess`` override is merged into the bundle's ``postprocess``.
 
@@ -749,7 +750,7 @@ class Predictor:
         a ``threshold`` or ``hysteresis`` themselves.
         """
         section = cls.bundle_section(directory)
-        weights = Path(directory) / "models" / "model.pt"
+        weights = Path(directory) / "models" / "model.pt" if weights is None else Path(weights)
         options = {k: v for k, v in section.items() if k != "network"}
         options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
         given = dict(overrides.get("postprocess") or {})

@@ -6,6 +6,7 @@ training starts, then runs epochs of AdamW steps under a per-step cosine schedul
 warm-up, validates on whole volumes with the inference engine, and writes to ``out``:
 
 ``config.json``     the configuration used, every default filled in
+``network.json``    the network and slab settings ``slab predict --network`` takes (segmentation)
 ``last.pt``         model, optimizer, scheduler, AMP scaler, epoch, config, RNG states, history
 ``best.pt``         the same at the best validation score, with ``threshold`` chosen on validation
                     (both links into ``state/``, switched together in one step: they never disagree)
@@ -71,7 +72,7 @@ CLS_METRICS = ("auc", "log_loss")
 LOWER_IS_BETTER = ("log_loss", "val_loss")
 # What a run directory holds (outputs that must not overwrite an input such as the datalist);
 # last.pt, best.pt and state are links into states/.
-RUN_FILES = ("config.json", "states", "log.csv", "curves.png", "tensorboard")
+RUN_FILES = ("config.json", "network.json", "states", "log.csv", "curves.png", "tensorboard")
 # Keys that change how a run is executed, not what it computes: they may differ on resume.
 RUNTIME_KEYS = ("num_workers", "progress")
 
@@ -918,6 +919,20 @@ def train(
             cleanup_distributed()
 
 
+def inference_network(cfg: dict, task) -> dict:
+    """What ``slab predict --network RUN/network.json --weights RUN/best.pt`` needs of a
+    segmentation run: the ``build_network`` arguments, the slab offsets and planes (2.5D) or
+    the window (3D), and the label names."""
+    config = dict(task.network)
+    if cfg["task"] == "segmentation_2p5d":
+        config.update(offsets=cfg["offsets"], planes=cfg["val"]["planes"] or cfg["planes"])
+    else:
+        config["roi_size"] = cfg["patch_size"]
+    if getattr(task, "label_names", None):
+        config["labels"] = list(task.label_names)
+    return config
+
+
 def _resume_state(out: Path, cfg: dict, resume: bool) -> dict | None:
     last = out / "last.pt"
     if not resume:
@@ -980,6 +995,9 @@ def _train(datalist, cfg: dict, out: Path, fold, resume: bool, device: torch.dev
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        if cfg["task"] != "classification":
+            with atomic_write(out / "network.json") as tmp:
+                tmp.write_text(json.dumps(inference_network(cfg, task), indent=2) + "\n", encoding="utf-8")
     barrier(info)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.enabled else model
@@ -1289,6 +1307,8 @@ class _SegmentationTask(TrainTask):
             if isinstance(first["image"], list) else _channels(first["image"], "image")
         self.label_channels = _channels(first["label"], "label")
         self.fmt, self.n_labels = label_layout(data, self.label_channels)
+        names = data.get("labels")
+        self.label_names = list(names) if isinstance(names, list) and len(names) == self.n_labels else None
         self.network = _network_args(cfg, self.spatial_dims, self.in_channels(), self.n_labels)
         self.model = _build_model(self.network)
         self.divisor = network_divisor(self.network["name"], self.spatial_dims, **_options(self.network))

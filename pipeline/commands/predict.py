@@ -37,7 +37,9 @@ def add_arguments(parser) -> None:
     source.add_argument("--bundle", metavar="DIR", help="bundle with configs/inference.json and models/model.pt")
     source.add_argument("--network", metavar="CONFIG.json",
                         help="build_network arguments (+ offsets, planes, roi_size, labels)")
-    parser.add_argument("--weights", metavar="MODEL.pt", help="weights for --network")
+    parser.add_argument("--weights", metavar="MODEL.pt",
+                        help="weights for --network (a training run's best.pt), or in place of a bundle's "
+                             "models/model.pt (e.g. runs/NAME/models/model.pt from its train.json)")
     parser.add_argument("--mode", choices=MODES, help="2.5d or 3d (default: from the network's spatial_dims)")
     parser.add_argument("--axes", metavar="PLANES", help="2.5D planes to average, e.g. xy,zx,zy (default: all three)")
     parser.add_argument("--tta", choices=TTA_MODES,
@@ -98,7 +100,7 @@ def _postprocess(args) -> dict:
 
 
 def _predictor(args):
-    from pipeline.infer import Predictor, check_planes
+    from pipeline.infer import Predictor, check_planes, recorded_postprocess
     from transforms.checks import read_json_object
 
     if args.overlap is not None and args.overlap >= 1:
@@ -114,16 +116,17 @@ def _predictor(args):
         "memory_budget": None if args.memory_budget is None else int(args.memory_budget * (1 << 30)),
     }
     if args.bundle:
-        if args.weights:
-            raise SlabError("--weights: a bundle brings its own weights (models/model.pt); give one or the other")
         section = Predictor.bundle_section(args.bundle)
         overrides["postprocess"] = _postprocess(args)  # over the bundle's, recorded thresholds included
         overrides[_batch_key(section["network"])] = args.batch_size
-        return Predictor.from_bundle(args.bundle, **overrides)
+        return Predictor.from_bundle(args.bundle, weights=args.weights, **overrides)
     if not args.weights:
         raise SlabError("--weights: --network needs the weights file (MODEL.pt)")
     config = read_json_object(args.network, "network config")
-    overrides["postprocess"] = _postprocess(args)
+    given = _postprocess(args)
+    # The threshold chosen on validation, where the weights record one (a training checkpoint).
+    overrides["postprocess"] = given if "threshold" in given else recorded_postprocess(
+        given, args.weights, config.get("out_channels") if isinstance(config.get("out_channels"), int) else None)
     overrides[_batch_key(config)] = args.batch_size
     return Predictor(config, args.weights, **{k: v for k, v in overrides.items() if v is not None})
 
