@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from pipeline.bundle import phantom_datalist, run_bundle, run_evaluation
-    from pipeline.infer import Predictor
+    from pipeline.inference import Predictor
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows = []

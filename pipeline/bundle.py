@@ -5,8 +5,8 @@ The MONAI bundles under ``bundles/`` wire the library modules together in JSON
 phantom datalists, looping over cases, writing ``metrics.json`` — live here, so that a config
 reads like a pipeline diagram and the CLI (``slab demo``) runs the same code as
 ``python -m monai.bundle run``. Nothing here predicts, post-processes or scores by itself: each
-function calls :mod:`pipeline.infer`, :mod:`pipeline.metrics`, :mod:`pipeline.render`,
-:mod:`pipeline.train` and :mod:`pipeline.phantom`.
+function calls :mod:`pipeline.inference`, :mod:`pipeline.evaluation.metrics`, :mod:`pipeline.evaluation.render`,
+:mod:`pipeline.training` and :mod:`pipeline.data.phantom`.
 """
 from __future__ import annotations
 
@@ -137,11 +137,11 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
                      spacing: Sequence[float] = (1.0, 1.0, 1.0), labels: Sequence[str] | None = None,
                      label_format: str = "channels", targets: Mapping[str, Sequence[int]] | None = None,
                      image_format: str = "nifti") -> str:
-    """Write phantoms (:func:`pipeline.phantom.write_phantom`) and a Decathlon datalist over them.
+    """Write phantoms (:func:`pipeline.data.phantom.write_phantom`) and a Decathlon datalist over them.
 
     Phantoms are written once per ``(kind, shape, seed, spacing)`` under ``out_dir`` and reused.
     ``kind="tumour"`` labels (BraTS values) become TC/WT/ET channels with
-    :func:`pipeline.adapters.brats_label`, as the BraTS adapter does. ``label_format="values"``
+    :func:`pipeline.data.adapters.brats_label`, as the BraTS adapter does. ``label_format="values"``
     turns a multi-channel label into one channel of values ``1..L`` (for the slice-sequence
     classifier's targets); ``targets`` then gives, per label name, one 0/1 per case in seed
     order (train seeds, then validation seeds). ``image_format="png"`` stores each image as a
@@ -152,8 +152,8 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
     str
         ``out_dir/datalist.json``: ``training`` (train seeds) and ``validation`` (val seeds).
     """
-    from pipeline.adapters import brats_label
-    from pipeline.phantom import write_phantom
+    from pipeline.data.adapters import brats_label
+    from pipeline.data.phantom import write_phantom
     from transforms.io import atomic_write, load_volume, save_volume
 
     out = Path(out_dir).resolve()  # the datalist's paths are absolute: they resolve from anywhere
@@ -200,14 +200,14 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
 
 def run_training(datalist, config: Mapping, output_dir, *, export_weights=None, device=None, epochs=None,
                  fold=None, resume: bool = False) -> dict:
-    """:func:`pipeline.train.train`, then the best checkpoint's weights (state dict only) to
+    """:func:`pipeline.training.train`, then the best checkpoint's weights (state dict only) to
     ``export_weights`` (a bundle's ``models/model.pt``) and its validation summary beside them
     (``model.json``: best metric, threshold, epochs, time).
 
     Returns the training result with ``time_s`` and ``exported`` added.
     """
     from networks import read_state_dict
-    from pipeline.train import train
+    from pipeline.training import train
     from transforms.io import atomic_write
 
     start = time.perf_counter()
@@ -244,10 +244,10 @@ def check_inputs(predictor, images: Sequence, labels: Sequence | None = None) ->
 
 def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
                   prob_name: str | None = None) -> list[dict]:
-    """:func:`pipeline.infer.predict_file` on every input: ``output_dir/<output_name>`` (the
+    """:func:`pipeline.inference.predict_file` on every input: ``output_dir/<output_name>`` (the
     cleaned mask, the input's affine) and optionally the probabilities ``<prob_name>``.
     Names may hold ``{stem}``, the input's name without its extension."""
-    from pipeline.infer import predict_file
+    from pipeline.inference import predict_file
 
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     names = [output_name.format(stem=_stem(p)) for p in inputs]
@@ -267,14 +267,14 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
                    output_name: str = "{stem}_mask.nii.gz", render: bool = True, views: int = 4,
                    metrics_name: str = "metrics.json") -> dict:
     """Predict each image (:func:`run_inference`), score the mask written against its label
-    (:func:`pipeline.metrics.evaluate`, spacing-aware), draw hits and misses
-    (:func:`pipeline.render.render_hits`, ``<stem>_hits.png``) and cross sections
-    (:func:`pipeline.render.cross_sections`, ``<stem>_sections.png``), and write
+    (:func:`pipeline.evaluation.metrics.evaluate`, spacing-aware), draw hits and misses
+    (:func:`pipeline.evaluation.render.render_hits`, ``<stem>_hits.png``) and cross sections
+    (:func:`pipeline.evaluation.render.cross_sections`, ``<stem>_sections.png``), and write
     ``output_dir/metrics.json``: every case and the mean over cases.
 
     Returns the content of ``metrics.json``.
     """
-    from pipeline.metrics import evaluate
+    from pipeline.evaluation.metrics import evaluate
     from transforms.io import atomic_write, check_same_geometry, load_volume
 
     out = Path(output_dir)
@@ -293,8 +293,8 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
                                                                              "surface_dice")},
                 "classes": scores["classes"], "spacing": list(spacing)}
         if render:
-            from pipeline.render import render_hits
-            from pipeline.sections import cross_sections
+            from pipeline.evaluation.render import render_hits
+            from pipeline.evaluation.sections import cross_sections
 
             stem = _stem(pair["image"])
             image = load_volume(pair["image"])
@@ -320,7 +320,7 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
 
 
 def predictor_settings(predictor) -> dict:
-    """The inference settings of a :class:`pipeline.infer.Predictor`, for reports: mode, planes,
+    """The inference settings of a :class:`pipeline.inference.Predictor`, for reports: mode, planes,
     offsets, TTA, device and the post-processing steps with their parameters."""
     post = predictor.postprocess
     steps = [getattr(post, "binarise", None), *getattr(post, "steps", [])]
@@ -357,12 +357,12 @@ def run_classification(network_config: Mapping, weights, inputs: Sequence, outpu
     """Score whole studies with the slice-sequence classifier and write ``output_dir/<csv_name>``.
 
     Each input volume is loaded, percentile-normalised (``normalize``) and scored by
-    :func:`pipeline.infer.predict_sequences` as an unlabelled study: one sequence of ``n_slabs``
+    :func:`pipeline.inference.predict_sequences` as an unlabelled study: one sequence of ``n_slabs``
     slabs evenly over its slices along ``plane``. Rows ``image,probability,max_slice_probability``
     hold the sequence head's probability and the largest per-slice probability.
     """
     from networks import load_weights
-    from pipeline.infer import predict_sequences
+    from pipeline.inference import predict_sequences
     from transforms.intensity import PercentileNormalize
     from transforms.io import atomic_write, load_volume
 

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 
-from pipeline.adapters import assign_folds, brats_label, build_datalist, split_datalist
+from pipeline.data.adapters import assign_folds, brats_label, build_datalist, split_datalist
 from pipeline.cli import main
 from transforms.errors import SlabError, SlabWarning
 from transforms.io import keep_locale

@@ -95,7 +95,7 @@ def test_train_and_inference_share_the_network(name):
 
 def test_vessel_bundle_settings_agree_with_predictor_from_bundle():
     """`slab predict --bundle` (Predictor.from_bundle) and the bundle's own predictor agree."""
-    from pipeline.infer import Predictor
+    from pipeline.inference import Predictor
 
     root, meta_file, config_file = _files("vessel_2p5d")
     parser = ConfigParser()
@@ -170,7 +170,7 @@ def test_train_json_runs_and_its_weights_infer(name, tmp_path):
         assert rows[0] == "image,probability,max_slice_probability" and len(rows) == 2
         # the row is predict_sequences on the normalised study: one whole-volume sequence
         from pipeline.bundle import network
-        from pipeline.infer import predict_sequences
+        from pipeline.inference import predict_sequences
         from transforms.intensity import PercentileNormalize
 
         section = json.loads(Path(_files(name)[2]).read_text(encoding="utf-8"))["classifier"]
@@ -208,7 +208,7 @@ def test_missing_bundle_files_are_one_line_errors(tmp_path, capsys):
 
 
 def test_predict_through_a_broken_bundle_exits_2(tmp_path, capsys):
-    pytest.importorskip("pipeline.commands.predict")
+    pytest.importorskip("pipeline.cli.predict")
     bundle = tmp_path / "b"
     (bundle / "configs").mkdir(parents=True)
     shutil.copy(BUNDLES_DIR / "vessel_2p5d" / "configs" / "inference.json", bundle / "configs")
@@ -225,7 +225,7 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
     from monai.data import MetaTensor
 
     from pipeline.bundle import network
-    from pipeline.infer import recorded_postprocess
+    from pipeline.inference import recorded_postprocess
     from transforms.io import save_volume
 
     root, _, config_file = _files("brats_3d")

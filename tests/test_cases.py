@@ -16,7 +16,7 @@ import tifffile
 import torch
 
 from networks import build_network, save_weights
-from pipeline.cases import find_cases
+from pipeline.data.cases import find_cases
 from pipeline.cli import main
 from transforms.errors import SlabError
 from transforms.io import load_volume

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.datasets import SlabDataset, load_datalist
-from pipeline.phantom import make_phantom, write_phantom
+from pipeline.data.slabs import SlabDataset
+from pipeline.data.datalist import load_datalist
+from pipeline.data.phantom import make_phantom, write_phantom
 from transforms.augment import RandSlabAugmentd
 from transforms.errors import SlabError
 from transforms.slab import PLANE_AXIS, extract_slab
@@ -125,7 +126,7 @@ def test_augment_rectangular_keeps_shape_and_dtype():
 
 
 def test_slab_centres_known_answers():
-    from pipeline.datasets import slab_centres
+    from pipeline.data.sequences import slab_centres
 
     assert slab_centres(0, 28, 5).tolist() == [0, 7, 14, 21, 28]
     assert slab_centres(10, 24, 3).tolist() == [10, 17, 24]
@@ -135,7 +136,7 @@ def test_slab_centres_known_answers():
 def test_volume_sequences_crop_each_target_and_resize():
     import torch.nn.functional as F
 
-    from pipeline.datasets import volume_sequences
+    from pipeline.data.sequences import volume_sequences
 
     rng = np.random.default_rng(1)
     image = rng.random((1, 16, 18, 20), dtype=np.float32)
@@ -159,7 +160,7 @@ def test_volume_sequences_crop_each_target_and_resize():
 
 
 def test_study_sequences_targets():
-    from pipeline.datasets import study_sequences
+    from pipeline.data.sequences import study_sequences
 
     image = np.zeros((1, 8, 8, 10), np.float32)
     label = np.zeros((1, 8, 8, 10), np.uint8)

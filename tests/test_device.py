@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import pipeline.infer
-import pipeline.train
+import pipeline.inference.forward
+import pipeline.training.loop
 from pipeline.device import amp_dtype, autocast, resolve_device
 from transforms.errors import SlabError
 
@@ -55,6 +55,6 @@ def test_autocast_on_cuda_computes_in_the_amp_dtype():
 
 def test_one_implementation():
     """Training and inference use these very functions, not copies."""
-    for module in (pipeline.train, pipeline.infer):
+    for module in (pipeline.training.loop, pipeline.inference.forward):
         assert module.resolve_device is resolve_device
         assert module.amp_dtype is amp_dtype and module.autocast is autocast

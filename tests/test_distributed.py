@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
+from pipeline.training.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
 from transforms.errors import SlabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def _free_port() -> int:
 def _predict(volume):
     """A fixed tiny 2.5D UNet over two planes of one volume."""
     from networks import build_network
-    from pipeline.infer import predict_2p5d
+    from pipeline.inference import predict_2p5d
 
     torch.manual_seed(0)
     net = build_network("unet", 2, 3, 1, channels=(4, 8), strides=(2,))
@@ -76,7 +76,7 @@ CONFIG = {"epochs": 2, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy",
 def _worker(work: Path) -> int:
     """One rank under torchrun: sharded inference, then ``slab train`` (DDP)."""
     from pipeline.cli import main
-    from pipeline.distributed import cleanup_distributed, init_distributed
+    from pipeline.training.distributed import cleanup_distributed, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
@@ -93,7 +93,7 @@ def _worker(work: Path) -> int:
 def test_torchrun_two_processes_match_one(tmp_path):
     """2 gloo processes of batch 2 each train like 1 process of batch 4 (up to summation order);
     sharded inference over 5 volumes gives exactly the one-process outputs."""
-    from pipeline.train import load_checkpoint, train
+    from pipeline.training import load_checkpoint, train
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import write_datalist

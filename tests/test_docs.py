@@ -184,7 +184,7 @@ def readme_config() -> dict:
 
 
 def test_the_readme_training_config_is_valid_as_written():
-    from pipeline.train import validate_config
+    from pipeline.training import validate_config
 
     config = validate_config(readme_config())
     assert config["val"]["metric"] in ("surface_dice_0", "surface_dice_tol", "dice")

@@ -1,4 +1,4 @@
-"""`slab evaluate`: the JSON equals pipeline.metrics on the arrays; bad input exits 2, writes nothing."""
+"""`slab evaluate`: the JSON equals pipeline.evaluation.metrics on the arrays; bad input exits 2, writes nothing."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from pipeline.cli import main
-from pipeline.metrics import evaluate, threshold_sweep
+from pipeline.evaluation.metrics import evaluate, threshold_sweep
 from transforms.io import save_volume
 
 SPACING = (0.8, 0.8, 2.5)

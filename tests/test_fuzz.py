@@ -240,7 +240,7 @@ def network_configs():
 @settings(**SETTINGS, max_examples=150)
 @given(config=network_configs())
 def test_network_configs_take_anything(config):
-    from pipeline.infer import Predictor
+    from pipeline.inference import Predictor
 
     only_slab_errors(lambda: Predictor(config, normalize=None))
 
@@ -251,7 +251,7 @@ def test_network_configs_take_anything(config):
                                                                         "postprocess", "roi_size", "overlap",
                                                                         "batch_size", "mode", "labels")}))
 def test_bundle_sections_take_anything(tmp_path, section):
-    from pipeline.infer import Predictor
+    from pipeline.inference import Predictor
 
     bundle = Path(tempfile.mkdtemp(dir=tmp_path))
     (bundle / "configs").mkdir()
@@ -265,7 +265,7 @@ def test_bundle_sections_take_anything(tmp_path, section):
                                                "val", "classification", "loss", "seed", "warmup_epochs"]),
                               json_values, max_size=6))
 def test_training_configs_take_anything(config):
-    from pipeline.train import validate_config
+    from pipeline.training import validate_config
 
     only_slab_errors(validate_config, config)
 
@@ -277,7 +277,7 @@ def test_training_configs_take_anything(config):
     optional={"validation": json_values, "n_folds": json_values, "labels": json_values})),
     fold=st.sampled_from([None, 0, 1, -1, "a"]))
 def test_datalists_take_anything(tmp_path, datalist, fold):
-    from pipeline.datasets import load_datalist
+    from pipeline.data.datalist import load_datalist
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "datalist.json"
     path.write_text(json.dumps(datalist), encoding="utf-8")

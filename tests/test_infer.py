@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from networks import build_network, network_divisor, save_weights
-from pipeline.infer import Predictor, predict_2p5d, predict_3d, predict_file
+from pipeline.inference import Predictor, predict_2p5d, predict_3d, predict_file
 from transforms.errors import SlabError
 from transforms.intensity import PercentileNormalize
 from transforms.io import load_volume, save_volume
@@ -342,8 +342,8 @@ SEQ = {"n_slabs": 5, "offsets": (-1, 0, 1), "plane": "xy", "size": (16, 16), "cr
 
 
 def test_predict_sequences_equals_a_manual_forward_of_the_built_sequences():
-    from pipeline.datasets import build_sequence, slab_centres, volume_sequences
-    from pipeline.infer import predict_sequences
+    from pipeline.data.sequences import build_sequence, slab_centres, volume_sequences
+    from pipeline.inference import predict_sequences
 
     model = tiny_classifier()
     volume, label = vertebrae()
@@ -376,8 +376,8 @@ def test_predict_sequences_equals_a_manual_forward_of_the_built_sequences():
 
 
 def test_score_sequences_batches_do_not_change_the_result():
-    from pipeline.datasets import volume_sequences
-    from pipeline.infer import score_sequences
+    from pipeline.data.sequences import volume_sequences
+    from pipeline.inference import score_sequences
 
     volume, label = vertebrae()
     slabs = [s["slabs"] for s in volume_sequences(volume, label, targets=["C1", "C2", "C3"], **SEQ)] * 2
@@ -391,7 +391,7 @@ def test_score_sequences_batches_do_not_change_the_result():
 
 
 def test_predict_sequences_bad_input():
-    from pipeline.infer import predict_sequences
+    from pipeline.inference import predict_sequences
 
     model = tiny_classifier()
     volume, label = vertebrae()
@@ -413,7 +413,7 @@ def test_predict_sequences_bad_input():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_predict_sequences_on_cuda_with_amp_matches_cpu():
-    from pipeline.infer import predict_sequences
+    from pipeline.inference import predict_sequences
 
     volume, label = vertebrae()
     cpu = predict_sequences(tiny_classifier(), volume, label, targets=["C1", "C2", "C3"], device="cpu", **SEQ)

@@ -1,4 +1,4 @@
-"""pipeline.metrics against DeepMind's surface-distance and MONAI, on tiny volumes."""
+"""pipeline.evaluation.metrics against DeepMind's surface-distance and MONAI, on tiny volumes."""
 import math
 from pathlib import Path
 
@@ -10,7 +10,8 @@ from monai.metrics import DiceMetric, compute_surface_dice
 from scipy import ndimage as ndi
 from surface_distance import lookup_tables
 
-import pipeline.metrics as M
+import pipeline.evaluation.metrics as M
+import pipeline.evaluation.surface as S
 from transforms.errors import SlabError
 from transforms.io import load_volume, save_volume
 
@@ -38,7 +39,7 @@ def test_area_table_is_surface_distance_table():
     # MONAI's copy of the normals lists a few in another order: equal to the last bit.
     for spacing in [(1.0, 1.0, 1.0), (0.8, 0.8, 2.5), (0.3, 1.7, 0.9)]:
         np.testing.assert_allclose(
-            M._area_table(spacing), lookup_tables.create_table_neighbour_code_to_surface_area(spacing), rtol=1e-15
+            S._area_table(spacing), lookup_tables.create_table_neighbour_code_to_surface_area(spacing), rtol=1e-15
         )
 
 
@@ -100,9 +101,9 @@ def test_empty_masks_follow_the_reference():
 
 def test_distance_transform_path_and_halo_chunks(rng, monkeypatch):
     """Large tolerances take the EDT path; small chunks exercise the halo along the stream axis."""
-    monkeypatch.setattr(M, "_MAX_BALL_OFFSETS", 0)
-    monkeypatch.setattr(M, "_TOL_CHUNK_CELLS", 40)
-    monkeypatch.setattr(M, "_CHUNK_CELLS", {"cpu": 30, "cuda": 30})
+    monkeypatch.setattr(S, "_MAX_BALL_OFFSETS", 0)
+    monkeypatch.setattr(S, "_TOL_CHUNK_CELLS", 40)
+    monkeypatch.setattr(S, "_CHUNK_CELLS", {"cpu": 30, "cuda": 30})
     spacing = (0.8, 1.0, 0.5)
     for _ in range(3):
         pred, truth = blobs(rng, (8, 6, 9), 0.3), blobs(rng, (8, 6, 9), 0.3)
@@ -113,7 +114,7 @@ def test_distance_transform_path_and_halo_chunks(rng, monkeypatch):
 
 
 def test_inputs_stream_from_memmap_lazy_volume_and_tensors(rng, tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "_CHUNK_CELLS", {"cpu": 50, "cuda": 50})
+    monkeypatch.setattr(S, "_CHUNK_CELLS", {"cpu": 50, "cuda": 50})
     pred, truth = blobs(rng, (7, 6, 9), 0.3).astype(np.uint8), blobs(rng, (7, 6, 9), 0.3).astype(np.uint8)
     expected = M.evaluate(pred, truth, (0.8, 0.8, 2.0), (0.0, 1.0))
     mm = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.uint8, shape=pred.shape)
@@ -134,7 +135,7 @@ def _rss_file_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
 
 
-@pytest.mark.skipif(not hasattr(M.mmap, "MADV_DONTNEED") or not Path("/proc/self/status").exists(),
+@pytest.mark.skipif(not hasattr(S.mmap, "MADV_DONTNEED") or not Path("/proc/self/status").exists(),
                     reason="needs madvise(MADV_DONTNEED) and /proc")
 def test_streaming_a_memmap_drops_the_pages_it_has_read(rng, tmp_path):
     """Exact on memmaps (C order, Fortran order, a channel of a 4D map), and the mapped pages

@@ -231,7 +231,7 @@ def test_demo_checks_every_pair_before_writing(tmp_path, capfd):
 
 
 def _datalist(root: Path) -> Path:
-    from pipeline.phantom import write_phantom
+    from pipeline.data.phantom import write_phantom
 
     items = []
     for i in range(2):
@@ -251,26 +251,26 @@ CONFIG = {"epochs": 3, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy"]
 
 
 def test_a_crash_between_the_two_checkpoint_writes_cannot_split_them(tmp_path, monkeypatch):
-    import pipeline.train as train_module
-    from pipeline.train import load_checkpoint, train
+    import pipeline.training.state as train_module
+    from pipeline.training import load_checkpoint, train
 
     datalist = _datalist(tmp_path / "data")
     straight = train(datalist, CONFIG, tmp_path / "straight", device="cpu")
-    real = train_module._fsynced_save
+    real = train_module.fsynced_save
 
     def crash_after_last_of_epoch_2(state, path):
         real(state, path)
         if state["epoch"] == 2 and path.name == "last.pt":
             raise Killed  # killed between last.pt and best.pt of epoch 2
 
-    monkeypatch.setattr(train_module, "_fsynced_save", crash_after_last_of_epoch_2)
+    monkeypatch.setattr(train_module, "fsynced_save", crash_after_last_of_epoch_2)
     with pytest.raises(Killed):
         train(datalist, CONFIG, tmp_path / "run", device="cpu")
     run = tmp_path / "run"
     last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
     assert last["epoch"] == 1 and best["epoch"] == last["best"]["epoch"] == 1  # the epoch-1 pair, whole
     assert len(list((run / "states").iterdir())) == 1
-    monkeypatch.setattr(train_module, "_fsynced_save", real)
+    monkeypatch.setattr(train_module, "fsynced_save", real)
     resumed = train(datalist, CONFIG, run, resume=True, device="cpu")
     assert resumed["best"] == straight["best"]
     for key, value in load_checkpoint(tmp_path / "straight" / "best.pt")["model"].items():
@@ -278,7 +278,7 @@ def test_a_crash_between_the_two_checkpoint_writes_cannot_split_them(tmp_path, m
 
 
 def test_resume_refuses_checkpoints_that_disagree(tmp_path):
-    from pipeline.train import train
+    from pipeline.training import train
 
     datalist = _datalist(tmp_path / "data")
     run = tmp_path / "run"

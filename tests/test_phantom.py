@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.phantom import make_phantom, write_phantom
+from pipeline.data.phantom import make_phantom, write_phantom
 from transforms.errors import SlabError
 from transforms.io import load_volume
 

@@ -9,7 +9,7 @@ import torch
 
 from networks import build_network, save_weights
 from pipeline.cli import main
-from pipeline.infer import predict_2p5d
+from pipeline.inference import predict_2p5d
 from transforms.intensity import PercentileNormalize
 from transforms.io import load_volume, save_volume
 from transforms.post import postprocess

@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from networks import build_network, network_divisor, network_min_size
-from pipeline.infer import Predictor, predict_2p5d
+from pipeline.inference import Predictor, predict_2p5d
 from transforms.slab import extract_slab, pad_to_divisor, unpad
 
 # Each family small enough to run hundreds of slabs in a second or two.
@@ -195,7 +195,7 @@ TRAIN_NET = {"name": "unet", "channels": [2, 4, 8], "strides": [2, 2], "num_res_
 def test_train_2p5d_any_volume_and_patch_size(tmp_path_factory, shapes, patch, planes):
     import json
 
-    from pipeline.train import train
+    from pipeline.training import train
 
     root = tmp_path_factory.mktemp("shapes2p5d")
     items = [write_case(root, f"c{i}", shape, i) for i, shape in enumerate(shapes)]
@@ -214,7 +214,7 @@ def test_train_2p5d_any_volume_and_patch_size(tmp_path_factory, shapes, patch, p
 def test_train_3d_any_volume_and_patch_size(tmp_path_factory, shapes, patch_steps):
     import json
 
-    from pipeline.train import train
+    from pipeline.training import train
 
     root = tmp_path_factory.mktemp("shapes3d")
     items = [write_case(root, f"c{i}", shape, i) for i, shape in enumerate(shapes)]

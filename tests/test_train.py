@@ -11,11 +11,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-import pipeline.train as train_module
-from pipeline.train import (
+import pipeline.training.loop as train_module
+from pipeline.training import (
     DEFAULTS,
     DiceCE,
-    SlabError,
     describe_config,
     load_checkpoint,
     split_items,
@@ -24,7 +23,8 @@ from pipeline.train import (
     validate_config,
     warmup_cosine,
 )
-from pipeline.train_cls import (
+from transforms.errors import SlabError
+from pipeline.training.classification import (
     classification_metrics,
     competition_log_loss,
     mixup,
@@ -49,7 +49,7 @@ TINY = {
 
 def write_datalist(root: Path, n: int = 3, shape=SHAPE, kind: str = "vessels", extra: dict | None = None) -> Path:
     """``n`` phantom cases, fold = index % 2; fold 0 is the validation list."""
-    from pipeline.phantom import write_phantom
+    from pipeline.data.phantom import write_phantom
 
     items = []
     for i in range(n):
@@ -185,7 +185,7 @@ def test_summarize_sweeps_picks_threshold_per_label():
 
 def test_train_2p5d_writes_a_complete_run(vessels, tmp_path):
     from networks import build_network, load_weights
-    from pipeline.infer import predict_2p5d
+    from pipeline.inference import predict_2p5d
 
     out = tmp_path / "run"
     result = train(vessels, _config(), out, device="cpu")
@@ -482,7 +482,7 @@ def test_train_classification(tmp_path):
 
     # inference builds and scores the validation studies' sequences exactly as validation did
     from networks import build_network
-    from pipeline.infer import predict_sequences
+    from pipeline.inference import predict_sequences
     from transforms.io import load_volume
 
     model = build_network(**best["network"])

@@ -3,7 +3,7 @@
 Each *target* of a study (a vertebra C1..C7) becomes one sequence of ``n_slabs`` slabs: slab
 centres evenly spaced over the z range the target occupies in the study's label (value
 ``i + 1`` is ``labels[i]``), or over the whole volume when the study has no label
-(:func:`pipeline.datasets.study_sequences`, built as inference builds them). The
+(:func:`pipeline.data.sequences.study_sequences`, built as inference builds them). The
 :class:`~networks.SliceSequenceClassifier` scores every slab and the whole sequence; the loss is
 
 ``slice_weight * BCE(slices) + seq_weight * BCE(sequence)``  (default 15 : 1),
@@ -30,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets import OVERALL, study_sequences
-from pipeline.train import TrainTask, _build_model, _network_args, split_items
+from pipeline.data.sequences import OVERALL, study_sequences
+from pipeline.training.task import TrainTask
+from pipeline.training.segmentation import build_model, network_args
+from pipeline.training import split_items
 from transforms.errors import SlabError
 
 # The competition's sample weights: a vertebra row weighs 1 (negative) or 2 (positive); the
@@ -175,7 +177,7 @@ class ClassificationTask(TrainTask):
     """
 
     def __init__(self, datalist, cfg: dict, fold, info) -> None:
-        from pipeline.distributed import shard_items
+        from pipeline.training.distributed import shard_items
 
         self.cfg, self.c = cfg, cfg["classification"]
         train_items, val_items, data = split_items(datalist, fold)
@@ -196,8 +198,8 @@ class ClassificationTask(TrainTask):
                          enumerate(study_sequences(item, *_load_study(item, cfg["normalize"]), names, cfg))]
         self.has_val = bool(val_items)
         self.n_samples = cfg["samples_per_epoch"] or len(self.train)
-        self.network = _network_args(cfg, 2, channels.pop(), 1)
-        self.model = _build_model(self.network)
+        self.network = network_args(cfg, 2, channels.pop(), 1)
+        self.model = build_model(self.network)
 
     def sample(self, index: int, epoch: int) -> dict:
         n = len(self.train)
@@ -224,8 +226,8 @@ class ClassificationTask(TrainTask):
         return self.has_val
 
     def validate(self, model, device, info) -> dict:
-        from pipeline.distributed import gather_objects
-        from pipeline.infer import score_sequences
+        from pipeline.training.distributed import gather_objects
+        from pipeline.inference import score_sequences
 
         probs, _ = score_sequences(model, [s["slabs"] for s in self.val], batch_size=self.cfg["val"]["batch_size"],
                                    device=device, amp=self.cfg["amp"])

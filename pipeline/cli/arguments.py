@@ -1,6 +1,5 @@
-"""The ``slab`` sub-commands (one module each, see :mod:`pipeline.cli`) and the argument types
-they share. A type raises ``argparse.ArgumentTypeError``, which the parser prints as one line
-naming the argument."""
+"""The argument types the ``slab`` sub-commands share (:mod:`pipeline.cli`). A type raises
+``argparse.ArgumentTypeError``, which the parser prints as one line naming the argument."""
 from __future__ import annotations
 
 import argparse

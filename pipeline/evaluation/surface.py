@@ -1,4 +1,5 @@
-"""Segmentation metrics in physical units: surface dice, overlap, threshold sweeps, MONAI metrics.
+"""The streaming engine behind the metrics: one pass of cell codes for overlap and surface dice at
+tolerance 0, a second halo'd pass for tolerances in mm (:mod:`pipeline.evaluation.metrics` is the API).
 
 Masks are binary ``(X, Y, Z)`` volumes (or ``(L, X, Y, Z)`` with one channel per class): numpy
 arrays, memory maps, :class:`~transforms.io.LazyVolume` s or torch tensors (CPU or CUDA).
@@ -42,45 +43,39 @@ import mmap
 
 import numpy as np
 import torch
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import _get_neighbour_code_to_normals_table, do_metric_reduction
+from monai.metrics.utils import _get_neighbour_code_to_normals_table
 
-from transforms.checks import check_spacing
 from transforms.errors import SlabError
 
-__all__ = [
-    "surface_dice",
-    "overlap_metrics",
-    "evaluate",
-    "threshold_sweep",
-    "plot_sweep",
-    "SurfaceDiceMetric",
-    "OverlapMetric",
-]
-
 OVERLAP_KEYS = ("dice", "iou", "precision", "recall")
+
+
 # Cells per streamed chunk: a few MB of temporaries (fastest on CPU, measured at 256^3 and
 # 1024^3); CUDA wants larger launches.
 _CHUNK_CELLS = {"cpu": 1 << 20, "cuda": 1 << 24}
+
+
 # Cells per chunk of the tolerance pass (it holds a few bytes per cell of its region).
 _TOL_CHUNK_CELLS = 1 << 22
+
+
 # Above this many offsets inside the tolerance ellipsoid, a distance transform is cheaper.
 _MAX_BALL_OFFSETS = 1000
+
+
 # Relative band around tolerance**2 inside which the float32 distance transform is re-checked.
 _EDT_BAND = 1e-4
+
+
 _KERNEL = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]])  # surface-distance's code weights
 
 
-def _key(tolerance: float) -> str:
+def tolerance_key(tolerance: float) -> str:
     """The JSON key of a tolerance: ``0.0``, ``1.0``, ``2.5``."""
     return str(float(tolerance))
 
 
-# ---------------------------------------------------------------------------------------------
-# Arguments
-
-
-def _check_tolerances(tolerances) -> tuple[float, ...]:
+def check_tolerances(tolerances) -> tuple[float, ...]:
     values = tuple(float(t) for t in np.atleast_1d(tolerances))
     for t in values:
         if not (math.isfinite(t) and t >= 0):
@@ -88,7 +83,7 @@ def _check_tolerances(tolerances) -> tuple[float, ...]:
     return values
 
 
-def _check_thresholds(thresholds) -> np.ndarray:
+def check_thresholds(thresholds) -> np.ndarray:
     values = np.unique(np.asarray(thresholds, dtype=np.float64).ravel())
     if values.size == 0 or not np.isfinite(values).all():
         raise SlabError(f"thresholds: expected finite numbers, got {thresholds!r}")
@@ -105,7 +100,7 @@ def _channels(volume, name: str) -> list:
     raise SlabError(f"{name}: expected a (X, Y, Z) or (L, X, Y, Z) volume, got shape {shape}")
 
 
-def _check_pair(pred, truth, names=("pred", "truth")) -> list:
+def check_pair(pred, truth, names=("pred", "truth")) -> list:
     """Channel index pairs of two volumes with the same spatial shape and class count
     (a ``(X, Y, Z)`` volume is one class)."""
     pc, tc = _channels(pred, names[0]), _channels(truth, names[1])
@@ -114,11 +109,7 @@ def _check_pair(pred, truth, names=("pred", "truth")) -> list:
     return list(zip(pc, tc))
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading volumes in stream order
-
-
-class _Reader:
+class Reader:
     """Blocks of one channel of a volume, in stream order ``(s, a, b)``, zero outside.
 
     ``perm`` maps stream axes to spatial axes; blocks are numpy arrays, or torch tensors on
@@ -135,9 +126,9 @@ class _Reader:
         self.shape = tuple(tuple(volume.shape)[-3:][i] for i in perm)
         self.mapping = _shared_mapping(volume)
 
-    def at(self, threshold: float) -> _Reader:
+    def at(self, threshold: float) -> Reader:
         """The same volume, binarised ``> threshold``."""
-        return _Reader(self.volume, self.name, self.channel, self.perm, self.device, threshold)
+        return Reader(self.volume, self.name, self.channel, self.perm, self.device, threshold)
 
     def _read(self, lo, hi):
         index = [slice(None)] * 3
@@ -172,7 +163,7 @@ class _Reader:
         return self._part(lo, hi, self._finite)
 
     def _finite(self, data):
-        if _is_float(data) and bool((torch.isnan(data) if isinstance(data, torch.Tensor) else np.isnan(data)).any()):
+        if is_float(data) and bool((torch.isnan(data) if isinstance(data, torch.Tensor) else np.isnan(data)).any()):
             raise SlabError(f"{self.name}: NaN in the probability map")
         return data
 
@@ -232,7 +223,7 @@ def _copy_and_release(block: np.ndarray, mapped: mmap.mmap, address: int) -> np.
     return copy
 
 
-def _readers(pred, truth, channels, names, threshold: float | None = None) -> tuple[_Reader, _Reader]:
+def readers(pred, truth, channels, names, threshold: float | None = None) -> tuple[Reader, Reader]:
     """Readers of one class of ``pred`` and ``truth`` that stream along the same axis into the
     same kind of array: torch on the first tensor's device if either is a tensor.
 
@@ -245,11 +236,11 @@ def _readers(pred, truth, channels, names, threshold: float | None = None) -> tu
     else:
         perm = tuple(int(i) for i in np.argsort([-abs(s) for s in strides[0][-3:]], kind="stable"))
     device = next((v.device for v in (pred, truth) if isinstance(v, torch.Tensor)), None)
-    return (_Reader(pred, names[0], channels[0], perm, device, threshold),
-            _Reader(truth, names[1], channels[1], perm, device))
+    return (Reader(pred, names[0], channels[0], perm, device, threshold),
+            Reader(truth, names[1], channels[1], perm, device))
 
 
-def _is_float(data) -> bool:
+def is_float(data) -> bool:
     return data.dtype.is_floating_point if isinstance(data, torch.Tensor) else np.issubdtype(data.dtype, np.floating)
 
 
@@ -264,14 +255,10 @@ def _binarize(data, threshold: float):
     return greater_than(data, threshold).view(np.uint8)
 
 
-# ---------------------------------------------------------------------------------------------
-# Cell codes and their tables
-
-
 def _pairs(pred, truth, shape, device):
     """``pred | truth << 1`` as a zero-padded ``uint8`` block of ``shape``.
 
-    ``pred`` and ``truth`` are :meth:`_Reader.mask` parts of the same box (``None`` outside).
+    ``pred`` and ``truth`` are :meth:`Reader.mask` parts of the same box (``None`` outside).
     """
     block = np.zeros(shape, np.uint8) if device is None else torch.zeros(shape, dtype=torch.uint8, device=device)
     if truth is not None:
@@ -353,10 +340,6 @@ def _tables(spacing: tuple[float, float, float], perm: tuple[int, int, int]) -> 
     return _Tables(spacing, perm)
 
 
-# ---------------------------------------------------------------------------------------------
-# The streaming pass
-
-
 class _Box:
     """Bounding box ``[lo, hi)`` of non-zero cells, in stream order, merged chunk by chunk."""
 
@@ -387,7 +370,7 @@ def _numpy(x) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _scan(rp: _Reader, rt: _Reader, levels=None, box: bool = False):
+def _scan(rp: Reader, rt: Reader, levels=None, box: bool = False):
     """Code histogram and box of the cells of ``rp`` against ``rt``; with ``levels``, one of
     each per level, of ``rp > level`` (``rp`` read once per chunk, thresholded at each level).
 
@@ -416,10 +399,6 @@ def _scan(rp: _Reader, rt: _Reader, levels=None, box: bool = False):
                     boxes[i].merge(_Box.of(codes, (first, 0, 0)))
             below[i] = planes[-1:]
     return [_numpy(h).astype(np.int64) for h in hists], boxes
-
-
-# ---------------------------------------------------------------------------------------------
-# Tolerance > 0
 
 
 def _ball(spacing: tuple[float, float, float], tolerance: float):
@@ -479,7 +458,7 @@ def _within(index, target, shape, offsets, distances, tolerances, spacing_s) -> 
     return result
 
 
-def _matched_hist(rp: _Reader, rt: _Reader, spacing, tolerances, box: _Box) -> np.ndarray:
+def _matched_hist(rp: Reader, rt: Reader, spacing, tolerances, box: _Box) -> np.ndarray:
     """Code histograms ``(len(tolerances), 2, 65536)`` of the pred / truth surface cells that
     lie within each tolerance (> 0) of the other surface."""
     hists = np.zeros((len(tolerances), 2, 1 << 16), np.int64)
@@ -517,10 +496,6 @@ def _matched_hist(rp: _Reader, rt: _Reader, spacing, tolerances, box: _Box) -> n
     return hists
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics from histograms
-
-
 def _dot(hist: np.ndarray, table: np.ndarray):
     """``hist @ table`` (numpy's matmul of int64 with float64 takes a slow loop)."""
     return (hist * table).sum().item()
@@ -555,10 +530,10 @@ def _surface(hist, tables, rp, rt, spacing, tolerances, box) -> dict:
     if positive:
         for t, (hp, ht) in zip(positive, _matched_hist(rp, rt, spacing, positive, box)):
             matched[t] = _dot(hp, tables.area_p) + _dot(ht, tables.area_t)
-    return {_key(t): _ratio(matched[t], total) for t in tolerances}
+    return {tolerance_key(t): _ratio(matched[t], total) for t in tolerances}
 
 
-def _channel_metrics(rp, rt, spacing, tolerances) -> dict:
+def channel_metrics(rp, rt, spacing, tolerances) -> dict:
     (hist,), (cells,) = _scan(rp, rt, box=any(t > 0 for t in tolerances))
     tables = _tables(spacing, rt.perm)
     out = _overlap(hist, tables, math.prod(spacing))
@@ -567,279 +542,24 @@ def _channel_metrics(rp, rt, spacing, tolerances) -> dict:
     return out
 
 
-def _mean(values) -> float:
+def nan_mean(values) -> float:
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else math.nan
 
 
-# ---------------------------------------------------------------------------------------------
-# Public functions
-
-
-def surface_dice(pred, truth, spacing=(1.0, 1.0, 1.0), tolerance: float = 0.0) -> float:
-    """Surface dice of two binary masks at ``tolerance`` mm.
-
-    Parameters
-    ----------
-    pred, truth : array-like, ``(X, Y, Z)`` or ``(1, X, Y, Z)``
-        Binary masks (bool or 0/1 integers): numpy arrays, memory maps, LazyVolumes or torch
-        tensors (CPU or CUDA). Read a few slices at a time.
-    spacing : (sx, sy, sz)
-        Voxel size in mm.
-    tolerance : float
-        Largest surface-to-surface distance (mm) that counts as a match; 0 is the SenNet
-        definition (surface in the same 2x2x2 cell).
-
-    Returns
-    -------
-    float
-        Equal to ``surface_distance.compute_surface_dice_at_tolerance(
-        compute_surface_distances(truth, pred, spacing), tolerance)``; NaN if both are empty.
-
-    Example
-    -------
-    >>> a = np.zeros((8, 8, 8), bool); a[2:6, 2:6, 2:6] = True
-    >>> surface_dice(a, a)
-    1.0
-    >>> round(surface_dice(a, np.roll(a, 1, axis=0), tolerance=1.0), 4)
-    1.0
-    """
-    spacing = check_spacing(spacing)
-    (tolerance,) = _check_tolerances(tolerance)
-    channels = _check_pair(pred, truth)
-    if len(channels) != 1:
-        raise SlabError(f"pred: surface_dice takes one mask, got {len(channels)} channels; use evaluate")
-    rp, rt = _readers(pred, truth, channels[0], ("pred", "truth"))
-    return _channel_metrics(rp, rt, spacing, (tolerance,))["surface_dice"][_key(tolerance)]
-
-
-def evaluate(pred, truth, spacing=(1.0, 1.0, 1.0), tolerances=(0.0,), threshold: float | None = None,
-             names=("pred", "truth")) -> dict:
-    """All metrics of a prediction against the truth, per class and their mean.
-
-    Parameters
-    ----------
-    pred : array-like, ``(X, Y, Z)`` or ``(L, X, Y, Z)``
-        Binary masks, or probabilities when ``threshold`` is given (``pred > threshold``, as
-        :class:`transforms.post.Threshold` and ``slab postprocess --threshold`` binarise).
-    truth : array-like, same shape
-        Binary masks, one channel per class.
-    spacing : (sx, sy, sz)
-        Voxel size in mm.
-    tolerances : sequence of float
-        Surface dice tolerances in mm.
-    threshold : float, optional
-        Threshold for a probability map.
-    names : (str, str)
-        What error messages call ``pred`` and ``truth`` (the CLI gives the file names).
-
-    Returns
-    -------
-    dict
-        ``{"dice", "iou", "precision", "recall": mean over classes (NaN skipped),
-        "surface_dice": {"<tolerance>": mean, ...},
-        "classes": [{"class": i, "dice", "iou", "precision", "recall", "surface_dice",
-        "volume_pred_voxels", "volume_truth_voxels", "volume_pred_mm3", "volume_truth_mm3"}, ...],
-        "spacing": [sx, sy, sz], "tolerances": [...], "threshold": threshold}``.
-        Undefined ratios (0/0) are NaN.
-    """
-    spacing = check_spacing(spacing)
-    tolerances = _check_tolerances(tolerances)
-    channels = _check_pair(pred, truth, names)
-    classes = []
-    for i, pair in enumerate(channels):
-        rp, rt = _readers(pred, truth, pair, names, threshold)
-        classes.append({"class": i, **_channel_metrics(rp, rt, spacing, tolerances)})
-    result = {k: _mean([m[k] for m in classes]) for k in OVERLAP_KEYS}
-    if tolerances:
-        result["surface_dice"] = {
-            _key(t): _mean([m["surface_dice"][_key(t)] for m in classes]) for t in tolerances
-        }
-    result.update(classes=classes, spacing=list(spacing), tolerances=list(tolerances), threshold=threshold)
-    return result
-
-
-def overlap_metrics(pred, truth, spacing=(1.0, 1.0, 1.0), threshold: float | None = None,
-                    names=("pred", "truth")) -> dict:
-    """Dice, IoU, precision, recall and volumes; :func:`evaluate` without surface dice.
-
-    Recall is SenNet's "hit rate"; 1 - precision its "false-positive rate".
-
-    Example
-    -------
-    >>> a = np.zeros((4, 4, 4), np.uint8); a[:2] = 1
-    >>> b = np.zeros_like(a); b[1:3] = 1
-    >>> m = overlap_metrics(a, b, spacing=(0.5, 0.5, 2.0))
-    >>> m["dice"], m["iou"], m["classes"][0]["volume_pred_mm3"]
-    (0.5, 0.3333333333333333, 16.0)
-    """
-    return evaluate(pred, truth, spacing, tolerances=(), threshold=threshold, names=names)
-
-
-def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=0.0, metric: str = "surface_dice",
-                    names=("prob", "truth")) -> dict:
-    """Every metric at every threshold, and the best threshold.
-
-    The probability map is read once; each chunk is thresholded at every level and coded
-    against the truth, so overlap metrics and surface dice at tolerance 0 cost one pass.
-    Tolerances above 0 take one more pass per threshold over the bounding box.
-
-    Parameters
-    ----------
-    prob : array-like, ``(X, Y, Z)`` or ``(L, X, Y, Z)``
-        Probabilities; a voxel is foreground when ``prob > threshold`` (as ``slab postprocess``).
-    truth : array-like, same shape
-        Binary masks.
-    thresholds : sequence of float
-    spacing : (sx, sy, sz)
-    tolerance : float or sequence of float
-        Surface dice tolerance(s) in mm.
-    metric : str
-        What "best" maximises: ``"surface_dice"`` (at the first tolerance), ``"dice"``,
-        ``"iou"``, ``"precision"`` or ``"recall"``. Multi-class: the mean over classes.
-    names : (str, str)
-        What error messages call ``prob`` and ``truth``.
-
-    Returns
-    -------
-    dict
-        ``{"thresholds": [...], "tolerances": [...], "dice": [...], "iou": [...],
-        "precision": [...], "recall": [...], "surface_dice": {"<tolerance>": [...]},
-        "best": {"metric", "threshold", "value"}, "classes": [per-class curves]}``; curves
-        at the top level are means over classes.
-    """
-    spacing = check_spacing(spacing)
-    tolerances = _check_tolerances(tolerance)
-    levels = _check_thresholds(thresholds)
-    if metric not in (*OVERLAP_KEYS, "surface_dice"):
-        raise SlabError(f"metric: expected one of {', '.join((*OVERLAP_KEYS, 'surface_dice'))}, got {metric!r}")
-    channels = _check_pair(prob, truth, names)
-    positive = any(t > 0 for t in tolerances)
-    classes = []
-    for pair in channels:
-        rp, rt = _readers(prob, truth, pair, names)
-        hists, boxes = _scan(rp, rt, levels, box=positive)
-        tables = _tables(spacing, rt.perm)
-        curves = {k: [] for k in OVERLAP_KEYS}
-        curves["surface_dice"] = {_key(t): [] for t in tolerances}
-        for i, level in enumerate(levels):
-            point = _overlap(hists[i], tables, 1.0)
-            for k in OVERLAP_KEYS:
-                curves[k].append(point[k])
-            surface = _surface(hists[i], tables, rp.at(float(level)), rt, spacing, tolerances, boxes[i])
-            for t in tolerances:
-                curves["surface_dice"][_key(t)].append(surface[_key(t)])
-        classes.append(curves)
-    sweep = {"thresholds": levels.tolist(), "tolerances": list(tolerances)}
-    for k in OVERLAP_KEYS:
-        sweep[k] = [_mean(v) for v in zip(*(m[k] for m in classes))]
-    sweep["surface_dice"] = {
-        _key(t): [_mean(v) for v in zip(*(m["surface_dice"][_key(t)] for m in classes))] for t in tolerances
-    }
-    curve = sweep["surface_dice"][_key(tolerances[0])] if metric == "surface_dice" else sweep[metric]
-    scores = np.asarray(curve, dtype=np.float64)
-    best = int(np.nanargmax(scores)) if not np.isnan(scores).all() else 0
-    name = f"surface_dice@{_key(tolerances[0])}" if metric == "surface_dice" else metric
-    sweep["best"] = {"metric": name, "threshold": float(levels[best]), "value": float(scores[best])}
-    sweep["classes"] = classes
-    return sweep
-
-
-def plot_sweep(sweep: dict, png) -> None:
-    """Plot the curves of :func:`threshold_sweep` against the threshold into ``png`` (atomically)."""
-    from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
-
-    from transforms.io import atomic_write
-
-    thresholds = sweep["thresholds"]
-    best = sweep["best"]
-    fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="tight")
-    ax = fig.add_subplot()
-    for key in OVERLAP_KEYS:
-        ax.plot(thresholds, np.asarray(sweep[key], dtype=float), label=key)
-    for key, values in sweep["surface_dice"].items():
-        ax.plot(thresholds, np.asarray(values, dtype=float), "--", label=f"surface dice @ {key} mm")
-    ax.axvline(best["threshold"], color="grey", lw=0.8)
-    ax.set(xlabel="threshold (foreground: > threshold)", ylabel="score", ylim=(0, 1.02),
-           title=f"best {best['metric']} = {best['value']:.4f} at {best['threshold']:g}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower center")
-    with atomic_write(png) as tmp:
-        fig.savefig(tmp, format="png")
-
-
-# ---------------------------------------------------------------------------------------------
-# MONAI metric classes
-
-
-class _BatchMetric(CumulativeIterationMetric):
-    """Batch-first ``(B, C, X, Y, Z)`` binary inputs to a ``(B, C)`` score per iteration."""
-
-    def __init__(self, spacing, include_background: bool, reduction, get_not_nans: bool):
-        super().__init__()
-        self.spacing = check_spacing(spacing)
-        self.include_background = include_background
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
-
-    def _score(self, pred: _Reader, truth: _Reader) -> float:
-        raise NotImplementedError
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if y_pred.ndim != 5 or tuple(y_pred.shape) != tuple(y.shape):
-            raise SlabError(
-                f"y_pred: expected batch-first (B, C, X, Y, Z) like y, got {tuple(y_pred.shape)} and {tuple(y.shape)}"
-            )
-        first = 0 if self.include_background else 1
-        scores = [
-            [self._score(*_readers(y_pred[b], y[b], (c, c), ("y_pred", "y"))) for c in range(first, y.shape[1])]
-            for b in range(y.shape[0])
-        ]
-        return torch.tensor(scores, dtype=torch.float32, device=y_pred.device).reshape(y.shape[0], -1)
-
-    def aggregate(self, reduction=None):
-        """Reduce the buffered ``(N, C)`` scores; NaN (undefined) entries are skipped."""
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("the data to aggregate must be PyTorch Tensor.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f
-
-
-class SurfaceDiceMetric(_BatchMetric):
-    """Surface dice at ``tolerance`` mm as a MONAI cumulative metric (same code as :func:`surface_dice`).
-
-    Example
-    -------
-    >>> metric = SurfaceDiceMetric(tolerance=1.0, spacing=(0.8, 0.8, 2.5))  # doctest: +SKIP
-    >>> metric(y_pred=pred_onehot, y=label_onehot); metric.aggregate()  # doctest: +SKIP
-    """
-
-    def __init__(self, tolerance: float = 0.0, spacing=(1.0, 1.0, 1.0), include_background: bool = True,
-                 reduction="mean", get_not_nans: bool = False):
-        super().__init__(spacing, include_background, reduction, get_not_nans)
-        (self.tolerance,) = _check_tolerances(tolerance)
-
-    def _score(self, pred, truth):
-        return _channel_metrics(pred, truth, self.spacing, (self.tolerance,))["surface_dice"][
-            _key(self.tolerance)
-        ]
-
-
-class OverlapMetric(_BatchMetric):
-    """Dice, IoU, precision or recall as a MONAI cumulative metric (same code as :func:`evaluate`).
-
-    Unlike MONAI's ``DiceMetric`` (``ignore_empty=True``), an empty truth with a non-empty
-    prediction scores 0, not NaN; both empty is NaN.
-    """
-
-    def __init__(self, name: str = "dice", include_background: bool = True, reduction="mean",
-                 get_not_nans: bool = False):
-        if name not in OVERLAP_KEYS:
-            raise SlabError(f"name: expected one of {', '.join(OVERLAP_KEYS)}, got {name!r}")
-        super().__init__((1.0, 1.0, 1.0), include_background, reduction, get_not_nans)
-        self.name = name
-
-    def _score(self, pred, truth):
-        return _channel_metrics(pred, truth, self.spacing, ())[self.name]
+def sweep_curves(rp: Reader, rt: Reader, spacing, tolerances, levels) -> dict:
+    """One channel's overlap and surface dice at every threshold of ``levels``: one pass for all
+    of them, and one tolerance pass per level."""
+    hists, boxes = _scan(rp, rt, levels, box=any(t > 0 for t in tolerances))
+    tables = _tables(spacing, rt.perm)
+    curves = {k: [] for k in OVERLAP_KEYS}
+    curves["surface_dice"] = {tolerance_key(t): [] for t in tolerances}
+    for i, level in enumerate(levels):
+        point = _overlap(hists[i], tables, 1.0)
+        for k in OVERLAP_KEYS:
+            curves[k].append(point[k])
+        surface = _surface(hists[i], tables, rp.at(float(level)), rt, spacing, tolerances, boxes[i])
+        for t in tolerances:
+            curves["surface_dice"][tolerance_key(t)].append(surface[tolerance_key(t)])
+    return curves

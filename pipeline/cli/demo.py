@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.commands import positive_int
+from pipeline.cli.arguments import positive_int
 
 HELP = "run the vessel_2p5d bundle on the embedded phantom: predict, clean up, score, render (outputs/demo)"
 # What the demo takes from configs/evaluate.json when the value there is plain data.
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def paths(args) -> tuple[dict, dict]:
-    from pipeline.commands.predict import bundle_contents
+    from pipeline.cli.predict import bundle_contents
 
     return {"--bundle": bundle_contents(args.bundle), "--data": args.data}, {"--out": args.out}
 
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.bundle import list_pairs, require_files, run_evaluation
-    from pipeline.infer import Predictor, check_planes
-    from pipeline.preview import preview_slabs
+    from pipeline.inference import Predictor, check_planes
+    from pipeline.evaluation.preview import preview_slabs
     from transforms.io import load_volume
 
     start = time.perf_counter()

@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 
-from pipeline.commands import non_negative_float, probability
-from pipeline.metrics import _check_thresholds, _check_tolerances, evaluate, plot_sweep, threshold_sweep
+from pipeline.cli.arguments import non_negative_float, probability
+from pipeline.evaluation.surface import check_thresholds, check_tolerances
+from pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
 from transforms.errors import SlabError
 from transforms.io import atomic_write, check_same_geometry, load_volume
 
@@ -65,10 +66,10 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    tolerances = _check_tolerances(args.tolerance)
+    tolerances = check_tolerances(args.tolerance)
     thresholds = None
     if args.sweep is not None:
-        thresholds = _check_thresholds(args.sweep or np.round(np.arange(1, 20) * 0.05, 2))
+        thresholds = check_thresholds(args.sweep or np.round(np.arange(1, 20) * 0.05, 2))
     if args.plot and thresholds is None:
         raise SlabError("--plot: plots the threshold sweep; add --sweep")
     pred, truth = _open(args.pred), _open(args.truth)

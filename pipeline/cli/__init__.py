@@ -1,7 +1,7 @@
-"""The ``slab`` command line: a thin dispatcher over ``pipeline.commands``, and the one boundary
-where errors become messages.
+"""The ``slab`` command line: a thin dispatcher over the command modules beside it, and the one
+boundary where errors become messages.
 
-Each sub-command lives in its own module under ``pipeline/commands/`` with ``HELP`` (one line),
+Each sub-command lives in its own module ``pipeline/cli/<name>.py`` with ``HELP`` (one line),
 ``add_arguments(parser)``, ``run(args) -> int`` and optionally ``paths(args) -> (inputs,
 outputs)``: the files it reads and writes, by argument name. Before ``run``, the dispatcher
 refuses outputs that would touch an input (:func:`transforms.outputs.check_outputs`). Modules are
@@ -24,17 +24,8 @@ import warnings
 
 from transforms.errors import SlabError, SlabWarning
 
-COMMANDS = {
-    "phantom": "pipeline.commands.phantom",
-    "convert": "pipeline.commands.convert",
-    "dataset": "pipeline.commands.dataset",
-    "train": "pipeline.commands.train",
-    "predict": "pipeline.commands.predict",
-    "postprocess": "pipeline.commands.postprocess",
-    "evaluate": "pipeline.commands.evaluate",
-    "render": "pipeline.commands.render",
-    "demo": "pipeline.commands.demo",
-}
+COMMANDS = {name: f"pipeline.cli.{name}" for name in
+            ("phantom", "convert", "dataset", "train", "predict", "postprocess", "evaluate", "render", "demo")}
 DESCRIPTION = "2.5D and 3D segmentation of 3D medical volumes."
 # Loggers of libraries that print INFO/WARNING lines for conditions slab reports itself.
 QUIET_LOGGERS = ("monai", "tifffile", "imagecodecs", "nibabel", "pyvista", "matplotlib", "PIL", "ignite")
@@ -130,6 +121,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `slab evaluate ... | head`
         return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

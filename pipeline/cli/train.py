@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.commands import non_negative_int, positive_int
+from pipeline.cli.arguments import non_negative_int, positive_int
 
 HELP = "train a segmentation or classification network from a datalist and a JSON config"
 
@@ -34,18 +34,18 @@ def paths(args) -> tuple[dict, dict]:
     (not the run directory, which may hold the datalist) are outputs."""
     from pathlib import Path
 
-    from pipeline.train import RUN_FILES
+    from pipeline.training import RUN_FILES
 
     inputs = {"--datalist": args.datalist, "--config": args.config}
     if args.datalist and Path(args.datalist).is_file():
-        from pipeline.datasets import datalist_paths
+        from pipeline.data.datalist import datalist_paths
 
         inputs["datalist entries"] = datalist_paths(args.datalist)
     return inputs, {"--out": [Path(args.out) / name for name in RUN_FILES] if args.out else None}
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.train import describe_config, train
+    from pipeline.training import describe_config, train
     from transforms.errors import SlabError
 
     if args.show_config:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             raise SlabError(f"{flag}: required")
     result = train(args.datalist, args.config, args.out, fold=args.fold, resume=args.resume,
                    device=args.device, epochs=args.epochs)
-    from pipeline.distributed import dist_env
+    from pipeline.training.distributed import dist_env
 
     if dist_env().is_main:
         best = result["best"]

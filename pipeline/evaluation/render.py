@@ -4,7 +4,7 @@ Every voxel of ``pred ∪ truth`` is a *hit* (true positive, yellow), a *false p
 or a *miss* (false negative, red). :func:`render_hits` draws the surfaces of the three
 categories in one off-screen pyvista scene from several angles, with the scores in the title;
 :func:`export_mesh` writes the same surfaces to a mesh file for interactive viewing;
-:func:`pipeline.sections.cross_sections` shows three orthogonal sections of the image with the
+:func:`pipeline.evaluation.sections.cross_sections` shows three orthogonal sections of the image with the
 outlines of prediction and truth.
 
 Large volumes are reduced for display only: blocks of ``f³`` voxels become one display voxel
@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from pipeline.metrics import evaluate
+from pipeline.evaluation.metrics import evaluate
 from transforms.checks import check_spacing
 from transforms.errors import SlabError
 from transforms.io import LazyVolume, atomic_write
@@ -39,11 +39,11 @@ COLOURS = {"hit": (255, 215, 0), "false_positive": (30, 170, 30), "miss": (220, 
 LEGEND = {"hit": "hit (true positive)", "false_positive": "false positive", "miss": "miss (false negative)"}
 OUTLINES = {"truth": "cyan", "prediction": "magenta"}
 MESH_SUFFIXES = (".vtk", ".ply", ".glb")
-_CHUNK = 64  # planes read at a time along the axis slowest in memory (rounded to the block size)
+CHUNK = 64  # planes read at a time along the axis slowest in memory (rounded to the block size)
 _HEADER = 0.14  # fraction of a 3D picture's height for title, scores and legend
 
 
-class _Spatial:
+class Spatial:
     """One channel of a volume as an ``(X, Y, Z)`` array, read in slabs along ``axis``: the
     axis slowest in memory (a lazy volume's z, one slice file or NIfTI plane after another)."""
 
@@ -83,22 +83,22 @@ class _Spatial:
         return block > 0.5 if block.dtype.kind == "f" else block != 0
 
 
-def _pair(pred, truth, channel: int | None) -> tuple[_Spatial, _Spatial]:
-    p, t = _Spatial(pred, "prediction", channel), _Spatial(truth, "truth", channel)
+def spatial_pair(pred, truth, channel: int | None) -> tuple[Spatial, Spatial]:
+    p, t = Spatial(pred, "prediction", channel), Spatial(truth, "truth", channel)
     if p.shape != t.shape:
         raise SlabError(f"prediction: spatial shape {p.shape} does not match truth {t.shape}")
     return p, t
 
 
-def _image(image, shape: tuple[int, ...]) -> _Spatial:
+def spatial_image(image, shape: tuple[int, ...]) -> Spatial:
     """The first channel of an image that must match the masks' shape."""
-    image = _Spatial(image, "image", 0)
+    image = Spatial(image, "image", 0)
     if image.shape != shape:
         raise SlabError(f"image: spatial shape {image.shape} does not match the masks {shape}")
     return image
 
 
-def _check_size(size) -> tuple[int, int]:
+def check_size(size) -> tuple[int, int]:
     width, height = (int(s) for s in size)
     if width < 100 or height < 100:
         raise SlabError(f"size: expected a picture of at least 100 x 100 pixels, got {width} x {height}")
@@ -133,13 +133,13 @@ def category_map(pred, truth, factor: int = 1, channel: int | None = None) -> tu
     its voxels is, labelled with the category most of them have (ties: hit, false positive,
     miss).
     """
-    p, t = _pair(pred, truth, channel)
+    p, t = spatial_pair(pred, truth, channel)
     f = int(factor)
     if f < 1:
         raise SlabError(f"factor: expected a positive integer, got {factor}")
     labels = np.zeros(tuple(-(-s // f) for s in p.shape), np.uint8)
     counts = np.zeros(3, np.int64)
-    for index, pm in p.slabs(max(f, _CHUNK // f * f)):
+    for index, pm in p.slabs(max(f, CHUNK // f * f)):
         tm = t.mask(index)
         hit, predicted, true = (_block_sum(m, f) for m in (pm & tm, pm, tm))
         blocks = np.stack([hit, predicted - hit, true - hit])
@@ -205,7 +205,7 @@ def _camera_vectors(views: int) -> list[tuple[float, float, float]]:
     return [(float(np.cos(a)), float(np.sin(a)), 0.6) for a in angles]
 
 
-def _floor(image: _Spatial, labels: np.ndarray, spacing, factor: int) -> pv.ImageData:
+def _floor(image: Spatial, labels: np.ndarray, spacing, factor: int) -> pv.ImageData:
     """The axial image slice just below the labels, as a grey plane."""
     zs = np.flatnonzero(labels.any(axis=(0, 1))) if labels.any() else np.array([labels.shape[2] // 2])
     z = max(int(zs[0]) - 1, 0) * factor
@@ -219,8 +219,8 @@ def _floor(image: _Spatial, labels: np.ndarray, spacing, factor: int) -> pv.Imag
     return plane
 
 
-def _scores(p: _Spatial, t: _Spatial, spacing, tolerance: float | None) -> dict:
-    """Full-resolution scores of one label channel, from :func:`pipeline.metrics.evaluate`."""
+def _scores(p: Spatial, t: Spatial, spacing, tolerance: float | None) -> dict:
+    """Full-resolution scores of one label channel, from :func:`pipeline.evaluation.metrics.evaluate`."""
     tolerances = () if tolerance is None else (tolerance,)
     if isinstance(p.volume, LazyVolume) or isinstance(t.volume, LazyVolume):
         # Indexing a lazy volume by channel would read it whole: let the metrics stream it.
@@ -231,7 +231,7 @@ def _scores(p: _Spatial, t: _Spatial, spacing, tolerance: float | None) -> dict:
 
 
 def score_line(scores: dict) -> str:
-    """``Dice 0.812   IoU 0.683   ...`` from a :func:`pipeline.metrics.evaluate`-style dict."""
+    """``Dice 0.812   IoU 0.683   ...`` from a :func:`pipeline.evaluation.metrics.evaluate`-style dict."""
     def value(v) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
@@ -280,7 +280,7 @@ def render_hits(
     title : str, optional
         First title line, e.g. the file names.
     scores : dict, optional
-        Scores for the title as :func:`pipeline.metrics.evaluate` gives them (``dice``,
+        Scores for the title as :func:`pipeline.evaluation.metrics.evaluate` gives them (``dice``,
         ``iou``, ``precision``, ``recall``, ``surface_dice``); computed when not given.
     tolerance : float, optional
         Surface dice tolerance (mm) to compute and show; none by default (it costs a pass).
@@ -316,9 +316,9 @@ def render_hits(
     if not 1 <= int(views) <= 16:
         raise SlabError(f"views: expected 1 to 16 camera angles, got {views}")
     mesh = None if mesh is None else mesh_path(mesh)
-    width, height = _check_size(size)
-    p, t = _pair(pred, truth, channel)
-    image = None if image is None else _image(image, p.shape)
+    width, height = check_size(size)
+    p, t = spatial_pair(pred, truth, channel)
+    image = None if image is None else spatial_image(image, p.shape)
     if scores is None:
         scores = _scores(p, t, spacing, tolerance)
     factor = display_factor(p.shape, max_voxels)
@@ -451,7 +451,7 @@ def export_mesh(
     """
     out_path = mesh_path(out_path)
     spacing = check_spacing(spacing)
-    p, t = _pair(pred, truth, channel)
+    p, t = spatial_pair(pred, truth, channel)
     factor = display_factor(p.shape, max_voxels)
     labels, counts = category_map(p.volume, t.volume, factor, p.channel)
     surface = _surfaces(labels, spacing, factor, max_faces)

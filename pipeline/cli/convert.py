@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from pipeline.commands import positive_float
+from pipeline.cli.arguments import positive_float
 
 from transforms.io import SLICE_FORMATS, load_volume, output_format, save_volume
 

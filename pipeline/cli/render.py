@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.commands import non_negative_float, non_negative_int, positive_int
-from pipeline.render import mesh_path, render_hits, score_line
-from pipeline.sections import cross_sections
+from pipeline.cli.arguments import non_negative_float, non_negative_int, positive_int
+from pipeline.evaluation.render import mesh_path, render_hits, score_line
+from pipeline.evaluation.sections import cross_sections
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry, load_volume
 

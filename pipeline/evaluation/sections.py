@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from pipeline.render import _CHUNK, OUTLINES, _check_size, _image, _pair, _Spatial
+from pipeline.evaluation.render import CHUNK, OUTLINES, Spatial, check_size, spatial_image, spatial_pair
 from transforms.checks import check_spacing
 from transforms.errors import SlabError
 from transforms.io import atomic_write
@@ -64,10 +64,10 @@ def section(volume, codes: Sequence[str], view: str, index: Sequence[int]) -> np
     return np.ascontiguousarray(plane)
 
 
-def _centre(mask: _Spatial) -> tuple[int, int, int] | None:
+def _centre(mask: Spatial) -> tuple[int, int, int] | None:
     """Voxel nearest the centre of mass of a mask, read in slabs; None when empty."""
     total, sums = 0, np.zeros(3)
-    for index, block in mask.slabs(_CHUNK):
+    for index, block in mask.slabs(CHUNK):
         idx = np.nonzero(block)
         if idx[0].size:
             total += idx[0].size
@@ -95,7 +95,7 @@ def cross_sections(
     image : array-like ``(X, Y, Z)`` or ``(C, X, Y, Z)``, or None
         Shown in grey (its first channel); None shows the outlines on black.
     pred, truth : array-like
-        Masks as for :func:`pipeline.render.render_hits`.
+        Masks as for :func:`pipeline.evaluation.render.render_hits`.
     out_png : path
         The PNG written (atomically), ``size`` pixels.
     spacing : (sx, sy, sz)
@@ -113,9 +113,9 @@ def cross_sections(
         ``path``, ``index`` and ``orientation`` (the direction each voxel axis points to).
     """
     spacing = check_spacing(spacing)
-    width, height = _check_size(size)
-    p, t = _pair(pred, truth, channel)
-    image = None if image is None else _image(image, p.shape)
+    width, height = check_size(size)
+    p, t = spatial_pair(pred, truth, channel)
+    image = None if image is None else spatial_image(image, p.shape)
     if index is None:
         index = _centre(t) or _centre(p) or tuple(s // 2 for s in p.shape)
     index = tuple(int(i) for i in index)
@@ -156,7 +156,7 @@ def cross_sections(
 
 
 class _Mask:
-    """Indexing a :class:`pipeline.render._Spatial` as its foreground mask (for :func:`section`)."""
+    """Indexing a :class:`pipeline.evaluation.render.Spatial` as its foreground mask (for :func:`section`)."""
 
     def __init__(self, spatial):
         self.spatial = spatial

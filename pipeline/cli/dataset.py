@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.adapters import KINDS, build_datalist
-from pipeline.commands import non_negative_int, positive_int
+from pipeline.data.adapters import KINDS, build_datalist
+from pipeline.cli.arguments import non_negative_int, positive_int
 
 HELP = "Write OUT_DIR/datalist.json (folds grouped by case) for a dataset, converting labels where needed."
 

@@ -3,7 +3,7 @@ their geometry.
 
 The network comes from ``--bundle DIR`` (``DIR/configs/inference.json``, section ``"slab"``, and
 ``DIR/models/model.pt``, binarised at the thresholds recorded on validation beside the weights
-as the bundle's own inference does; see :meth:`pipeline.infer.Predictor.from_bundle`) or from
+as the bundle's own inference does; see :meth:`pipeline.inference.Predictor.from_bundle`) or from
 ``--network CONFIG.json --weights MODEL.pt`` (CONFIG.json: ``build_network`` arguments plus
 optional ``offsets``, ``planes``, ``roi_size``, ``labels``). Flags given on the command line win
 over the bundle's settings. Bundles are read as data: nothing in their JSON is evaluated.
@@ -11,7 +11,7 @@ over the bundle's settings. Bundles are read as data: nothing in their JSON is e
 INPUT is one volume (a file, a slice directory or a DICOM directory), several files (the
 channels of one volume), a case folder (SenNet's ``kidney_5`` holding ``images/``) or a
 directory of volumes (files, slice/DICOM/case folders, nnU-Net's ``{case}_0000.nii.gz`` channel
-files); see :mod:`pipeline.cases`. For a directory of volumes OUTPUT is a directory and each
+files); see :mod:`pipeline.data.cases`. For a directory of volumes OUTPUT is a directory and each
 result takes its case's name, ``--prob`` is a directory too, and ``--rle-csv`` holds the rows of
 every volume. Every input's header and channel count is checked before anything is written.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.commands import non_negative_int, positive_float, positive_int, probability
+from pipeline.cli.arguments import non_negative_int, positive_float, positive_int, probability
 from transforms.checks import CONNECTIVITIES, FILL_MODES, MODES, TTA_MODES
 from transforms.errors import SlabError
 
@@ -100,7 +100,7 @@ def _postprocess(args) -> dict:
 
 
 def _predictor(args):
-    from pipeline.infer import Predictor, check_planes, recorded_postprocess
+    from pipeline.inference import Predictor, check_planes, recorded_postprocess
     from transforms.checks import read_json_object
 
     if args.overlap is not None and args.overlap >= 1:
@@ -151,8 +151,8 @@ def _jobs(args, collection: bool, cases) -> list[tuple]:
 
 
 def run(args) -> int:
-    from pipeline.cases import find_cases
-    from pipeline.infer import predict_file
+    from pipeline.data.cases import find_cases
+    from pipeline.inference import predict_file
     from transforms.io import atomic_write, output_format, volume_info
     from transforms.outputs import temp_dir
 

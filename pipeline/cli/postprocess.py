@@ -7,7 +7,7 @@ values; the component and hole steps work on the binarised volume.
 """
 from __future__ import annotations
 
-from pipeline.commands import finite_float, non_negative_int, positive_int
+from pipeline.cli.arguments import finite_float, non_negative_int, positive_int
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry, load_volume, output_format, save_volume
 from transforms.post import CONNECTIVITIES, FILL_MODES, Postprocess, check_binary

@@ -1,0 +1,240 @@
+"""The 2.5D training sampler: slabs over the xy, zx and zy planes of a list of volumes.
+
+:class:`SlabDataset` draws 2.5D training samples. Sample ``i`` of epoch ``e`` is a function of
+``(seed, e, i)`` only: a plane among ``planes`` (xy, zx, zy), a volume, and a slice — with
+probability ``positive_fraction`` a slice whose label has foreground, otherwise a slice without
+(any slice when every slice has foreground) — then the slab of ``offsets`` around it, an
+optional crop to ``patch_size`` (centred on a foreground pixel for positive draws) and optional
+augmentation. Volumes are loaded, checked and normalised once, when the dataset is built.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transforms.errors import SlabError
+from transforms.intensity import PercentileNormalize
+from transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
+
+
+def _load(value, name: str):
+    """A volume from a path (or list of paths), or an in-memory array / tensor as it is."""
+    from transforms.io import load_volume
+
+    paths = isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, Path))
+    if isinstance(value, (str, Path)) or paths:
+        return load_volume(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value
+    raise SlabError(f"{name}: expected a file path or a (C, X, Y, Z) array, got {type(value).__name__}")
+
+
+def _numpy(volume) -> np.ndarray:
+    if isinstance(volume, torch.Tensor):
+        volume = volume.as_tensor() if hasattr(volume, "as_tensor") else volume
+        return volume.detach().cpu().numpy()
+    return np.asarray(volume)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SlabError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _crop_window(size: int, patch: int, centre: int | None, rng: np.random.Generator) -> tuple[int, int]:
+    """``(start, pad_before)``: where a window of ``patch`` starts in an axis of ``size``."""
+    if patch >= size:
+        return 0, (patch - size) // 2
+    if centre is None:
+        return int(rng.integers(0, size - patch + 1)), 0
+    return int(np.clip(centre - patch // 2, 0, size - patch)), 0
+
+
+class SlabDataset(torch.utils.data.Dataset):
+    """2.5D training samples over the xy, zx and zy planes of a list of volumes.
+
+    Parameters
+    ----------
+    items : list of dict
+        ``{"image": path(s) or (C, X, Y, Z) array, "label": path or (L, X, Y, Z) array}``, as
+        :func:`load_datalist` gives.
+    offsets : slab offsets (``transforms.slab.slab_offsets``).
+    planes : planes to sample, each with equal probability.
+    samples_per_epoch : ``len(dataset)``.
+    positive_fraction : share of samples drawn from slices whose label has foreground.
+    patch_size : (H, W), optional
+        Crop (or centre-pad with zeros) every sample to this size; needed for batching when the
+        planes' slices differ in size. None: whole slices.
+    normalize : PercentileNormalize, dict of its arguments, or None (image used as stored).
+    augment : callable on ``{"image", "label"}`` (e.g. ``RandSlabAugmentd``), optional. A MONAI
+        Randomizable is reseeded per sample, so augmentation is reproducible too.
+    label_transform : callable mapping the label volume to the training target once at load
+        (e.g. BraTS values to channels); its result's ``> 0`` marks foreground.
+    seed : base seed; sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
+    cache_dtype : ``float32`` or ``float16`` storage of normalised images (samples are float32).
+
+    Each sample is ``{"image": float32 (C*k, H, W), "label": float32 (L, H, W) (or the
+    label_transform's dtype), "case": int, "plane": str, "slice": int, "positive": bool}``; the
+    default collate batches them.
+    """
+
+    def __init__(self, items: Sequence[Mapping], offsets=(-1, 0, 1), planes: Sequence[str] = ("xy", "zx", "zy"),
+                 samples_per_epoch: int = 1000, positive_fraction: float = 0.5, patch_size=None,
+                 normalize: PercentileNormalize | Mapping | None = None, augment: Callable | None = None,
+                 label_transform: Callable | None = None, seed: int = 0, cache_dtype: str = "float32"):
+        self.offsets = check_offsets(offsets)
+        planes = [planes] if isinstance(planes, str) else list(planes)
+        if not planes:
+            raise SlabError("planes: expected at least one of xy, zx, zy")
+        for plane in planes:
+            plane_axis(plane)
+        self.planes = tuple(planes)
+        self.samples_per_epoch = _positive_int(samples_per_epoch, "samples_per_epoch")
+        if isinstance(positive_fraction, bool) or not 0 <= float(positive_fraction) <= 1:
+            raise SlabError(f"positive_fraction: expected a number in [0, 1], got {positive_fraction!r}")
+        self.positive_fraction = float(positive_fraction)
+        if patch_size is not None:
+            patch_size = tuple(_positive_int(p, "patch_size") for p in patch_size)
+            if len(patch_size) != 2:
+                raise SlabError(f"patch_size: expected (H, W), got {patch_size}")
+        self.patch_size = patch_size
+        if isinstance(normalize, Mapping):
+            normalize = PercentileNormalize(**normalize)
+        self.normalize = normalize
+        self.augment = augment
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise SlabError(f"seed: expected an integer, got {seed!r}")
+        self.seed = int(seed)
+        if cache_dtype not in ("float32", "float16"):
+            raise SlabError(f"cache_dtype: expected float32 or float16, got {cache_dtype!r}")
+        self.epoch = 0
+        self.keep_label_dtype = label_transform is not None
+        if not items:
+            raise SlabError("items: no training volumes")
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.names: list[str] = []
+        # foreground flag of every slice, per volume and plane: {plane: bool (n_slices,)}
+        self.slice_has_label: list[dict[str, np.ndarray]] = []
+        for i, item in enumerate(items):
+            self._add(i, item, label_transform, np.dtype(cache_dtype))
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def _add(self, i: int, item: Mapping, label_transform, cache_dtype: np.dtype) -> None:
+        from transforms.io import check_same_geometry
+
+        if "image" not in item or "label" not in item:
+            raise SlabError(f"items[{i}]: expected 'image' and 'label'")
+        names = [str(item["image"]) if isinstance(item["image"], (str, Path, list, tuple)) else f"items[{i}] image",
+                 str(item["label"]) if isinstance(item["label"], (str, Path)) else f"items[{i}] label"]
+        image, label = _load(item["image"], names[0]), _load(item["label"], names[1])
+        for volume, name in zip((image, label), names):
+            if len(volume.shape) != 4:
+                raise SlabError(f"{name}: expected a (C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
+        if hasattr(image, "affine") and hasattr(label, "affine"):
+            check_same_geometry(image, label, names=names)
+        elif tuple(image.shape[1:]) != tuple(label.shape[1:]):
+            raise SlabError(f"{names[1]}: spatial shape {tuple(label.shape[1:])} does not match {names[0]} "
+                            f"{tuple(image.shape[1:])}")
+        if self.normalize is not None:
+            image = self.normalize(image)
+        image = _numpy(image)
+        if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+            raise SlabError(f"{names[0]}: NaN or Inf intensities; normalise or clean the volume first")
+        label = _numpy(label)
+        if label_transform is not None:
+            label = _numpy(label_transform(label))
+            if len(label.shape) != 4 or tuple(label.shape[1:]) != tuple(image.shape[1:]):
+                raise SlabError(f"label_transform: returned shape {tuple(label.shape)} for {names[1]}")
+        elif label.dtype == np.bool_:
+            label = label.astype(np.uint8)
+        foreground = np.any(label > 0, axis=0)
+        flags = {}
+        for plane in self.planes:
+            axis = PLANE_AXIS[plane]
+            others = tuple(a for a in range(3) if a != axis)
+            flags[plane] = np.any(foreground, axis=others)
+        self.images.append(image.astype(cache_dtype, copy=False))
+        self.labels.append(label)
+        self.names.append(names[0])
+        self.slice_has_label.append(flags)
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Samples of ``epoch`` follow; the same (seed, epoch, index) always gives the same sample."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples per epoch")
+        return self.sample(int(index) % len(self), self.epoch)
+
+    def draw(self, index: int, epoch: int) -> tuple[int, str, int, bool, np.random.Generator]:
+        """``(volume, plane, slice, positive, rng)`` of sample ``index`` of ``epoch``."""
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        positive = bool(rng.random() < self.positive_fraction)
+        plane = self.planes[int(rng.integers(len(self.planes)))]
+        wanted = [np.flatnonzero(f[plane] == positive) for f in self.slice_has_label]
+        candidates = [v for v, slices in enumerate(wanted) if slices.size]
+        if not candidates:  # no slice of the wanted kind anywhere: any slice will do
+            volume = int(rng.integers(len(self.images)))
+            size = self.images[volume].shape[PLANE_AXIS[plane] + 1]
+            return volume, plane, int(rng.integers(size)), positive, rng
+        volume = candidates[int(rng.integers(len(candidates)))]
+        slices = wanted[volume]
+        return volume, plane, int(slices[int(rng.integers(slices.size))]), positive, rng
+
+    def sample(self, index: int, epoch: int) -> dict:
+        """Sample ``index`` of ``epoch`` (what ``dataset[index]`` gives after ``set_epoch(epoch)``)."""
+        volume, plane, slice_index, positive, rng = self.draw(index, epoch)
+        image = extract_slab(self.images[volume], plane, slice_index, self.offsets).astype(np.float32, copy=False)
+        label = extract_slab(self.labels[volume], plane, slice_index, (0,))
+        if self.patch_size is not None:
+            image, label = self._crop(image, label, positive, rng)
+        if not self.keep_label_dtype:
+            label = label.astype(np.float32)
+        out = {"image": torch.from_numpy(np.ascontiguousarray(image)),
+               "label": torch.from_numpy(np.ascontiguousarray(label))}
+        if self.augment is not None:
+            if hasattr(self.augment, "set_random_state"):
+                self.augment.set_random_state(seed=int(rng.integers(2**32)))
+            out = dict(self.augment(out))
+            out = {k: (v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)) for k, v in out.items()}
+        out.update(case=volume, plane=plane, slice=slice_index, positive=positive)
+        return out
+
+    def _crop(self, image: np.ndarray, label: np.ndarray, positive: bool, rng: np.random.Generator):
+        centre = None
+        if positive:
+            pixels = np.argwhere(np.any(label > 0, axis=0))
+            if len(pixels):
+                centre = pixels[int(rng.integers(len(pixels)))]
+        starts, pads = [], []
+        for axis in range(2):
+            start, pad = _crop_window(image.shape[axis + 1], self.patch_size[axis],
+                                      None if centre is None else int(centre[axis]), rng)
+            starts.append(start)
+            pads.append(pad)
+        h, w = self.patch_size
+        window = (slice(None), slice(starts[0], starts[0] + h), slice(starts[1], starts[1] + w))
+        image, label = image[window], label[window]
+        if image.shape[1:] != (h, w):
+            out_i = np.zeros((image.shape[0], h, w), image.dtype)
+            out_l = np.zeros((label.shape[0], h, w), label.dtype)
+            place = (slice(None), slice(pads[0], pads[0] + image.shape[1]), slice(pads[1], pads[1] + image.shape[2]))
+            out_i[place], out_l[place] = image, label
+            image, label = out_i, out_l
+        return image, label
+
+
+
+__all__ = ["SlabDataset"]

@@ -1,0 +1,68 @@
+"""Files in, files out: :func:`predict_file` loads one volume (lazily when the predictor's memory
+budget asks for it), predicts, post-processes and writes the mask (and probabilities, RLE CSV)
+in the input's geometry."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.inference.predictor import Predictor
+from transforms.errors import SlabError
+from transforms.io import load_volume, output_format, save_volume
+from transforms.rle import write_rle_csv
+
+
+def _open(path, predictor: Predictor):
+    """The input volume: lazily when a memory budget is set and it would not fit."""
+    if predictor.memory_budget is not None:
+        try:
+            lazy = load_volume(path, lazy=True)
+        except SlabError:
+            lazy = None  # a format that only loads whole (or an error the eager load names)
+        if lazy is not None:
+            return lazy.load() if predictor.fits_in_memory(lazy) else lazy
+    return load_volume(path)
+
+
+def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
+                 id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None) -> dict[str, Path]:
+    """Predict one volume and write its mask (and probabilities, RLE CSV).
+
+    Load ``input_path`` (any format ``load_volume`` reads, or a list of files as channels; lazily
+    when the predictor's memory budget asks for it), normalise, predict, post-process
+    (``predictor.postprocess``), and write the uint8 mask to ``output_path`` (NIfTI or NRRD/MHA
+    with the input's geometry, or a slice stack of 0/255 for a directory name), optionally the
+    probabilities to ``prob_path`` (float32; an on-disk float16 result stays float16 in a slice
+    stack) and a submission CSV to ``rle_csv``: ``id,rle`` for one label (SenNet), else
+    ``id,class,segmentation`` with the predictor's label names (UW-Madison). Row ids are
+    ``row_ids(depth)``, or ``{id_prefix}_{z:04d}``. Output names are checked before anything is
+    read; every file is written atomically.
+
+    Returns
+    -------
+    dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for.
+    """
+    output_format(output_path)
+    if prob_path is not None:
+        output_format(prob_path)
+    if rle_csv is not None and not (id_prefix or row_ids):
+        raise SlabError("id_prefix: an RLE CSV needs the id prefix of its rows (e.g. kidney_5)")
+    volume = _open(input_path, predictor)
+    probs = predictor(volume)
+    mask = predictor.postprocess(probs)
+    affine = np.asarray(volume.affine)
+    meta = dict(getattr(volume, "meta", {}))
+    written = {"mask": save_volume(mask, output_path, affine=affine, meta=meta, mask=True)}
+    if prob_path is not None:
+        if probs.dtype != torch.float32 and output_format(prob_path) != "stack":
+            probs = probs.float()  # NIfTI and ITK files have no float16
+        written["prob"] = save_volume(probs, prob_path, affine=affine, meta=meta)
+    if rle_csv is not None:
+        depth = int(mask.shape[-1])
+        ids = row_ids(depth) if row_ids is not None else [f"{id_prefix}_{z:04d}" for z in range(depth)]
+        written["rle_csv"] = write_rle_csv(np.asarray(mask), rle_csv, ids, predictor.label_names())
+    return written
+

@@ -1,0 +1,102 @@
+"""The network on its device, and the argument checks both inference engines share.
+
+Devices: CUDA when present (AMP in bfloat16 where supported, else float16; ``channels_last``;
+pinned-memory, non-blocking copies when the volume stays on the host), CPU otherwise, through
+the same code. Everything runs under ``torch.inference_mode``. The model is moved to the
+device and put in eval mode in place.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.data import MetaTensor
+
+from pipeline.device import amp_dtype, autocast, resolve_device
+from transforms.checks import PLANES
+from transforms.errors import SlabError
+from transforms.io import LazyVolume
+from transforms.slab import PLANE_AXIS
+
+
+def check_planes(planes) -> tuple[str, ...]:
+    """Planes as a tuple of names; a string may list them with commas (``"xy,zx"``)."""
+    if isinstance(planes, str):
+        items = planes.split(",")
+    elif isinstance(planes, (list, tuple)):
+        items = list(planes)
+    else:
+        raise SlabError(f"planes: expected a list of xy, zx, zy, got {planes!r}")
+    if not all(isinstance(p, str) for p in items):
+        raise SlabError(f"planes: expected a list of xy, zx, zy, got {planes!r}")
+    items = tuple(p.strip() for p in items)
+    if not items or not all(items):
+        raise SlabError(f"planes: expected a list of xy, zx, zy, got {planes!r}")
+    for plane in items:
+        if plane not in PLANE_AXIS:
+            raise SlabError(f"planes: unknown plane {plane!r}; expected any of {', '.join(PLANES)}")
+    if len(set(items)) != len(items):
+        raise SlabError(f"planes: a plane is listed twice in {', '.join(items)}")
+    return items
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise SlabError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SlabError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether ``nbytes`` of volume and accumulators can stay on ``device`` (half its free memory)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return 2 * nbytes <= free
+
+
+def check_finite(block: torch.Tensor, name: str) -> None:
+    low, high = torch.aminmax(block)  # one pass; NaN propagates
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise SlabError(f"{name}: contains NaN or Inf; expected finite intensities")
+
+
+def as_float(block) -> torch.Tensor:
+    return torch.as_tensor(block).to(torch.float32)
+
+
+class Forward:
+    """``model`` in eval mode on ``device``: AMP and channels_last on CUDA, float32 logits out."""
+
+    def __init__(self, model: nn.Module, device, amp: bool):
+        self.device = resolve_device(device)
+        self.cuda = self.device.type == "cuda"
+        self.model = model.to(self.device).eval()
+        self.dtype = amp_dtype(self.device, amp)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if self.cuda:
+            if x.device.type == "cpu":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        with autocast(self.device, self.dtype):
+            y = self.model(x)
+        return y.float()
+
+
+def volume_meta(volume) -> tuple:
+    """``(affine, meta)`` of a MetaTensor or LazyVolume, else ``(None, None)``."""
+    if isinstance(volume, MetaTensor):
+        return volume.affine, {k: v for k, v in volume.meta.items() if k != "affine"}
+    if isinstance(volume, LazyVolume):
+        return torch.as_tensor(volume.affine), dict(volume.meta)
+    return None, None
+

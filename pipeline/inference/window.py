@@ -1,0 +1,91 @@
+"""3D sliding-window inference.
+
+:func:`predict_3d` is MONAI's ``sliding_window_inference`` (Gaussian blending) followed by the
+sigmoid; ``tta="flips"`` averages the probabilities of the eight flipped volumes, flipped back
+(nnU-Net mirrors each window and averages logits; flipping the whole volume keeps the result
+exactly flip-equivariant). An input smaller than the ROI is padded to the ROI and the output
+cropped back (MONAI's own handling).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from tqdm.auto import tqdm
+
+from pipeline.inference.forward import (Forward, as_float, check_choice, check_finite, check_positive, fits_on,
+                                        volume_meta)
+from transforms.checks import TTA_MODES_3D
+from transforms.errors import SlabError
+from transforms.io import LazyVolume
+
+
+def _flip_sets(tta: str) -> list[tuple[int, ...]]:
+    if tta == "none":
+        return [()]
+    return [tuple(d for d, bit in zip((2, 3, 4), (a, b, c)) if bit)
+            for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+
+
+def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode: str = "gaussian",
+               tta: str = "none", sw_batch_size: int = 4, device=None, amp: bool = True,
+               progress: bool = False) -> torch.Tensor:
+    """3D sliding-window inference (MONAI), sigmoid, optional flip TTA.
+
+    Parameters
+    ----------
+    model : a 3D network taking ``C`` channels; moved to ``device``, eval mode, in place.
+    volume : ``(C, X, Y, Z)`` MetaTensor, tensor or numpy array (a LazyVolume is loaded).
+    roi_size : ``(rx, ry, rz)`` window size (a multiple of the network's divisor). An input
+        smaller than the ROI is padded to it and the output cropped back.
+    overlap, mode : ``sliding_window_inference``'s window overlap and blending
+        (``"gaussian"`` or ``"constant"``).
+    tta : ``"none"`` or ``"flips"``: the mean probability over the 8 axis flips, flipped back.
+    sw_batch_size : windows per forward pass.
+    device, amp, progress : as in :func:`predict_2p5d`.
+
+    Returns
+    -------
+    float32 ``(L, X, Y, Z)`` probabilities, a MetaTensor with the input's affine when it has one.
+
+    Example
+    -------
+    >>> net = torch.nn.Conv3d(1, 1, 3, padding=1)
+    >>> predict_3d(net, torch.rand(1, 10, 12, 8), roi_size=(8, 8, 8)).shape
+    torch.Size([1, 10, 12, 8])
+    """
+    check_choice("tta", tta, TTA_MODES_3D)
+    check_choice("mode", mode, ("gaussian", "constant"))
+    roi = tuple(roi_size) if isinstance(roi_size, (list, tuple)) else None
+    if roi is None or len(roi) != 3 or not all(isinstance(r, (int, np.integer)) and r > 0 for r in roi):
+        raise SlabError(f"roi_size: expected three positive integers, got {roi_size!r}")
+    if not 0 <= overlap < 1:
+        raise SlabError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
+    sw_batch_size = check_positive("sw_batch_size", sw_batch_size)
+    if len(volume.shape) != 4:
+        raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
+    source = volume.load() if isinstance(volume, LazyVolume) else volume
+    name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
+    forward = Forward(model, device, amp)
+    with torch.inference_mode():
+        x = as_float(source.as_tensor() if isinstance(source, MetaTensor) else source)
+        check_finite(x, name)
+        where = forward.device if fits_on(forward.device, 3 * x.numel() * 4) else torch.device("cpu")
+        x = x.to(where)[None]
+        flips = _flip_sets(tta)
+        total = None
+        for dims in tqdm(flips, disable=not progress or len(flips) == 1, desc="3D flips"):
+            y = sliding_window_inference(x.flip(dims) if dims else x, [int(r) for r in roi], sw_batch_size, forward,
+                                         overlap=overlap, mode=mode, sw_device=forward.device, device=where,
+                                         progress=progress and len(flips) == 1)
+            y = y.sigmoid_()
+            y = y.flip(dims) if dims else y
+            total = y if total is None else total.add_(y)
+        if len(flips) > 1:
+            total.div_(len(flips))
+    affine, meta = volume_meta(volume)
+    probs = total[0].cpu()
+    return probs if affine is None else MetaTensor(probs, affine=affine, meta=meta)
+

@@ -1,0 +1,44 @@
+"""The interface between the training loop and a task (2.5D or 3D segmentation, slice-sequence
+classification): what the loop asks of it, and nothing else."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from pipeline.training.distributed import DistInfo
+
+
+class TrainTask:
+    """What the training loop needs from a task (2.5D, 3D segmentation, classification).
+
+    Attributes set by subclasses: ``model`` (built, on CPU), ``n_samples`` (samples per epoch),
+    ``network`` (the ``build_network`` arguments, stored in checkpoints so that the checkpoint
+    alone rebuilds the network).
+    """
+
+    model: nn.Module
+    n_samples: int
+    network: dict
+    collate: Callable = staticmethod(torch.utils.data.default_collate)
+
+    def sample(self, index: int, epoch: int) -> Any:
+        """Training sample ``index`` of ``epoch``; called under :func:`seeded`, so it may draw freely."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
+        """The batch's loss (the loop runs this under autocast)."""
+        raise NotImplementedError
+
+    def batch_images(self, batch: Any) -> int:
+        """2D images (slabs) or 3D patches in a batch, for the throughput."""
+        raise NotImplementedError
+
+    def has_validation(self) -> bool:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, device: torch.device, info: DistInfo) -> dict:
+        """Validation metrics (same dict on every rank); ``threshold`` among them where chosen."""
+        raise NotImplementedError
+
