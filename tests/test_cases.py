@@ -158,3 +158,4 @@ def test_dicom_ct_keeps_its_stored_int16_and_gaps_are_refused(tmp_path):
     with pytest.raises(SlabError, match=r"CT2: DICOM slice positions are not evenly spaced \(202.5 mm between "
                                         r"slices 0 and 1, 1.25 mm elsewhere"):
         load_volume(root / "77654033" / "CT2")
+

@@ -1,5 +1,6 @@
 """pipeline.evaluation.metrics against DeepMind's surface-distance and MONAI, on tiny volumes."""
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,7 @@ def _rss_file_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
 
 
-@pytest.mark.skipif(not hasattr(S.mmap, "MADV_DONTNEED") or not Path("/proc/self/status").exists(),
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED") or not Path("/proc/self/status").exists(),
                     reason="needs madvise(MADV_DONTNEED) and /proc")
 def test_streaming_a_memmap_drops_the_pages_it_has_read(rng, tmp_path):
     """Exact on memmaps (C order, Fortran order, a channel of a 4D map), and the mapped pages

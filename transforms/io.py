@@ -25,7 +25,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from transforms.errors import SlabError
-from transforms.formats import (  # noqa: F401 - re-exported: the public names of volume I/O
+from transforms.formats import (
     EXPECTED,
     ITK_SUFFIXES,
     LPS_TO_RAS,
@@ -41,7 +41,6 @@ from transforms.formats import (  # noqa: F401 - re-exported: the public names o
     native,
     natural_key,
     open_nifti,
-    read_dicom,
     read_itk,
     read_nifti,
     stack_spacing,
@@ -50,8 +49,9 @@ from transforms.formats import (  # noqa: F401 - re-exported: the public names o
     write_nifti,
     write_stack,
 )
+from transforms.dicom import read_dicom
 from transforms.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor
-from transforms.outputs import atomic_write  # noqa: F401 - part of this module's API
+from transforms.outputs import atomic_write
 
 
 def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = None, workers: int | None = None):
@@ -360,3 +360,9 @@ class SaveVolumed(MapTransform):
             postfix = f"_{key}" if self.postfix is None else self.postfix
             SaveVolume(self.output_dir, self.suffix, postfix, self.slice_format, self.workers)(d[key])
         return d
+
+
+__all__ = ["load_volume", "volume_info", "save_volume", "output_format", "check_same_geometry", "atomic_write",
+           "LazyVolume", "LoadVolume", "LoadVolumed", "SaveVolume", "SaveVolumed", "keep_locale", "natural_key",
+           "NIFTI_SUFFIXES", "ITK_SUFFIXES", "SLICE_SUFFIXES", "VOLUME_SUFFIXES", "SLICE_FORMATS", "PNG_DTYPES",
+           "LPS_TO_RAS", "EXPECTED"]

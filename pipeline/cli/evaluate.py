@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from pipeline.cli.arguments import non_negative_float, probability
+from pipeline.evaluation.readers import is_float
 from pipeline.evaluation.surface import check_thresholds, check_tolerances
 from pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
 from transforms.errors import SlabError
@@ -45,11 +46,6 @@ def _open(path):
         return load_volume(path)
 
 
-def _is_float(volume) -> bool:
-    dtype = volume.dtype
-    return dtype.is_floating_point if hasattr(dtype, "is_floating_point") else np.issubdtype(dtype, np.floating)
-
-
 def _jsonable(value):
     """NaN (an undefined ratio) as null; JSON has no NaN."""
     if isinstance(value, dict):
@@ -77,7 +73,7 @@ def run(args) -> int:
     check_same_geometry(pred, truth, names=names)
     if pred.shape[0] != truth.shape[0]:
         raise SlabError(f"{args.pred}: {pred.shape[0]} channel(s), but {args.truth} has {truth.shape[0]}")
-    probabilities = _is_float(pred)
+    probabilities = is_float(pred)
     if thresholds is not None and not probabilities:
         raise SlabError(f"{args.pred}: --sweep needs a probability map (floating point), got a {pred.dtype} mask")
     spacing = tuple(float(s) for s in truth.meta["spacing"])

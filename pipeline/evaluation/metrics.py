@@ -17,15 +17,13 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 
+from pipeline.evaluation.readers import Reader, check_pair, readers
 from pipeline.evaluation.surface import (
     OVERLAP_KEYS,
-    Reader,
     channel_metrics,
-    check_pair,
     check_thresholds,
     check_tolerances,
     nan_mean,
-    readers,
     sweep_curves,
     tolerance_key,
 )
