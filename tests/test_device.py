@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import pipeline.inference.forward
+import pipeline.training.engine
 import pipeline.training.loop
 from pipeline.device import amp_dtype, autocast, resolve_device
 from transforms.errors import SlabError
@@ -55,6 +56,6 @@ def test_autocast_on_cuda_computes_in_the_amp_dtype():
 
 def test_one_implementation():
     """Training and inference use these very functions, not copies."""
-    for module in (pipeline.training.loop, pipeline.inference.forward):
-        assert module.resolve_device is resolve_device
+    assert pipeline.training.loop.resolve_device is pipeline.inference.forward.resolve_device is resolve_device
+    for module in (pipeline.training.engine, pipeline.inference.forward):
         assert module.amp_dtype is amp_dtype and module.autocast is autocast

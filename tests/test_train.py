@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-import pipeline.training.loop as train_module
+import pipeline.training.engine as train_module
 from pipeline.training import (
     DEFAULTS,
     DiceCE,
@@ -231,18 +231,18 @@ def test_resume_reaches_the_same_result(vessels, tmp_path, monkeypatch):
     cfg = _config(val_every=1)
     straight = train(vessels, cfg, tmp_path / "straight", device="cpu")
 
-    real_epoch = train_module._epoch
+    real_start = train_module.SlabTrainer.start_epoch
 
-    def crash_in_second_epoch(*args, **kwargs):
-        if args[8] == 1:  # the epoch index
+    def crash_in_second_epoch(self, engine):
+        if self.state.epoch == 2:  # ignite counts epochs from 1
             raise _Interrupted
-        return real_epoch(*args, **kwargs)
+        return real_start(self, engine)
 
-    monkeypatch.setattr(train_module, "_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(train_module.SlabTrainer, "start_epoch", crash_in_second_epoch)
     with pytest.raises(_Interrupted):
         train(vessels, cfg, tmp_path / "resumed", device="cpu")
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(train_module, "_epoch", real_epoch)
+    monkeypatch.setattr(train_module.SlabTrainer, "start_epoch", real_start)
     resumed = train(vessels, cfg, tmp_path / "resumed", resume=True, device="cpu")
 
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
@@ -356,7 +356,7 @@ def test_bad_data_fails_before_training(tmp_path, problem, message, monkeypatch)
         data = json.loads(datalist.read_text(encoding="utf-8"))
         data["training"].insert(0, data["validation"].pop())
         datalist.write_text(json.dumps(data), encoding="utf-8")
-    monkeypatch.setattr(train_module, "_epoch", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(train_module.SlabTrainer, "start_epoch", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(SlabError, match=message):
         train(datalist, _config(epochs=1), tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / "config.json").exists()

@@ -225,14 +225,20 @@ class ClassificationTask(TrainTask):
     def has_validation(self) -> bool:
         return self.has_val
 
-    def validate(self, model, device, info) -> dict:
-        from pipeline.training.distributed import gather_objects
+    def validation_items(self) -> list:
+        return [0] if self.val else []  # one iteration scores this process's sequences together
+
+    def validate_item(self, model, device, item) -> list:
         from pipeline.inference import score_sequences
 
         probs, _ = score_sequences(model, [s["slabs"] for s in self.val], batch_size=self.cfg["val"]["batch_size"],
                                    device=device, amp=self.cfg["amp"])
-        rows = [(s["order"], s["study"], s["target"], p, s["y"]) for s, p in zip(self.val, probs.reshape(-1).tolist())]
-        model.train()
+        return [(s["order"], s["study"], s["target"], p, s["y"]) for s, p in zip(self.val, probs.reshape(-1).tolist())]
+
+    def summarize_validation(self, parts, info) -> dict:
+        from pipeline.training.distributed import gather_objects
+
+        rows = [row for part in parts for row in part]
         rows = sorted((r for part in gather_objects(rows, info) for r in part), key=lambda r: r[0])
         return classification_metrics([r[1:] for r in rows], self.c["pos_weight"])
 

@@ -114,22 +114,26 @@ class SegValidation:
             image, label, spacing = load_pair(item, cfg["normalize"])
             self.volumes.append((index, image, truth_masks(label, fmt, n_labels), spacing))
 
-    def __call__(self, model: nn.Module, device: torch.device, info: DistInfo) -> dict:
-        from pipeline.training.distributed import gather_objects
+    def indices(self) -> list[int]:
+        return list(range(len(self.volumes)))
+
+    def curves(self, model: nn.Module, device: torch.device, k: int) -> tuple:
+        """``(index, thresholds, per-label curves)`` of this process's ``k``-th volume."""
         from pipeline.evaluation.metrics import threshold_sweep
 
-        model.eval()
-        curves = []
-        for index, image, truth, spacing in self.volumes:
-            prob = self.predict(model, image, device)
-            sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances)
-            curves.append((index, sweep["thresholds"], [
-                {"dice": c["dice"], "surface_dice_0": c["surface_dice"][str(0.0)],
-                 "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))]}
-                for c in sweep["classes"]
-            ]))
-        gathered = sorted((c for part in gather_objects(curves, info) for c in part), key=lambda c: c[0])
-        model.train()
+        index, image, truth, spacing = self.volumes[k]
+        prob = self.predict(model, image, device)
+        sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances)
+        return (index, sweep["thresholds"], [
+            {"dice": c["dice"], "surface_dice_0": c["surface_dice"][str(0.0)],
+             "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))]}
+            for c in sweep["classes"]
+        ])
+
+    def summarize(self, parts: list, info: DistInfo) -> dict:
+        from pipeline.training.distributed import gather_objects
+
+        gathered = sorted((c for part in gather_objects(parts, info) for c in part), key=lambda c: c[0])
         return summarize_sweeps(gathered, self.cfg["val"]["metric"])
 
 
@@ -260,8 +264,14 @@ class _SegmentationTask(TrainTask):
     def has_validation(self) -> bool:
         return self.validation is not None
 
-    def validate(self, model, device, info):
-        return self.validation(model, device, info)
+    def validation_items(self) -> list:
+        return self.validation.indices()
+
+    def validate_item(self, model, device, item):
+        return self.validation.curves(model, device, item)
+
+    def summarize_validation(self, parts, info):
+        return self.validation.summarize(parts, info)
 
 
 class _PadCollate:

@@ -38,7 +38,16 @@ class TrainTask:
     def has_validation(self) -> bool:
         raise NotImplementedError
 
-    def validate(self, model: nn.Module, device: torch.device, info: DistInfo) -> dict:
-        """Validation metrics (same dict on every rank); ``threshold`` among them where chosen."""
+    def validation_items(self) -> list:
+        """This process's validation items (the evaluator's iterations); may be empty."""
+        raise NotImplementedError
+
+    def validate_item(self, model: nn.Module, device: torch.device, item) -> Any:
+        """One item's contribution to the validation metrics (the model is in eval mode)."""
+        raise NotImplementedError
+
+    def summarize_validation(self, parts: list, info: DistInfo) -> dict:
+        """The metrics of every process's ``parts`` (a collective: every rank calls it, the same
+        dict comes back on each); ``threshold`` among them where one is chosen."""
         raise NotImplementedError
 
