@@ -6,7 +6,8 @@ phantom datalists, looping over cases, writing ``metrics.json`` — live here, s
 reads like a pipeline diagram and the CLI (``slab demo``) runs the same code as
 ``python -m monai.bundle run``. Nothing here predicts, post-processes or scores by itself: each
 function calls :mod:`pipeline.inference`, :mod:`pipeline.evaluation.metrics`, :mod:`pipeline.evaluation.render`,
-:mod:`pipeline.training` and :mod:`pipeline.data.phantom`.
+:mod:`pipeline.training` and :mod:`pipeline.data.phantom`; a bundle's training builds its
+``train#trainer`` with :func:`pipeline.training.build_trainer`.
 """
 from __future__ import annotations
 
@@ -198,22 +199,23 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
 # Train, predict, evaluate
 
 
-def run_training(datalist, config: Mapping, output_dir, *, export_weights=None, device=None, epochs=None,
-                 fold=None, resume: bool = False) -> dict:
-    """:func:`pipeline.training.train`, then the best checkpoint's weights (state dict only) to
-    ``export_weights`` (a bundle's ``models/model.pt``) and its validation summary beside them
-    (``model.json``: best metric, threshold, epochs, time).
+def export_training(trainer, export_weights=None) -> dict:
+    """Run a bundle's ``train#trainer`` (a :class:`pipeline.training.SlabTrainer`), then write the best
+    checkpoint's weights (state dict only) to ``export_weights`` and its validation summary beside
+    them (``model.json``: best metric, threshold, epochs, time). A bundle's ``train.json`` exports
+    under its ``output_dir``; into a bundle only when asked (``--export_weights
+    bundles/<name>/models/model.pt``).
 
     Returns the training result with ``time_s`` and ``exported`` added.
     """
     from networks import read_state_dict
-    from pipeline.training import train
+    from pipeline.training.distributed import dist_env
     from transforms.io import atomic_write
 
     start = time.perf_counter()
-    result = train(datalist, dict(config), output_dir, fold=fold, resume=resume, device=device, epochs=epochs)
+    result = trainer.run()
     result["time_s"] = round(time.perf_counter() - start, 1)
-    if export_weights:
+    if export_weights and dist_env().is_main:
         target = Path(export_weights)
         state = read_state_dict(result["best_checkpoint"])
         with atomic_write(target) as tmp:
@@ -417,5 +419,5 @@ class SliceLogits(nn.Module):
 
 
 __all__ = ["bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
-           "run_training", "run_inference", "run_evaluation", "run_classification",
+           "export_training", "run_inference", "run_evaluation", "run_classification",
            "predictor_settings", "network", "SliceLogits"]

@@ -317,3 +317,57 @@ def test_spine_training_whose_validation_auc_is_undefined_falls_back_to_the_loss
     assert Path(result["exported"]).is_file()
     losses = [row["val_loss"] for row in result["history"]]
     assert result["best"]["epoch"] == 1 + int(np.argmin(losses))
+
+
+class Recorder:
+    """A handler as MONAI's tracking settings attach one (an MLFlowHandler's place): what it saw."""
+
+    seen: dict = {}
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def attach(self, engine):
+        from ignite.engine import Events
+
+        Recorder.seen[self.name] = []
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: Recorder.seen[self.name].append(
+            ("iteration", e.state.output)))
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: Recorder.seen[self.name].append(
+            ("epoch", dict(e.state.metrics))))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_train_json_has_monai_train_properties(name):
+    """MONAI's TrainProperties (trainer, max_epochs, dataset, inferer, handlers...) are all there, so
+    MONAI's tools (tracking, Label, FL) find the training workflow."""
+    from monai.bundle import ConfigWorkflow
+
+    root = BUNDLES_DIR / name
+    workflow = ConfigWorkflow(config_file=str(root / "configs" / "train.json"),
+                              meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                              workflow_type="train", bundle_root=str(root))
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_tracking_handlers_attach_to_the_trainer_and_the_evaluator(tmp_path):
+    """`monai.bundle run --tracking SETTINGS` puts handlers on train#trainer and validate#evaluator
+    (the MLflow settings do it the same way): they see every step's loss and the validation metrics."""
+    settings = {
+        "handlers_id": {"trainer": {"id": "train#trainer", "handlers": "train#handlers"},
+                        "validator": {"id": "validate#evaluator", "handlers": "validate#handlers"}},
+        "configs": {"save_execute_config": False,
+                    "trainer": {"_target_": "test_bundles.Recorder", "name": "trainer"},
+                    "validator": {"_target_": "test_bundles.Recorder", "name": "validator"}},
+    }
+    Recorder.seen = {}
+    (result,) = run_bundle(BUNDLES_DIR / "vessel_2p5d", ("train.json",), tracking=settings,
+                           output_dir=str(tmp_path / "run"), device="cpu",
+                           **{"training#epochs": 2, "training#progress": False}, **TINY["vessel_2p5d"])
+    steps = [out for kind, out in Recorder.seen["trainer"] if kind == "iteration"]
+    assert len(steps) == 2 * 2 and all(np.isfinite(s["loss"]) for s in steps)
+    epochs = [m for kind, m in Recorder.seen["trainer"] if kind == "epoch"]
+    assert [m["train_loss"] for m in epochs] == [row["train_loss"] for row in result["history"]]
+    validated = [m for kind, m in Recorder.seen["validator"] if kind == "epoch"]
+    assert validated and validated[-1]["surface_dice_0"] == result["history"][-1]["val_surface_dice_0"]

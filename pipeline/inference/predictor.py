@@ -240,7 +240,7 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
     training chose on validation for ``weights``, where one was recorded.
 
     The threshold (one number, or one per label channel) is read from ``model.json`` beside
-    ``weights`` (``models/model.pt``; :func:`pipeline.bundle.run_training` writes both), else
+    ``weights`` (``models/model.pt``; :func:`pipeline.bundle.export_training` writes both), else
     from ``weights`` itself when it is a training checkpoint (``best.pt`` / ``last.pt``: its
     ``"threshold"``).
     When neither records one (e.g. weights trained elsewhere), when ``weights`` is None or

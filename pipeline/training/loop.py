@@ -144,12 +144,14 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainT
 
 
 def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = False, device=None,
-                  info: DistInfo | None = None, train_handlers=None, val_handlers=None, inferer=None) -> SlabTrainer:
+                  info: DistInfo | None = None, max_epochs: int | None = None, train_handlers=None,
+                  val_handlers=None, inferer=None) -> SlabTrainer:
     """The run set up and ready: the configuration checked, the task built (data loaded and checked),
     ``config.json`` and ``network.json`` written, and a :class:`SlabTrainer` (resumed from
-    ``last.pt`` with ``resume``) whose ``run()`` trains. Bundles build theirs through this, with
-    their ``train#handlers`` / ``validate#handlers``."""
-    cfg = validate_config(cfg)
+    ``last.pt`` with ``resume``) whose ``run()`` trains. Bundles build their ``train#trainer``
+    through this, with their ``train#handlers`` / ``validate#handlers``; ``max_epochs``, when
+    given, is the config's ``epochs`` (MONAI's property ``train#trainer#max_epochs``)."""
+    cfg = validate_config(cfg if max_epochs is None else {**cfg, "epochs": max_epochs})
     info = info or init_distributed(resolve_device(device))
     device = process_device(resolve_device(device), info)
     out = Path(out)
