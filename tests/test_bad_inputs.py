@@ -350,7 +350,7 @@ def _bundle_with(section) -> callable:
 
 def _demo_with(section) -> callable:
     def build(d, w):
-        args = _bundle_with(section)(d, w)
+        _bundle_with(section)(d, w)  # the bundle, written under d
         data = d / "data"
         data.mkdir()
         shutil.copy(w / "image.nii.gz", data / "image.nii.gz")
