@@ -130,15 +130,6 @@ def all_reduce_mean(values: Sequence[float] | torch.Tensor, info: DistInfo) -> l
     return [float(v) for v in tensor.cpu()]
 
 
-def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (e.g. a validation result or an error message)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op on one process)."""
     if info.enabled:

@@ -1,7 +1,8 @@
 """Training: 2.5D and 3D segmentation and 2.5D slice-sequence classification.
 
-``train(datalist, config, out)`` is the one entry point: the CLI (``slab train``), the bundles'
-``train.json`` and the tests all call it. It validates the configuration and the data before any
+``train(datalist, config, out)`` is the one entry point of the CLI (``slab train``) and the tests;
+a bundle's ``train.json`` builds the same run with :func:`build_trainer` (its ``train#trainer``).
+It validates the configuration and the data before any
 training starts, then runs epochs of AdamW steps under a per-step cosine schedule with linear
 warm-up, validates on whole volumes with the inference engine, and writes to ``out``:
 
@@ -86,14 +87,12 @@ def train(
     if isinstance(config, (str, Path)):
         config = read_config(config)
     config = dict(config or {})
-    if epochs is not None:
-        config["epochs"] = epochs
-    cfg = validate_config(config)
     device = resolve_device(device)
     joined = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = init_distributed(device)
     try:
-        return build_trainer(datalist, cfg, Path(out), fold=fold, resume=resume, device=device, info=info).run()
+        return build_trainer(datalist, config, Path(out), fold=fold, resume=resume, device=device, info=info,
+                             max_epochs=epochs).run()
     finally:
         if not joined:  # leave a process group the caller set up to the caller
             cleanup_distributed()
@@ -140,7 +139,6 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainT
     if cfg["task"] == "segmentation_3d":
         return Segmentation3DTask(datalist, cfg, fold, info)
     return Segmentation2p5DTask(datalist, cfg, fold, info)
-
 
 
 def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = False, device=None,
