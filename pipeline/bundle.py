@@ -365,7 +365,7 @@ def run_classification(network_config: Mapping, weights, inputs: Sequence, outpu
     """
     from networks import load_weights
     from pipeline.inference import predict_sequences
-    from transforms.intensity import PercentileNormalize
+    from transforms.intensity import make_normalize
     from transforms.io import atomic_write, load_volume
 
     classifier = load_weights(network(network_config), weights)
@@ -374,7 +374,7 @@ def run_classification(network_config: Mapping, weights, inputs: Sequence, outpu
     for path in inputs:
         image = load_volume(path)
         if normalize is not None:
-            image = PercentileNormalize(**normalize)(image)
+            image = make_normalize(normalize)(image)
         (scores,) = predict_sequences(classifier, image, n_slabs=n_slabs, offsets=offsets, plane=plane,
                                       size=image_size, device=device, amp=amp).values()
         rows.append(f"{path},{float(np.max(scores['probability'])):.6f},"

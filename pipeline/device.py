@@ -64,4 +64,44 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-__all__ = ["resolve_device", "amp_dtype", "autocast"]
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity, bounded by a cgroup CPU quota."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max", encoding="ascii").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_threads(workers: int = 0) -> int:
+    """Threads that do not oversubscribe: the available cores not already busy (the 1-minute
+    load average of other processes), shared by ``workers`` loader processes; at least 1."""
+    import os
+
+    cores = available_cores()
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    free = max(1, cores - min(busy, cores - 1))
+    return max(1, free // (1 + max(0, workers)))
+
+
+def configure_threads(threads: int | None = None, workers: int = 0) -> int:
+    """Set torch's intra-op threads to ``threads`` (None: :func:`default_threads`); returns it."""
+    n = default_threads(workers) if threads is None else int(threads)
+    if n < 1:
+        raise SlabError(f"--threads: expected a positive integer, got {threads!r}")
+    torch.set_num_threads(n)
+    return n
+
+
+__all__ = ["resolve_device", "amp_dtype", "autocast", "available_cores", "default_threads", "configure_threads"]

@@ -59,3 +59,16 @@ def test_one_implementation():
     assert pipeline.training.loop.resolve_device is pipeline.inference.forward.resolve_device is resolve_device
     for module in (pipeline.training.engine, pipeline.inference.forward):
         assert module.amp_dtype is amp_dtype and module.autocast is autocast
+
+
+def test_threads_option_and_default_do_not_oversubscribe():
+    from pipeline.device import available_cores, configure_threads, default_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        n = default_threads()
+        assert 1 <= n <= available_cores()
+        assert default_threads(workers=available_cores()) == 1  # workers share the cores
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,6 @@
 """Exact percentiles against np.percentile; percentile normalisation against its definition."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,56 @@ def test_lazy_volume_streams_without_loading(rng, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.stack([low, high], 1), [np.percentile(x[c], [3, 97]) for c in range(2)])
     low, high = PercentileNormalize(lower=3, upper=97, channel_wise=False).percentiles(lazy)
     np.testing.assert_array_equal([low[0], high[0]], np.percentile(x, [3, 97]))
+
+
+def test_zscore_against_numpy_per_channel_and_lazily(tmp_path):
+    from transforms.intensity import ZScoreNormalize
+    from transforms.io import load_volume, save_volume
+
+    rng = np.random.default_rng(3)
+    v = np.stack([rng.normal(50, 7, (13, 11, 9)), rng.normal(-3, 0.5, (13, 11, 9))]).astype(np.float32)
+    out = ZScoreNormalize()(v)
+    expected = (v - v.mean(axis=(1, 2, 3), keepdims=True)) / v.std(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    clipped = ZScoreNormalize(clip=[-1, 1])(v)
+    assert clipped.min() == -1 and clipped.max() == 1
+    fixed = ZScoreNormalize(mean=[50, -3], std=[7, 0.5])(v)
+    np.testing.assert_allclose(fixed, (v - np.array([50, -3]).reshape(2, 1, 1, 1)) / np.array([7, 0.5]).reshape(2, 1, 1, 1),
+                               atol=1e-5)
+    # a lazily read volume gives the statistics of the whole volume, read in blocks
+    u = rng.integers(0, 4000, (1, 17, 13, 11)).astype(np.uint16)
+    save_volume(u, tmp_path / "u.nii.gz", affine=np.eye(4))
+    lazy = load_volume(tmp_path / "u.nii.gz", lazy=True)
+    mean, std = ZScoreNormalize().statistics(lazy)
+    assert mean[0] == pytest.approx(u.mean()) and std[0] == pytest.approx(u.std())
+    assert ZScoreNormalize()(np.zeros((1, 3, 3, 3), np.float32)).max() == 0  # constant: no division by 0
+
+
+def test_fixed_window_is_the_dataset_statistics():
+    from transforms.intensity import make_normalize
+
+    v = np.arange(100, dtype=np.float32).reshape(1, 100, 1, 1)
+    window = make_normalize({"low": [10], "high": [60]})
+    np.testing.assert_allclose(window(v), np.clip((v - 10) / 50, 0, 1), atol=1e-6)
+    assert window.spec() == {"scheme": "percentile", "low": [10.0], "high": [60.0], "soft_clip_alpha": None}
+    assert make_normalize(window.spec()).percentiles(v)[0].tolist() == [10.0]
+    assert make_normalize({"scheme": "zscore"}).spec() == {"scheme": "zscore", "clip": None}
+    assert make_normalize(None) is None
+    with pytest.raises(SlabError, match="channel"):
+        make_normalize({"low": [1, 2], "high": [3, 4]})(np.zeros((3, 2, 2, 2), np.float32))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"scheme": "minmax"}, "normalize scheme: expected one of percentile, zscore"),
+    ({"scheme": "zscore", "lower": 1}, "unknown key 'normalize.lower'"),
+    ({"low": [1]}, "low, high: give both"),
+    ({"low": [1], "high": [2, 3]}, "1 and 2 values"),
+    ({"scheme": "zscore", "mean": [0], "std": [0]}, "std: expected positive values"),
+    ({"scheme": "zscore", "clip": [2, 1]}, "clip: expected"),
+    ({"low": ["a"], "high": [1]}, "low: expected a finite number"),
+])
+def test_normalisation_settings_errors_are_one_line(spec, message):
+    from transforms.intensity import make_normalize
+
+    with pytest.raises(SlabError, match=re.escape(message)):
+        make_normalize(spec)

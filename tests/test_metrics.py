@@ -290,3 +290,34 @@ def test_oblique_affine_scores_as_its_spacing(tmp_path, angle, capsys):
     for tolerance in (1.0, 2.0):
         assert scores["oblique"][str(tolerance)] == pytest.approx(reference(pred, truth, (0.5, 0.5, 0.5), tolerance),
                                                                   abs=1e-9)
+
+
+def _cldice_by_hand(p, t):
+    """clDice straight from the paper's definitions, with skimage's skeletons."""
+    from skimage.morphology import skeletonize
+
+    sp, st = skeletonize(p).astype(bool), skeletonize(t).astype(bool)
+    tprec = (sp & t).sum() / sp.sum()
+    tsens = (st & p).sum() / st.sum()
+    return 2 * tprec * tsens / (tprec + tsens)
+
+
+def test_cldice_known_answers_and_the_formula():
+    from pipeline.evaluation.skeleton import cldice
+
+    tube = np.zeros((15, 15, 40), bool)
+    tube[5:10, 5:10, 3:37] = True
+    assert cldice(tube, tube)["cldice"] == 1.0
+    assert cldice(tube, np.zeros_like(tube))["cldice"] == 0.0
+    assert np.isnan(cldice(np.zeros_like(tube), np.zeros_like(tube))["cldice"])
+    thin = np.zeros_like(tube)
+    thin[7, 7, 3:37] = True  # the centreline alone: topologically perfect, Dice far below 1
+    result = cldice(thin, tube)
+    assert result["topology_precision"] == 1.0 and result["cldice"] > 0.9
+    broken = tube.copy()
+    broken[:, :, 18:22] = False  # a gap: the truth's centreline is no longer covered there
+    assert cldice(broken, tube)["topology_sensitivity"] < 1
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        p = tube ^ (rng.random(tube.shape) < 0.05)
+        assert cldice(p, tube)["cldice"] == pytest.approx(_cldice_by_hand(p, tube))

@@ -14,7 +14,7 @@ holes, in that order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import cc3d
 import numpy as np
@@ -522,6 +522,56 @@ class Postprocess(Transform):
         for step in self.steps:
             a = step(a)
         return _like(a, x)
+
+
+class PerLabelPostprocess(Transform):
+    """A :class:`Postprocess` per label channel (e.g. chosen by cross-validation, label by label):
+    channel ``i`` of ``(L, X, Y, Z)`` goes through ``Postprocess(**labels[i])``."""
+
+    def __init__(self, labels: Sequence[Mapping]):
+        if not _is_sequence(labels) or not labels or not all(isinstance(o, Mapping) for o in labels):
+            raise SlabError(f"postprocess labels: expected one object of settings per label, got {labels!r}")
+        self.chains = [Postprocess(**dict(o)) for o in labels]
+
+    def __call__(self, x, roi=None):
+        a = _numpy(x)
+        if a.ndim != 4 or a.shape[0] != len(self.chains):
+            raise SlabError(f"input: expected {len(self.chains)} label channel(s) (L, X, Y, Z), got shape {a.shape}")
+        out = np.concatenate([np.asarray(chain(a[i:i + 1], None if roi is None else roi))
+                              for i, chain in enumerate(self.chains)])
+        return _like(out, x)
+
+
+def merge_postprocess(chosen: Mapping | None, given: Mapping | None) -> dict:
+    """Post-processing settings ``given`` (e.g. on the command line) over ``chosen`` (a model's):
+    a given ``threshold`` or ``hysteresis`` replaces the chosen binarisation; per-label settings
+    (``{"labels": [...]}``) take the given values in every label."""
+    chosen, given = dict(chosen or {}), dict(given or {})
+
+    def merge(options: dict) -> dict:
+        options = dict(options)
+        if "threshold" in given or "hysteresis" in given:
+            options.pop("threshold", None)
+            options.pop("hysteresis", None)
+        return {**options, **given}
+
+    if "labels" in chosen:
+        return {"labels": [merge(o) for o in chosen["labels"]]}
+    return merge(chosen)
+
+
+def make_postprocess(options: Mapping | None):
+    """:class:`Postprocess` (default ``threshold`` 0.5) or, for ``{"labels": [...]}``,
+    :class:`PerLabelPostprocess`; unknown settings are one-line SlabErrors."""
+    options = dict(options or {})
+    try:
+        if "labels" in options:
+            if set(options) != {"labels"}:
+                raise SlabError(f"postprocess: 'labels' (per-label settings) goes alone, got {sorted(options)}")
+            return PerLabelPostprocess([{"threshold": 0.5, **o} for o in options["labels"]])
+        return Postprocess(**{"threshold": 0.5, **options})
+    except TypeError as err:
+        raise SlabError(f"postprocess: {err}".replace("__init__() ", "")) from None
 
 
 def _is_sequence(value) -> bool:

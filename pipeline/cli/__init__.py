@@ -25,7 +25,8 @@ import warnings
 from transforms.errors import SlabError, SlabWarning
 
 COMMANDS = {name: f"pipeline.cli.{name}" for name in
-            ("phantom", "convert", "dataset", "train", "predict", "postprocess", "evaluate", "render", "demo")}
+            ("phantom", "convert", "dataset", "plan", "train", "cv", "predict", "postprocess", "evaluate", "render",
+             "export", "install", "demo")}
 DESCRIPTION = "2.5D and 3D segmentation of 3D medical volumes."
 # Loggers of libraries that print INFO/WARNING lines for conditions slab reports itself.
 QUIET_LOGGERS = ("monai", "tifffile", "imagecodecs", "nibabel", "pyvista", "matplotlib", "PIL", "ignite")
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         module = _module(command)
         if hasattr(module, "paths"):
             check_outputs(*module.paths(args))
+        if hasattr(args, "threads"):
+            from pipeline.device import configure_threads
+
+            configure_threads(args.threads)
         return int(module.run(args) or 0)
     except SlabError as err:
         print(f"slab: error: {' '.join(str(err).split())}", file=sys.stderr)

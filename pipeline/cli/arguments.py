@@ -54,3 +54,21 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def fold_list(text: str) -> list[int]:
+    """``0,2``: distinct fold numbers >= 0."""
+    try:
+        folds = [int(part) for part in text.split(",")]
+    except ValueError:
+        folds = [-1]
+    if not folds or min(folds) < 0 or len(set(folds)) != len(folds):
+        raise argparse.ArgumentTypeError(f"expected distinct fold numbers >= 0 separated by commas, got {text!r}")
+    return folds
+
+
+def add_threads(parser) -> None:
+    """``--threads N`` (applied by the CLI before the command runs; see
+    :func:`pipeline.device.configure_threads`)."""
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads for torch (default: the cores this process may use that are not busy)")

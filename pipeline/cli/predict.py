@@ -1,7 +1,9 @@
 """``slab predict -i INPUT [INPUT ...] -o OUTPUT``: a trained network over volumes, to masks in
 their geometry.
 
-The network comes from ``--bundle DIR`` (``DIR/configs/inference.json``, section ``"slab"``, and
+The network comes from ``--model MODEL`` (a training run or checkpoint, a cross-validated plan
+directory or an installed model: everything the model was trained and validated with is in it;
+see :func:`pipeline.inference.model.load_model`), from ``--bundle DIR`` (``DIR/configs/inference.json``, section ``"slab"``, and
 ``DIR/models/model.pt``, binarised at the thresholds recorded on validation beside the weights
 as the bundle's own inference does; see :meth:`pipeline.inference.Predictor.from_bundle`) or from
 ``--network CONFIG.json --weights MODEL.pt`` (CONFIG.json: ``build_network`` arguments plus
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli.arguments import non_negative_int, positive_float, positive_int, probability
+from pipeline.cli.arguments import add_threads, fold_list, non_negative_int, positive_float, positive_int, probability
 from transforms.checks import CONNECTIVITIES, FILL_MODES, MODES, TTA_MODES
 from transforms.errors import SlabError
 
@@ -35,6 +37,10 @@ def add_arguments(parser) -> None:
                              "one result per volume when INPUT is a directory of volumes)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--bundle", metavar="DIR", help="bundle with configs/inference.json and models/model.pt")
+    source.add_argument("--model", metavar="MODEL",
+                        help="a trained model: a training run directory or checkpoint (best.pt), a slab cv plan "
+                             "directory (its fold ensemble), or the name of an installed model; it brings its "
+                             "network, slabs, normalisation, threshold and post-processing")
     source.add_argument("--network", metavar="CONFIG.json",
                         help="build_network arguments (+ offsets, planes, roi_size, labels)")
     parser.add_argument("--weights", metavar="MODEL.pt",
@@ -62,7 +68,11 @@ def add_arguments(parser) -> None:
                              "(several, UW-Madison)")
     parser.add_argument("--id-prefix", metavar="NAME",
                         help="row id prefix of the RLE CSV for one volume (default: the case's name, e.g. kidney_5)")
+    parser.add_argument("--folds", metavar="K,K", type=fold_list,
+                        help="with --model DIR of a cross-validation: the folds whose models are averaged "
+                             "(default: all)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    add_threads(parser)
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help="slabs (2.5D) or windows (3D) per forward pass")
     parser.add_argument("--memory-budget", type=positive_float, metavar="GIB",
@@ -77,9 +87,20 @@ def bundle_contents(bundle) -> list[Path]:
     return [Path(bundle) / name for name in ("configs", "models", "docs", "scripts", "LICENSE")]
 
 
+def model_contents(model) -> list[Path]:
+    """The files of a model (its checkpoints and model.json), which outputs must not touch."""
+    if not model:
+        return []
+    path = Path(model)
+    if path.is_dir():
+        return [p for p in (path / "model.json", path / "best.pt", path / "last.pt", path / "states",
+                            path / "runs", path / "members") if p.exists()] or [path]
+    return [path]
+
+
 def paths(args) -> tuple[dict, dict]:
     return ({"-i": args.input, "--network": args.network, "--weights": args.weights,
-             "--bundle": bundle_contents(args.bundle)},
+             "--bundle": bundle_contents(args.bundle), "--model": model_contents(args.model)},
             {"-o": args.output, "--prob": args.prob, "--rle-csv": args.rle_csv})
 
 
@@ -115,6 +136,16 @@ def _predictor(args):
         "progress": args.progress or None,
         "memory_budget": None if args.memory_budget is None else int(args.memory_budget * (1 << 30)),
     }
+    if args.folds is not None and not args.model:
+        raise SlabError("--folds: only with --model (a cross-validated model directory)")
+    if args.model:
+        from pipeline.inference.model import load_model
+
+        if args.weights:
+            raise SlabError("--weights: --model brings its own weights")
+        overrides["postprocess"] = _postprocess(args)
+        overrides["batch_size" if args.roi is None else "sw_batch_size"] = args.batch_size
+        return load_model(args.model, folds=args.folds, **overrides)
     if args.bundle:
         section = Predictor.bundle_section(args.bundle)
         overrides["postprocess"] = _postprocess(args)  # over the bundle's, recorded thresholds included
@@ -123,6 +154,9 @@ def _predictor(args):
     if not args.weights:
         raise SlabError("--weights: --network needs the weights file (MODEL.pt)")
     config = read_json_object(args.network, "network config")
+    if "task" in config and "network" in config:
+        raise SlabError(f"--network: {args.network} is a training configuration; predict with the run itself: "
+                        f"--model {Path(args.network).parent}")
     given = _postprocess(args)
     # The threshold chosen on validation, where the weights record one (a training checkpoint).
     overrides["postprocess"] = given if "threshold" in given else recorded_postprocess(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli.arguments import non_negative_int, positive_int
+from pipeline.cli.arguments import add_threads, non_negative_int, positive_int
 
 HELP = "train a segmentation or classification network from a datalist and a JSON config"
 
@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, metavar="DEVICE",
                         help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--epochs", type=positive_int, metavar="N", help="override the config's epochs")
+    parser.add_argument("--plan", metavar="PLAN_DIR", help="train a configuration of a plan (slab plan); "
+                        "--config keys override the plan's, --out defaults to PLAN_DIR/runs/CONFIGURATION/fold_K")
+    parser.add_argument("--configuration", metavar="NAME", help="with --plan: 2d, 2p5d or 3d")
+    add_threads(parser)
     parser.add_argument("--show-config", action="store_true",
                         help="print every configuration key with its default and meaning, then exit")
 
@@ -36,12 +40,24 @@ def paths(args) -> tuple[dict, dict]:
 
     from pipeline.training import RUN_FILES
 
-    inputs = {"--datalist": args.datalist, "--config": args.config}
-    if args.datalist and Path(args.datalist).is_file():
+    datalist = Path(args.plan) / "datalist.json" if args.plan else args.datalist
+    inputs = {"--datalist": datalist, "--config": args.config}
+    if args.plan:
+        inputs["--plan"] = [Path(args.plan) / n for n in ("plans.json", "fingerprint.json")]
+    if datalist and Path(datalist).is_file():
         from pipeline.data.datalist import datalist_paths
 
-        inputs["datalist entries"] = datalist_paths(args.datalist)
-    return inputs, {"--out": [Path(args.out) / name for name in RUN_FILES] if args.out else None}
+        inputs["datalist entries"] = datalist_paths(datalist)
+    out = _out(args)
+    return inputs, {"--out": [Path(out) / name for name in RUN_FILES] if out else None}
+
+
+def _out(args):
+    if args.out or not args.plan or not args.configuration:
+        return args.out
+    from pipeline.planning.crossval import run_dir
+
+    return run_dir(args.plan, args.configuration, args.fold or 0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,11 +67,26 @@ def run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(describe_config())
         return 0
-    for flag, value in (("--datalist", args.datalist), ("--out", args.out)):
-        if not value:
-            raise SlabError(f"{flag}: required")
-    result = train(args.datalist, args.config, args.out, fold=args.fold, resume=args.resume,
-                   device=args.device, epochs=args.epochs)
+    if args.plan:
+        from pipeline.planning.crossval import train_fold
+        from transforms.checks import read_json_object
+
+        if args.datalist:
+            raise SlabError("--datalist: --plan brings its own (PLAN_DIR/datalist.json)")
+        if not args.configuration:
+            raise SlabError("--configuration: required with --plan (2d, 2p5d or 3d)")
+        overrides = read_json_object(args.config, "config") if args.config else None
+        result = train_fold(args.plan, args.configuration, args.fold or 0, overrides=overrides, device=args.device,
+                            out=_out(args), resume=args.resume, epochs=args.epochs)
+        args.out = str(_out(args))
+    else:
+        if args.configuration:
+            raise SlabError("--configuration: only with --plan")
+        for flag, value in (("--datalist", args.datalist), ("--out", args.out)):
+            if not value:
+                raise SlabError(f"{flag}: required")
+        result = train(args.datalist, args.config, args.out, fold=args.fold, resume=args.resume,
+                       device=args.device, epochs=args.epochs)
     from pipeline.training.distributed import dist_env
 
     if dist_env().is_main:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from transforms.errors import SlabError
-from transforms.intensity import PercentileNormalize
+from transforms.intensity import PercentileNormalize, ZScoreNormalize, make_normalize
 from transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
 
 
@@ -69,7 +69,8 @@ class SlabDataset(torch.utils.data.Dataset):
     patch_size : (H, W), optional
         Crop (or centre-pad with zeros) every sample to this size; needed for batching when the
         planes' slices differ in size. None: whole slices.
-    normalize : PercentileNormalize, dict of its arguments, or None (image used as stored).
+    normalize : a normalisation or its settings (``transforms.intensity.make_normalize``), or None
+        (image used as stored).
     augment : callable on ``{"image", "label"}`` (e.g. ``RandSlabAugmentd``), optional. A MONAI
         Randomizable is reseeded per sample, so augmentation is reproducible too.
     label_transform : callable mapping the label volume to the training target once at load
@@ -84,7 +85,7 @@ class SlabDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: Sequence[Mapping], offsets=(-1, 0, 1), planes: Sequence[str] = ("xy", "zx", "zy"),
                  samples_per_epoch: int = 1000, positive_fraction: float = 0.5, patch_size=None,
-                 normalize: PercentileNormalize | Mapping | None = None, augment: Callable | None = None,
+                 normalize: PercentileNormalize | ZScoreNormalize | Mapping | None = None, augment: Callable | None = None,
                  label_transform: Callable | None = None, seed: int = 0, cache_dtype: str = "float32"):
         self.offsets = check_offsets(offsets)
         planes = [planes] if isinstance(planes, str) else list(planes)
@@ -102,9 +103,7 @@ class SlabDataset(torch.utils.data.Dataset):
             if len(patch_size) != 2:
                 raise SlabError(f"patch_size: expected (H, W), got {patch_size}")
         self.patch_size = patch_size
-        if isinstance(normalize, Mapping):
-            normalize = PercentileNormalize(**normalize)
-        self.normalize = normalize
+        self.normalize = make_normalize(normalize)
         self.augment = augment
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise SlabError(f"seed: expected an integer, got {seed!r}")

@@ -3,7 +3,6 @@ config and weights, or from a bundle's ``"slab"`` section read as data), and the
 recorded on validation beside a model (:func:`recorded_postprocess`)."""
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -18,9 +17,9 @@ from pipeline.inference.multiplane import predict_2p5d
 from pipeline.inference.window import predict_3d
 from transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
 from transforms.errors import SlabError
-from transforms.intensity import PercentileNormalize, scale_intensity
+from transforms.intensity import make_normalize
 from transforms.io import LazyVolume
-from transforms.post import Postprocess
+from transforms.post import make_postprocess, merge_postprocess
 from transforms.slab import check_offsets, slab_offsets
 
 
@@ -51,8 +50,9 @@ class Predictor:
         A local checkpoint (``networks.load_weights``); None keeps the initial weights.
     mode : ``"2.5d"`` or ``"3d"``; default from ``spatial_dims`` (2 or 3).
     planes, offsets, tta : 2.5D settings (:func:`predict_2p5d`); default all planes, no TTA.
-    normalize : dict of ``PercentileNormalize`` arguments, a ``PercentileNormalize``, or None
-        for an input that is already normalised. Default: 0.5 and 99.5 percentiles.
+    normalize : normalisation settings (``transforms.intensity.make_normalize``: per-volume
+        percentiles, a fixed dataset window, z-score), a normalisation, or None for an input
+        that is already normalised. Default: 0.5 and 99.5 percentiles of each volume.
     postprocess : dict of ``transforms.post.postprocess`` arguments (``threshold``,
         ``hysteresis``, ``min_size``, ``keep_largest``, ``fill_holes``, ``connectivity``);
         default ``{"threshold": 0.5}``. ``threshold`` may be one value per output channel
@@ -102,14 +102,10 @@ class Predictor:
                 raise SlabError(f"roi_size: expected three multiples of the network's divisor {self.divisor}, "
                                 f"each at least {self.min_size}, got {roi_size!r}")
         self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
-        if normalize is None or isinstance(normalize, PercentileNormalize):
-            self.normalize = normalize
-        elif isinstance(normalize, Mapping):
-            self.normalize = _construct(PercentileNormalize, normalize, "normalize")
-        else:
-            raise SlabError(f"normalize: expected percentile settings or None, got {normalize!r}")
-        self.postprocess = _construct(Postprocess, {"threshold": 0.5, **(postprocess or {})}, "postprocess")
-        _check_probabilities(postprocess or {})
+        self.normalize = make_normalize(normalize)
+        self.postprocess = make_postprocess(postprocess)
+        for options in (postprocess or {}).get("labels", [postprocess or {}]):
+            _check_probabilities(options)
         self.device = resolve_device(device)
         if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
             raise SlabError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
@@ -170,6 +166,24 @@ class Predictor:
                 raise
             raise SlabError(f"{config_path}: {message}") from None
 
+    @classmethod
+    def from_spec(cls, spec: Mapping, weights=None, **overrides) -> "Predictor":
+        """A predictor from an inference spec (``pipeline.inference.model.inference_spec``: what
+        every training checkpoint records) and its weights. ``overrides`` that are not None win;
+        a ``postprocess`` override is merged into the spec's, and one that binarises
+        (``threshold`` / ``hysteresis``) replaces the threshold chosen on validation."""
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("network"), Mapping):
+            raise SlabError(f"{weights}: its inference spec has no network")
+        options = {k: spec[k] for k in ("normalize", "tta", "mode") if k in spec}
+        options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
+        options["postprocess"] = merge_postprocess(spec.get("postprocess"), overrides.get("postprocess"))
+        where = weights if weights is not None else "inference spec"
+        try:
+            return cls(spec["network"], weights, **options)
+        except SlabError as err:
+            message = str(err)
+            raise SlabError(message if str(where) in message else f"{where}: {message}") from None
+
     def label_names(self) -> list[str]:
         """The name of every output channel (``label_1``... where the network config names none)."""
         return list(self.labels) if self.labels else [f"label_{i + 1}" for i in range(self.out_channels)]
@@ -200,13 +214,12 @@ class Predictor:
         return slab_offsets(self.in_channels // channels)
 
     def preprocess(self, volume) -> Callable:
-        """The block transform for ``volume``: its percentile scaling (computed over the whole
-        volume; a LazyVolume is read once for it), or a cast to float32."""
+        """The block transform for ``volume``: its normalisation (statistics computed over the
+        whole volume; a LazyVolume is read once for them), or a cast to float32."""
         if self.normalize is None:
             return as_float
-        low, high = self.normalize.percentiles(volume, name=str(volume.meta.get("filename_or_obj", "image"))
-                                               if hasattr(volume, "meta") else "image")
-        return functools.partial(scale_intensity, low=low, high=high, soft_clip_alpha=self.normalize.soft_clip_alpha)
+        return self.normalize.block_transform(volume, name=str(volume.meta.get("filename_or_obj", "image"))
+                                              if hasattr(volume, "meta") else "image")
 
     def __call__(self, volume) -> torch.Tensor:
         """``(L, X, Y, Z)`` probabilities of ``volume`` (raw intensities: normalised here)."""

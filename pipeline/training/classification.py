@@ -145,7 +145,7 @@ def _nan_mean(values: Sequence[float]) -> float:
 
 
 def _load_study(item: dict, normalize: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
-    from transforms.intensity import PercentileNormalize
+    from transforms.intensity import make_normalize
     from transforms.io import check_same_geometry, load_volume
 
     image = load_volume(item["image"])
@@ -158,7 +158,7 @@ def _load_study(item: dict, normalize: dict | None) -> tuple[np.ndarray, np.ndar
                             f"got {label.shape[0]} channels")
         label = np.asarray(label)
     if normalize is not None:
-        image = PercentileNormalize(**normalize)(image)
+        image = make_normalize(normalize)(image)
     image = np.asarray(image, dtype=np.float32)
     if not np.isfinite(image).all():
         raise SlabError(f"{item['image']}: NaN or Inf intensities")

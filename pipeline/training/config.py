@@ -148,7 +148,9 @@ SCHEMA: dict[str, Any] = {
                   "2.5D slab offsets (slices along the plane's normal)"),
     "planes": _s(list(PLANES), _list(_choice(PLANES), unique=True, what="planes"), "2.5D training planes: xy, zx, zy"),
     "normalize": _s({}, _dict,
-                    "PercentileNormalize arguments (percentiles, soft clip); null: the image is used as stored"),
+                    "scheme percentile (default; lower/upper percentiles per volume, or a fixed low/high window "
+                    "of dataset statistics, soft_clip_alpha) or zscore (per-volume mean/std, or fixed mean/std; "
+                    "clip); null: the image is used as stored"),
     "epochs": _s(10, _int(1), "training epochs"),
     "batch_size": _s(8, _int(1), "global batch size (all processes together)"),
     "samples_per_epoch": _s(256, _int(1, optional=True), "training samples per epoch; null: one pass (classification)"),
@@ -336,13 +338,15 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
     if task == "classification" and cfg["loss"] != "dice_bce":
         raise config_error("loss", "dice_bce (the BCE of the classification recipe)", cfg["loss"])
     if cfg["normalize"] is not None:
-        from transforms.intensity import PercentileNormalize
+        from transforms.intensity import make_normalize
 
-        _check_kwargs(cfg["normalize"], PercentileNormalize, "normalize")
         try:
-            PercentileNormalize(**cfg["normalize"])
+            make_normalize(cfg["normalize"])
         except SlabError as err:
-            raise SlabError(f"config normalize.{err}") from None
+            message = str(err)
+            raise SlabError(f"config: {message}" if message.startswith("unknown") else
+                            f"config {message}" if message.startswith("normalize") else
+                            f"config normalize.{message}") from None
     if task == "segmentation_2p5d" and cfg["augment"] is not None:
         from transforms.augment import RandSlabAugmentd
 

@@ -313,6 +313,7 @@ class SlabTrainer(SupervisedTrainer):
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.grad_scaler.state_dict(), "epoch": epoch, "config": cfg, "network": self.task.network,
                 "threshold": self.threshold, "best_threshold": self.best_threshold, "metrics": row,
+                "inference": self.task.inference_spec(self.threshold),
                 "best": self.best, "history": self.history, "rng": rng_states(),
             }
             save_epoch_state(self.out, checkpoint, checkpoint if improved else None)

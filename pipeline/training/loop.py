@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from pipeline.device import resolve_device
+from pipeline.inference.model import inference_network
 from pipeline.training.config import read_config, validate_config
 from pipeline.training.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
 from pipeline.training.engine import SlabTrainer
@@ -98,20 +99,6 @@ def train(
             cleanup_distributed()
 
 
-def inference_network(cfg: dict, task) -> dict:
-    """What ``slab predict --network RUN/network.json --weights RUN/best.pt`` needs of a
-    segmentation run: the ``build_network`` arguments, the slab offsets and planes (2.5D) or
-    the window (3D), and the label names."""
-    config = dict(task.network)
-    if cfg["task"] == "segmentation_2p5d":
-        config.update(offsets=cfg["offsets"], planes=cfg["val"]["planes"] or cfg["planes"])
-    else:
-        config["roi_size"] = cfg["patch_size"]
-    if getattr(task, "label_names", None):
-        config["labels"] = list(task.label_names)
-    return config
-
-
 def _resume_state(out: Path, cfg: dict, resume: bool) -> dict | None:
     last = out / "last.pt"
     if not resume:
@@ -164,7 +151,7 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
             tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if cfg["task"] != "classification":
             with atomic_write(out / "network.json") as tmp:
-                tmp.write_text(json.dumps(inference_network(cfg, task), indent=2) + "\n", encoding="utf-8")
+                tmp.write_text(json.dumps(inference_network(cfg, task.network, task.label_names), indent=2) + "\n", encoding="utf-8")
     barrier(info)
     return SlabTrainer(task, cfg, out, device, info, state, train_handlers=train_handlers, val_handlers=val_handlers,
                        inferer=inferer)

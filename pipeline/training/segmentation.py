@@ -74,7 +74,7 @@ def truth_masks(label: np.ndarray, fmt: str, n_labels: int) -> np.ndarray:
 def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndarray, tuple[float, float, float]]:
     """``(image float32 (C, X, Y, Z) normalised, label (C', X, Y, Z), spacing)`` of a datalist item;
     image and label must share shape and geometry."""
-    from transforms.intensity import PercentileNormalize
+    from transforms.intensity import make_normalize
     from transforms.io import check_same_geometry, load_volume
 
     image = load_volume(item["image"])
@@ -84,7 +84,7 @@ def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndar
     check_same_geometry(image, label, names=[str(item["image"]), str(item["label"])])
     spacing = tuple(float(s) for s in image.meta["spacing"])
     if normalize is not None:
-        image = PercentileNormalize(**normalize)(image)
+        image = make_normalize(normalize)(image)
     array = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if not torch.isfinite(array).all():
         raise SlabError(f"{item['image']}: NaN or Inf intensities; normalise or clean the volume first")
@@ -238,6 +238,11 @@ class _SegmentationTask(TrainTask):
 
     def in_channels(self) -> int:
         raise NotImplementedError
+
+    def inference_spec(self, threshold) -> dict:
+        from pipeline.inference.model import inference_spec
+
+        return inference_spec(self.cfg, self.network, self.label_names, threshold)
 
     def label_transform(self, label) -> np.ndarray:
         return seg_target(np.asarray(label), self.fmt, self.n_labels, self.cfg["loss"])

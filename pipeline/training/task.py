@@ -46,6 +46,12 @@ class TrainTask:
         """One item's contribution to the validation metrics (the model is in eval mode)."""
         raise NotImplementedError
 
+    def inference_spec(self, threshold) -> dict | None:
+        """What prediction needs to reproduce this task's validation (segmentation; see
+        :func:`pipeline.inference.model.inference_spec`), stored in every checkpoint; None for
+        tasks ``slab predict`` does not take."""
+        return None
+
     def summarize_validation(self, parts: list, info: DistInfo) -> dict:
         """The metrics of every process's ``parts`` (a collective: every rank calls it, the same
         dict comes back on each); ``threshold`` among them where one is chosen."""

@@ -1,0 +1,76 @@
+"""``slab plan DATALIST -o PLAN_DIR``: fingerprint a dataset, check every case, and plan 2d, 2.5d
+and 3d training configurations (``fingerprint.json``, ``plans.json``, ``datalist.json``), each
+decision with its reason; see :mod:`pipeline.planning`. ``--verify`` checks every case and
+reports all problems in one pass, writing nothing."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.cli.arguments import positive_float, positive_int
+from transforms.errors import SlabError
+
+HELP = "fingerprint a dataset and plan its 2d, 2.5d and 3d configurations (or --verify its cases)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("datalist", metavar="DATALIST.json", help="Decathlon-style datalist of labelled cases")
+    parser.add_argument("-o", "--out", metavar="PLAN_DIR", help="where the fingerprint and plans go")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check every case (geometry, label values, channels, NaN) and list every problem")
+    parser.add_argument("--memory", type=positive_float, metavar="GIB",
+                        help="memory budget for training (default: 80%% of the GPU, or a quarter of free RAM "
+                             "up to 8 GiB)")
+    parser.add_argument("--device", metavar="DEVICE", help="cpu or cuda[:N]: where batch sizes are measured and "
+                                                           "training will run (default: cuda when available)")
+    parser.add_argument("--configurations", metavar="LIST", default="2d,2p5d,3d",
+                        help="configurations to plan, from 2d, 2p5d, 3d (default: all)")
+    parser.add_argument("--epochs", type=positive_int, metavar="N", help="epochs of every configuration")
+    parser.add_argument("--folds", type=positive_int, default=5, metavar="K",
+                        help="folds for a datalist without its own (default: 5, at most the number of cases)")
+
+
+def paths(args) -> tuple[dict, dict]:
+    from pipeline.data.datalist import datalist_paths
+
+    inputs = {"DATALIST": args.datalist}
+    if Path(args.datalist).is_file():
+        inputs["datalist entries"] = datalist_paths(args.datalist)
+    outputs = None
+    if args.out and not args.verify:
+        out = Path(args.out)
+        outputs = [out / name for name in ("fingerprint.json", "plans.json", "datalist.json")]
+    return inputs, {"-o": outputs}
+
+
+def configurations(text: str) -> list[str]:
+    from pipeline.planning.plans import CONFIGURATIONS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in CONFIGURATIONS]
+    if not names or bad or len(set(names)) != len(names):
+        raise SlabError(f"--configurations: expected distinct names from {', '.join(CONFIGURATIONS)}, got {text!r}")
+    return names
+
+
+def run(args) -> int:
+    from pipeline.planning.fingerprint import fingerprint
+
+    if args.verify:
+        fp, problems = fingerprint(args.datalist)
+        for problem in problems:
+            print(f"slab plan: {' '.join(problem.split())}", file=sys.stderr)
+        good = len(fp.get("cases", []))
+        print(f"{good} good case(s), {len(problems)} problem(s)")
+        return 2 if problems else 0
+    if not args.out:
+        raise SlabError("-o: required (the plan directory), unless --verify")
+    from pipeline.planning.crossval import write_plan
+    from pipeline.planning.plans import describe
+
+    fp, plans = write_plan(args.datalist, args.out, device=args.device, memory_gib=args.memory, epochs=args.epochs,
+                           n_folds=args.folds, configurations=configurations(args.configurations))
+    print(describe(fp, plans))
+    print(f"wrote {Path(args.out) / 'fingerprint.json'}, {Path(args.out) / 'plans.json'}, "
+          f"{Path(args.out) / 'datalist.json'} ({len(plans['folds'])} folds)")
+    return 0

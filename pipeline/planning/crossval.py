@@ -1,0 +1,397 @@
+"""A plan directory and its cross-validation: ``slab plan`` writes it, ``slab train --plan``
+trains one fold of one configuration in it, ``slab cv`` trains every fold, predicts each fold's
+held-out cases, chooses the configuration (or ensemble) and its post-processing on those
+out-of-fold predictions, and writes the model ``slab predict --model PLAN_DIR`` uses.
+
+``PLAN_DIR/``
+    ``fingerprint.json``, ``plans.json``, ``datalist.json`` (absolute paths, a fold per case)
+    ``runs/<configuration>/fold_<k>/``   training runs (``slab train`` run directories)
+    ``cv/<configuration>/<case>.npy``    out-of-fold probabilities ``(L, X, Y, Z)`` float32
+    ``cv/<configuration>/fold_<k>.json`` which cases a fold's model predicted, from which epoch
+    ``cv/table.json``, ``cv/table.md``  the cross-validated table
+    ``postprocessing.json``              the chosen post-processing, step by step, with its gains
+    ``model.json``                       the chosen members and post-processing
+
+Everything is resumable as a whole: finished folds are skipped, interrupted ones resumed from
+their ``last.pt``, predicted folds kept.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.planning.selection import (LEVELS, _bin_edges, best_window, case_scores, choose_postprocessing,
+                                         mean_target, summarize, window_histograms, window_mask)
+from transforms.checks import read_json_object
+from transforms.errors import SlabError
+
+
+def _write_json(path: Path, data) -> None:
+    from transforms.io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+
+
+def plan_datalist(datalist, fp: dict, n_folds: int = 5) -> dict:
+    """The plan's datalist: every good case (training), absolute paths, and folds: the datalist's
+    own where it has two or more, else cases dealt round-robin by name into ``min(n_folds,
+    cases)`` folds."""
+    from pipeline.data.datalist import load_datalist
+
+    data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
+    train_items, val_items = load_datalist(datalist, fold=None)
+    good = {c["case"] for c in fp["cases"]}
+    from pipeline.planning.fingerprint import case_name
+
+    def absolute(value):
+        return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+
+    items = [dict(i, case=case_name(i), image=absolute(i["image"]), label=absolute(i["label"]))
+             for i in list(train_items) + list(val_items) if case_name(i) in good]
+    folds = sorted({int(i.get("fold", 0)) for i in items})
+    if len(folds) < 2:
+        k = max(1, min(n_folds, len(items)))
+        for index, item in enumerate(sorted(items, key=lambda i: i["case"])):
+            item["fold"] = index % k
+        folds = list(range(k))
+    out = {key: data[key] for key in ("labels", "label_format", "modality", "name") if key in data}
+    out.update(n_folds=max(folds) + 1, training=items, validation=[])
+    return out
+
+
+def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_folds: int = 5,
+               configurations=None, progress=None) -> tuple[dict, dict]:
+    """Fingerprint, verify and plan ``datalist`` into ``out``; ``(fingerprint, plans)``.
+    Bad cases are one SlabError listing every problem."""
+    from pipeline.planning.fingerprint import fingerprint
+    from pipeline.planning.plans import CONFIGURATIONS, make_plans
+
+    fp, problems = fingerprint(datalist, progress=progress)
+    if problems:
+        raise SlabError(f"{len(problems)} problem(s) in the datalist's cases (slab plan --verify lists them): "
+                        + "; ".join(problems))
+    plans = make_plans(fp, device=device, memory_gib=memory_gib, epochs=epochs,
+                       configurations=tuple(configurations or CONFIGURATIONS))
+    out = Path(out)
+    data = plan_datalist(datalist, fp, n_folds)
+    plans["folds"] = list(range(data["n_folds"]))
+    _write_json(out / "fingerprint.json", fp)
+    _write_json(out / "plans.json", plans)
+    _write_json(out / "datalist.json", data)
+    return fp, plans
+
+
+def read_plan(plan_dir) -> tuple[dict, dict, Path]:
+    """``(plans, fingerprint, datalist path)`` of a plan directory."""
+    plan_dir = Path(plan_dir)
+    if not (plan_dir / "plans.json").is_file():
+        raise SlabError(f"--plan: {plan_dir} holds no plans.json; make one with slab plan DATALIST -o {plan_dir}")
+    plans = read_json_object(plan_dir / "plans.json", "plans")
+    fp = read_json_object(plan_dir / "fingerprint.json", "fingerprint")
+    if not isinstance(plans.get("configurations"), dict):
+        raise SlabError(f"{plan_dir / 'plans.json'}: expected 'configurations'")
+    return plans, fp, plan_dir / "datalist.json"
+
+
+def plan_config(plans: dict, configuration: str, overrides: dict | None = None) -> dict:
+    """The training configuration of one planned configuration, ``overrides`` (a partial
+    training config) merged over it section by section."""
+    if configuration not in plans["configurations"]:
+        raise SlabError(f"--configuration: {configuration!r} is not planned; the plan has "
+                        f"{', '.join(plans['configurations'])}")
+    cfg = json.loads(json.dumps(plans["configurations"][configuration]["config"]))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key not in ("normalize", "augment"):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run_dir(plan_dir, configuration: str, fold: int) -> Path:
+    return Path(plan_dir) / "runs" / configuration / f"fold_{fold}"
+
+
+def _run_state(run: Path, epochs: int) -> str:
+    """``done``, ``partial`` or ``new``."""
+    last = run / "last.pt"
+    if not last.exists():
+        return "new"
+    from pipeline.training.state import load_checkpoint
+
+    return "done" if int(load_checkpoint(last)["epoch"]) >= epochs else "partial"
+
+
+def train_fold(plan_dir, configuration: str, fold: int, *, overrides=None, device=None, out=None,
+               resume: bool | None = None, epochs: int | None = None) -> dict:
+    """Train one fold of one planned configuration (``slab train --plan``); ``resume`` None:
+    resume an interrupted run, skip a finished one."""
+    from pipeline.training import train
+
+    plans, _, datalist = read_plan(plan_dir)
+    cfg = plan_config(plans, configuration, overrides)
+    if epochs is not None:
+        cfg["epochs"] = epochs
+    out = Path(out) if out is not None else run_dir(plan_dir, configuration, fold)
+    state = _run_state(out, cfg["epochs"])
+    if resume is None:
+        if state == "done":
+            return {"skipped": True, "run": str(out)}
+        resume = state == "partial"
+    return train(datalist, cfg, out, fold=fold, resume=resume, device=device)
+
+
+def _fold_cases(datalist: Path, fold: int) -> list[dict]:
+    return [i for i in read_json_object(datalist, "datalist")["training"] if int(i["fold"]) == fold]
+
+
+def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[str]:
+    """Predict fold ``fold``'s held-out cases with its model into ``cv/<configuration>/``."""
+    from pipeline.inference.model import spec_of_checkpoint
+    from pipeline.inference.predictor import Predictor
+    from transforms.io import atomic_write, load_volume
+
+    plan_dir = Path(plan_dir)
+    best = run_dir(plan_dir, configuration, fold) / "best.pt"
+    marker = plan_dir / "cv" / configuration / f"fold_{fold}.json"
+    spec = spec_of_checkpoint(best)
+    from pipeline.training.state import load_checkpoint
+
+    epoch = int(load_checkpoint(best)["epoch"])
+    cases = _fold_cases(plan_dir / "datalist.json", fold)
+    if marker.is_file() and read_json_object(marker, "fold record").get("epoch") == epoch:
+        return [c["case"] for c in cases]
+    predictor = Predictor.from_spec(spec, best, tta="none", device=device)
+    for item in cases:
+        probs = predictor(load_volume(item["image"]))
+        target = plan_dir / "cv" / configuration / f"{item['case']}.npy"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(target) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(probs.float().cpu().numpy()))
+    _write_json(marker, {"epoch": epoch, "cases": [c["case"] for c in cases]})
+    return [c["case"] for c in cases]
+
+
+class _Cases:
+    """Out-of-fold cases of a candidate (configurations averaged) with their truths."""
+
+    def __init__(self, plan_dir: Path, items: list[dict], fmt: str, n_labels: int, configurations):
+        self.plan_dir, self.items, self.fmt, self.n_labels = plan_dir, items, fmt, n_labels
+        self.configurations = list(configurations)
+        self.spacing = {}
+        self._truth = {}
+
+    def truth(self, item: dict) -> np.ndarray:
+        from pipeline.training.segmentation import truth_masks
+        from transforms.io import load_volume
+
+        name = item["case"]
+        if name not in self._truth:
+            label = load_volume(item["label"])
+            self.spacing[name] = tuple(float(s) for s in label.meta["spacing"])
+            self._truth[name] = truth_masks(np.asarray(label), self.fmt, self.n_labels)
+        return self._truth[name]
+
+    def prob(self, name: str, configurations=None) -> np.ndarray:
+        from pipeline.inference.model import mean_probabilities
+
+        return mean_probabilities(np.load(self.plan_dir / "cv" / c / f"{name}.npy", mmap_mode="r")
+                                  for c in (configurations or self.configurations))
+
+    def __call__(self, configurations=None):
+        for item in self.items:
+            yield item["case"], self.prob(item["case"], configurations), self.truth(item)
+
+    def spacing_of(self, name: str):
+        return self.spacing[name]
+
+
+def _baseline(plan_dir: Path, items: list[dict], cases: _Cases, normalize, folds, tolerance, tubular,
+              names) -> dict:
+    """The best intensity window per label, chosen on each fold's training cases, scored held out."""
+    from transforms.intensity import make_normalize
+    from transforms.io import load_volume
+
+    norm = make_normalize(normalize)
+    images = {}
+    for item in items:
+        image = load_volume(item["image"])
+        images[item["case"]] = np.asarray(norm(image) if norm is not None else image, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    channels = next(iter(images.values())).shape[0]
+    edges = []
+    for c in range(channels):
+        samples = np.concatenate([rng.choice(v[c].reshape(-1), min(v[c].size, 20000), replace=False)
+                                  for v in images.values()])
+        edges.append(_bin_edges(samples))
+    hist = {i["case"]: window_histograms(images[i["case"]], cases.truth(i), edges) for i in items}
+    scores, windows_by_fold = [], {}
+    for fold in folds:
+        train = [i["case"] for i in items if int(i["fold"]) != fold]
+        held = [i for i in items if int(i["fold"]) == fold]
+        if not train or not held:
+            continue
+        windows = [best_window([hist[n] for n in train], lab) for lab in range(len(names))]
+        windows_by_fold[fold] = [{"channel": w[0], "low": float(edges[w[0]][w[1]]), "high": float(edges[w[0]][w[2]]),
+                                  "train_dice": w[3]} for w in windows]
+        for item in held:
+            mask = window_mask(images[item["case"]], edges, windows)
+            scores.append(case_scores(mask, cases.truth(item), cases.spacing_of(item["case"]), tolerance, tubular))
+    return {"summary": summarize(scores, names) if scores else None, "windows": windows_by_fold}
+
+
+def _candidates(configurations: list[str]) -> list[tuple[str, ...]]:
+    out = [(c,) for c in configurations]
+    for r in range(2, len(configurations) + 1):
+        out += list(itertools.combinations(configurations, r))
+    return out
+
+
+def _scores(cases: _Cases, combo, options, tolerance, tubular) -> list[list[dict]]:
+    from transforms.post import make_postprocess
+
+    post = make_postprocess(options)
+    return [case_scores(np.asarray(post(prob), dtype=np.uint8), truth, cases.spacing_of(name), tolerance, tubular)
+            for name, prob, truth in cases(combo)]
+
+
+def evaluate_cv(plan_dir, configurations, folds) -> dict:
+    """The table, the chosen candidate and post-processing, from the out-of-fold predictions."""
+    plan_dir = Path(plan_dir)
+    plans, fp, datalist = read_plan(plan_dir)
+    data = read_json_object(datalist, "datalist")
+    items = [i for i in data["training"] if int(i["fold"]) in folds]
+    names = plans["labels"]
+    tubular = [n in plans["tubular"] for n in names]
+    tolerance = float(plans["tolerance_mm"])
+    cases = _Cases(plan_dir, items, data.get("label_format", "channels"), len(names), configurations)
+    for item in items:
+        cases.truth(item)
+    rows = {}
+    for combo in _candidates(list(configurations)):
+        key = "+".join(combo)
+        raw = _scores(cases, combo, {"threshold": 0.5}, tolerance, tubular)
+        sweep = choose_thresholds(cases, combo, len(names), tubular)
+        tuned = _scores(cases, combo, {"labels": [{"threshold": t} for t in sweep]}, tolerance, tubular)
+        rows[key] = {"configurations": list(combo), "at_0.5": summarize(raw, names),
+                     "thresholds": sweep, "tuned": summarize(tuned, names)}
+    best = max(rows, key=lambda k: (rows[k]["tuned"]["score"], -len(rows[k]["configurations"])))
+    combo = tuple(rows[best]["configurations"])
+    smallest = [lab["smallest_component"] for lab in fp["labels"]]
+    chosen = choose_postprocessing(lambda: cases(combo), len(names), cases.spacing_of, tolerance, tubular, smallest)
+    final = _scores(cases, combo, {"labels": chosen["labels"]}, tolerance, tubular)
+    normalize = plans["configurations"][configurations[0]]["config"]["normalize"]
+    baseline = _baseline(plan_dir, items, cases, normalize, folds, tolerance, tubular, names)
+    return {"rows": rows, "best": best, "postprocessing": chosen, "final": summarize(final, names),
+            "baseline": baseline, "labels": names, "tubular": tubular, "tolerance_mm": tolerance,
+            "folds": list(folds), "cases": len(items), "target_metric": plans["target_metric"]}
+
+
+def choose_thresholds(cases: _Cases, combo, n_labels: int, tubular) -> list[float]:
+    """Per label, the level of ``LEVELS`` with the best mean target over the cases."""
+    from pipeline.planning.selection import _sweep
+
+    out = []
+    for label in range(n_labels):
+        sweep = _sweep(lambda: cases(combo), label, cases.spacing_of, tubular[label])
+        out.append(max(LEVELS, key=lambda t: (sweep[t], -abs(t - 0.5))))
+    return out
+
+
+def _cell(metric: dict) -> str:
+    return "n/a" if metric is None or np.isnan(metric["mean"]) else f"{metric['mean']:.3f} ± {metric['std']:.3f}"
+
+
+def table_markdown(result: dict, times: dict | None = None) -> str:
+    """The cross-validated table as Markdown: one row per candidate (at 0.5 and with tuned
+    thresholds), the best with its chosen post-processing, and the baseline."""
+    names, tubular = result["labels"], result["tubular"]
+    keys = ["dice", "surface_dice_0", "surface_dice_tol"]
+    header = ["candidate", "post-processing", "score"]
+    for name, tub in zip(names, tubular):
+        header += [f"{name} {k}" for k in keys + (["cldice"] if tub else [])]
+    if times:
+        header.append("train+predict s")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def row(label, post, summary, seconds=None):
+        cells = [label, post, f"{summary['score']:.4f}"]
+        for name, tub in zip(names, tubular):
+            metrics = summary["labels"][name]
+            cells += [_cell(metrics.get(k)) for k in keys + (["cldice"] if tub else [])]
+        if times:
+            cells.append("" if seconds is None else f"{seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for key, r in result["rows"].items():
+        seconds = sum(times.get(c, 0.0) for c in r["configurations"]) if times else None
+        row(key, "threshold 0.5", r["at_0.5"], seconds)
+        row(key, "thresholds " + ",".join(f"{t:g}" for t in r["thresholds"]), r["tuned"])
+    chosen = "; ".join(json.dumps(o) for o in result["postprocessing"]["labels"])
+    row(f"**{result['best']}** (chosen)", chosen, result["final"])
+    if result["baseline"]["summary"] is not None:
+        row("baseline: intensity window", "window chosen per fold", result["baseline"]["summary"])
+    return "\n".join(lines) + "\n"
+
+
+def run_cv(plan_dir, *, configurations=None, folds=None, device=None, overrides=None, log=print) -> dict:
+    """Train every fold of every configuration, predict held-out cases, choose and write the
+    table, ``postprocessing.json`` and ``model.json``; see the module docstring."""
+    plan_dir = Path(plan_dir)
+    plans, fp, datalist = read_plan(plan_dir)
+    configurations = list(configurations or plans["configurations"])
+    for c in configurations:
+        if c not in plans["configurations"]:
+            raise SlabError(f"--configurations: {c!r} is not planned; the plan has {', '.join(plans['configurations'])}")
+    available = plans.get("folds") or [0]
+    folds = list(available if folds is None else folds)
+    if len(available) < 2:
+        raise SlabError(f"{plan_dir}: cross-validation needs at least 2 folds (the plan has {len(available)}; "
+                        "a dataset of 2 or more cases)")
+    missing = [f for f in folds if f not in available]
+    if missing:
+        raise SlabError(f"--folds: fold {missing[0]} is not in the plan (folds {', '.join(map(str, available))})")
+    times_path = plan_dir / "cv" / "times.json"
+    times = read_json_object(times_path, "times") if times_path.is_file() else {}
+    for c in configurations:
+        for k in folds:
+            start = time.perf_counter()
+            result = train_fold(plan_dir, c, k, overrides=overrides, device=device)
+            log(f"{c} fold {k}: {'finished before' if result.get('skipped') else 'trained'}")
+            predict_fold(plan_dir, c, k, device=device)
+            if not result.get("skipped") or f"{c}/{k}" not in times:
+                times[f"{c}/{k}"] = time.perf_counter() - start
+                _write_json(times_path, times)
+    result = evaluate_cv(plan_dir, configurations, folds)
+    per_config = {c: sum(v for key, v in times.items() if key.split("/")[0] == c
+                         and int(key.split("/")[1]) in folds) for c in configurations}
+    result["seconds"] = per_config
+    _write_json(plan_dir / "cv" / "table.json", result)
+    markdown = table_markdown(result, per_config)
+    from transforms.io import atomic_write
+
+    with atomic_write(plan_dir / "cv" / "table.md") as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
+    best = result["rows"][result["best"]]
+    _write_json(plan_dir / "postprocessing.json", {
+        "candidate": result["best"], "labels": result["labels"], "postprocess": {"labels": result["postprocessing"]["labels"]},
+        "steps": result["postprocessing"]["steps"], "score_tuned_thresholds": best["tuned"]["score"],
+        "score_after": result["final"]["score"]})
+    members = [{"configuration": c, "fold": k, "checkpoint": f"runs/{c}/fold_{k}/best.pt"}
+               for c in best["configurations"] for k in folds]
+    _write_json(plan_dir / "model.json", {"members": members,
+                                          "postprocess": {"labels": result["postprocessing"]["labels"]},
+                                          "labels": result["labels"], "candidate": result["best"],
+                                          "score": result["final"]["score"], "target_metric": plans["target_metric"]})
+    result["markdown"] = markdown
+    return result
+
+
+__all__ = ["write_plan", "read_plan", "plan_config", "train_fold", "predict_fold", "evaluate_cv", "run_cv",
+           "table_markdown", "plan_datalist", "mean_target"]

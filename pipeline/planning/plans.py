@@ -1,0 +1,294 @@
+"""Plans from a fingerprint: one training configuration per ``2d``, ``2p5d`` and ``3d``, every
+decision with a one-line reason.
+
+- **Slabs** (2d, 2p5d): where the slice spacing is at least ``ANISOTROPIC`` times the in-plane
+  spacing (MRI, thick-slice CT) the network sees the acquisition plane only, and 2.5D looks
+  forward with stride 2 (``[0, 2, 4]``, the UW-Madison recipe for 3 mm slices); near-isotropic
+  volumes use all three planes with centred slabs ``[-1, 0, 1]``. ``2d`` is the same with one
+  slice per slab.
+- **Network**: a MONAI UNet whose depth follows the patch (the deepest feature map at least 4
+  voxels wide, 2 to 5 levels, 16 base features doubling per level).
+- **Patch**: the median case's slices (2.5D) or volume (3D), capped per device and rounded to
+  the network's divisor.
+- **Batch size**: measured. One forward/backward at batch 1 and at batch 2 on the chosen device
+  (CUDA: peak allocated memory; CPU: the bytes of every tensor autograd saves, plus the
+  output), so memory per sample and the fixed part (weights, gradients, AdamW moments) come
+  from a trial, and the batch is what fits the budget.
+- **Normalisation**: a fixed window of the dataset's foreground 0.5/99.5 percentiles for
+  CT-like data (the datalist says CT, or intensities in Hounsfield range, or every case's
+  foreground median within ``CONSISTENT`` of the dataset's range: a calibrated scale), a
+  per-volume z-score for MRI-like data (scales differ from scan to scan), per-volume
+  percentiles otherwise (one case: nothing to compare).
+- **Schedule**: steps per epoch from the number of cases, epochs per device; augmentation
+  stronger for small datasets.
+- **Metric**: surface dice at tolerance 0 where a label is tubular (vessels: the SenNet metric),
+  Dice otherwise; the plan's tolerance is one voxel of the coarsest axis.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from transforms.errors import SlabError
+
+
+ANISOTROPIC = 2.0
+CONSISTENT = 0.05
+CONFIGURATIONS = ("2d", "2p5d", "3d")
+PATCH_CAP_2D = {"cpu": 160, "cuda": 512}
+VOXEL_CAP_3D = {"cpu": 64 ** 3, "cuda": 128 ** 3}
+BATCH_CAP = {2: 32, 3: 4}
+EPOCHS = {"cpu": 20, "cuda": 100}
+
+
+def _axis_names(axis: int) -> str:
+    return "xyz"[axis]
+
+
+def normalization(fp: dict) -> tuple[dict, str]:
+    """The normalisation settings for a fingerprint, and why."""
+    modality = fp.get("modality")
+    names = list(modality.values()) if isinstance(modality, dict) else [modality] if modality else []
+    pooled = fp["intensity"]
+    window = {"scheme": "percentile", "low": [round(c["p0_5"], 4) for c in pooled],
+              "high": [round(c["p99_5"], 4) for c in pooled]}
+    if names and all(str(n).upper() == "CT" for n in names):
+        return window, "the datalist declares CT: a fixed window of the dataset's foreground 0.5-99.5 percentiles"
+    if names and all(str(n).upper() in ("MRI", "MR", "T1", "T2", "FLAIR", "T1CE", "T1GD", "ADC", "DWI")
+                     for n in names):
+        return {"scheme": "zscore"}, "the datalist declares MRI: each volume's own mean and std (scales differ by scan)"
+    cases = fp["cases"]
+    if any(c["intensity"][0]["min"] <= -500 for c in cases) and fp["dtype"].startswith("int"):
+        return window, ("signed intensities down to -500 and below (Hounsfield units): a fixed window of the "
+                        "dataset's foreground 0.5-99.5 percentiles")
+    if len(cases) < 2:
+        return {"scheme": "percentile", "lower": 0.5, "upper": 99.5}, \
+            "one case: each volume's own 0.5-99.5 percentiles (no other case to compare scales with)"
+    spread = []
+    for ch, whole in enumerate(pooled):
+        width = max(whole["p99_5"] - whole["p0_5"], 1e-12)
+        medians = [c["intensity"][ch]["p50"] for c in cases]
+        spread.append((max(medians) - min(medians)) / width)
+    worst = max(spread)
+    if worst <= CONSISTENT:
+        return window, (f"every case's foreground median lies within {worst:.1%} of the dataset's range "
+                        "(a calibrated scale): a fixed window of the dataset's foreground 0.5-99.5 percentiles")
+    return {"scheme": "zscore"}, (f"case foreground medians spread over {worst:.0%} of the dataset's range "
+                                  "(MRI-like: scales differ by scan): each volume's own mean and std")
+
+
+def slab_geometry(fp: dict, k: int) -> tuple[list[str], list[int], str]:
+    """``(planes, offsets, reason)`` of ``k`` slices per slab (``k`` 1 or 3)."""
+    spacing = fp["median_spacing"]
+    coarse = int(np.argmax(spacing))
+    fine = [s for a, s in enumerate(spacing) if a != coarse]
+    ratio = spacing[coarse] / max(min(fine), 1e-12)
+    plane = {0: "zy", 1: "zx", 2: "xy"}[coarse]
+    if ratio >= ANISOTROPIC:
+        offsets = [0] if k == 1 else [0, 2, 4]
+        return [plane], offsets, (f"slices {spacing[coarse]:g} mm apart along {_axis_names(coarse)} vs "
+                                  f"{min(fine):g} mm in plane ({ratio:.1f}x, >= {ANISOTROPIC:g}x): the acquisition "
+                                  f"plane {plane} only" + ("" if k == 1 else ", slabs forward with stride 2"))
+    offsets = [0] if k == 1 else [-1, 0, 1]
+    return ["xy", "zx", "zy"], offsets, (f"near-isotropic spacing ({ratio:.1f}x < {ANISOTROPIC:g}x): all three "
+                                         "planes" + ("" if k == 1 else ", slabs centred [-1, 0, 1]"))
+
+
+def unet(patch: list[int]) -> tuple[dict, int, str]:
+    """A UNet for ``patch``: ``(network settings, divisor, reason)``."""
+    downs = int(np.clip(math.floor(math.log2(max(min(patch), 1) / 4)), 1, 4))
+    channels = [16 * 2 ** i for i in range(downs + 1)]
+    net = {"name": "unet", "channels": channels, "strides": [2] * downs, "num_res_units": 1}
+    return net, 2 ** downs, (f"UNet of {downs + 1} levels ({'-'.join(map(str, channels))} features): the deepest "
+                             f"map of the {min(patch)}-voxel side is {min(patch) // 2 ** downs} wide")
+
+
+def _round_patch(patch, divisor: int) -> list[int]:
+    return [max(2 * divisor, (int(p) // divisor) * divisor) for p in patch]
+
+
+def patch_2d(fp: dict, planes: list[str], device: str) -> tuple[list[int], str]:
+    shape = fp["median_shape"]
+    axes = {"xy": (0, 1), "zx": (0, 2), "zy": (1, 2)}  # the slab's (A, B) axes
+    first = sorted(shape[axes[p][0]] for p in planes)[len(planes) // 2]
+    second = sorted(shape[axes[p][1]] for p in planes)[len(planes) // 2]
+    cap = PATCH_CAP_2D[device]
+    return [min(cap, first), min(cap, second)], f"the median case's slices ({first}x{second}), capped at {cap} on {device}"
+
+
+def patch_3d(fp: dict, device: str) -> tuple[list[int], str]:
+    patch = [float(s) for s in fp["median_shape"]]
+    spacing = fp["median_spacing"]
+    cap = VOXEL_CAP_3D[device]
+    while np.prod(patch) > cap:
+        extent = [p * s for p, s in zip(patch, spacing)]
+        axis = int(np.argmax(extent))
+        patch[axis] = max(8.0, patch[axis] * 0.9)
+    return [int(p) for p in patch], (f"the median case ({'x'.join(map(str, fp['median_shape']))}), the longest "
+                                     f"physical axis shrunk until the patch holds at most {cap} voxels on {device}")
+
+
+def trial_memory(network: dict, dims: int, in_channels: int, out_channels: int, patch, device: torch.device) -> dict:
+    """Memory of one training step, measured at batch 1 and 2: ``per_sample`` and ``fixed`` bytes."""
+    from networks import build_network
+
+    options = {k: v for k, v in network.items() if k != "name"}
+    model = build_network(network["name"], dims, in_channels, out_channels, **options).to(device)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    used = []
+    for batch in (1, 2):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(batch, in_channels, *patch, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            model(x).float().mean().backward()
+            torch.cuda.synchronize(device)
+            used.append(torch.cuda.max_memory_allocated(device) - base)
+        else:
+            saved = [0]
+
+            def pack(t):
+                saved[0] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = model(x)
+            y.float().mean().backward()
+            used.append(saved[0] + 2 * y.numel() * y.element_size() + x.numel() * x.element_size())
+    per_sample = max(1, used[1] - used[0])
+    fixed = max(0, used[0] - per_sample) + 4 * params  # weights, gradients, two AdamW moments
+    del model
+    return {"per_sample": int(per_sample), "fixed": int(fixed), "parameters": int(params // 4)}
+
+
+def _batch(memory: dict, budget: int, dims: int) -> tuple[int, str]:
+    fits = (budget - memory["fixed"]) // memory["per_sample"]
+    batch = int(np.clip(fits, 2, BATCH_CAP[dims]))
+    return batch, (f"{memory['per_sample'] / 2**20:.0f} MiB per sample and {memory['fixed'] / 2**20:.0f} MiB fixed "
+                   f"(measured by a trial forward/backward): {fits} fit {budget / 2**30:.1f} GiB, "
+                   f"clipped to [2, {BATCH_CAP[dims]}]")
+
+
+def _schedule(fp: dict, batch: int, device: str, epochs: int | None) -> tuple[dict, str]:
+    n = fp["n_cases"]
+    steps = int(np.clip(10 * n, 20, 250))
+    chosen = epochs or EPOCHS[device]
+    return ({"epochs": chosen, "samples_per_epoch": steps * batch, "warmup_epochs": min(1.0, chosen / 10)},
+            f"{steps} steps per epoch for {n} cases (10 per case, 20 to 250), {chosen} epochs on {device}"
+            + (" (--epochs)" if epochs else ""))
+
+
+def _augment(fp: dict, dims: int) -> tuple[dict, str]:
+    n = fp["n_cases"]
+    prob = 0.7 if n < 10 else 0.5 if n < 50 else 0.3
+    aug = {"prob": prob} if dims == 2 else {"flip_prob": prob, "rot90_prob": prob, "intensity_prob": prob}
+    return aug, f"{n} cases: augmentation probability {prob} (stronger for smaller datasets)"
+
+
+def default_budget(device: torch.device) -> int:
+    """Bytes a plan may use: 80% of the GPU, or a quarter of the available memory (at most 8 GiB)."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    from transforms.headers import available_memory
+
+    available = available_memory() or 8 << 30
+    return int(min(available // 4, 8 << 30))
+
+
+def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, epochs: int | None = None) -> dict:
+    """The plan of one configuration: ``{"config": training config, "reasons": {...}, "memory": {...}}``."""
+    kind = device.type
+    reasons: dict[str, str] = {}
+    cfg: dict = {}
+    channels = fp["channels"]
+    labels = len(fp["labels"])
+    if name in ("2d", "2p5d"):
+        k = 1 if name == "2d" else 3
+        planes, offsets, reasons["planes"] = slab_geometry(fp, k)
+        reasons["offsets"] = reasons["planes"]
+        patch, reasons["patch_size"] = patch_2d(fp, planes, kind)
+        net, divisor, reasons["network"] = unet(patch)
+        patch = _round_patch(patch, divisor)
+        cfg.update(task="segmentation_2p5d", offsets=offsets, planes=planes, patch_size=patch)
+        dims, in_channels = 2, channels * k
+    elif name == "3d":
+        patch, reasons["patch_size"] = patch_3d(fp, kind)
+        net, divisor, reasons["network"] = unet(patch)
+        patch = _round_patch(patch, divisor)
+        cfg.update(task="segmentation_3d", patch_size=patch)
+        dims, in_channels = 3, channels
+        spacing = fp["median_spacing"]
+        reasons["target_spacing"] = (f"the median spacing {spacing}; cases are used at their own spacing"
+                                     + ("" if fp["spacings_agree"] else " (they differ by more than 5%: resample "
+                                        "them to one spacing first, e.g. slab convert)"))
+    else:
+        raise SlabError(f"configuration: expected one of {', '.join(CONFIGURATIONS)}, got {name!r}")
+    cfg["network"] = net
+    memory = trial_memory(net, dims, in_channels, labels, patch, device)
+    cfg["batch_size"], reasons["batch_size"] = _batch(memory, budget, dims)
+    schedule, reasons["epochs"] = _schedule(fp, cfg["batch_size"], kind, epochs)
+    cfg.update(schedule)
+    reasons["samples_per_epoch"] = reasons["epochs"]
+    cfg["normalize"], reasons["normalize"] = normalization(fp)
+    cfg["augment"], reasons["augment"] = _augment(fp, dims)
+    tubular = [lab["name"] for lab in fp["labels"] if lab["tubular"]]
+    tolerance = float(max(fp["median_spacing"]))
+    metric = "surface_dice_0" if tubular else "dice"
+    reasons["val.metric"] = (f"tubular label(s) {', '.join(tubular)}: surface dice at tolerance 0" if tubular
+                             else "no tubular label: Dice")
+    reasons["val.tolerance_mm"] = f"one voxel of the coarsest axis ({tolerance:g} mm)"
+    cfg["val"] = {"metric": metric, "tolerance_mm": tolerance, "tta": "none"}
+    if dims == 3:
+        cfg["val"]["overlap"] = 0.25
+    from pipeline.training.config import validate_config
+
+    validate_config(cfg)  # a plan is a valid training configuration
+    return {"config": cfg, "reasons": reasons,
+            "memory": {"per_sample_mib": round(memory["per_sample"] / 2**20, 2),
+                       "fixed_mib": round(memory["fixed"] / 2**20, 2), "budget_gib": round(budget / 2**30, 2),
+                       "parameters": memory["parameters"], "device": kind}}
+
+
+def make_plans(fp: dict, *, device=None, memory_gib: float | None = None, epochs: int | None = None,
+               configurations=CONFIGURATIONS) -> dict:
+    """Plans of every configuration for a fingerprint (``pipeline.planning.fingerprint``)."""
+    from pipeline.device import resolve_device
+
+    device = resolve_device(device)
+    budget = int(memory_gib * (1 << 30)) if memory_gib else default_budget(device)
+    out = {"device": device.type, "memory_gib": round(budget / 2**30, 2), "configurations": {}}
+    for name in configurations:
+        out["configurations"][name] = plan_configuration(fp, name, device, budget, epochs)
+    first = out["configurations"][configurations[0]]["config"]["val"]
+    out["target_metric"] = first["metric"]
+    out["tolerance_mm"] = first["tolerance_mm"]
+    out["labels"] = [lab["name"] for lab in fp["labels"]]
+    out["tubular"] = [lab["name"] for lab in fp["labels"] if lab["tubular"]]
+    return out
+
+
+def describe(fp: dict, plans: dict) -> str:
+    """The human-readable summary ``slab plan`` prints."""
+    lines = [f"{fp['n_cases']} cases, {fp['channels']} channel(s), median shape "
+             f"{'x'.join(map(str, fp['median_shape']))}, spacing {'x'.join(f'{s:g}' for s in fp['median_spacing'])} mm "
+             f"(anisotropy {fp['anisotropy']:.2f})"]
+    for lab in fp["labels"]:
+        lines.append(f"  label {lab['name']}: {lab['mean_fraction']:.2%} of voxels, ~{lab['median_components']:g} "
+                     f"component(s), radius ~{lab['median_radius_vox']:.1f} voxels"
+                     + (" (tubular)" if lab["tubular"] else ""))
+    lines.append(f"target metric {plans['target_metric']}, tolerance {plans['tolerance_mm']:g} mm, "
+                 f"memory budget {plans['memory_gib']} GiB on {plans['device']}")
+    for name, plan in plans["configurations"].items():
+        cfg = plan["config"]
+        slab = f" planes {','.join(cfg['planes'])} offsets {cfg['offsets']}" if "offsets" in cfg else ""
+        lines.append(f"{name}: {cfg['task']}{slab} patch {'x'.join(map(str, cfg['patch_size']))} "
+                     f"UNet {cfg['network']['channels']} batch {cfg['batch_size']} "
+                     f"{cfg['epochs']} epochs x {cfg['samples_per_epoch']} samples, normalize {cfg['normalize']['scheme']}")
+        for key in ("planes", "batch_size", "normalize"):
+            if key in plan["reasons"]:
+                lines.append(f"    {key}: {plan['reasons'][key]}")
+    return "\n".join(lines)

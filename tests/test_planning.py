@@ -1,0 +1,346 @@
+"""Self-configuration: fingerprints against numpy/cc3d, plans against hand-computed expectations,
+--verify reporting every bad case, post-processing chosen where the answer is known, ensembles,
+the no-network baseline, a tiny plan -> cv -> predict --model end to end, export/install."""
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import cc3d
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.planning import plans as planning
+from pipeline.planning.fingerprint import fingerprint, is_tubular, label_summary
+from pipeline.planning.selection import best_window, choose_postprocessing, window_histograms, window_mask
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY_UNET, write_datalist  # noqa: E402
+
+
+def _fp(spacing, shape=(64, 60, 20), cases=None, modality=None, tubular=False, dtype="int16"):
+    """A hand-written fingerprint."""
+    cases = cases or [{"intensity": [{"p50": 100.0, "min": 0.0}]}, {"intensity": [{"p50": 101.0, "min": 0.0}]}]
+    return {"n_cases": len(cases), "channels": 1, "median_shape": list(shape), "median_spacing": list(spacing),
+            "spacings_agree": True, "anisotropy": max(spacing) / min(spacing), "modality": modality,
+            "intensity": [{"p0_5": 0.0, "p50": 100.0, "p99_5": 200.0, "mean": 100.0, "std": 40.0}],
+            "cases": cases, "dtype": dtype,
+            "labels": [{"name": "organ", "tubular": tubular, "smallest_component": 50, "mean_fraction": 0.1,
+                        "median_components": 1, "median_radius_vox": 4.0}]}
+
+
+CPU = torch.device("cpu")
+
+
+def test_anisotropic_mri_slices_are_one_plane_forward_stride_2():
+    fp = _fp((1.5, 1.5, 3.0))
+    p25 = planning.plan_configuration(fp, "2p5d", CPU, 1 << 30)
+    p2 = planning.plan_configuration(fp, "2d", CPU, 1 << 30)
+    assert p25["config"]["planes"] == ["xy"] and p25["config"]["offsets"] == [0, 2, 4]
+    assert p2["config"]["planes"] == ["xy"] and p2["config"]["offsets"] == [0]
+    assert "3 mm apart along z" in p25["reasons"]["planes"] and "2.0x" in p25["reasons"]["planes"]
+    # in-plane 64x60 -> patch 64x60 rounded to the divisor 16 of a 5-level... 60/4 -> 3 downs (divisor 8)
+    assert p25["config"]["patch_size"] == [64, 56] and p25["config"]["network"]["strides"] == [2, 2, 2]
+    # coarse axis x: the plane normal to x is zy
+    assert planning.slab_geometry(_fp((4.0, 1.0, 1.0)), 3)[:2] == (["zy"], [0, 2, 4])
+
+
+def test_isotropic_ct_is_three_planes_centred_with_a_dataset_window():
+    cases = [{"intensity": [{"p50": 40.0, "min": -1024.0}]}, {"intensity": [{"p50": 45.0, "min": -1000.0}]}]
+    fp = _fp((0.8, 0.8, 0.8), shape=(96, 96, 96), cases=cases)
+    plan = planning.plan_configuration(fp, "2p5d", CPU, 1 << 30)
+    cfg = plan["config"]
+    assert cfg["planes"] == ["xy", "zx", "zy"] and cfg["offsets"] == [-1, 0, 1]
+    assert cfg["normalize"] == {"scheme": "percentile", "low": [0.0], "high": [200.0]}
+    assert "Hounsfield" in plan["reasons"]["normalize"]
+    assert cfg["patch_size"] == [96, 96] and cfg["network"]["channels"] == [16, 32, 64, 128, 256]
+    assert planning.normalization(_fp((1, 1, 1), modality={"0": "CT"}))[0]["scheme"] == "percentile"
+    assert planning.normalization(_fp((1, 1, 1), modality={"0": "MRI"}))[0] == {"scheme": "zscore"}
+
+
+def test_normalisation_from_the_spread_of_case_medians():
+    consistent = _fp((1, 1, 1), dtype="uint16")
+    assert planning.normalization(consistent)[0]["low"] == [0.0]  # medians 100, 101 of a 200 range: 0.5%
+    spread = _fp((1, 1, 1), dtype="uint16", cases=[{"intensity": [{"p50": 20.0, "min": 0.0}]},
+                                                     {"intensity": [{"p50": 150.0, "min": 0.0}]}])
+    norm, reason = planning.normalization(spread)
+    assert norm == {"scheme": "zscore"} and "65%" in reason
+    one = _fp((1, 1, 1), dtype="uint16", cases=[{"intensity": [{"p50": 20.0, "min": 0.0}]}])
+    assert planning.normalization(one)[0] == {"scheme": "percentile", "lower": 0.5, "upper": 99.5}
+
+
+def test_batch_size_is_measured_and_fits_the_budget():
+    fp = _fp((1, 1, 1), shape=(48, 48, 48))
+    small = planning.plan_configuration(fp, "3d", CPU, 64 << 20)
+    large = planning.plan_configuration(fp, "3d", CPU, 4 << 30)
+    memory = small["memory"]
+    assert memory["per_sample_mib"] > 0 and memory["parameters"] > 0
+    fits = int((64 - memory["fixed_mib"]) // memory["per_sample_mib"])
+    assert small["config"]["batch_size"] == int(np.clip(fits, 2, 4))
+    assert large["config"]["batch_size"] == 4
+    # the measurement scales with the patch: twice the voxels, about twice the memory per sample
+    net = {"name": "unet", "channels": [8, 16], "strides": [2]}
+    a = planning.trial_memory(net, 3, 1, 1, (16, 16, 16), CPU)["per_sample"]
+    b = planning.trial_memory(net, 3, 1, 1, (16, 16, 32), CPU)["per_sample"]
+    assert 1.8 < b / a < 2.2
+
+
+def test_label_summary_against_cc3d_and_tubularity():
+    mask = np.zeros((40, 40, 40), bool)
+    mask[5:8, 5:8, 2:38] = True  # a tube, radius ~1.5, 36 long
+    mask[20:32, 20:32, 20:32] = True  # a cube
+    mask[35, 35, 35] = True  # a speck
+    summary = label_summary(mask, (1.0, 1.0, 1.0))
+    labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
+    sizes = np.bincount(labels.ravel())[1:]
+    assert summary["components"] == n == 3
+    assert summary["smallest"] == sizes.min() == 1 and summary["largest"] == sizes.max() == 12 ** 3
+    tube = np.zeros_like(mask)
+    tube[5:8, 5:8, 2:38] = True
+    t = label_summary(tube, (1.0, 1.0, 1.0))
+    assert t["tubular"] and t["radius"]["median_vox"] == pytest.approx(1.5)  # 3 voxels wide
+    assert 30 <= t["radius"]["skeleton_voxels"] <= 36
+    cube = np.zeros_like(mask)
+    cube[10:30, 10:30, 10:30] = True
+    assert not label_summary(cube, (1.0, 1.0, 1.0))["tubular"]
+    ellipsoid = np.zeros((80, 40, 40), bool)
+    x, y, z = np.ogrid[:80, :40, :40]
+    ellipsoid[((x - 40) / 36.0) ** 2 + ((y - 20) / 12.0) ** 2 + ((z - 20) / 12.0) ** 2 <= 1] = True
+    assert not label_summary(ellipsoid, (1.0, 1.0, 1.0))["tubular"]  # an elongated organ is no vessel
+    assert is_tubular(40, 2.0) and not is_tubular(20, 2.0) and not is_tubular(0, 0.0)
+
+
+def test_fingerprint_of_phantoms_against_numpy(tmp_path):
+    datalist = write_datalist(tmp_path, n=3, shape=(21, 19, 13))
+    fp, problems = fingerprint(datalist)
+    assert problems == [] and fp["n_cases"] == 3 and fp["median_shape"] == [21, 19, 13]
+    case = next(c for c in fp["cases"] if c["case"] == "case1")
+    image = nib.load(tmp_path / "case1" / "image.nii.gz").get_fdata()
+    label = nib.load(tmp_path / "case1" / "label.nii.gz").get_fdata() > 0
+    values = image[label]
+    q = np.percentile(values, [0.5, 50, 99.5])
+    stats = case["intensity"][0]
+    assert [stats["p0_5"], stats["p50"], stats["p99_5"]] == pytest.approx(q.tolist())
+    assert stats["mean"] == pytest.approx(values.mean()) and stats["std"] == pytest.approx(values.std())
+    assert case["labels"][0]["voxels"] == int(label.sum())
+    assert case["labels"][0]["fraction"] == pytest.approx(label.mean())
+    assert case["orientation"] == "RAS" and case["spacing"] == [1.0, 1.0, 1.0]
+
+
+def test_verify_reports_every_bad_case_in_one_pass(tmp_path, capsys):
+    datalist = write_datalist(tmp_path, n=4, shape=(12, 10, 8))
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(np.zeros((12, 10, 9), np.uint8), affine), tmp_path / "case1" / "label.nii.gz")
+    nan = np.ones((12, 10, 8), np.float32)
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), tmp_path / "case2" / "image.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((12, 10, 8), -1, np.int16), affine), tmp_path / "case3" / "label.nii.gz")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["plan", str(datalist), "--verify"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 3, lines
+    by_case = {next(c for c in ("case1", "case2", "case3") if f"/{c}/" in line): line for line in lines}
+    assert "spatial shape" in by_case["case1"] and "NaN" in by_case["case2"] and "negative" in by_case["case3"]
+    assert "1 good case(s), 3 problem(s)" in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # planning refuses the same data, naming every problem, and writes nothing
+    assert main(["plan", str(datalist), "-o", str(tmp_path / "plan")]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and err.count("\n") == 1 and not (tmp_path / "plan").exists()
+
+
+def _speckled_cases(n=3):
+    """A blob of probability 0.9 plus isolated specks of 0.95: only min-size removal fixes them."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        truth = np.zeros((1, 24, 24, 24), np.uint8)
+        truth[0, 6:18, 6:18, 6:18] = 1
+        prob = truth.astype(np.float32) * 0.9
+        for _ in range(300):
+            x, y, z = rng.integers(0, 24, 3)
+            if not truth[0, max(0, x - 1):x + 2, max(0, y - 1):y + 2, max(0, z - 1):z + 2].any():
+                prob[0, x, y, z] = 0.95
+        out.append((f"c{i}", prob, truth))
+    return out
+
+
+def test_postprocessing_choice_where_the_answer_is_known():
+    cases = _speckled_cases()
+    chosen = choose_postprocessing(lambda: iter(cases), 1, lambda name: (1.0, 1.0, 1.0), 1.0, [False], [1728])
+    options = chosen["labels"][0]
+    steps = {s["step"]: s for s in chosen["steps"][0]["steps"]}
+    assert steps["min_size"]["kept"] and steps["min_size"]["gain"] > 0.05
+    assert options["min_size"] >= 2
+    assert not steps["fill_holes"]["kept"]  # a solid blob: nothing to fill, no gain, not kept
+    # keep-largest 1 fixes the specks as well; whichever came first, the result is the truth
+    from transforms.post import make_postprocess
+
+    for _, prob, truth in cases:
+        assert np.array_equal(np.asarray(make_postprocess(options)(prob)), truth)
+    assert chosen["steps"][0]["score"] == pytest.approx(1.0)
+
+
+def test_baseline_window_finds_the_intensity_band():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (1, 20, 20, 20)).astype(np.float32)
+    truth = ((image[0] > 0.4) & (image[0] < 0.6))[None].astype(np.uint8)
+    edges = [np.linspace(0, 1, 49)]
+    edges[0][0], edges[0][-1] = -np.inf, np.inf
+    hist = window_histograms(image, truth, edges)
+    channel, first, end, dice = best_window([hist], 0)
+    assert dice > 0.95 and abs(edges[0][first] - 0.4) < 0.03 and abs(edges[0][end] - 0.6) < 0.03
+    mask = window_mask(image, edges, [(channel, first, end, dice)])
+    d = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert d == pytest.approx(dice, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def cv_plan(tmp_path_factory):
+    """A tiny plan cross-validated end to end: 4 cases, 2 folds, 2d and 3d, one epoch each."""
+    root = tmp_path_factory.mktemp("cv")
+    datalist = write_datalist(root, n=4, shape=(20, 18, 12))
+    plan = root / "plan"
+    assert main(["plan", str(datalist), "-o", str(plan), "--device", "cpu", "--epochs", "1",
+                 "--configurations", "2d,3d"]) == 0
+    overrides = root / "over.json"
+    overrides.write_text(json.dumps({"samples_per_epoch": 8, "batch_size": 4, "network": TINY_UNET,
+                                     "progress": False, "val": {"thresholds": [0.3, 0.5, 0.7]}}))
+    assert main(["cv", str(plan), "--config", str(overrides), "--device", "cpu", "--threads", "1"]) == 0
+    return root, plan, overrides
+
+
+def test_cv_writes_table_postprocessing_and_model(cv_plan, capsys):
+    root, plan, overrides = cv_plan
+    table = (plan / "cv" / "table.md").read_text()
+    for row in ("| 2d |", "| 3d |", "| 2d+3d |", "(chosen)", "baseline: intensity window"):
+        assert row in table
+    model = json.loads((plan / "model.json").read_text())
+    folds = sorted(m["fold"] for m in model["members"])
+    assert folds in ([0, 1], [0, 0, 1, 1])
+    post = json.loads((plan / "postprocessing.json").read_text())
+    assert post["postprocess"] == model["postprocess"] and len(post["steps"]) == 1
+    result = json.loads((plan / "cv" / "table.json").read_text())
+    assert result["final"]["score"] >= result["rows"][result["best"]]["tuned"]["score"] - 1e-9
+    # every out-of-fold case predicted once, from its own fold's model
+    assert sorted(p.stem for p in (plan / "cv" / "2d").glob("*.npy")) == ["case0", "case1", "case2", "case3"]
+    # resumable as a whole: a second run trains nothing
+    stamp = (plan / "runs" / "2d" / "fold_0" / "best.pt").resolve().stat().st_mtime_ns
+    assert main(["cv", str(plan), "--config", str(overrides), "--device", "cpu"]) == 0
+    assert "2d fold 0: finished before" in capsys.readouterr().out
+    assert (plan / "runs" / "2d" / "fold_0" / "best.pt").resolve().stat().st_mtime_ns == stamp
+
+
+def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
+    root, plan, _ = cv_plan
+    image = root / "case0" / "image.nii.gz"
+    assert main(["predict", "--model", str(plan), "-i", str(image), "-o", str(tmp_path / "all.nii.gz"),
+                 "--device", "cpu"]) == 0
+    assert main(["predict", "--model", str(plan), "--folds", "1", "-i", str(image), "--prob",
+                 str(tmp_path / "p1.nii.gz"), "-o", str(tmp_path / "f1.nii.gz"), "--device", "cpu"]) == 0
+    written = nib.load(tmp_path / "all.nii.gz")
+    assert np.allclose(written.affine, nib.load(image).affine) and written.shape == (20, 18, 12)
+    from pipeline.inference.model import load_model
+    from transforms.io import load_volume
+
+    volume = load_volume(image)
+    ensemble = load_model(plan, device="cpu")
+    model = json.loads((plan / "model.json").read_text())
+    members = [load_model(plan / m["checkpoint"], device="cpu") for m in model["members"]]
+    mean = sum(m(volume).float() for m in members) / len(members)
+    assert torch.allclose(ensemble(volume), mean, atol=1e-6)
+    mask = np.asarray(ensemble.postprocess(ensemble(volume)))[0]
+    assert np.array_equal(mask, np.asarray(written.dataobj))
+
+
+def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
+    _, plan, _ = cv_plan
+    from pipeline.inference.model import Ensemble, load_model
+    from transforms.io import load_volume
+
+    checkpoint = plan / "runs" / "2d" / "fold_0" / "best.pt"
+    volume = load_volume(plan.parent / "case1" / "image.nii.gz")
+    one = load_model(checkpoint, device="cpu")(volume)
+    two = Ensemble([checkpoint, checkpoint], device="cpu")(volume)
+    assert torch.equal(one, two)
+
+
+def test_run_is_a_model_with_its_threshold_and_normalisation(cv_plan, tmp_path):
+    _, plan, _ = cv_plan
+    from pipeline.inference.model import load_model, spec_of_checkpoint
+    from pipeline.training.state import load_checkpoint
+    from transforms.intensity import ZScoreNormalize
+
+    run = plan / "runs" / "3d" / "fold_1"
+    state = load_checkpoint(run / "best.pt")
+    predictor = load_model(run, device="cpu")
+    spec = spec_of_checkpoint(run / "best.pt")
+    assert spec["normalize"] == state["config"]["normalize"]
+    assert predictor.postprocess.binarise.threshold == pytest.approx(state["threshold"])
+    assert predictor.roi_size == tuple(state["config"]["patch_size"])
+    if spec["normalize"] == {"scheme": "zscore"}:
+        assert isinstance(predictor.normalize, ZScoreNormalize)
+    # a given threshold wins over the recorded one
+    assert load_model(run, device="cpu", postprocess={"threshold": 0.25}).postprocess.binarise.threshold == 0.25
+
+
+def test_train_from_plan_defaults_and_overrides(cv_plan, capsys):
+    _, plan, overrides = cv_plan
+    argv = ["train", "--plan", str(plan), "--configuration", "2d", "--fold", "0", "--config", str(overrides),
+            "--device", "cpu"]
+    assert main(argv) == 2  # PLAN_DIR/runs/2d/fold_0 is the default --out, and it holds a run
+    assert "runs/2d/fold_0: already holds a run" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0  # a finished run resumes to itself
+    assert '"run_dir"' in capsys.readouterr().out
+    assert main(["train", "--plan", str(plan), "--device", "cpu"]) == 2
+    assert "--configuration: required" in capsys.readouterr().err
+    assert main(["train", "--plan", str(plan), "--configuration", "4d", "--device", "cpu"]) == 2
+    assert "'4d' is not planned" in capsys.readouterr().err
+
+
+def test_export_install_and_predict_by_name(cv_plan, tmp_path, monkeypatch, capsys):
+    root, plan, _ = cv_plan
+    monkeypatch.setenv("SLAB_HOME", str(tmp_path / "home"))
+    archive = tmp_path / "vessels.zip"
+    assert main(["export", str(plan), str(archive)]) == 0
+    names = zipfile.ZipFile(archive).namelist()
+    assert "model.json" in names and "postprocessing.json" in names and any(n.startswith("members/") for n in names)
+    assert "cases" not in json.loads(zipfile.ZipFile(archive).read("fingerprint.json"))
+    assert main(["install", str(archive)]) == 0
+    assert main(["install", str(archive)]) == 2 and "--force" in capsys.readouterr().err
+    image = root / "case2" / "image.nii.gz"
+    assert main(["predict", "--model", "vessels", "-i", str(image), "-o", str(tmp_path / "a.nii.gz"),
+                 "--device", "cpu"]) == 0
+    assert main(["predict", "--model", str(plan), "-i", str(image), "-o", str(tmp_path / "b.nii.gz"),
+                 "--device", "cpu"]) == 0
+    assert np.array_equal(nib.load(tmp_path / "a.nii.gz").dataobj, nib.load(tmp_path / "b.nii.gz").dataobj)
+    # an archive whose member would land outside the folder is refused before extraction
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("model.json", "{}")
+        zf.writestr("../escape.pt", "x")
+    assert main(["install", str(evil)]) == 2
+    assert "outside the model's folder" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "escape.pt").exists() and not (tmp_path / "home" / "models" / "evil").exists()
+
+
+def test_predict_model_bad_inputs(cv_plan, tmp_path, capsys):
+    root, plan, _ = cv_plan
+    image = str(root / "case0" / "image.nii.gz")
+    for argv, expected in [
+        (["--model", str(plan), "--folds", "7"], "fold 7 is not in the model"),
+        (["--model", str(tmp_path / "none")], "is not a checkpoint, a run or model directory"),
+        (["--model", str(plan), "--weights", "x.pt"], "--weights: --model brings its own weights"),
+        (["--network", str(plan / "runs" / "2d" / "fold_0" / "config.json"), "--weights", "x.pt"],
+         "is a training configuration"),
+        (["--bundle", str(tmp_path), "--folds", "0"], "--folds: only with --model"),
+    ]:
+        assert main(["predict", *argv, "-i", image, "-o", str(tmp_path / "o.nii.gz")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
+    assert main(["predict", "--model", str(plan), "-i", image, "-o", str(plan / "model.json")]) == 2
+    assert json.loads((plan / "model.json").read_text())["members"]
