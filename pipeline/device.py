@@ -82,10 +82,14 @@ def available_cores() -> int:
 
 
 def default_threads(workers: int = 0) -> int:
-    """Threads that do not oversubscribe: the available cores not already busy (the 1-minute
-    load average of other processes), shared by ``workers`` loader processes; at least 1."""
+    """Threads that do not oversubscribe: ``OMP_NUM_THREADS`` when the user set it, else the
+    available cores not already busy (the 1-minute load average), shared by ``workers`` loader
+    processes; at least 1."""
     import os
 
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return max(1, int(given) // (1 + max(0, workers)))
     cores = available_cores()
     try:
         busy = int(os.getloadavg()[0])

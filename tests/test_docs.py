@@ -43,6 +43,9 @@ TINY_TRAIN = {
                        "training#classification#n_slabs": 4, "training#classification#image_size": [32, 32],
                        "training#batch_size": 2},
 }
+# Appended to `slab cv`: the plan's own configurations with a few-second schedule and network.
+TINY_CV = {"samples_per_epoch": 8, "batch_size": 4, "network": {"name": "unet", "channels": [4, 8], "strides": [2]},
+           "patch_size": None, "progress": False}
 # The README's training config, shortened the same way.
 TINY_CONFIG = {"epochs": 1, "samples_per_epoch": 8, "batch_size": 4, "patch_size": [32, 32]}
 TINY_BRATS_INFER = {"slab#roi_size": [16, 16, 16], "slab#tta": "none"}
@@ -199,7 +202,9 @@ def test_every_documented_command_runs(doc, workdir, monkeypatch, capsys):
         if not (work / name).exists():
             (work / name).symlink_to(workdir / name)
     (work / "my_config.json").write_text(json.dumps({**readme_config(), **TINY_CONFIG}), encoding="utf-8")
+    (work / "tiny_cv.json").write_text(json.dumps(TINY_CV), encoding="utf-8")
     monkeypatch.chdir(work)
+    monkeypatch.setenv("SLAB_HOME", str(work / "slab_home"))  # slab install stays in the test's folder
     commands = documented(REPO_ROOT / doc)
     assert commands, doc
     for command in commands:
@@ -207,6 +212,8 @@ def test_every_documented_command_runs(doc, workdir, monkeypatch, capsys):
         if words[0] in NOT_RUN:
             continue
         if words[0] == "slab":
+            if words[1] == "cv":
+                words += ["--config", "tiny_cv.json", "--device", "cpu"]
             assert main(words[1:]) == 0, (command, capsys.readouterr().err)
         elif words[:3] == ["python", "-m", "monai.bundle"]:
             run_bundle_command(words)

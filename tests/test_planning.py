@@ -54,7 +54,7 @@ def test_isotropic_ct_is_three_planes_centred_with_a_dataset_window():
     plan = planning.plan_configuration(fp, "2p5d", CPU, 1 << 30)
     cfg = plan["config"]
     assert cfg["planes"] == ["xy", "zx", "zy"] and cfg["offsets"] == [-1, 0, 1]
-    assert cfg["normalize"] == {"scheme": "percentile", "low": [0.0], "high": [200.0]}
+    assert cfg["normalize"] == {"scheme": "percentile", "lower": 0.5, "upper": 99.5, "dataset": True}
     assert "Hounsfield" in plan["reasons"]["normalize"]
     assert cfg["patch_size"] == [96, 96] and cfg["network"]["channels"] == [16, 32, 64, 128, 256]
     assert planning.normalization(_fp((1, 1, 1), modality={"0": "CT"}))[0]["scheme"] == "percentile"
@@ -63,7 +63,7 @@ def test_isotropic_ct_is_three_planes_centred_with_a_dataset_window():
 
 def test_normalisation_from_the_spread_of_case_medians():
     consistent = _fp((1, 1, 1), dtype="uint16")
-    assert planning.normalization(consistent)[0]["low"] == [0.0]  # medians 100, 101 of a 200 range: 0.5%
+    assert planning.normalization(consistent)[0]["dataset"]  # medians 100, 101 of a 200 range: 0.5%
     spread = _fp((1, 1, 1), dtype="uint16", cases=[{"intensity": [{"p50": 20.0, "min": 0.0}]},
                                                      {"intensity": [{"p50": 150.0, "min": 0.0}]}])
     norm, reason = planning.normalization(spread)
@@ -111,6 +111,18 @@ def test_label_summary_against_cc3d_and_tubularity():
     ellipsoid[((x - 40) / 36.0) ** 2 + ((y - 20) / 12.0) ** 2 + ((z - 20) / 12.0) ** 2 <= 1] = True
     assert not label_summary(ellipsoid, (1.0, 1.0, 1.0))["tubular"]  # an elongated organ is no vessel
     assert is_tubular(40, 2.0) and not is_tubular(20, 2.0) and not is_tubular(0, 0.0)
+    assert not is_tubular(4000, 1.0, branching=0.7)  # a mesh of junctions: a thin sheet, no vessel
+    # a folded sheet with holes (cortex-like): thin, long skeleton, but no tube
+    sheet = np.zeros((48, 48, 12), bool)
+    xx, yy = np.meshgrid(np.arange(48), np.arange(48), indexing="ij")
+    zz = (6 + 3 * np.sin(xx / 4.0) * np.cos(yy / 5.0)).astype(int)
+    sheet[xx, yy, zz] = sheet[xx, yy, np.clip(zz + 1, 0, 11)] = True
+    sheet[::6, ::6, :] = False
+    assert not label_summary(sheet, (1.0, 1.0, 1.0))["tubular"]
+    from pipeline.data.phantom import make_phantom
+
+    vessels = np.asarray(make_phantom((48, 48, 48), seed=0, kind="vessels").label)[0] > 0
+    assert label_summary(vessels, (1.0, 1.0, 1.0))["tubular"]
 
 
 def test_fingerprint_of_phantoms_against_numpy(tmp_path):
@@ -344,3 +356,30 @@ def test_predict_model_bad_inputs(cv_plan, tmp_path, capsys):
         assert expected in err and "\n" not in err, err
     assert main(["predict", "--model", str(plan), "-i", image, "-o", str(plan / "model.json")]) == 2
     assert json.loads((plan / "model.json").read_text())["members"]
+
+
+def test_dataset_normalisation_comes_from_the_training_folds_only(tmp_path):
+    from pipeline.training import train
+    from pipeline.training.normalization import foreground_samples
+
+    datalist = write_datalist(tmp_path, n=3, shape=(16, 14, 10))  # folds 0, 1, 0
+    cfg = {"epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "planes": ["xy"], "network": TINY_UNET,
+           "progress": False, "normalize": {"scheme": "percentile", "lower": 1, "upper": 99, "dataset": True}}
+    train(datalist, cfg, tmp_path / "run", fold=0, device="cpu")
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["normalize"]
+    image = np.asarray(nib.load(tmp_path / "case1" / "image.nii.gz").dataobj, dtype=np.float64)
+    label = np.asarray(nib.load(tmp_path / "case1" / "label.nii.gz").dataobj) > 0  # case1: the only training case
+    assert label.sum() < 10_000  # every foreground voxel is in the sample: the exact percentiles
+    assert stored["low"] == pytest.approx([np.percentile(image[label], 1)], abs=1e-5)
+    assert stored["high"] == pytest.approx([np.percentile(image[label], 99)], abs=1e-5)
+    assert "dataset" not in stored
+    from pipeline.inference.model import load_model
+
+    assert load_model(tmp_path / "run", device="cpu").normalize.low == tuple(stored["low"])
+    z = foreground_samples([{"image": str(tmp_path / "case1" / "image.nii.gz"),
+                             "label": str(tmp_path / "case1" / "label.nii.gz")}])
+    assert z.shape == (1, int(label.sum()))
+    with pytest.raises(Exception, match="dataset statistics replace low/high"):
+        from pipeline.training.config import validate_config
+
+        validate_config({"normalize": {"low": [0], "high": [1], "dataset": True}})

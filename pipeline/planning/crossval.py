@@ -80,7 +80,7 @@ def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_fo
                        configurations=tuple(configurations or CONFIGURATIONS))
     out = Path(out)
     data = plan_datalist(datalist, fp, n_folds)
-    plans["folds"] = list(range(data["n_folds"]))
+    plans["folds"] = sorted({int(item["fold"]) for item in data["training"]})
     _write_json(out / "fingerprint.json", fp)
     _write_json(out / "plans.json", plans)
     _write_json(out / "datalist.json", data)
@@ -212,32 +212,33 @@ class _Cases:
         return self.spacing[name]
 
 
-def _baseline(plan_dir: Path, items: list[dict], cases: _Cases, normalize, folds, tolerance, tubular,
+def _baseline(plan_dir: Path, items: list[dict], cases: _Cases, configuration: str, folds, tolerance, tubular,
               names) -> dict:
-    """The best intensity window per label, chosen on each fold's training cases, scored held out."""
+    """The best intensity window per label, chosen on each fold's training cases, scored held out.
+
+    Images are normalised as fold ``k``'s run of ``configuration`` normalised them (its stored
+    settings: dataset statistics come from its own training cases)."""
     from transforms.intensity import make_normalize
     from transforms.io import load_volume
 
-    norm = make_normalize(normalize)
-    images = {}
-    for item in items:
-        image = load_volume(item["image"])
-        images[item["case"]] = np.asarray(norm(image) if norm is not None else image, dtype=np.float32)
+    raw = {item["case"]: load_volume(item["image"]) for item in items}
     rng = np.random.default_rng(0)
-    channels = next(iter(images.values())).shape[0]
-    edges = []
-    for c in range(channels):
-        samples = np.concatenate([rng.choice(v[c].reshape(-1), min(v[c].size, 20000), replace=False)
-                                  for v in images.values()])
-        edges.append(_bin_edges(samples))
-    hist = {i["case"]: window_histograms(images[i["case"]], cases.truth(i), edges) for i in items}
     scores, windows_by_fold = [], {}
     for fold in folds:
-        train = [i["case"] for i in items if int(i["fold"]) != fold]
+        train = [i for i in items if int(i["fold"]) != fold]
         held = [i for i in items if int(i["fold"]) == fold]
         if not train or not held:
             continue
-        windows = [best_window([hist[n] for n in train], lab) for lab in range(len(names))]
+        cfg = read_json_object(run_dir(plan_dir, configuration, fold) / "config.json", "run config")
+        norm = make_normalize(cfg["normalize"])
+        images = {i["case"]: np.asarray(norm(raw[i["case"]]) if norm is not None else raw[i["case"]], np.float32)
+                  for i in train + held}
+        channels = images[train[0]["case"]].shape[0]
+        edges = [_bin_edges(np.concatenate([rng.choice(images[i["case"]][c].reshape(-1),
+                                                       min(images[i["case"]][c].size, 20000), replace=False)
+                                            for i in train])) for c in range(channels)]
+        hist = [window_histograms(images[i["case"]], cases.truth(i), edges) for i in train]
+        windows = [best_window(hist, lab) for lab in range(len(names))]
         windows_by_fold[fold] = [{"channel": w[0], "low": float(edges[w[0]][w[1]]), "high": float(edges[w[0]][w[2]]),
                                   "train_dice": w[3]} for w in windows]
         for item in held:
@@ -286,8 +287,7 @@ def evaluate_cv(plan_dir, configurations, folds) -> dict:
     smallest = [lab["smallest_component"] for lab in fp["labels"]]
     chosen = choose_postprocessing(lambda: cases(combo), len(names), cases.spacing_of, tolerance, tubular, smallest)
     final = _scores(cases, combo, {"labels": chosen["labels"]}, tolerance, tubular)
-    normalize = plans["configurations"][configurations[0]]["config"]["normalize"]
-    baseline = _baseline(plan_dir, items, cases, normalize, folds, tolerance, tubular, names)
+    baseline = _baseline(plan_dir, items, cases, configurations[0], folds, tolerance, tubular, names)
     return {"rows": rows, "best": best, "postprocessing": chosen, "final": summarize(final, names),
             "baseline": baseline, "labels": names, "tubular": tubular, "tolerance_mm": tolerance,
             "folds": list(folds), "cases": len(items), "target_metric": plans["target_metric"]}

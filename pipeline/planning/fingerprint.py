@@ -10,7 +10,8 @@ Cases are read one at a time (image and label; nothing is held once its case is 
 - labels: voxel fraction, connected components (26-connectivity, ``cc3d``) and their sizes,
   and a radius estimate: the Euclidean distance transform on the label's skeleton, median and
   5th percentile, in voxels and mm. A label is *tubular* when its skeleton is at least
-  ``TUBULAR_RATIO`` median diameters long (vessels; not organs, whose skeleton is short).
+  ``TUBULAR_RATIO`` median diameters long and curve-like (few branch voxels): vessels, not
+  organs (a short skeleton) nor thin sheets such as the cortex (a mesh of junctions).
 
 :func:`check_case` finds everything wrong with one case (unreadable files, image vs label
 geometry, label values, channel counts, NaN/Inf) without stopping at the first problem, so
@@ -18,7 +19,6 @@ geometry, label values, channel counts, NaN/Inf) without stopping at the first p
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from transforms.errors import SlabError
 SAMPLES_PER_CASE = 10_000
 PERCENTILES = (0.5, 50.0, 99.5)
 TUBULAR_RATIO = 8.0
+CURVE_BRANCHING = 0.25
 
 
 def case_name(item: dict) -> str:
@@ -66,7 +67,8 @@ def radius_estimate(mask: np.ndarray, spacing) -> dict:
     from pipeline.evaluation.skeleton import skeleton
 
     if not mask.any():
-        return {"median_vox": 0.0, "p5_vox": 0.0, "median_mm": 0.0, "p5_mm": 0.0, "skeleton_voxels": 0}
+        return {"median_vox": 0.0, "p5_vox": 0.0, "median_mm": 0.0, "p5_mm": 0.0, "skeleton_voxels": 0,
+                "skeleton_branching": 0.0}
     padded = np.pad(mask, 1)
     centre = skeleton(padded)
     edt = ndimage.distance_transform_edt(padded)
@@ -75,14 +77,18 @@ def radius_estimate(mask: np.ndarray, spacing) -> dict:
     values = edt[centre] - 0.5
     half = 0.5 * min(float(s) for s in spacing)
     values_mm = ndimage.distance_transform_edt(padded, sampling=[float(s) for s in spacing])[centre] - half
+    neighbours = ndimage.convolve(centre.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant")[centre] - 1
     return {"median_vox": float(np.median(values)), "p5_vox": float(np.percentile(values, 5)),
             "median_mm": float(np.median(values_mm)), "p5_mm": float(np.percentile(values_mm, 5)),
-            "skeleton_voxels": int(centre.sum())}
+            "skeleton_voxels": int(centre.sum()), "skeleton_branching": float((neighbours >= 3).mean())}
 
 
-def is_tubular(length_vox: int, radius_vox: float) -> bool:
-    """Whether a skeleton ``length_vox`` long is at least ``TUBULAR_RATIO`` local diameters long."""
-    return radius_vox > 0 and length_vox >= TUBULAR_RATIO * 2 * radius_vox
+def is_tubular(length_vox: int, radius_vox: float, branching: float = 0.0) -> bool:
+    """Whether a skeleton ``length_vox`` long is at least ``TUBULAR_RATIO`` local diameters long
+    and curve-like: at most ``CURVE_BRANCHING`` of its voxels have three or more skeleton
+    neighbours (a vessel tree: a few branch points; a thin sheet such as the cortex thins to
+    a mesh of curves, most voxels junctions)."""
+    return radius_vox > 0 and length_vox >= TUBULAR_RATIO * 2 * radius_vox and branching <= CURVE_BRANCHING
 
 
 def label_summary(mask: np.ndarray, spacing) -> dict:
@@ -100,7 +106,8 @@ def label_summary(mask: np.ndarray, spacing) -> dict:
     else:
         out.update(components=0, smallest=0, median_size=0.0, largest=0)
     out["radius"] = radius_estimate(mask, spacing)
-    out["tubular"] = is_tubular(out["radius"]["skeleton_voxels"], out["radius"]["median_vox"])
+    out["tubular"] = is_tubular(out["radius"]["skeleton_voxels"], out["radius"]["median_vox"],
+                                out["radius"]["skeleton_branching"])
     return out
 
 

@@ -14,8 +14,8 @@ decision with a one-line reason.
   (CUDA: peak allocated memory; CPU: the bytes of every tensor autograd saves, plus the
   output), so memory per sample and the fixed part (weights, gradients, AdamW moments) come
   from a trial, and the batch is what fits the budget.
-- **Normalisation**: a fixed window of the dataset's foreground 0.5/99.5 percentiles for
-  CT-like data (the datalist says CT, or intensities in Hounsfield range, or every case's
+- **Normalisation**: a fixed window of the training cases' foreground 0.5/99.5 percentiles
+  (computed by each run from its own training folds, ``"dataset": true``) for CT-like data (the datalist says CT, or intensities in Hounsfield range, or every case's
   foreground median within ``CONSISTENT`` of the dataset's range: a calibrated scale), a
   per-volume z-score for MRI-like data (scales differ from scan to scan), per-volume
   percentiles otherwise (one case: nothing to compare).
@@ -52,17 +52,18 @@ def normalization(fp: dict) -> tuple[dict, str]:
     modality = fp.get("modality")
     names = list(modality.values()) if isinstance(modality, dict) else [modality] if modality else []
     pooled = fp["intensity"]
-    window = {"scheme": "percentile", "low": [round(c["p0_5"], 4) for c in pooled],
-              "high": [round(c["p99_5"], 4) for c in pooled]}
+    # the window itself is computed by each run from its own training cases (the held-out fold
+    # never contributes); the fingerprint's pooled values are what it will be close to
+    window = {"scheme": "percentile", "lower": 0.5, "upper": 99.5, "dataset": True}
     if names and all(str(n).upper() == "CT" for n in names):
-        return window, "the datalist declares CT: a fixed window of the dataset's foreground 0.5-99.5 percentiles"
+        return window, "the datalist declares CT: a fixed window of the training cases' foreground 0.5-99.5 percentiles"
     if names and all(str(n).upper() in ("MRI", "MR", "T1", "T2", "FLAIR", "T1CE", "T1GD", "ADC", "DWI")
                      for n in names):
         return {"scheme": "zscore"}, "the datalist declares MRI: each volume's own mean and std (scales differ by scan)"
     cases = fp["cases"]
     if any(c["intensity"][0]["min"] <= -500 for c in cases) and fp["dtype"].startswith("int"):
         return window, ("signed intensities down to -500 and below (Hounsfield units): a fixed window of the "
-                        "dataset's foreground 0.5-99.5 percentiles")
+                        "training cases' foreground 0.5-99.5 percentiles")
     if len(cases) < 2:
         return {"scheme": "percentile", "lower": 0.5, "upper": 99.5}, \
             "one case: each volume's own 0.5-99.5 percentiles (no other case to compare scales with)"
@@ -74,7 +75,7 @@ def normalization(fp: dict) -> tuple[dict, str]:
     worst = max(spread)
     if worst <= CONSISTENT:
         return window, (f"every case's foreground median lies within {worst:.1%} of the dataset's range "
-                        "(a calibrated scale): a fixed window of the dataset's foreground 0.5-99.5 percentiles")
+                        "(a calibrated scale): a fixed window of the training cases' foreground 0.5-99.5 percentiles")
     return {"scheme": "zscore"}, (f"case foreground medians spread over {worst:.0%} of the dataset's range "
                                   "(MRI-like: scales differ by scan): each volume's own mean and std")
 

@@ -150,7 +150,8 @@ SCHEMA: dict[str, Any] = {
     "normalize": _s({}, _dict,
                     "scheme percentile (default; lower/upper percentiles per volume, or a fixed low/high window "
                     "of dataset statistics, soft_clip_alpha) or zscore (per-volume mean/std, or fixed mean/std; "
-                    "clip); null: the image is used as stored"),
+                    "clip); dataset: true computes the window / mean-std from the training cases' foreground "
+                    "(stored in the run); null: the image is used as stored"),
     "epochs": _s(10, _int(1), "training epochs"),
     "batch_size": _s(8, _int(1), "global batch size (all processes together)"),
     "samples_per_epoch": _s(256, _int(1, optional=True), "training samples per epoch; null: one pass (classification)"),
@@ -338,10 +339,11 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
     if task == "classification" and cfg["loss"] != "dice_bce":
         raise config_error("loss", "dice_bce (the BCE of the classification recipe)", cfg["loss"])
     if cfg["normalize"] is not None:
+        from pipeline.training.normalization import check_dataset_flag
         from transforms.intensity import make_normalize
 
         try:
-            make_normalize(cfg["normalize"])
+            make_normalize(check_dataset_flag(cfg["normalize"]))
         except SlabError as err:
             message = str(err)
             raise SlabError(f"config: {message}" if message.startswith("unknown") else

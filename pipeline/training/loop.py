@@ -39,6 +39,7 @@ from pipeline.inference.model import inference_network
 from pipeline.training.config import read_config, validate_config
 from pipeline.training.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
 from pipeline.training.engine import SlabTrainer
+from pipeline.training.normalization import resolve_dataset_normalize, wants_dataset_statistics
 from pipeline.training.state import check_epoch_state, config_differences, load_checkpoint, seed_everything
 from pipeline.training.task import TrainTask
 from transforms.errors import SlabError
@@ -137,6 +138,10 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     through this, with their ``train#handlers`` / ``validate#handlers``; ``max_epochs``, when
     given, is the config's ``epochs`` (MONAI's property ``train#trainer#max_epochs``)."""
     cfg = validate_config(cfg if max_epochs is None else {**cfg, "epochs": max_epochs})
+    if wants_dataset_statistics(cfg["normalize"]):
+        from pipeline.training.segmentation import split_items
+
+        cfg["normalize"] = resolve_dataset_normalize(cfg["normalize"], split_items(datalist, fold)[0], cfg["seed"])
     info = info or init_distributed(resolve_device(device))
     device = process_device(resolve_device(device), info)
     out = Path(out)
