@@ -423,3 +423,33 @@ def test_predict_sequences_on_cuda_with_amp_matches_cpu():
     for key in cpu:
         assert gpu[key]["probability"] == pytest.approx(cpu[key]["probability"], abs=2e-2)
         np.testing.assert_allclose(gpu[key]["slice_probabilities"], cpu[key]["slice_probabilities"], atol=2e-2)
+
+
+def test_multiscale_inference_averages_resampled_predictions():
+    import torch.nn.functional as F
+
+    from pipeline.inference import Predictor
+
+    torch.manual_seed(0)
+    config = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
+              "strides": [2]}
+    predictor = Predictor(config, None, device="cpu", planes=["xy"])
+    rng = np.random.default_rng(0)
+    volume = torch.from_numpy(rng.random((1, 12, 10, 8)).astype(np.float32))
+    plain = predictor(volume)
+    same = Predictor(config, None, device="cpu", planes=["xy"], scales=[1])
+    same.model.load_state_dict(predictor.model.state_dict())
+    assert torch.equal(same(volume), plain)
+    predictor.scales = (1.0, 1.5)
+    both = predictor(volume)
+    # by hand: the volume resampled by 1.5, predicted with the original's normalisation, resampled back
+    preprocess = predictor.preprocess(volume)
+    up = F.interpolate(volume[None], size=[18, 15, 12], mode="trilinear", align_corners=False)[0]
+    from pipeline.inference.multiplane import predict_2p5d
+
+    p15 = predict_2p5d(predictor.model, up, planes=["xy"], offsets=(-1, 0, 1), device="cpu", divisor=predictor.divisor,
+                       min_size=predictor.min_size, preprocess=preprocess)
+    back = F.interpolate(p15[None].float(), size=(12, 10, 8), mode="trilinear", align_corners=False)[0]
+    torch.testing.assert_close(both, (plain + back) / 2, atol=1e-6, rtol=0)
+    with pytest.raises(SlabError, match="scales"):
+        Predictor(config, None, device="cpu", scales=[0.1])

@@ -25,8 +25,8 @@ import warnings
 from transforms.errors import SlabError, SlabWarning
 
 COMMANDS = {name: f"pipeline.cli.{name}" for name in
-            ("phantom", "convert", "dataset", "plan", "train", "cv", "predict", "postprocess", "evaluate", "render",
-             "export", "install", "demo")}
+            ("phantom", "convert", "dataset", "plan", "train", "cv", "predict", "postprocess", "evaluate", "errors",
+             "render", "export", "install", "demo")}
 DESCRIPTION = "2.5D and 3D segmentation of 3D medical volumes."
 # Loggers of libraries that print INFO/WARNING lines for conditions slab reports itself.
 QUIET_LOGGERS = ("monai", "tifffile", "imagecodecs", "nibabel", "pyvista", "matplotlib", "PIL", "ignite")

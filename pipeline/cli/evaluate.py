@@ -1,4 +1,6 @@
-"""``slab evaluate PRED TRUTH``: dice, IoU, precision, recall and surface dice as JSON.
+"""``slab evaluate PRED TRUTH``: dice, IoU, precision, recall and surface dice as JSON; with
+``--cldice``, ``--topology``, ``--radius-bins`` also the vessel-aware metrics
+(:mod:`pipeline.evaluation.skeleton`, :mod:`pipeline.evaluation.topology`).
 
 PRED is a 0/1 mask (integer or bool dtype) or a probability map (floating point, binarised
 ``> --threshold`` as ``slab postprocess`` does); TRUTH a 0/1 mask with the same geometry and
@@ -34,6 +36,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sweep", nargs="*", type=probability, metavar="t",
                         help="also score these thresholds (default 0.05, 0.10, ..., 0.95) and report the best "
                              "by surface dice at the first tolerance")
+    parser.add_argument("--cldice", action="store_true",
+                        help="also centreline Dice (clDice: topology precision / sensitivity from 3D skeletons)")
+    parser.add_argument("--topology", action="store_true",
+                        help="also Betti numbers (b0 components, b1 loops, b2 cavities; 26/6 connectivity), "
+                             "their errors, largest-component share and fragments per true component")
+    parser.add_argument("--radius-bins", action="store_true",
+                        help="also centreline recall and precision per vessel radius (1, 2, 3-4, 5-8, >8 voxels)")
     parser.add_argument("--json", metavar="OUT", help="also write the JSON to OUT")
     parser.add_argument("--plot", metavar="PNG", help="plot the sweep's curves to PNG (needs --sweep)")
 
@@ -55,6 +64,27 @@ def _jsonable(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def _shape_metrics(result: dict, pred, truth, args, probabilities: bool) -> None:
+    """clDice, topology and radius bins per class (whole masks in memory: skeletons are global)."""
+    from pipeline.evaluation.skeleton import cldice
+    from pipeline.evaluation.topology import radius_bins, topology_metrics
+
+    p = np.asarray(pred.load() if hasattr(pred, "load") else pred)
+    t = np.asarray(truth.load() if hasattr(truth, "load") else truth) > 0
+    p = p > args.threshold if probabilities else p > 0
+    for i, entry in enumerate(result["classes"]):
+        if args.cldice:
+            entry.update(cldice(p[i], t[i]))
+        if args.topology:
+            entry["topology"] = topology_metrics(p[i], t[i])
+        if args.radius_bins:
+            entry["radius_bins"] = radius_bins(p[i], t[i])
+    if args.cldice:
+        from pipeline.evaluation.surface import nan_mean
+
+        result["cldice"] = nan_mean([c["cldice"] for c in result["classes"]])
 
 
 def paths(args) -> tuple[dict, dict]:
@@ -80,6 +110,8 @@ def run(args) -> int:
 
     result = {"pred": args.pred, "truth": args.truth}
     result.update(evaluate(pred, truth, spacing, tolerances, args.threshold if probabilities else None, names=names))
+    if args.cldice or args.topology or args.radius_bins:
+        _shape_metrics(result, pred, truth, args, probabilities)
     if thresholds is not None:
         result["sweep"] = threshold_sweep(pred, truth, thresholds, spacing, tolerances, names=names)
         if args.plot:

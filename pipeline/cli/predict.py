@@ -50,6 +50,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--axes", metavar="PLANES", help="2.5D planes to average, e.g. xy,zx,zy (default: all three)")
     parser.add_argument("--tta", choices=TTA_MODES,
                         help="test-time augmentation: none, flips (8 views), full (16, 2.5D only)")
+    parser.add_argument("--scales", type=positive_float, nargs="+", metavar="S",
+                        help="multi-scale inference: also predict the volume resampled by each factor and average "
+                             "(e.g. 1 1.5 for scans coarser than the training data; default 1)")
     parser.add_argument("--roi", type=positive_int, nargs=3, metavar=("X", "Y", "Z"), help="3D sliding-window size")
     parser.add_argument("--overlap", type=probability, help="3D sliding-window overlap in [0, 1) (default 0.5)")
     binarise = parser.add_mutually_exclusive_group()
@@ -135,6 +138,7 @@ def _predictor(args):
         "device": args.device,
         "progress": args.progress or None,
         "memory_budget": None if args.memory_budget is None else int(args.memory_budget * (1 << 30)),
+        "scales": args.scales,
     }
     if args.folds is not None and not args.model:
         raise SlabError("--folds: only with --model (a cross-validated model directory)")
@@ -144,7 +148,7 @@ def _predictor(args):
         if args.weights:
             raise SlabError("--weights: --model brings its own weights")
         overrides["postprocess"] = _postprocess(args)
-        overrides["batch_size" if args.roi is None else "sw_batch_size"] = args.batch_size
+        overrides["batch_size"] = overrides["sw_batch_size"] = args.batch_size  # whichever the model's mode uses
         return load_model(args.model, folds=args.folds, **overrides)
     if args.bundle:
         section = Predictor.bundle_section(args.bundle)

@@ -32,7 +32,7 @@ INFERENCE_KEYS = ("offsets", "planes", "roi_size", "labels")
 
 # The keys of a bundle's configs/inference.json "slab" section (see Predictor.from_bundle).
 BUNDLE_KEYS = ("network", "labels", "mode", "planes", "offsets", "tta", "normalize", "postprocess", "roi_size",
-               "overlap",
+               "overlap", "scales",
                "batch_size", "sw_batch_size")
 
 
@@ -59,6 +59,9 @@ class Predictor:
         (``hysteresis`` one ``(low, high)`` pair per channel).
     device, amp, batch_size, memory_budget, progress : see :func:`predict_2p5d`.
     roi_size, overlap, sw_batch_size : 3D settings (:func:`predict_3d`).
+    scales : multi-scale test-time inference: the volume is also predicted resampled by each
+        factor (trilinear; e.g. ``(1, 1.5)`` for test scans coarser than the training ones) and
+        the probabilities, resampled back, averaged. Default ``(1,)``. In memory.
     labels : names of the output channels (written into multi-label RLE CSVs); default
         ``label_1``, ``label_2``, ... A network config may carry them as ``labels``.
     """
@@ -66,7 +69,7 @@ class Predictor:
     def __init__(self, network_config: Mapping, weights=None, *, mode: str | None = None, planes=None, offsets=None,
                  tta: str = "none", normalize=DEFAULT_NORMALIZE, postprocess: Mapping | None = None, device=None,
                  amp: bool = True, batch_size: int = 8, memory_budget: int | None = None, roi_size=None,
-                 overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None):
+                 overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None, scales=(1.0,)):
         if not isinstance(network_config, Mapping):
             raise SlabError(f"network config: expected an object of build_network arguments, got {network_config!r}")
         config = dict(network_config)
@@ -113,6 +116,10 @@ class Predictor:
             raise SlabError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
         self.amp, self.memory_budget, self.overlap, self.progress = amp, memory_budget, float(overlap), progress
         self.batch_size = check_positive("batch_size", batch_size)
+        if (not isinstance(scales, (list, tuple)) or not scales
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.25 <= v <= 4 for v in scales)):
+            raise SlabError(f"scales: expected resampling factors in [0.25, 4], e.g. [1, 1.5], got {scales!r}")
+        self.scales = tuple(float(v) for v in scales)
         self.sw_batch_size = check_positive("sw_batch_size", sw_batch_size)
 
     @staticmethod
@@ -222,22 +229,43 @@ class Predictor:
                                               if hasattr(volume, "meta") else "image")
 
     def __call__(self, volume) -> torch.Tensor:
-        """``(L, X, Y, Z)`` probabilities of ``volume`` (raw intensities: normalised here)."""
+        """``(L, X, Y, Z)`` probabilities of ``volume`` (raw intensities: normalised here); with
+        ``scales``, the mean over the volume resampled by each scale (trilinear) and the
+        probabilities resampled back."""
         if len(volume.shape) != 4:
             raise SlabError(f"image: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
+        if self.mode == "3d" and isinstance(volume, LazyVolume):
+            volume = volume.load()  # the sliding window takes the volume in memory
+        if self.scales == (1.0,):
+            return self._predict(volume, self.preprocess(volume))
+        source = volume.load() if isinstance(volume, LazyVolume) else volume
+        preprocess = self.preprocess(source)  # the scan's own statistics, whatever the scale
+        base = torch.as_tensor(np.asarray(source), dtype=torch.float32)
+        total = None
+        for scale in self.scales:
+            if scale == 1.0:
+                probs = self._predict(source, preprocess).float()
+            else:
+                size = [max(1, int(round(n * scale))) for n in base.shape[1:]]
+                x = torch.nn.functional.interpolate(base[None], size=size, mode="trilinear", align_corners=False)[0]
+                probs = self._predict(x, preprocess).float()
+                probs = torch.nn.functional.interpolate(probs[None].cpu(), size=tuple(base.shape[1:]),
+                                                        mode="trilinear", align_corners=False)[0]
+            total = probs.cpu().clone() if total is None else total + probs.cpu()
+        return total / len(self.scales)
+
+    def _predict(self, volume, preprocess) -> torch.Tensor:
         channels = int(volume.shape[0])
         if self.mode == "3d":
             if channels != self.in_channels:
                 raise SlabError(f"image: {channels} channel(s); the network takes {self.in_channels}")
-            source = volume.load() if isinstance(volume, LazyVolume) else volume
-            x = self.preprocess(source)(source)  # a MetaTensor stays one, geometry included
+            x = preprocess(volume)  # a MetaTensor stays one, geometry included
             return predict_3d(self.model, x, roi_size=self.roi_size, overlap=self.overlap, tta=self.tta,
                               sw_batch_size=self.sw_batch_size, device=self.device, amp=self.amp,
                               progress=self.progress)
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
-                            min_size=self.min_size,
-                            memory_budget=self.memory_budget, preprocess=self.preprocess(volume),
+                            min_size=self.min_size, memory_budget=self.memory_budget, preprocess=preprocess,
                             progress=self.progress)
 
     def fits_in_memory(self, volume) -> bool:

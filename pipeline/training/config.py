@@ -166,6 +166,12 @@ SCHEMA: dict[str, Any] = {
     "loss": _s("dice_bce", _choice(LOSSES),
                "dice_bce: Dice + BCE on sigmoid outputs (multi-label); dice_ce: Dice + CE on the softmax over "
                "(background logit 0, one logit per class) for exclusive classes (see DiceCE)"),
+    "shape_loss": {
+        "surface_dice": _s(0.0, float_check(0), "weight of 1 - soft surface dice at tolerance 0 (2D contours for 2.5D "
+                           "slabs, 3D surfaces for 3D patches), added to loss"),
+        "cldice": _s(0.0, float_check(0), "weight of 1 - soft clDice (soft skeletons), added to loss"),
+        "cldice_iterations": _s(3, _int(1, 20), "soft-skeleton iterations of the clDice term"),
+    },
     "augment": _s({}, _dict, "2.5D: RandSlabAugmentd arguments; 3D: flip_prob 0.5, rot90_prob 0.5, scale_intensity 0.1, "
                "shift_intensity 0.1, intensity_prob 0.5 (AUGMENT_3D); null: no augmentation"),
     "num_workers": _s(0, _int(0), "DataLoader worker processes"),

@@ -111,7 +111,11 @@ def _resume_state(out: Path, cfg: dict, resume: bool) -> dict | None:
         raise SlabError(f"--resume: {last} not found; nothing to resume")
     state = load_checkpoint(last)
     check_epoch_state(out, state)
-    diff = config_differences(state["config"], cfg)
+    try:  # keys added since the run was made take their defaults, as they did then
+        recorded = validate_config(state["config"])
+    except SlabError:
+        recorded = state["config"]
+    diff = config_differences(recorded, cfg)
     if diff:
         raise SlabError(f"--resume: {out} was trained with another config ({'; '.join(diff[:4])})")
     return state

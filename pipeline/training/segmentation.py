@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from pipeline.training.config import SEG_METRICS, config_error
 from pipeline.training.distributed import DistInfo
-from pipeline.training.losses import build_loss
+from pipeline.training.losses import build_training_loss
 from pipeline.training.task import TrainTask
 from transforms.checks import read_json_object
 from transforms.errors import SlabError
@@ -211,7 +211,7 @@ class _SegmentationTask(TrainTask):
                 raise SlabError(f"{item['image']}: datalist item without a label")
         self.train_items = train_items
         self.n_samples = cfg["samples_per_epoch"]
-        self.loss_fn = build_loss(cfg["loss"])
+        self.loss_fn = build_training_loss(cfg, self.spatial_dims)
         first = train_items[0]
         self.image_channels = sum(volume_channels(p, "image") for p in first["image"]) \
             if isinstance(first["image"], list) else volume_channels(first["image"], "image")
