@@ -3,9 +3,11 @@ data a package ships and on the vessel phantoms; prints each cross-validated tab
 3d vs their ensembles, at threshold 0.5, with tuned thresholds, with the chosen post-processing,
 and the no-network intensity-window baseline) and the time of every stage.
 
-    pip install nilearn                      # the MNI152 template and tissue maps (nothing downloaded)
+    pip install -e .[bench]                  # nilearn: the MNI152 template and tissue maps (nothing downloaded)
     python benchmarks/bench_plan.py          # both datasets, 4 folds each (~20 min on 2 cores)
     python benchmarks/bench_plan.py --quick  # a smoke run
+    python benchmarks/bench_plan.py --out DIR --only mni152 && \
+        python benchmarks/bench_plan.py --out DIR --converge 30 1280  # does 2.5D pass the baseline?
 
 Datasets:
 
@@ -131,6 +133,35 @@ def run(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     return {"result": result, "times": times}
 
 
+def converge(plan_dir: Path, configuration: str, epochs: int, samples: int) -> None:
+    """One fold of one configuration trained ``epochs`` x ``samples`` (the plan's network, batch and
+    normalisation), scored on the fold's held-out cases beside the fold's baseline window."""
+    from pipeline.planning.crossval import train_fold
+    from pipeline.planning.selection import case_scores
+    from transforms.io import load_volume
+
+    out = plan_dir / "runs" / f"{configuration}_long" / "fold_0"
+    start = time.perf_counter()
+    train_fold(plan_dir, configuration, 0, out=out, resume=False,
+               overrides={"epochs": epochs, "samples_per_epoch": samples, "val_every": max(1, epochs // 5),
+                          "warmup_epochs": 1.0, "progress": False})
+    seconds = time.perf_counter() - start
+    from pipeline.inference.model import load_model
+
+    model = load_model(out, device="cpu")
+    data = json.loads((plan_dir / "datalist.json").read_text())
+    held = [i for i in data["training"] if int(i["fold"]) == 0]
+    scores = []
+    for item in held:
+        mask = np.asarray(model.postprocess(model(load_volume(item["image"]))))
+        truth = np.asarray(load_volume(item["label"])) > 0
+        scores.append(case_scores(mask, truth, (2.0, 2.0, 2.0), 2.0, [False])[0]["dice"])
+    baseline = json.loads((plan_dir / "cv" / "table.json").read_text())["baseline"]["windows"]["0"][0]
+    print(f"\n{configuration} fold 0, {epochs} epochs x {samples} samples ({seconds:.0f} s): held-out Dice "
+          f"{np.mean(scores):.4f} at threshold {model.postprocess.binarise.threshold}; the fold's baseline window "
+          f"{baseline['low']:.3f}-{baseline['high']:.3f} (training Dice {baseline['train_dice']:.4f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="where the datasets and plans go (default: a temporary folder)")
@@ -139,6 +170,10 @@ def main() -> None:
     parser.add_argument("--samples-3d", type=int, default=24, help="3D patches per epoch")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, small vessels")
     parser.add_argument("--only", choices=("mni152", "vessels"))
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the out-of-fold predictions of an earlier run in --out again (no training)")
+    parser.add_argument("--converge", nargs=2, type=int, metavar=("EPOCHS", "SAMPLES"),
+                        help="after the MNI152 cv (in --out), train its 2p5d fold 0 this long and score it")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.samples_2d, args.samples_3d = 2, 64, 4
@@ -152,6 +187,21 @@ def main() -> None:
           f"{args.samples_2d} 2D samples / {args.samples_3d} 3D patches per epoch")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
+        if args.rescore:  # the saved out-of-fold predictions of a run in --out, scored by this code
+            from pipeline.planning.crossval import evaluate_cv, table_markdown
+
+            for name in ("mni152", "vessels"):
+                plan = root / name / "plan"
+                times = json.loads((plan / "cv" / "times.json").read_text())
+                configurations = list(json.loads((plan / "plans.json").read_text())["configurations"])
+                result = evaluate_cv(plan, configurations, [0, 1, 2, 3])
+                seconds = {c: sum(v for k, v in times.items() if k.startswith(c + "/")) for c in configurations}
+                print(f"\n## {name}\n\n{table_markdown(result, seconds)}")
+                print(f"chosen: {result['best']}, post-processing {json.dumps(result['postprocessing']['labels'])}")
+            return
+        if args.converge:
+            converge(root / "mni152" / "plan", "2p5d", *args.converge)
+            return
         if args.only in (None, "mni152"):
             run("MNI152 grey matter (4 quadrant crops, 2 mm)", mni152_cases(root / "mni152"), root / "mni152" / "plan",
                 args)

@@ -16,7 +16,6 @@ the native resolution, as a user without coarse labelled data would.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -57,21 +56,14 @@ def write(root: Path, name: str, image, label, spacing: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
     import torch
 
-    from pipeline.cli import quiet_libraries
-    from pipeline.evaluation.metrics import evaluate
-    from pipeline.inference.model import load_model
     from pipeline.training import train
-    from transforms.io import load_volume
+    from scoring import score_model, start
 
-    quiet_libraries()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args = start(__doc__)
     fine = 48 if args.quick else 96
-    epochs, samples = (1, 64) if args.quick else (6, 960)
+    epochs, samples = args.epochs, args.samples
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         native, coarse = 2, 3  # block sizes: 96^3 -> 48^3 at 1 mm, -> 32^3 at 1.5 mm
@@ -94,16 +86,7 @@ def main() -> None:
                 for scales in ((1.0,), (1.0, 1.5)):
                     if resolution == "native" and scales != (1.0,):
                         continue
-                    model = load_model(root / name, device="cpu", scales=list(scales))
-                    scores = []
-                    for item in items:
-                        volume = load_volume(item["image"])
-                        mask = np.asarray(model.postprocess(model(volume)))
-                        truth = np.asarray(load_volume(item["label"]))
-                        spacing = tuple(float(v) for v in volume.meta["spacing"])
-                        m = evaluate(mask, truth, spacing, (0.0,))
-                        scores.append((m["surface_dice"]["0.0"], m["dice"]))
-                    sd0, dice = np.mean(scores, axis=0)
+                    sd0, dice, _ = score_model(root / name, items, scales=scales)
                     rows.append((name, resolution, "1, 1.5" if len(scales) > 1 else "1", sd0, dice, seconds))
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {epochs} epochs x {samples} slabs, "
               f"3 training phantoms at 1 mm, 2 test phantoms per resolution")

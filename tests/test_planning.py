@@ -383,3 +383,13 @@ def test_dataset_normalisation_comes_from_the_training_folds_only(tmp_path):
         from pipeline.training.config import validate_config
 
         validate_config({"normalize": {"low": [0], "high": [1], "dataset": True}})
+
+
+def test_a_larger_ensemble_must_win_by_the_margin():
+    from pipeline.planning.crossval import ENSEMBLE_MARGIN, choose_candidate
+
+    def rows(**scores):
+        return {k: {"configurations": k.split("+"), "tuned": {"score": v}} for k, v in scores.items()}
+
+    assert choose_candidate(rows(**{"2d": 0.80, "2p5d": 0.81, "2d+2p5d": 0.81 + ENSEMBLE_MARGIN / 2})) == "2p5d"
+    assert choose_candidate(rows(**{"2d": 0.80, "2p5d": 0.81, "2d+2p5d": 0.83})) == "2d+2p5d"

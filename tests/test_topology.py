@@ -124,3 +124,33 @@ def test_errors_ranks_false_positive_and_missed_clusters(tmp_path, capsys):
     assert float(rows[0]["volume_mm3"]) == pytest.approx(64 * 0.5)
     assert (tmp_path / "s.png").stat().st_size > 10_000
     assert "2 false-positive and 1 missed cluster(s)" in capsys.readouterr().out
+
+
+def test_cldice_in_sweeps_and_training_validation(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from pipeline.evaluation.metrics import threshold_sweep
+    from pipeline.evaluation.skeleton import cldice
+
+    truth = torus().astype(np.uint8)
+    rng = np.random.default_rng(0)
+    prob = np.clip(truth * 0.7 + rng.random(truth.shape) * 0.4, 0, 1).astype(np.float32)
+    sweep = threshold_sweep(prob, truth, [0.3, 0.5, 0.8], cldice=True, metric="cldice")
+    assert sweep["cldice"] == pytest.approx([cldice(prob > t, truth)["cldice"] for t in (0.3, 0.5, 0.8)])
+    assert sweep["best"]["metric"] == "cldice" and sweep["best"]["value"] == max(sweep["cldice"])
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import TINY, write_datalist
+
+    from pipeline.training import train
+
+    datalist = write_datalist(tmp_path, n=3, shape=(16, 14, 12))
+    result = train(datalist, {**TINY, "epochs": 1, "val": {**TINY["val"], "cldice": True, "metric": "cldice"}},
+                   tmp_path / "run", device="cpu")
+    row = result["history"][-1]
+    assert "val_cldice" in row and 0 <= row["val_cldice"] <= 1 and result["best"]["metric"] == "cldice"
+    from pipeline.training.config import validate_config
+    from transforms.errors import SlabError
+
+    with pytest.raises(SlabError, match="cldice needs val.cldice true"):
+        validate_config({"val": {"metric": "cldice"}})

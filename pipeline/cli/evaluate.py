@@ -113,7 +113,7 @@ def run(args) -> int:
     if args.cldice or args.topology or args.radius_bins:
         _shape_metrics(result, pred, truth, args, probabilities)
     if thresholds is not None:
-        result["sweep"] = threshold_sweep(pred, truth, thresholds, spacing, tolerances, names=names)
+        result["sweep"] = threshold_sweep(pred, truth, thresholds, spacing, tolerances, names=names, cldice=args.cldice)
         if args.plot:
             plot_sweep(result["sweep"], args.plot)
     text = json.dumps(_jsonable(result), indent=2, allow_nan=False)

@@ -142,7 +142,7 @@ def overlap_metrics(pred, truth, spacing=(1.0, 1.0, 1.0), threshold: float | Non
 
 
 def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=0.0, metric: str = "surface_dice",
-                    names=("prob", "truth")) -> dict:
+                    names=("prob", "truth"), cldice: bool = False) -> dict:
     """Every metric at every threshold, and the best threshold.
 
     The probability map is read once; each chunk is thresholded at every level and coded
@@ -164,6 +164,9 @@ def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=
         ``"iou"``, ``"precision"`` or ``"recall"``. Multi-class: the mean over classes.
     names : (str, str)
         What error messages call ``prob`` and ``truth``.
+    cldice : bool
+        Also clDice at every threshold (per class and mean; the volumes are read whole for the
+        skeletons); ``metric="cldice"`` then picks the best by it.
 
     Returns
     -------
@@ -176,10 +179,20 @@ def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=
     spacing = check_spacing(spacing)
     tolerances = check_tolerances(tolerance)
     levels = check_thresholds(thresholds)
-    if metric not in (*OVERLAP_KEYS, "surface_dice"):
-        raise SlabError(f"metric: expected one of {', '.join((*OVERLAP_KEYS, 'surface_dice'))}, got {metric!r}")
-    classes = [sweep_curves(*readers(prob, truth, pair, names), spacing, tolerances, levels)
-               for pair in check_pair(prob, truth, names)]
+    valid = (*OVERLAP_KEYS, "surface_dice") + (("cldice",) if cldice else ())
+    if metric not in valid:
+        raise SlabError(f"metric: expected one of {', '.join(valid)}, got {metric!r}")
+    pairs = check_pair(prob, truth, names)
+    classes = [sweep_curves(*readers(prob, truth, pair, names), spacing, tolerances, levels) for pair in pairs]
+    if cldice:
+        from pipeline.evaluation.skeleton import cldice as centreline_dice
+
+        p_all = np.asarray(prob.load() if hasattr(prob, "load") else prob)
+        t_all = np.asarray(truth.load() if hasattr(truth, "load") else truth)
+        if p_all.ndim == 3:
+            p_all, t_all = p_all[None], t_all[None]
+        for c, curves in enumerate(classes):
+            curves["cldice"] = [centreline_dice(p_all[c] > t, t_all[c] > 0)["cldice"] for t in levels]
     sweep = {"thresholds": levels.tolist(), "tolerances": list(tolerances)}
     for k in OVERLAP_KEYS:
         sweep[k] = [nan_mean(v) for v in zip(*(m[k] for m in classes))]
@@ -187,6 +200,8 @@ def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=
         tolerance_key(t): [nan_mean(v) for v in zip(*(m["surface_dice"][tolerance_key(t)] for m in classes))]
         for t in tolerances
     }
+    if cldice:
+        sweep["cldice"] = [nan_mean(v) for v in zip(*(m["cldice"] for m in classes))]
     curve = sweep["surface_dice"][tolerance_key(tolerances[0])] if metric == "surface_dice" else sweep[metric]
     scores = np.asarray(curve, dtype=np.float64)
     best = int(np.nanargmax(scores)) if not np.isnan(scores).all() else 0

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.planning.selection import (LEVELS, _bin_edges, best_window, case_scores, choose_postprocessing,
-                                         mean_target, summarize, window_histograms, window_mask)
+from pipeline.planning.selection import (LEVELS, bin_edges, best_window, case_scores, choose_postprocessing,
+                                         summarize, window_histograms, window_mask)
 from transforms.checks import read_json_object
 from transforms.errors import SlabError
 
@@ -234,7 +234,7 @@ def _baseline(plan_dir: Path, items: list[dict], cases: _Cases, configuration: s
         images = {i["case"]: np.asarray(norm(raw[i["case"]]) if norm is not None else raw[i["case"]], np.float32)
                   for i in train + held}
         channels = images[train[0]["case"]].shape[0]
-        edges = [_bin_edges(np.concatenate([rng.choice(images[i["case"]][c].reshape(-1),
+        edges = [bin_edges(np.concatenate([rng.choice(images[i["case"]][c].reshape(-1),
                                                        min(images[i["case"]][c].size, 20000), replace=False)
                                             for i in train])) for c in range(channels)]
         hist = [window_histograms(images[i["case"]], cases.truth(i), edges) for i in train]
@@ -282,7 +282,7 @@ def evaluate_cv(plan_dir, configurations, folds) -> dict:
         tuned = _scores(cases, combo, {"labels": [{"threshold": t} for t in sweep]}, tolerance, tubular)
         rows[key] = {"configurations": list(combo), "at_0.5": summarize(raw, names),
                      "thresholds": sweep, "tuned": summarize(tuned, names)}
-    best = max(rows, key=lambda k: (rows[k]["tuned"]["score"], -len(rows[k]["configurations"])))
+    best = choose_candidate(rows)
     combo = tuple(rows[best]["configurations"])
     smallest = [lab["smallest_component"] for lab in fp["labels"]]
     chosen = choose_postprocessing(lambda: cases(combo), len(names), cases.spacing_of, tolerance, tubular, smallest)
@@ -291,6 +291,22 @@ def evaluate_cv(plan_dir, configurations, folds) -> dict:
     return {"rows": rows, "best": best, "postprocessing": chosen, "final": summarize(final, names),
             "baseline": baseline, "labels": names, "tubular": tubular, "tolerance_mm": tolerance,
             "folds": list(folds), "cases": len(items), "target_metric": plans["target_metric"]}
+
+
+ENSEMBLE_MARGIN = 0.005
+
+
+def choose_candidate(rows: dict) -> str:
+    """The candidate with the best tuned score, where one with more configurations must beat the
+    best with fewer by ``ENSEMBLE_MARGIN``: each configuration an ensemble adds costs a whole
+    network per prediction, and a gain below half a point is within the noise of a few cases."""
+    best = None
+    for size in sorted({len(r["configurations"]) for r in rows.values()}):
+        of_size = [k for k, r in rows.items() if len(r["configurations"]) == size]
+        top = max(of_size, key=lambda k: rows[k]["tuned"]["score"])
+        if best is None or rows[top]["tuned"]["score"] > rows[best]["tuned"]["score"] + ENSEMBLE_MARGIN:
+            best = top
+    return best
 
 
 def choose_thresholds(cases: _Cases, combo, n_labels: int, tubular) -> list[float]:
@@ -314,8 +330,9 @@ def table_markdown(result: dict, times: dict | None = None) -> str:
     names, tubular = result["labels"], result["tubular"]
     keys = ["dice", "surface_dice_0", "surface_dice_tol"]
     header = ["candidate", "post-processing", "score"]
+    vessel = ["cldice", "b0_error", "small_vessel_recall"]
     for name, tub in zip(names, tubular):
-        header += [f"{name} {k}" for k in keys + (["cldice"] if tub else [])]
+        header += [f"{name} {k}" for k in keys + (vessel if tub else [])]
     if times:
         header.append("train+predict s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -324,7 +341,7 @@ def table_markdown(result: dict, times: dict | None = None) -> str:
         cells = [label, post, f"{summary['score']:.4f}"]
         for name, tub in zip(names, tubular):
             metrics = summary["labels"][name]
-            cells += [_cell(metrics.get(k)) for k in keys + (["cldice"] if tub else [])]
+            cells += [_cell(metrics.get(k)) for k in keys + (vessel if tub else [])]
         if times:
             cells.append("" if seconds is None else f"{seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -394,4 +411,4 @@ def run_cv(plan_dir, *, configurations=None, folds=None, device=None, overrides=
 
 
 __all__ = ["write_plan", "read_plan", "plan_config", "train_fold", "predict_fold", "evaluate_cv", "run_cv",
-           "table_markdown", "plan_datalist", "mean_target"]
+           "table_markdown", "plan_datalist", "choose_candidate"]

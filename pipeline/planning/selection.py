@@ -29,9 +29,12 @@ BASELINE_BINS = 48
 
 def case_scores(mask: np.ndarray, truth: np.ndarray, spacing, tolerance: float, tubular) -> list[dict]:
     """Per label of one case: ``dice``, ``surface_dice_0``, ``surface_dice_tol`` and, for tubular
-    labels, ``cldice``; ``target`` is the label's target metric."""
+    labels, ``cldice``, the Betti errors ``b0_error`` / ``b1_error`` and ``small_vessel_recall``
+    (centreline recall where the true radius is at most 2 voxels); ``target`` is the label's
+    target metric."""
     from pipeline.evaluation.metrics import evaluate
     from pipeline.evaluation.skeleton import cldice
+    from pipeline.evaluation.topology import radius_bins, topology_metrics
 
     tolerances = (0.0,) if tolerance == 0 else (0.0, float(tolerance))
     result = evaluate(np.asarray(mask, dtype=np.uint8), np.asarray(truth, dtype=np.uint8), spacing, tolerances)
@@ -41,6 +44,11 @@ def case_scores(mask: np.ndarray, truth: np.ndarray, spacing, tolerance: float, 
                "surface_dice_tol": m["surface_dice"][tolerance_key(tolerances[-1])]}
         if tubular[i]:
             row["cldice"] = cldice(mask[i], truth[i])["cldice"]
+            topology = topology_metrics(mask[i], truth[i])
+            row["b0_error"], row["b1_error"] = float(topology["b0_error"]), float(topology["b1_error"])
+            small = [b for b in radius_bins(mask[i], truth[i])[:2] if b["truth_voxels"]]
+            covered = sum(b["recall"] * b["truth_voxels"] for b in small)
+            row["small_vessel_recall"] = covered / sum(b["truth_voxels"] for b in small) if small else float("nan")
         row["target"] = row["surface_dice_0"] if tubular[i] else row["dice"]
         out.append(row)
     return out
@@ -144,7 +152,7 @@ def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tu
     return {"labels": chosen, "steps": steps}
 
 
-def _bin_edges(samples: np.ndarray) -> np.ndarray:
+def bin_edges(samples: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(samples, [0.5, 99.5])
     if hi <= lo:
         hi = lo + 1.0
@@ -196,4 +204,4 @@ def window_mask(image: np.ndarray, edges: list[np.ndarray], windows: list[tuple]
 
 
 __all__ = ["LEVELS", "case_scores", "mean_target", "summarize", "choose_postprocessing", "window_histograms",
-           "best_window", "window_mask", "_bin_edges"]
+           "best_window", "window_mask", "bin_edges"]

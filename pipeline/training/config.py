@@ -25,7 +25,7 @@ LOSSES = ("dice_bce", "dice_ce")
 TTAS = ("none", "flips", "full")
 
 
-SEG_METRICS = ("surface_dice_0", "surface_dice_tol", "dice")
+SEG_METRICS = ("surface_dice_0", "surface_dice_tol", "dice", "cldice")
 
 
 CLS_METRICS = ("auc", "log_loss")
@@ -185,7 +185,7 @@ SCHEMA: dict[str, Any] = {
         "tta": _s("none", _choice(TTAS), "test-time augmentation: none | flips | full"),
         "tolerance_mm": _s(1.0, float_check(0), "tolerance of surface_dice_tol, in mm"),
         "metric": _s("surface_dice_0", _choice(SEG_METRICS + CLS_METRICS + ("val_loss",)),
-                     "best-checkpoint metric: surface_dice_0 | surface_dice_tol | dice (segmentation), "
+                     "best-checkpoint metric: surface_dice_0 | surface_dice_tol | dice | cldice (segmentation), "
                      "auc | log_loss | val_loss (classification)"),
         "thresholds": _s([round(0.1 * i, 1) for i in range(1, 10)],
                          _list(float_check(0, 1, open_lo=True, open_hi=True), what="numbers in (0, 1)"),
@@ -193,6 +193,8 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _s(16, _int(1), "inference batch (slabs or 3D windows)"),
         "overlap": _s(0.25, float_check(0, 1, open_hi=True), "3D sliding-window overlap"),
         "max_volumes": _s(None, _int(1, optional=True), "validate on at most this many volumes; null: all"),
+        "cldice": _s(False, _bool, "also clDice at every swept threshold (3D skeletons; costs a skeletonisation per "
+                     "threshold and volume); selectable as val.metric cldice"),
     },
     "classification": {
         "n_slabs": _s(15, _int(1), "slabs per sequence (per target)"),
@@ -337,6 +339,8 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
         raise config_error("val.metric", f"one of {', '.join(CLS_METRICS + ('val_loss',))} for classification", metric)
     if task != "classification" and metric not in SEG_METRICS:
         raise config_error("val.metric", f"one of {', '.join(SEG_METRICS)} for segmentation", metric)
+    if metric == "cldice" and not cfg["val"]["cldice"]:
+        raise config_error("val.metric", "a computed metric: cldice needs val.cldice true", metric)
     if task == "segmentation_3d" and cfg["val"]["tta"] == "full":
         raise config_error("val.tta", "none or flips for segmentation_3d", "full")
     if task == "classification" and cfg["augment"]:

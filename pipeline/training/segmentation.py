@@ -123,10 +123,12 @@ class SegValidation:
 
         index, image, truth, spacing = self.volumes[k]
         prob = self.predict(model, image, device)
-        sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances)
+        sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances,
+                                cldice=self.cfg["val"]["cldice"])
         return (index, sweep["thresholds"], [
             {"dice": c["dice"], "surface_dice_0": c["surface_dice"][str(0.0)],
-             "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))]}
+             "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))],
+             **({"cldice": c["cldice"]} if "cldice" in c else {})}
             for c in sweep["classes"]
         ])
 
@@ -141,18 +143,19 @@ def summarize_sweeps(curves: list, metric: str) -> dict:
     """Per-label thresholds maximising ``metric`` (mean over volumes) and the metrics there."""
     thresholds = curves[0][1]
     n_labels = len(curves[0][2])
-    chosen, scores = [], {k: [] for k in SEG_METRICS}
+    keys = [k for k in SEG_METRICS if k in curves[0][2][0]]
+    chosen, scores = [], {k: [] for k in keys}
     with np.errstate(all="ignore"):
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for c in range(n_labels):
-                means = {k: np.nanmean(np.array([v[2][c][k] for v in curves], np.float64), axis=0) for k in SEG_METRICS}
+                means = {k: np.nanmean(np.array([v[2][c][k] for v in curves], np.float64), axis=0) for k in keys}
                 curve = means[metric]
                 best = int(np.nanargmax(curve)) if not np.isnan(curve).all() else len(thresholds) // 2
                 chosen.append(float(thresholds[best]))
-                for k in SEG_METRICS:
+                for k in keys:
                     scores[k].append(float(means[k][best]))
             out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for k, v in scores.items()}
     out["threshold"] = chosen[0] if n_labels == 1 else chosen
