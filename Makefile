@@ -24,6 +24,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "" tests
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
