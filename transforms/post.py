@@ -563,6 +563,8 @@ def merge_postprocess(chosen: Mapping | None, given: Mapping | None) -> dict:
 def make_postprocess(options: Mapping | None):
     """:class:`Postprocess` (default ``threshold`` 0.5) or, for ``{"labels": [...]}``,
     :class:`PerLabelPostprocess`; unknown settings are one-line SlabErrors."""
+    if options is not None and not isinstance(options, Mapping):
+        raise SlabError(f"postprocess: expected an object of settings, got {options!r}")
     options = dict(options or {})
     try:
         if "labels" in options:

@@ -3,9 +3,9 @@ their geometry.
 
 The network comes from ``--model MODEL`` (a training run or checkpoint, a cross-validated plan
 directory or an installed model: everything the model was trained and validated with is in it;
-see :func:`pipeline.inference.model.load_model`), from ``--bundle DIR`` (``DIR/configs/inference.json``, section ``"slab"``, and
-``DIR/models/model.pt``, binarised at the thresholds recorded on validation beside the weights
-as the bundle's own inference does; see :meth:`pipeline.inference.Predictor.from_bundle`) or from
+see :func:`pipeline.inference.model.load_model`), from ``--bundle DIR``
+(``DIR/configs/inference.json``, section ``"slab"``, and ``DIR/models/model.pt``, binarised at
+the thresholds recorded on validation beside the weights as the bundle's own inference does; see :meth:`pipeline.inference.Predictor.from_bundle`) or from
 ``--network CONFIG.json --weights MODEL.pt`` (CONFIG.json: ``build_network`` arguments plus
 optional ``offsets``, ``planes``, ``roi_size``, ``labels``). Flags given on the command line win
 over the bundle's settings. Bundles are read as data: nothing in their JSON is evaluated.

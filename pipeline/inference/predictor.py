@@ -340,13 +340,3 @@ def _check_labels(labels, out_channels: int) -> tuple[str, ...] | None:
                         f"got {labels!r}")
     return tuple(labels)
 
-
-def _construct(cls, options: Mapping, name: str):
-    """``cls(**options)`` with unknown or bad options as a one-line SlabError."""
-    if not isinstance(options, Mapping):
-        raise SlabError(f"{name}: expected an object of settings, got {options!r}")
-    try:
-        return cls(**options)
-    except TypeError as err:
-        raise SlabError(f"{name}: {err}".replace("__init__() ", "")) from None
-

@@ -396,14 +396,14 @@ def run_cv(plan_dir, *, configurations=None, folds=None, device=None, overrides=
     with atomic_write(plan_dir / "cv" / "table.md") as tmp:
         tmp.write_text(markdown, encoding="utf-8")
     best = result["rows"][result["best"]]
+    chosen = {"labels": result["postprocessing"]["labels"]}
     _write_json(plan_dir / "postprocessing.json", {
-        "candidate": result["best"], "labels": result["labels"], "postprocess": {"labels": result["postprocessing"]["labels"]},
+        "candidate": result["best"], "labels": result["labels"], "postprocess": chosen,
         "steps": result["postprocessing"]["steps"], "score_tuned_thresholds": best["tuned"]["score"],
         "score_after": result["final"]["score"]})
     members = [{"configuration": c, "fold": k, "checkpoint": f"runs/{c}/fold_{k}/best.pt"}
                for c in best["configurations"] for k in folds]
-    _write_json(plan_dir / "model.json", {"members": members,
-                                          "postprocess": {"labels": result["postprocessing"]["labels"]},
+    _write_json(plan_dir / "model.json", {"members": members, "postprocess": chosen,
                                           "labels": result["labels"], "candidate": result["best"],
                                           "score": result["final"]["score"], "target_metric": plans["target_metric"]})
     result["markdown"] = markdown

@@ -15,8 +15,9 @@ decision with a one-line reason.
   output), so memory per sample and the fixed part (weights, gradients, AdamW moments) come
   from a trial, and the batch is what fits the budget.
 - **Normalisation**: a fixed window of the training cases' foreground 0.5/99.5 percentiles
-  (computed by each run from its own training folds, ``"dataset": true``) for CT-like data (the datalist says CT, or intensities in Hounsfield range, or every case's
-  foreground median within ``CONSISTENT`` of the dataset's range: a calibrated scale), a
+  (computed by each run from its own training folds, ``"dataset": true``) for CT-like data
+  (the datalist says CT, or intensities in Hounsfield range, or every case's foreground median
+  within ``CONSISTENT`` of the dataset's range: a calibrated scale), a
   per-volume z-score for MRI-like data (scales differ from scan to scan), per-volume
   percentiles otherwise (one case: nothing to compare).
 - **Schedule**: steps per epoch from the number of cases, epochs per device; augmentation

@@ -160,7 +160,8 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
             tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         if cfg["task"] != "classification":
             with atomic_write(out / "network.json") as tmp:
-                tmp.write_text(json.dumps(inference_network(cfg, task.network, task.label_names), indent=2) + "\n", encoding="utf-8")
+                network = inference_network(cfg, task.network, task.label_names)
+                tmp.write_text(json.dumps(network, indent=2) + "\n", encoding="utf-8")
     barrier(info)
     return SlabTrainer(task, cfg, out, device, info, state, train_handlers=train_handlers, val_handlers=val_handlers,
                        inferer=inferer)

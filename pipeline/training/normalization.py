@@ -44,8 +44,8 @@ def foreground_samples(items: list[dict], seed: int = 0) -> np.ndarray:
     parts = []
     for item in items:
         image = np.asarray(load_volume(item["image"]))
-        label = np.asarray(load_volume(item["label"]))
-        where = np.any(label > 0, axis=0)
+        where = np.any(np.asarray(load_volume(item["label"])) > 0, axis=0) if "label" in item else \
+            np.zeros(image.shape[1:], bool)  # a classification study: its whole volume
         if not where.any():
             where = np.ones(image.shape[1:], bool)
         index = np.flatnonzero(where.reshape(-1))
