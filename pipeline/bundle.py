@@ -21,11 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.paths import BUNDLES_DIR, DATA_DIR, REPO_ROOT, sample_dir
 from transforms.errors import SlabError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLES_DIR = REPO_ROOT / "bundles"
-DATA_DIR = REPO_ROOT / "data"
 # What every bundle directory holds (models/model.pt only where weights ship).
 BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
                 "configs/multi_gpu_train.json", "docs/README.md", "LICENSE")
@@ -48,11 +46,6 @@ def bundle_root(name: str) -> str:
     if (here / "configs" / "metadata.json").is_file():
         return str(here)
     return str(BUNDLES_DIR / name)
-
-
-def sample_dir(name: str) -> str:
-    """``data/<name>``, the embedded sample data of this installation."""
-    return str(DATA_DIR / name)
 
 
 def require_files(root, files: Sequence[str] = ("configs/inference.json", "models/model.pt")) -> Path:
@@ -418,6 +411,6 @@ class SliceLogits(nn.Module):
         return slice_logits
 
 
-__all__ = ["bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
+__all__ = ["REPO_ROOT", "BUNDLES_DIR", "DATA_DIR", "bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
            "export_training", "run_inference", "run_evaluation", "run_classification",
            "predictor_settings", "network", "SliceLogits"]

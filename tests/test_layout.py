@@ -69,3 +69,24 @@ def test_no_import_circles():
 @pytest.mark.parametrize("path", sorted((ROOT / "pipeline").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_pipeline_modules_stay_small(path):
     assert len(path.read_text(encoding="utf-8").splitlines()) <= MAX_LINES
+
+
+def test_help_imports_no_engine():
+    """``slab --help`` and every ``slab COMMAND --help`` run without torch, MONAI, SimpleITK or
+    pyvista: start-up stays a fraction of a second (``benchmarks/bench_startup.py`` times it)."""
+    import subprocess
+    import sys
+
+    from pipeline.cli import COMMANDS
+
+    code = """
+import contextlib, io, sys
+from pipeline.cli import main
+for argv in [["--help"]] + [[c, "--help"] for c in sys.argv[1:]]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(argv)
+print(sorted(m for m in ("torch", "monai", "SimpleITK", "pyvista", "nibabel", "scipy") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

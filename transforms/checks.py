@@ -20,6 +20,9 @@ TTA_MODES = ("none", "flips", "full")
 TTA_MODES_3D = ("none", "flips")
 CONNECTIVITIES = (6, 18, 26)
 FILL_MODES = ("3d", "slice")
+SLICE_FORMATS = ("tif", "png")  # what slice stacks are written as
+PHANTOM_KINDS = ("vessels", "organs", "tumour")
+DATASET_KINDS = ("sennet", "uwmgi", "brats", "rsna-spine")  # slab dataset's layouts
 
 
 def check_spacing(spacing, name: str = "spacing") -> tuple[float, float, float]:

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from transforms.checks import check_spacing
+from transforms.checks import SLICE_FORMATS, check_spacing
 from transforms.errors import SlabError, SlabWarning
 from transforms.headers import check_claim, check_memory, check_metaimage, check_nrrd
 
@@ -32,7 +32,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-SLICE_FORMATS = ("tif", "png")
 PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 EXPECTED = "a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd file, a DICOM directory or a directory of .png/.tif slices"

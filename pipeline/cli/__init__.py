@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -41,6 +42,23 @@ class Parser(argparse.ArgumentParser):
 
 def _module(name: str):
     return importlib.import_module(COMMANDS[name])
+
+
+def command_help(name: str) -> str:
+    """A command's ``HELP`` line, read from its module's source without importing it (so that
+    ``slab --help`` imports no engine); the module itself where the source is not at hand."""
+    import ast
+
+    spec = importlib.util.find_spec(COMMANDS[name])
+    try:
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "HELP" for t in node.targets)
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+                return node.value.value
+    except (OSError, TypeError, SyntaxError):
+        pass
+    return _module(name).HELP
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -91,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("-v", "--verbose", action="store_true", help="show libraries' log lines and warnings")
         sub = parser.add_subparsers(dest="command", metavar="COMMAND")
         for name in COMMANDS:
-            sub.add_parser(name, help=_module(name).HELP)
+            sub.add_parser(name, help=command_help(name))
         parser.parse_args(argv)
         parser.print_help()
         return 0

@@ -25,7 +25,7 @@ _EVALUATE_DEFAULTS = {"tolerances": [0.0, 1.0], "image_glob": "image*", "label_g
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.bundle import BUNDLES_DIR, sample_dir
+    from pipeline.paths import BUNDLES_DIR, sample_dir
 
     parser.add_argument("--out", default="outputs/demo", metavar="DIR", help="output folder (default outputs/demo)")
     parser.add_argument("--bundle", default=str(BUNDLES_DIR / "vessel_2p5d"), metavar="DIR",

@@ -12,14 +12,8 @@ import json
 import math
 import sys
 
-import numpy as np
-
 from pipeline.cli.arguments import non_negative_float, probability
-from pipeline.evaluation.readers import is_float
-from pipeline.evaluation.surface import check_thresholds, check_tolerances
-from pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
 from transforms.errors import SlabError
-from transforms.io import atomic_write, check_same_geometry, load_volume
 
 HELP = "Score a mask or probability map against the truth: dice, IoU, precision, recall, surface dice (JSON)."
 
@@ -49,6 +43,8 @@ def add_arguments(parser) -> None:
 
 def _open(path):
     """Lazily where the reader can (NIfTI, slice stacks), so that big volumes stream."""
+    from transforms.io import load_volume
+
     try:
         return load_volume(path, lazy=True)
     except SlabError:
@@ -68,6 +64,8 @@ def _jsonable(value):
 
 def _shape_metrics(result: dict, pred, truth, args, probabilities: bool) -> None:
     """clDice, topology and radius bins per class (whole masks in memory: skeletons are global)."""
+    import numpy as np
+
     from pipeline.evaluation.skeleton import cldice
     from pipeline.evaluation.topology import radius_bins, topology_metrics
 
@@ -92,6 +90,13 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
+    import numpy as np
+
+    from pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
+    from pipeline.evaluation.readers import is_float
+    from pipeline.evaluation.surface import check_thresholds, check_tolerances
+    from transforms.io import atomic_write, check_same_geometry
+
     tolerances = check_tolerances(args.tolerance)
     thresholds = None
     if args.sweep is not None:

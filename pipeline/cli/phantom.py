@@ -7,7 +7,7 @@ HELP = "write a synthetic phantom (image.nii.gz, label.nii.gz) with a known grou
 
 
 def add_arguments(parser) -> None:
-    from pipeline.data.phantom import KINDS
+    from transforms.checks import PHANTOM_KINDS as KINDS
 
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for image.nii.gz and label.nii.gz")
     parser.add_argument("--shape", nargs=3, type=positive_int, required=True, metavar=("X", "Y", "Z"),

@@ -8,9 +8,8 @@ values; the component and hole steps work on the binarised volume.
 from __future__ import annotations
 
 from pipeline.cli.arguments import finite_float, non_negative_int, positive_int
+from transforms.checks import CONNECTIVITIES, FILL_MODES
 from transforms.errors import SlabError
-from transforms.io import check_same_geometry, load_volume, output_format, save_volume
-from transforms.post import CONNECTIVITIES, FILL_MODES, Postprocess, check_binary
 
 HELP = "Clean a probability map or mask: threshold or hysteresis flood fill, components, holes, ROI."
 
@@ -39,6 +38,9 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
+    from transforms.io import check_same_geometry, load_volume, output_format, save_volume
+    from transforms.post import Postprocess, check_binary
+
     # Parameters and OUT are checked before anything is read.
     post = Postprocess(threshold=args.threshold, hysteresis=args.hysteresis, min_size=args.min_size,
                        keep_largest=args.keep_largest, fill_holes=args.fill_holes, connectivity=args.connectivity)

@@ -8,13 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.cli.arguments import non_negative_float, non_negative_int, positive_int
-from pipeline.evaluation.render import mesh_path, render_hits, score_line
-from pipeline.evaluation.sections import cross_sections
 from transforms.errors import SlabError
-from transforms.io import check_same_geometry, load_volume
 
 HELP = "Render hits, false positives and misses of a prediction in 3D; cross sections and mesh export."
 
@@ -35,6 +30,8 @@ def add_arguments(parser) -> None:
 
 def _load(path: str):
     """Lazily where reading a slab at a time is cheap (slice stacks, uncompressed NIfTI)."""
+    from transforms.io import load_volume
+
     if path.lower().endswith(".nii") or Path(path).is_dir():
         try:
             return load_volume(path, lazy=True)
@@ -55,6 +52,12 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
+    import numpy as np
+
+    from pipeline.evaluation.render import mesh_path, render_hits, score_line
+    from pipeline.evaluation.sections import cross_sections
+    from transforms.io import check_same_geometry
+
     # Output names are checked before anything is read.
     _png(args.output, "-o")
     if args.sections:

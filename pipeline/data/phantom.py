@@ -26,10 +26,10 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from transforms.checks import check_spacing
+from transforms.checks import PHANTOM_KINDS, check_spacing
 from transforms.errors import SlabError
 
-KINDS = ("vessels", "organs", "tumour")
+KINDS = PHANTOM_KINDS
 MIN_SIZE = 8
 # Peak working memory per voxel while a phantom is made (measured with tracemalloc at 64^3:
 # 61, 48 and 191 bytes), rounded up; a shape whose phantom would not fit is refused up front.
