@@ -87,15 +87,37 @@ def _predict_view(forward: Forward, slabs: torch.Tensor, view, size) -> torch.Te
     return y.sigmoid_()
 
 
+def slab_groups(block: torch.Tensor, plane: str, offset_sets, batch_size: int, start: int, stop: int):
+    """``(indices, [slabs per offset set])`` for the batches of slices ``start:stop`` of ``plane``.
+
+    The block is copied once with the plane's axis first after the channels, so that every
+    slab is a run of whole contiguous slices (a volume loaded x-fastest, as NIfTI gives it, would
+    otherwise be gathered element by element for the zx and zy planes). The negated offsets of
+    the slab-axis flip are, for centred offsets, the slabs' channels reversed within each image
+    channel: they are derived from the first set's slabs instead of being gathered again.
+    """
+    axis = PLANE_AXIS[plane]
+    channels = block.shape[0]
+    plane_first = block.movedim(axis + 1, 1).contiguous()  # (C, n, A, B): slices of the plane contiguous
+    first = offset_sets[0]
+    mirrored = len(offset_sets) == 2 and tuple(offset_sets[1]) == tuple(reversed(first))
+    sets = offset_sets[:1] if mirrored else offset_sets
+    batches = [iter_slab_batches(plane_first, "zy", offsets, batch_size, start, stop) for offsets in sets]
+    for group in zip(*batches):
+        slabs = [s for _, s in group]
+        if mirrored:
+            b, _, h, w = slabs[0].shape
+            slabs.append(slabs[0].reshape(b, channels, len(first), h, w).flip(2).reshape(b, -1, h, w))
+        yield group[0][0], slabs
+
+
 def _predict_slices(forward, block, plane, offset_sets, views, size, batch_size, start, stop, target, first, bar):
     """Predict slices ``start:stop`` of ``block`` in ``plane``; write (``first``) or add the sum
     over the views into ``target``, whose slice 0 along the plane's axis is ``start``."""
     axis = PLANE_AXIS[plane]
-    batches = [iter_slab_batches(block, plane, offsets, batch_size, start, stop) for offsets in offset_sets]
-    for group in zip(*batches):
-        indices = group[0][0]
+    for indices, group in slab_groups(block, plane, offset_sets, batch_size, start, stop):
         total = None
-        for _, slabs in group:
+        for slabs in group:
             for view in views:
                 probs = _predict_view(forward, slabs, view, size)
                 total = probs if total is None else total.add_(probs)
