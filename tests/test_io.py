@@ -586,3 +586,53 @@ def test_bad_outputs_write_nothing(tmp_path, rng):
             save_volume(array, tmp_path / name, **kwargs)
     _assert_nothing_new(tmp_path, ["keep"])
     assert [p.name for p in (tmp_path / "keep").iterdir()] == ["report.pdf"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize("compression", [None, "lzw", "zlib", "packbits"])
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_tiff_slices_decode_as_tifffile_reads_them(tmp_path, dtype, compression, byteorder):
+    """The fast path (a struct-read header, imagecodecs' libtiff decode) gives tifffile's array."""
+    import tifffile
+
+    from transforms.lazy import _plain_tiff, decode_slice
+
+    rng = np.random.default_rng(0)
+    image = (rng.random((37, 53)) * 1000).astype(dtype)
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, image, compression=compression, byteorder=byteorder)
+    assert _plain_tiff(path, path.read_bytes()) is not None
+    decoded = decode_slice(path)
+    assert decoded.dtype == tifffile.imread(path).dtype and np.array_equal(decoded, tifffile.imread(path))
+
+
+def test_tiff_fast_path_falls_back_and_refuses_bombs(tmp_path):
+    import struct
+
+    import tifffile
+
+    from transforms.errors import SlabError
+    from transforms.lazy import _plain_tiff, decode_slice
+
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((4, 5, 3), np.uint8))
+    assert _plain_tiff(rgb, rgb.read_bytes()) is None  # three samples: tifffile reads (and refuses) it
+    with pytest.raises(SlabError, match="2D single-channel"):
+        decode_slice(rgb)
+    big = tmp_path / "big.tif"
+    tifffile.imwrite(big, np.zeros((6, 7), np.uint16), bigtiff=True)
+    assert _plain_tiff(big, big.read_bytes()) is None and decode_slice(big).shape == (6, 7)
+    # a header claiming 60000 x 60000 uncompressed in a tiny file is refused before decoding
+    bomb = tmp_path / "bomb.tif"
+    tifffile.imwrite(bomb, np.zeros((8, 8), np.uint8))
+    data = bytearray(bomb.read_bytes())
+    offset = struct.unpack("<I", data[4:8])[0]
+    count = struct.unpack("<H", data[offset:offset + 2])[0]
+    for i in range(count):
+        at = offset + 2 + 12 * i
+        tag, kind = struct.unpack("<HH", data[at:at + 4])
+        if tag in (256, 257):
+            data[at + 8:at + 12] = struct.pack("<I", 60000) if kind == 4 else struct.pack("<HH", 60000, 0)
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(SlabError, match="bomb.tif"):
+        decode_slice(bomb)

@@ -284,5 +284,54 @@ def tiff_claim(path, page) -> int:
     return claimed
 
 
+_TIFF_TYPES = {3: ("H", 2), 4: ("I", 4)}  # SHORT, LONG: the types of the tags read below
+
+
+def tiff_header(path, data: bytes) -> dict | None:
+    """The first image's ``width``, ``height``, ``samples``, ``bits``, ``compression``,
+    ``sample_format`` and ``pages`` (1 or "more") from a classic TIFF's first IFD, read with
+    ``struct`` alone (no decoder, no allocation); None for what it does not read (BigTIFF,
+    tags stored out of line), which the caller reads with tifffile instead."""
+    if len(data) < 8 or data[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if data[:2] == b"II" else ">"
+    magic, offset = struct.unpack(order + "HI", data[2:8])
+    if magic != 42 or offset + 2 > len(data):
+        return None
+    (count,) = struct.unpack(order + "H", data[offset:offset + 2])
+    end = offset + 2 + 12 * count
+    if end + 4 > len(data):
+        return None
+    tags = {}
+    for i in range(count):
+        tag, kind, n = struct.unpack(order + "HHI", data[offset + 2 + 12 * i: offset + 10 + 12 * i])
+        if tag in (256, 257, 258, 259, 277, 339) and kind in _TIFF_TYPES:
+            fmt, size = _TIFF_TYPES[kind]
+            if n * size > 4 and tag != 258:
+                return None
+            value = data[offset + 10 + 12 * i: offset + 14 + 12 * i]
+            if n * size > 4:  # BitsPerSample of several samples, stored elsewhere: all equal in practice
+                (pointer,) = struct.unpack(order + "I", value)
+                value = data[pointer:pointer + size]
+                if len(value) < size:
+                    return None
+            tags[tag] = struct.unpack(order + fmt, value[:size])[0]
+    if 256 not in tags or 257 not in tags:
+        return None
+    (next_ifd,) = struct.unpack(order + "I", data[end:end + 4])
+    return {"width": tags[256], "height": tags[257], "bits": tags.get(258, 1), "compression": tags.get(259, 1),
+            "samples": tags.get(277, 1), "sample_format": tags.get(339, 1), "pages": 1 if next_ifd == 0 else "more"}
+
+
+def tiff_bytes_claim(path, data: bytes, header: dict) -> int:
+    """Decoded bytes a :func:`tiff_header` claims, checked against the file size for its compression."""
+    width, height = header["width"], header["height"]
+    if width < 1 or height < 1:
+        raise SlabError(f"{path}: TIFF header says {width}x{height}; expected a 2D image")
+    claimed = width * height * header["samples"] * max(1, header["bits"] // 8)
+    check_claim(path, claimed, len(data), "raw" if header["compression"] == 1 else "tiff")
+    return claimed
+
+
 __all__ = ["DEFLATE_RATIO", "available_memory", "check_memory", "check_claim", "check_metaimage", "check_nrrd",
-           "png_claim", "tiff_claim", "gib"]
+           "png_claim", "tiff_claim", "tiff_header", "tiff_bytes_claim", "gib"]

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 
 from transforms.errors import SlabError
 from transforms.formats import nifti_dtype, nifti_forms, one_line, run_parallel, spacing_of, suffix_of, with_spacing
-from transforms.headers import check_memory, png_claim, tiff_claim
+from transforms.headers import check_memory, png_claim, tiff_bytes_claim, tiff_claim, tiff_header
 
 
 def check_affine(affine: np.ndarray, source) -> np.ndarray:
@@ -133,6 +133,21 @@ class LazyVolume:
         return self._read(slice(None), slice(None), slice(None), slice(None))
 
 
+# What imagecodecs decodes exactly as tifffile does, and the GIL released: one grey sample,
+# one page, 8/16/32-bit integers or 32-bit floats, none/LZW/deflate/PackBits compression.
+_PLAIN_TIFF = {"samples": (1,), "pages": (1,), "bits": (8, 16, 32), "sample_format": (1, 2, 3),
+               "compression": (1, 5, 8, 32946, 32773)}
+
+
+def _plain_tiff(path: Path, data: bytes) -> dict | None:
+    header = tiff_header(path, data)
+    if header is None or any(header[k] not in allowed for k, allowed in _PLAIN_TIFF.items()):
+        return None
+    if header["sample_format"] == 3 and header["bits"] != 32:
+        return None
+    return header
+
+
 def decode_slice(path: Path) -> np.ndarray:
     """One 2D slice, its header checked before decoding (no allocation past what the file can hold)."""
     import imagecodecs
@@ -143,6 +158,9 @@ def decode_slice(path: Path) -> np.ndarray:
             data = path.read_bytes()
             png_claim(path, data)
             image = imagecodecs.png_decode(data)
+        elif (header := _plain_tiff(path, data := path.read_bytes())) is not None:
+            tiff_bytes_claim(path, data, header)
+            image = imagecodecs.tiff_decode(data)  # libtiff in C, the GIL released: threads decode in parallel
         else:
             with tifffile.TiffFile(path) as tif:
                 if not tif.pages:
