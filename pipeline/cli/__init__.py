@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         module = _module(command)
         if hasattr(module, "paths"):
             check_outputs(*module.paths(args))
-        if hasattr(args, "threads"):
-            from pipeline.device import configure_threads
+        if hasattr(args, "threads"):  # the commands that run networks
+            from pipeline.device import configure_allocator, configure_threads
 
             configure_threads(args.threads)
+            configure_allocator()
         return int(module.run(args) or 0)
     except SlabError as err:
         print(f"slab: error: {' '.join(str(err).split())}", file=sys.stderr)
