@@ -72,3 +72,17 @@ def test_threads_option_and_default_do_not_oversubscribe():
         assert default_threads(workers=available_cores()) == 1  # workers share the cores
     finally:
         torch.set_num_threads(before)
+
+
+def test_allocator_setup_applies_on_glibc_and_can_be_turned_off():
+    import subprocess
+    import sys
+
+    code = "from pipeline.device import configure_allocator; print(configure_allocator())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "SLAB_MALLOC": "default"}).stdout.strip()
+    import platform
+
+    assert off == "False"
+    assert on == ("True" if platform.libc_ver()[0] == "glibc" else on)
