@@ -393,3 +393,16 @@ def test_a_larger_ensemble_must_win_by_the_margin():
 
     assert choose_candidate(rows(**{"2d": 0.80, "2p5d": 0.81, "2d+2p5d": 0.81 + ENSEMBLE_MARGIN / 2})) == "2p5d"
     assert choose_candidate(rows(**{"2d": 0.80, "2p5d": 0.81, "2d+2p5d": 0.83})) == "2d+2p5d"
+
+
+def test_an_exported_run_keeps_its_threshold(cv_plan, tmp_path, monkeypatch):
+    _, plan, _ = cv_plan
+    from pipeline.inference.model import load_model
+    from pipeline.training.state import load_checkpoint
+
+    monkeypatch.setenv("SLAB_HOME", str(tmp_path / "home"))
+    run = plan / "runs" / "3d" / "fold_0"
+    assert main(["export", str(run), str(tmp_path / "run.zip")]) == 0
+    assert main(["install", str(tmp_path / "run.zip"), "--name", "one"]) == 0
+    installed = load_model("one", device="cpu")
+    assert installed.postprocess.binarise.threshold == pytest.approx(load_checkpoint(run / "best.pt")["threshold"])

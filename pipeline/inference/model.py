@@ -150,9 +150,11 @@ def load_model(name, *, folds=None, configurations=None, **overrides):
 
 
 class Ensemble:
-    """The mean probabilities of several checkpoints (folds, configurations), one network in
-    memory at a time, post-processed by the model's ``chosen`` post-processing (``postprocess``
-    among the overrides: settings given over it, as on the command line).
+    """The mean probabilities of several checkpoints (folds, configurations), post-processed by
+    the model's ``chosen`` post-processing (``postprocess`` among the overrides: settings given
+    over it, as on the command line). Members are built one after the other: at most two
+    networks are in memory (the first, which answers for the ensemble's settings, and the
+    current one), and one float32 sum of the probabilities.
 
     It answers what :func:`pipeline.inference.predict_file` asks of a :class:`Predictor`:
     ``__call__``, ``postprocess``, ``label_names``, ``check_input``, ``memory_budget``,
@@ -164,10 +166,12 @@ class Ensemble:
             raise SlabError("ensemble: no members")
         from transforms.post import make_postprocess, merge_postprocess
 
-        self.postprocess_options = merge_postprocess(chosen, overrides.pop("postprocess", None))
-        self.overrides = overrides
         self.checkpoints = [Path(c) for c in checkpoints]
         self.specs = [spec_of_checkpoint(c) for c in self.checkpoints]
+        if not chosen and len(self.specs) == 1:  # one exported run: the threshold its validation chose
+            chosen = self.specs[0].get("postprocess")
+        self.postprocess_options = merge_postprocess(chosen, overrides.pop("postprocess", None))
+        self.overrides = overrides
         # The first member, built now: it checks the settings and answers the questions about inputs.
         self.first = self._member(0)
         outputs = {(s["network"].get("out_channels"), tuple(s["network"].get("labels") or ())) for s in self.specs}
