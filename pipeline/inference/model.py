@@ -56,7 +56,11 @@ def spec_of_checkpoint(path) -> dict:
     """The inference spec of a training checkpoint (``best.pt``, ``last.pt``) or of an exported
     model file, read with ``weights_only=True``. Checkpoints written before specs were stored
     give one rebuilt from their config and network."""
-    state = _checkpoint(Path(path))
+    return spec_of_state(_checkpoint(Path(path)), path)
+
+
+def spec_of_state(state: dict, path) -> dict:
+    """:func:`spec_of_checkpoint` of a checkpoint already read (``path`` names it in errors)."""
     spec = state.get("inference")
     if isinstance(spec, dict):
         return spec
@@ -168,8 +172,6 @@ class Ensemble:
 
         self.checkpoints = [Path(c) for c in checkpoints]
         self.specs = [spec_of_checkpoint(c) for c in self.checkpoints]
-        if not chosen and len(self.specs) == 1:  # one exported run: the threshold its validation chose
-            chosen = self.specs[0].get("postprocess")
         self.postprocess_options = merge_postprocess(chosen, overrides.pop("postprocess", None))
         self.overrides = overrides
         # The first member, built now: it checks the settings and answers the questions about inputs.
@@ -193,8 +195,15 @@ class Ensemble:
         return self.first.label_names()
 
     def check_input(self, info, name) -> None:
-        for index in range(len(self)):
-            (self.first if index == 0 else self._member(index)).check_input(info, name)
+        """Each distinct network's channel check (the folds of one configuration share theirs)."""
+        import json
+
+        seen = set()
+        for index, spec in enumerate(self.specs):
+            key = json.dumps(spec["network"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                (self.first if index == 0 else self._member(index)).check_input(info, name)
 
     def fits_in_memory(self, volume) -> bool:
         return self.first.fits_in_memory(volume)
@@ -220,7 +229,7 @@ def slim_state(path) -> dict:
     optimizer, no RNG states, no history), for ``slab export``."""
     state = _checkpoint(Path(path))
     return {"model": state["model"], "config": state["config"], "network": state["network"],
-            "inference": spec_of_checkpoint(path), "epoch": state.get("epoch"),
+            "inference": spec_of_state(state, path), "epoch": state.get("epoch"),
             "threshold": state.get("threshold"), "metrics": state.get("metrics")}
 
 

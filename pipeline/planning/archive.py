@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.inference.model import MODEL_FILE, read_model_file, resolve_model, slim_state
+from pipeline.inference.model import MODEL_FILE, read_model_file, resolve_model, slim_state, spec_of_checkpoint
 from transforms.errors import SlabError
 
 
@@ -40,8 +40,10 @@ def export_model(model, archive) -> dict:
         root = source.parent
         members = data["members"]
     else:
-        data, root = {}, source.parent
+        root = source.parent
         members = [{"configuration": "run", "fold": None, "checkpoint": source.name}]
+        # one run: its model's post-processing is the threshold its validation chose
+        data = {"postprocess": spec_of_checkpoint(source).get("postprocess") or {}}
     out_members = []
     with atomic_write(archive) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for index, member in enumerate(members):
@@ -86,7 +88,7 @@ def _check_archive(zf: zipfile.ZipFile, archive) -> list[zipfile.ZipInfo]:
 def install_model(archive, name: str | None = None, home=None, force: bool = False) -> Path:
     """Unpack ``archive`` into ``home/NAME`` (default: the archive's stem under
     :func:`models_home`) and check that the model loads as data; returns the folder."""
-    from pipeline.inference.model import models_home, spec_of_checkpoint
+    from pipeline.inference.model import models_home
     from transforms.outputs import temp_dir
 
     archive = Path(archive)

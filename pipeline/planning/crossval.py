@@ -153,17 +153,18 @@ def _fold_cases(datalist: Path, fold: int) -> list[dict]:
 
 def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[str]:
     """Predict fold ``fold``'s held-out cases with its model into ``cv/<configuration>/``."""
-    from pipeline.inference.model import spec_of_checkpoint
+    from pipeline.inference.model import spec_of_state
     from pipeline.inference.predictor import Predictor
     from transforms.io import atomic_write, load_volume
 
     plan_dir = Path(plan_dir)
     best = run_dir(plan_dir, configuration, fold) / "best.pt"
     marker = plan_dir / "cv" / configuration / f"fold_{fold}.json"
-    spec = spec_of_checkpoint(best)
     from pipeline.training.state import load_checkpoint
 
-    epoch = int(load_checkpoint(best)["epoch"])
+    state = load_checkpoint(best)
+    spec, epoch = spec_of_state(state, best), int(state["epoch"])
+    del state
     cases = _fold_cases(plan_dir / "datalist.json", fold)
     if marker.is_file() and read_json_object(marker, "fold record").get("epoch") == epoch:
         return [c["case"] for c in cases]
