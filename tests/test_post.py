@@ -4,11 +4,14 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import remove_small_objects
 
+from transforms import post
 from transforms.errors import SlabError
 from transforms.post import (
     FillHoles,
@@ -117,6 +120,76 @@ def test_hysteresis_known_answer():
     assert HysteresisFill(0.5, 0.9, 6)(p).sum() == 4
     assert HysteresisFill(0.5, 0.9, 26)(p).sum() == 7
     assert HysteresisFill(0.5, 0.5, 6)(p).sum() == 4 + 3 + 7  # low == high: a plain threshold
+
+
+def exact_hysteresis(p, low, high, connectivity):
+    """The reference with comparisons made as real numbers (float64 holds every tested value)."""
+    v = p.astype(np.float64)
+    labels, n = ndi.label(v > low, ndi.generate_binary_structure(3, SKIMAGE_CONNECTIVITY[connectivity]))
+    return (ndi.sum(v > high, labels, np.arange(n + 1)) > 0)[labels]
+
+
+def test_compiled_fill_is_built():
+    # setup.py builds it; without it HysteresisFill falls back to cc3d (same output, slower) and
+    # the README's speed table would not describe this install.
+    assert post._compiled_fill is not None, "transforms/_fill.c is not built: pip install -e . with a C compiler"
+
+
+DTYPES = ("float32", "float64", "float16", ">f4", ">f8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "bool")
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.tuples(*[st.sampled_from([1, 2, 3, 5, 7, 12, 31])] * 3), dtype=st.sampled_from(DTYPES),
+       connectivity=st.sampled_from([6, 18, 26]), layout=st.sampled_from(["C", "F", "strided"]),
+       thresholds=st.tuples(st.floats(-0.5, 1.5), st.floats(-0.5, 1.5)), seed=st.integers(0, 2**16))
+def test_seeded_fill_matches_labelling_over_shapes_dtypes_layouts(shape, dtype, connectivity, layout, thresholds, seed):
+    rng = np.random.default_rng(seed)
+    low, high = sorted(thresholds)
+    p = smooth_map(rng, shape, sigma=rng.uniform(0, 1.5)) if min(shape) > 1 else rng.random(shape)
+    if dtype == "bool":
+        p = p > 0.5
+    elif np.dtype(dtype).kind in "iu":
+        p = np.round(p * 10).astype(dtype)
+        low, high = low * 10, high * 10
+    else:
+        p = p.astype(dtype)
+        p.flat[::5] = np.asarray(low, p.dtype)  # values at the rounded thresholds themselves
+    if layout == "F":
+        p = np.asfortranarray(p)
+    elif layout == "strided":
+        p = np.repeat(p, 2, axis=1)[:, ::2]
+    expected = exact_hysteresis(p, low, high, connectivity)
+    out = HysteresisFill(low, high, connectivity)(p)
+    assert out.dtype == np.uint8 and out.shape == p.shape
+    np.testing.assert_array_equal(out, expected)
+    labelled = post._filter_components(post.greater_than(p, low), connectivity, lambda seeds: seeds > 0,
+                                       count_in=post.greater_than(p, high))
+    np.testing.assert_array_equal(labelled, expected)
+
+
+def test_seeded_fill_long_and_dense_fills(rng):
+    # A serpentine 1-voxel path through a 64x64 plane (rows joined at alternating ends), seeded at
+    # its far end: one fill of thousands of spans; then a dense 60 % random 64^3 field, whose
+    # fills push more spans than the stack first holds, at every connectivity.
+    path = np.zeros((3, 64, 64), np.float32)
+    path[1, ::2] = 0.6
+    path[1, 1::4, -1] = path[1, 3::4, 0] = 0.6
+    path[1, -2, -1] = 0.95
+    assert HysteresisFill(0.5, 0.9, 6)(path).sum() == 32 * 64 + 32  # 32 rows and 32 joints
+    for connectivity in (6, 18, 26):
+        np.testing.assert_array_equal(HysteresisFill(0.5, 0.9, connectivity)(path),
+                                      exact_hysteresis(path, 0.5, 0.9, connectivity))
+    noise = rng.random((64, 64, 64)).astype(np.float32)
+    for connectivity in (6, 18, 26):
+        np.testing.assert_array_equal(HysteresisFill(0.4, 0.999, connectivity)(noise),
+                                      exact_hysteresis(noise, 0.4, 0.999, connectivity))
+
+
+def test_hysteresis_without_the_compiled_fill(rng, monkeypatch):
+    p = smooth_map(rng, (9, 14, 11))
+    expected = HysteresisFill(0.4, 0.6, 26)(p)
+    monkeypatch.setattr(post, "_compiled_fill", None)
+    np.testing.assert_array_equal(HysteresisFill(0.4, 0.6, 26)(p), expected)
 
 
 def test_hysteresis_bad_parameters():

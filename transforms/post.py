@@ -28,6 +28,11 @@ from transforms.checks import CONNECTIVITIES, FILL_MODES
 from transforms.errors import SlabError
 from transforms.io import check_same_geometry
 
+try:  # the compiled flood fill (setup.py builds it); without it, hysteresis labels with cc3d
+    from transforms import _fill as _compiled_fill
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _compiled_fill = None
+
 # Voxels per chunk when walking a labelled volume: temporaries stay small and in cache.
 _CHUNK_VOXELS = 1 << 20
 
@@ -172,6 +177,46 @@ def greater_than(x: np.ndarray, threshold: float) -> np.ndarray:
 # Kernels on one 3D numpy volume
 
 
+def _exact_threshold(x: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
+    """``(values, t)`` such that ``values > t`` in ``values``' float precision is exactly
+    :func:`greater_than` ``(x, threshold)``: floats keep their dtype and ``t`` is rounded down
+    to it; integers and bools become float32 (up to 16 bits) or float64 (exact to 2**53) and
+    ``t`` is the threshold's floor, clipped to the dtype's range (64-bit integers are not
+    handled: float64 would round them)."""
+    if x.dtype.kind == "f" and x.dtype.itemsize in (4, 8):
+        if not x.dtype.isnative:  # a big-endian volume from a file
+            x = x.astype(x.dtype.newbyteorder("="))
+        rounded = x.dtype.type(threshold)
+        if float(rounded) > threshold:
+            rounded = np.nextafter(rounded, x.dtype.type(-np.inf))
+        return x, float(rounded)
+    if x.dtype.kind == "f":  # float16: float32 holds every value and the threshold exactly
+        return _exact_threshold(x.astype(np.float32), threshold)
+    if x.dtype == np.bool_:
+        x = x.view(np.uint8)
+    info = np.iinfo(x.dtype)
+    t = float(min(max(math.floor(threshold), info.min - 1), info.max))
+    return x.astype(np.float32 if x.dtype.itemsize <= 2 else np.float64), t
+
+
+def seeded_fill(x: np.ndarray, low: float, high: float, connectivity: int) -> np.ndarray:
+    """Hysteresis by seeded flood fill in compiled code: the voxels ``> low`` connected to a
+    voxel ``> high``, as uint8. Work is proportional to the filled voxels plus one scan for the
+    seeds (no labelling of every component), memory is the output alone (plus a float copy of
+    an integer volume), and the GIL is released.
+    A Fortran-ordered volume is filled transposed (connectivity is symmetric), not copied."""
+    flip = x.flags.f_contiguous and not x.flags.c_contiguous
+    if flip:
+        x = x.T
+    x = np.ascontiguousarray(x)
+    values, t_high = _exact_threshold(x, high)
+    state = greater_than(x, low).view(np.uint8)  # 1: fillable; the fill marks what it reaches 2
+    if state.size:
+        _compiled_fill.fill(values, state, t_high, connectivity)
+    np.right_shift(state, 1, out=state)
+    return state.T if flip else state
+
+
 def _filter_components(mask: np.ndarray, connectivity: int, keep: Callable[[np.ndarray], np.ndarray],
                        count_in: np.ndarray | None = None) -> np.ndarray:
     """The connected components of ``mask`` that ``keep`` selects, as uint8.
@@ -294,6 +339,8 @@ class HysteresisFill(Transform):
         self.connectivity = _check_connectivity(connectivity)
 
     def _fill(self, v: np.ndarray, low: float, high: float) -> np.ndarray:
+        if _compiled_fill is not None and (v.dtype.kind in "fb" or v.dtype.kind in "iu" and v.dtype.itemsize <= 4):
+            return seeded_fill(v, low, high, self.connectivity)
         return _filter_components(greater_than(v, low), self.connectivity, lambda seeds: seeds > 0,
                                   count_in=greater_than(v, high))
 
