@@ -59,6 +59,49 @@ def test_samples_are_slabs_of_the_normalised_volume(phantoms):
     assert 0 <= ds.images[0].min() and ds.images[0].max() <= 1
 
 
+def _crop_reference(ds, index, epoch):
+    """The sample as slab-then-crop gives it: extract_slab of whole slices, then the window (the
+    same rng draws in the same order), zero-padded where the patch is larger than the slice."""
+    volume, plane, slice_index, positive, rng = ds.draw(index, epoch)
+    image = extract_slab(ds.images[volume], plane, slice_index, ds.offsets).astype(np.float32)
+    label = extract_slab(ds.labels[volume], plane, slice_index, (0,))
+    centre = None
+    if positive:
+        pixels = np.argwhere(np.any(label > 0, axis=0))
+        centre = pixels[int(rng.integers(len(pixels)))] if len(pixels) else None
+    out_i, out_l = np.zeros((image.shape[0], *ds.patch_size), np.float32), np.zeros((label.shape[0], *ds.patch_size))
+    source, target = [], []
+    for axis in range(2):
+        n, p = image.shape[axis + 1], ds.patch_size[axis]
+        if p >= n:
+            source.append(slice(0, n))
+            target.append(slice((p - n) // 2, (p - n) // 2 + n))
+            continue
+        start = int(rng.integers(0, n - p + 1)) if centre is None else int(np.clip(centre[axis] - p // 2, 0, n - p))
+        source.append(slice(start, start + p))
+        target.append(slice(0, p))
+    out_i[(slice(None), *target)] = image[(slice(None), *source)]
+    out_l[(slice(None), *target)] = label[(slice(None), *source)]
+    return out_i, out_l
+
+
+@pytest.mark.parametrize("shape, patch, offsets", [((23, 1, 17), (8, 8), (-1, 0, 1)), ((5, 31, 12), (16, 7), (0, 2, 4)),
+                                                   ((19, 13, 2), (13, 19), (-3, 0, 3))])
+def test_crop_first_equals_slab_then_crop(shape, patch, offsets):
+    rng = np.random.default_rng(1)
+    image = rng.random((2, *shape)).astype(np.float32)  # two channels
+    label = (rng.random((1, *shape)) > 0.9).astype(np.uint8)
+    ds = SlabDataset([{"image": image, "label": label}], offsets=offsets, samples_per_epoch=40,
+                     patch_size=patch, positive_fraction=0.6, seed=2, cache_dtype="float16")
+    for index in range(40):
+        sample = ds.sample(index, 3)
+        expected_image, expected_label = _crop_reference(ds, index, 3)
+        np.testing.assert_array_equal(sample["image"].numpy(), expected_image)
+        np.testing.assert_array_equal(sample["label"].numpy(), expected_label)
+        assert sample["image"].shape == (2 * len(offsets), *patch) and sample["image"].dtype == torch.float32
+        assert not np.shares_memory(sample["label"].numpy(), ds.labels[0])
+
+
 def test_positive_fraction_and_planes(phantoms):
     ds = SlabDataset(_items(phantoms), samples_per_epoch=600, positive_fraction=0.3, patch_size=(8, 8), seed=1)
     assert any(not f[p].all() for f in ds.slice_has_label for p in PLANE_AXIS)  # negatives exist
@@ -109,6 +152,47 @@ def test_augment_geometry_identical_for_image_and_label():
         out = RandSlabAugmentd(prob=1.0, intensity=False).set_random_state(seed)({"image": blob.clone(), "label": blob.clone()})
         assert ((out["image"] > 0.5) == (out["label"] > 0.5)).float().mean() > 0.97
         assert set(out["label"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_augment_identity_affine_and_seeding():
+    # a zero-range affine resamples every pixel at its own centre: bilinear and nearest give the
+    # input back exactly on a rectangle, so the grid's normalisation has no half-pixel error
+    image, label = torch.rand(3, 7, 12), (torch.rand(1, 7, 12) > 0.5).to(torch.uint8)
+    aug = RandSlabAugmentd(prob=1.0, flips=False, rot90=False, intensity=False, rotate_range=0, scale_range=0)
+    out = aug.set_random_state(0)({"image": image, "label": label})
+    torch.testing.assert_close(out["image"], image, atol=1e-6, rtol=0)
+    assert torch.equal(out["label"], label)
+    # a seed's draws do not depend on what was drawn before it (the RandomState is made lazily)
+    aug = RandSlabAugmentd(prob=0.5, elastic=True)
+    first = aug.set_random_state(7)({"image": image, "label": label})
+    aug.set_random_state(8)({"image": image, "label": label})
+    again = aug.set_random_state(7)({"image": image, "label": label})
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+
+
+def test_randomizable_members_seed_as_monai_set_rnd():
+    from monai.data.utils import set_rnd
+    from monai.transforms import RandFlipd, RandGaussianNoised, Compose
+
+    from pipeline.training.engine import randomizable_members
+
+    class Holder:
+        def __init__(self):
+            self.first = RandFlipd("x", prob=0.5)
+            self.__hidden = RandFlipd("x", prob=0.5)
+            self.items = [RandGaussianNoised("x"), 3, [RandFlipd("x")], "text"]
+            self.pair = (RandFlipd("x"), Compose([RandFlipd("x")]))
+            self.last = RandGaussianNoised("x")
+
+    a, b = Holder(), Holder()
+    set_rnd(a, 1234)
+    members, _ = randomizable_members(b)
+    for member, offset in members:
+        member.set_random_state(seed=1234 + offset)
+    found_a = [m for m, _ in randomizable_members(a)[0]]
+    assert len(found_a) == 7
+    for x, (y, _) in zip(found_a, members):
+        assert x.R.randint(2**31) == y.R.randint(2**31)
 
 
 def test_augment_rectangular_keeps_shape_and_dtype():

@@ -17,7 +17,7 @@ import torch
 
 from transforms.errors import SlabError
 from transforms.intensity import PercentileNormalize, ZScoreNormalize, make_normalize
-from transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
+from transforms.slab import PLANE_AXIS, check_offsets, plane_axis, slab_indices
 
 
 def _load(value, name: str):
@@ -193,14 +193,30 @@ class SlabDataset(torch.utils.data.Dataset):
         return volume, plane, int(slices[int(rng.integers(slices.size))]), positive, rng
 
     def sample(self, index: int, epoch: int) -> dict:
-        """Sample ``index`` of ``epoch`` (what ``dataset[index]`` gives after ``set_epoch(epoch)``)."""
+        """Sample ``index`` of ``epoch`` (what ``dataset[index]`` gives after ``set_epoch(epoch)``).
+
+        Crop first: the window is chosen on the label's slice (a view), then only the window of
+        the slab's slices is gathered, so a 64x64 sample of a 512x512 volume copies 64x64xk
+        voxels, not k whole slices. The result is the slab of ``extract_slab`` cropped (and
+        zero-padded) to ``patch_size``."""
         volume, plane, slice_index, positive, rng = self.draw(index, epoch)
-        image = extract_slab(self.images[volume], plane, slice_index, self.offsets).astype(np.float32, copy=False)
-        label = extract_slab(self.labels[volume], plane, slice_index, (0,))
+        axis = PLANE_AXIS[plane]
+        image_volume, label_volume = self.images[volume], self.labels[volume]
+        label_slice = label_volume[(slice(None),) * (axis + 1) + (slice_index,)]  # (L, A, B) view
+        window, pads = (slice(None), slice(None)), (0, 0)
         if self.patch_size is not None:
-            image, label = self._crop(image, label, positive, rng)
-        if not self.keep_label_dtype:
-            label = label.astype(np.float32)
+            window, pads = self._window(label_slice, positive, rng)
+        label = label_slice[(slice(None), *window)]
+        indices = slab_indices(slice_index, image_volume.shape[axis + 1], self.offsets)
+        where = [slice(None)] * 4
+        where[axis + 1] = indices
+        others = [a for a in (1, 2, 3) if a != axis + 1]
+        where[others[0]], where[others[1]] = window
+        image = np.moveaxis(image_volume[tuple(where)], axis + 1, 1)  # (C, k, h, w)
+        image = image.reshape(-1, *image.shape[2:]).astype(np.float32)
+        if self.patch_size is not None and image.shape[1:] != self.patch_size:
+            image, label = _pad_to(image, self.patch_size, pads), _pad_to(label, self.patch_size, pads)
+        label = label.astype(label.dtype if self.keep_label_dtype else np.float32)  # a copy, never the cache
         out = {"image": torch.from_numpy(np.ascontiguousarray(image)),
                "label": torch.from_numpy(np.ascontiguousarray(label))}
         if self.augment is not None:
@@ -211,29 +227,28 @@ class SlabDataset(torch.utils.data.Dataset):
         out.update(case=volume, plane=plane, slice=slice_index, positive=positive)
         return out
 
-    def _crop(self, image: np.ndarray, label: np.ndarray, positive: bool, rng: np.random.Generator):
+    def _window(self, label_slice: np.ndarray, positive: bool, rng: np.random.Generator):
+        """``((rows, cols), (pad_rows, pad_cols))``: the crop of a slice and the padding that
+        centres it in ``patch_size``; a positive draw centres on one of its foreground pixels."""
         centre = None
         if positive:
-            pixels = np.argwhere(np.any(label > 0, axis=0))
+            pixels = np.argwhere(np.any(label_slice > 0, axis=0))
             if len(pixels):
                 centre = pixels[int(rng.integers(len(pixels)))]
-        starts, pads = [], []
+        window, pads = [], []
         for axis in range(2):
-            start, pad = _crop_window(image.shape[axis + 1], self.patch_size[axis],
+            start, pad = _crop_window(label_slice.shape[axis + 1], self.patch_size[axis],
                                       None if centre is None else int(centre[axis]), rng)
-            starts.append(start)
+            window.append(slice(start, start + self.patch_size[axis]))
             pads.append(pad)
-        h, w = self.patch_size
-        window = (slice(None), slice(starts[0], starts[0] + h), slice(starts[1], starts[1] + w))
-        image, label = image[window], label[window]
-        if image.shape[1:] != (h, w):
-            out_i = np.zeros((image.shape[0], h, w), image.dtype)
-            out_l = np.zeros((label.shape[0], h, w), label.dtype)
-            place = (slice(None), slice(pads[0], pads[0] + image.shape[1]), slice(pads[1], pads[1] + image.shape[2]))
-            out_i[place], out_l[place] = image, label
-            image, label = out_i, out_l
-        return image, label
+        return tuple(window), tuple(pads)
 
+
+def _pad_to(array: np.ndarray, size: tuple[int, int], pads: tuple[int, int]) -> np.ndarray:
+    """``(C, h, w)`` placed at ``pads`` in zeros of ``(C, *size)``."""
+    out = np.zeros((array.shape[0], *size), array.dtype)
+    out[:, pads[0]:pads[0] + array.shape[1], pads[1]:pads[1] + array.shape[2]] = array
+    return out
 
 
 __all__ = ["SlabDataset"]

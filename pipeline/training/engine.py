@@ -29,6 +29,7 @@ import torch.nn as nn
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.inferers import SimpleInferer
+from monai.utils import MAX_SEED
 
 from pipeline.device import amp_dtype, autocast
 from pipeline.training.config import LOWER_IS_BETTER, config_error
@@ -62,21 +63,52 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class _Samples(torch.utils.data.Dataset):
-    """Sample ``i`` of epoch ``e`` drawn under seed ``(seed, e, i)``, in whichever process draws it."""
+    """Sample ``i`` of epoch ``e`` drawn under seed ``(seed, e, i)``, in whichever process draws it.
+
+    Indexed with ``(epoch, i)`` pairs (what :class:`_RankBatches` yields), so that persistent
+    loader workers, forked once per run, draw the epoch the trainer is in; a plain ``i`` draws
+    from ``self.epoch``."""
 
     def __init__(self, task: TrainTask, seed: int) -> None:
         self.task, self.seed, self.epoch = task, seed, 0
+        self._randomizable: list | None = None
 
     def __len__(self) -> int:
         return self.task.n_samples
 
-    def __getitem__(self, index: int) -> Any:
-        from monai.data.utils import set_rnd
-
-        sample_seed = derive_seed(self.seed, self.epoch, index)
+    def __getitem__(self, index) -> Any:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        sample_seed = derive_seed(self.seed, epoch, index)
+        if self._randomizable is None:  # found once: MONAI's set_rnd walks the task's every attribute
+            self._randomizable = randomizable_members(self.task)[0]
         with seeded(sample_seed):
-            set_rnd(self.task, sample_seed)  # MONAI transforms keep their own RandomState
-            return self.task.sample(index, self.epoch)
+            for member, offset in self._randomizable:  # as set_rnd(task, sample_seed) seeds them
+                member.set_random_state(seed=(sample_seed + offset) % MAX_SEED)
+            return self.task.sample(index, epoch)
+
+
+def randomizable_members(obj: Any, offset: int = 0) -> tuple[list[tuple[Any, int]], int]:
+    """``([(member, seed offset), ...], next offset)``: what ``monai.data.utils.set_rnd(obj, seed)``
+    seeds and with which ``seed + offset``, found by the same walk (attributes in order, an object
+    with ``set_random_state`` taken whole, every item of a list or tuple from the list's own
+    offset, the list then advancing it by one if its last item did), so that seeding the members
+    found once equals calling ``set_rnd`` for every sample."""
+    if isinstance(obj, (tuple, list)):
+        found, end = [], offset
+        for item in obj:
+            members, end = randomizable_members(item, offset)
+            found += members
+        return found, offset if end == offset else offset + 1
+    if not hasattr(obj, "__dict__"):
+        return [], offset
+    if hasattr(obj, "set_random_state"):
+        return [(obj, offset)], offset + 1
+    found = []
+    for key, value in obj.__dict__.items():
+        if not key.startswith("__"):
+            members, offset = randomizable_members(value, offset)
+            found += members
+    return found, offset
 
 
 class _RankBatches(torch.utils.data.Sampler):
@@ -84,14 +116,16 @@ class _RankBatches(torch.utils.data.Sampler):
 
     def __init__(self, n_samples: int, batch_size: int, info: DistInfo) -> None:
         self.steps, self.batch_size, self.info = n_samples // batch_size, batch_size, info
+        self.epoch = 0
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        epoch = self.epoch  # read when the loader starts the epoch, in the main process
         for step in range(self.steps):
             indices = range(step * self.batch_size, (step + 1) * self.batch_size)
-            yield rank_batch(indices, self.info.rank, self.info.world_size)
+            yield [(epoch, i) for i in rank_batch(indices, self.info.rank, self.info.world_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +251,11 @@ class SlabTrainer(SupervisedTrainer):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if info.enabled else model
         self.samples = _Samples(task, cfg["seed"])
+        self.batches = _RankBatches(task.n_samples, cfg["batch_size"], info)
         loader = torch.utils.data.DataLoader(
-            self.samples, batch_sampler=_RankBatches(task.n_samples, cfg["batch_size"], info),
-            num_workers=cfg["num_workers"], collate_fn=task.collate, pin_memory=device.type == "cuda",
+            self.samples, batch_sampler=self.batches, num_workers=cfg["num_workers"],
+            persistent_workers=cfg["num_workers"] > 0,  # forked once per run, not once per epoch
+            collate_fn=task.collate, pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg["seed"]),  # loader draws never touch the global RNG
         )
         super().__init__(device=device, max_epochs=cfg["epochs"], train_data_loader=loader, network=net,
@@ -255,7 +291,7 @@ class SlabTrainer(SupervisedTrainer):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        self.samples.epoch = epoch
+        self.samples.epoch = self.batches.epoch = epoch
         self.network.train()
         self.losses: list[float] = []
         self.images = 0

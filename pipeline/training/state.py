@@ -50,13 +50,15 @@ def seeded(seed: int) -> Iterator[None]:
     """Run a block under ``seed`` for Python, NumPy and torch (CPU), then restore the outer states.
 
     A sample drawn inside depends on ``seed`` alone, not on what was drawn before it, in which
-    process or in which loader worker.
+    process or in which loader worker. Only the CPU generator of torch is seeded (the one
+    ``fork_rng(devices=[])`` restores): ``torch.manual_seed`` would also reseed every CUDA device
+    for good, and its lazy CUDA/XPU calls format a stack trace each time (0.7 ms a sample).
     """
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
