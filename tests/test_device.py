@@ -5,7 +5,8 @@ import torch
 import pipeline.inference.forward
 import pipeline.training.engine
 import pipeline.training.loop
-from pipeline.device import amp_dtype, autocast, resolve_device
+import pipeline.device
+from pipeline.device import amp_dtype, autocast, cpu_supports_bf16, resolve_device
 from transforms.errors import SlabError
 
 
@@ -33,6 +34,33 @@ def test_amp_only_on_cuda():
         expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         assert amp_dtype(torch.device("cuda"), True) == expected
         assert amp_dtype(torch.device("cuda"), False) is None
+
+
+def test_precisions(monkeypatch):
+    cpu = torch.device("cpu")
+    for value in (False, None, "fp32", True, "auto"):
+        assert amp_dtype(cpu, value) is None  # float32 on a CPU unless bf16 is asked for
+    assert isinstance(cpu_supports_bf16(), bool)
+    monkeypatch.setattr(pipeline.device, "cpu_supports_bf16", lambda: True)
+    assert amp_dtype(cpu, "bf16") == torch.bfloat16
+    monkeypatch.setattr(pipeline.device, "cpu_supports_bf16", lambda: False)
+    with pytest.raises(SlabError, match="^--precision bf16: this CPU has no bfloat16 instructions"):
+        amp_dtype(cpu, "bf16")
+    with pytest.raises(SlabError, match="^--precision fp16: CUDA only"):
+        amp_dtype(cpu, "fp16")
+    for bad in ("half", "bfloat16", 1.5):
+        with pytest.raises(SlabError, match="^precision: expected auto, fp32, bf16 or fp16"):
+            amp_dtype(cpu, bad)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bfloat16 instructions")
+def test_cpu_bf16_autocast_computes_in_bfloat16():
+    cpu = torch.device("cpu")
+    a = torch.rand(16, 16)
+    with autocast(cpu, amp_dtype(cpu, "bf16")):
+        y = a @ a
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), a @ a, rtol=2e-2, atol=5e-2)
 
 
 def test_autocast_is_a_no_op_without_a_dtype():

@@ -10,6 +10,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from networks import build_network, network_divisor, save_weights
+from pipeline.device import cpu_supports_bf16
 from pipeline.inference import Predictor, predict_2p5d, predict_3d, predict_file
 from transforms.errors import SlabError
 from transforms.intensity import PercentileNormalize
@@ -191,6 +192,43 @@ def test_memory_budget_moves_an_in_memory_volume_to_disk():
     assert small.permute(3, 2, 1, 0).is_contiguous()
     assert torch.equal(small, predict_2p5d(net, v, divisor=2, batch_size=2))
     assert torch.equal(large, memory)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bfloat16 instructions")
+def test_cpu_bf16_agrees_with_fp32():
+    torch.manual_seed(0)
+    net = build_network("unet", spatial_dims=2, in_channels=3, out_channels=1, channels=(8, 16), strides=(2,))
+    volume = torch.rand(1, 12, 10, 9)
+    fp32 = predict_2p5d(net, volume, device="cpu", amp="fp32", divisor=2)
+    bf16 = predict_2p5d(net, volume, device="cpu", amp="bf16", divisor=2)
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)  # computed in bfloat16 ...
+    assert float((fp32 - bf16).abs().max()) < 2e-2  # ... and close to float32
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    import pipeline.inference.forward as forward
+    from transforms.errors import SlabWarning
+
+    def broken(model, **kwargs):
+        def call(x):
+            raise RuntimeError("inductor: no C++ compiler\nsecond line")
+        return call
+
+    net = nn.Conv2d(3, 1, 3, padding=1)
+    volume = torch.rand(1, 6, 7, 5)
+    expected = predict_2p5d(net, volume, device="cpu")
+    monkeypatch.setattr(forward.torch, "compile", broken)
+    with pytest.warns(SlabWarning, match="torch.compile is unavailable here .RuntimeError: inductor: no C.. compiler."):
+        got = predict_2p5d(net, volume, device="cpu", compile=True)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_compiled_network_gives_the_eager_result():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+    volume = torch.rand(1, 8, 8, 6)
+    torch.testing.assert_close(predict_2p5d(net, volume, planes=("xy",), device="cpu", compile=True),
+                               predict_2p5d(net, volume, planes=("xy",), device="cpu"), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_arguments_and_nan_are_refused():

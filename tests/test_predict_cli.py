@@ -139,6 +139,9 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, model, image, capsys
     _refused(capsys, ["predict", "-i", str(tmp_path / "nan.nii.gz")] + base, "NaN", out)
     _refused(capsys, ["predict", "-i", path] + base + ["--axes", "xy,yz"], "planes: unknown plane 'yz'", out)
     _refused(capsys, ["predict", "-i", path] + base + ["--tta", "rot"], "argument --tta: invalid choice: 'rot'", out)
+    _refused(capsys, ["predict", "-i", path] + base + ["--precision", "fp16", "--device", "cpu"],
+             "--precision fp16: CUDA only", out)
+    _refused(capsys, ["predict", "-i", path] + base + ["--precision", "half"], "argument --precision: invalid choice", out)
     _refused(capsys, ["predict", "-i", path, "-o", str(out), "--network", config, "--weights",
                       str(tmp_path / "missing.pt")], "no such weights file", out)
     _refused(capsys, ["predict", "-i", path, "-o", str(out), "--network", config], "--weights", out)

@@ -17,6 +17,7 @@ MAX_JSON_BYTES = 64 << 20
 PLANES = ("xy", "zx", "zy")
 MODES = ("2.5d", "3d")
 TTA_MODES = ("none", "flips", "full")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # inference arithmetic (pipeline.device.amp_dtype)
 TTA_MODES_3D = ("none", "flips")
 CONNECTIVITIES = (6, 18, 26)
 FILL_MODES = ("3d", "slice")

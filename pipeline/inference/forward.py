@@ -73,13 +73,43 @@ def as_float(block) -> torch.Tensor:
 
 
 class Forward:
-    """``model`` in eval mode on ``device``: AMP and channels_last on CUDA, float32 logits out."""
+    """``model`` in eval mode on ``device``: autocast to ``amp``'s dtype (:func:`amp_dtype`),
+    channels_last on CUDA, float32 logits out.
 
-    def __init__(self, model: nn.Module, device, amp: bool):
+    ``compile``: run the model through ``torch.compile``; where compiling fails (no C++
+    compiler, an unsupported layer) the first call falls back to the model as it is, silently
+    but for a SlabWarning, and the result is the same. Compiling costs tens of seconds per input
+    shape on a CPU (once per plane and batch size), repaid on large volumes only.
+    """
+
+    def __init__(self, model: nn.Module, device, amp, compile: bool = False):
         self.device = resolve_device(device)
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         self.dtype = amp_dtype(self.device, amp)
+        self.compiled = None
+        if compile:
+            try:
+                self.compiled = torch.compile(self.model)
+            except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+                self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        import warnings
+
+        from transforms.errors import SlabWarning
+
+        self.compiled = None
+        warnings.warn(f"torch.compile is unavailable here ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                  "running the network uncompiled", SlabWarning, stacklevel=3)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # noqa: BLE001 - a compile failure surfaces at the first call
+                self._fall_back(err)
+        return self.model(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -88,7 +118,7 @@ class Forward:
                 x = x.pin_memory().to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
         with autocast(self.device, self.dtype):
-            y = self.model(x)
+            y = self._run(x)
         return y.float()
 
 

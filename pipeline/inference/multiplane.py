@@ -160,9 +160,9 @@ def _slices_per_block(budget: int, volume_shape, axis: int, labels: int, itemsiz
 
 
 def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1), tta: str = "none",
-                 batch_size: int = 8, device=None, amp: bool = True, divisor=None, min_size=None,
+                 batch_size: int = 8, device=None, amp: bool | str = True, divisor=None, min_size=None,
                  memory_budget: int | None = None, out_path=None, out_dtype: str = "float16",
-                 preprocess: Callable | None = None, progress: bool = False) -> torch.Tensor:
+                 preprocess: Callable | None = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Multi-plane 2.5D inference, averaged over planes and test-time augmentations.
 
     Parameters
@@ -177,7 +177,10 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     tta : ``"none"``, ``"flips"`` (8 views per plane) or ``"full"`` (16; see the module docs).
     batch_size : slabs per forward pass.
     device : ``"cpu"``, ``"cuda"``...; default CUDA when available.
-    amp : autocast on CUDA (bfloat16 where supported, else float16); ignored on CPU.
+    amp : True: autocast on CUDA (bfloat16 where supported, else float16), float32 on CPU;
+        or a precision, ``"fp32"``, ``"bf16"`` (CUDA, or a CPU with bfloat16 instructions),
+        ``"fp16"`` (CUDA): see :func:`pipeline.device.amp_dtype`.
+    compile : run the network through ``torch.compile`` (falls back to eager where it fails).
     divisor : int, optional
         The network's input size multiple (``networks.network_divisor``); images are padded up
         to it and cropped back.
@@ -223,7 +226,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
     preprocess = preprocess or as_float
     source = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
-    forward = Forward(model, device, amp)
+    forward = Forward(model, device, amp, compile)
     divisor = 1 if divisor is None else check_positive("divisor", divisor)
     min_size = (1 if divisor == 1 else 2 * divisor) if min_size is None else check_positive("min_size", min_size)
     size = (divisor, min_size)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from networks import build_network, load_weights, network_divisor, network_min_size
-from pipeline.device import resolve_device
+from pipeline.device import amp_dtype, resolve_device
 from pipeline.inference.forward import as_float, check_choice, check_planes, check_positive
 from pipeline.inference.multiplane import predict_2p5d
 from pipeline.inference.window import predict_3d
@@ -57,7 +57,8 @@ class Predictor:
         ``hysteresis``, ``min_size``, ``keep_largest``, ``fill_holes``, ``connectivity``);
         default ``{"threshold": 0.5}``. ``threshold`` may be one value per output channel
         (``hysteresis`` one ``(low, high)`` pair per channel).
-    device, amp, batch_size, memory_budget, progress : see :func:`predict_2p5d`.
+    device, amp, batch_size, memory_budget, progress, compile : see :func:`predict_2p5d`
+        (``amp`` may be a precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``).
     roi_size, overlap, sw_batch_size : 3D settings (:func:`predict_3d`).
     scales : multi-scale test-time inference: the volume is also predicted resampled by each
         factor (trilinear; e.g. ``(1, 1.5)`` for test scans coarser than the training ones) and
@@ -68,8 +69,9 @@ class Predictor:
 
     def __init__(self, network_config: Mapping, weights=None, *, mode: str | None = None, planes=None, offsets=None,
                  tta: str = "none", normalize=DEFAULT_NORMALIZE, postprocess: Mapping | None = None, device=None,
-                 amp: bool = True, batch_size: int = 8, memory_budget: int | None = None, roi_size=None,
-                 overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None, scales=(1.0,)):
+                 amp: bool | str = True, batch_size: int = 8, memory_budget: int | None = None, roi_size=None,
+                 overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None, scales=(1.0,),
+                 compile: bool = False):
         if not isinstance(network_config, Mapping):
             raise SlabError(f"network config: expected an object of build_network arguments, got {network_config!r}")
         config = dict(network_config)
@@ -114,7 +116,9 @@ class Predictor:
             raise SlabError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
         if memory_budget is not None and not (isinstance(memory_budget, (int, np.integer)) and memory_budget > 0):
             raise SlabError(f"memory_budget: expected a positive number of bytes, got {memory_budget!r}")
+        amp_dtype(self.device, amp)  # an unknown precision, or one the device lacks, fails here
         self.amp, self.memory_budget, self.overlap, self.progress = amp, memory_budget, float(overlap), progress
+        self.compile = bool(compile)
         self.batch_size = check_positive("batch_size", batch_size)
         if (not isinstance(scales, (list, tuple)) or not scales
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.25 <= v <= 4 for v in scales)):
@@ -262,11 +266,11 @@ class Predictor:
             x = preprocess(volume)  # a MetaTensor stays one, geometry included
             return predict_3d(self.model, x, roi_size=self.roi_size, overlap=self.overlap, tta=self.tta,
                               sw_batch_size=self.sw_batch_size, device=self.device, amp=self.amp,
-                              progress=self.progress)
+                              progress=self.progress, compile=self.compile)
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
                             min_size=self.min_size, memory_budget=self.memory_budget, preprocess=preprocess,
-                            progress=self.progress)
+                            progress=self.progress, compile=self.compile)
 
     def fits_in_memory(self, volume) -> bool:
         """Whether ``volume`` can be predicted in memory within ``memory_budget``."""

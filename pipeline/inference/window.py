@@ -30,8 +30,8 @@ def _flip_sets(tta: str) -> list[tuple[int, ...]]:
 
 
 def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode: str = "gaussian",
-               tta: str = "none", sw_batch_size: int = 4, device=None, amp: bool = True,
-               progress: bool = False) -> torch.Tensor:
+               tta: str = "none", sw_batch_size: int = 4, device=None, amp: bool | str = True,
+               progress: bool = False, compile: bool = False) -> torch.Tensor:
     """3D sliding-window inference (MONAI), sigmoid, optional flip TTA.
 
     Parameters
@@ -44,7 +44,7 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
         (``"gaussian"`` or ``"constant"``).
     tta : ``"none"`` or ``"flips"``: the mean probability over the 8 axis flips, flipped back.
     sw_batch_size : windows per forward pass.
-    device, amp, progress : as in :func:`predict_2p5d`.
+    device, amp, progress, compile : as in :func:`predict_2p5d`.
 
     Returns
     -------
@@ -68,7 +68,7 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
     source = volume.load() if isinstance(volume, LazyVolume) else volume
     name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
-    forward = Forward(model, device, amp)
+    forward = Forward(model, device, amp, compile)
     with torch.inference_mode():
         x = as_float(source.as_tensor() if isinstance(source, MetaTensor) else source)
         check_finite(x, name)
