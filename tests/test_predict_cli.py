@@ -108,6 +108,17 @@ def test_directory_of_volumes_and_bundle(tmp_path, model, image):
     rows = csv.read_text(encoding="utf-8").splitlines()
     assert rows[0] == "id,rle" and len(rows) == 1 + 2 * data.shape[2]
     assert rows[1].startswith("kidney_5_0000,") and rows[1 + data.shape[2]].startswith("kidney_6_0000,")
+    stats = tmp_path / "stats.json"
+    assert main(["predict", "-i", str(cases), "-o", str(tmp_path / "out2"), "--bundle", str(bundle),
+                 "--threshold", "0.45", "--statistics", str(stats)]) == 0
+    document = json.loads(stats.read_text(encoding="utf-8"))
+    assert sorted(document["cases"]) == ["kidney_5.nii.gz", "kidney_6"]
+    five = document["cases"]["kidney_5.nii.gz"]
+    assert five["input"] == str(cases / "kidney_5.nii.gz") and five["mask"] == str(tmp_path / "out2" / "kidney_5.nii.gz")
+    entry = five["labels"]["label_1"]
+    assert entry["voxels"] == expected.sum()
+    assert entry["volume_mm3"] == pytest.approx(expected.sum() * abs(np.linalg.det(AFFINE[:3, :3])))
+    assert entry["intensity"][0]["mean"] == pytest.approx(float(data[expected].mean()), rel=1e-6)
 
 
 def _refused(capsys, args, message, out):
@@ -142,6 +153,8 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, model, image, capsys
     _refused(capsys, ["predict", "-i", path] + base + ["--precision", "fp16", "--device", "cpu"],
              "--precision fp16: CUDA only", out)
     _refused(capsys, ["predict", "-i", path] + base + ["--precision", "half"], "argument --precision: invalid choice", out)
+    _refused(capsys, ["predict", "-i", path] + base + ["--statistics", str(tmp_path / "stats.txt")],
+             "--statistics: expected a .json file name", out)
     _refused(capsys, ["predict", "-i", path, "-o", str(out), "--network", config, "--weights",
                       str(tmp_path / "missing.pt")], "no such weights file", out)
     _refused(capsys, ["predict", "-i", path, "-o", str(out), "--network", config], "--weights", out)

@@ -66,6 +66,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fill-holes", nargs="?", const="3d", choices=FILL_MODES, help="fill enclosed holes")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, help="component connectivity (default 26)")
     parser.add_argument("--prob", metavar="PROB_OUT", help="also write the probability map here")
+    parser.add_argument("--statistics", metavar="JSON",
+                        help="write per-label statistics here: voxels, volume (mm^3), components, bounding box, "
+                             "centroid (RAS mm), the input's intensities inside (mean, std, percentiles); "
+                             "one object per case for a directory of volumes")
     parser.add_argument("--rle-csv", metavar="CSV",
                         help="also write a submission CSV: id,rle (one label, SenNet) or id,class,segmentation "
                              "(several, UW-Madison)")
@@ -110,7 +114,7 @@ def model_contents(model) -> list[Path]:
 def paths(args) -> tuple[dict, dict]:
     return ({"-i": args.input, "--network": args.network, "--weights": args.weights,
              "--bundle": bundle_contents(args.bundle), "--model": model_contents(args.model)},
-            {"-o": args.output, "--prob": args.prob, "--rle-csv": args.rle_csv})
+            {"-o": args.output, "--prob": args.prob, "--rle-csv": args.rle_csv, "--statistics": args.statistics})
 
 
 def _postprocess(args) -> dict:
@@ -215,6 +219,9 @@ def run(args) -> int:
         if prob is not None:
             output_format(prob)
         predictor.check_input(volume_info(case.source), case.source)
+    if args.statistics and Path(args.statistics).suffix.lower() != ".json":
+        raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
+    statistics = {}
     with temp_dir("predict") as tmp:
         csvs = []
         for index, (case, output, prob) in enumerate(jobs):
@@ -223,7 +230,12 @@ def run(args) -> int:
                 csv = tmp / f"{index}.csv" if collection else Path(args.rle_csv)
                 csvs.append(csv)
             written = predict_file(case.source, output, predictor, prob_path=prob, rle_csv=csv,
-                                   row_ids=lambda depth, c=case: c.row_ids(depth, args.id_prefix))
+                                   row_ids=lambda depth, c=case: c.row_ids(depth, args.id_prefix),
+                                   statistics=bool(args.statistics))
+            if args.statistics:
+                source = [str(s) for s in case.source] if isinstance(case.source, list) else str(case.source)
+                statistics[case.output_name] = {"input": source, "mask": str(output),
+                                                **written.pop("statistics")}
             print(f"wrote {', '.join(str(p) for key, p in written.items() if key != 'rle_csv' or not collection)}")
         if args.rle_csv and collection:
             # One submission CSV: the header once, then every volume's rows in order.
@@ -232,4 +244,11 @@ def run(args) -> int:
                     lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
                     out.writelines(lines if k == 0 else lines[1:])
             print(f"wrote {args.rle_csv}")
+        if args.statistics:
+            import json
+
+            document = {"cases": statistics} if collection else next(iter(statistics.values()))
+            with atomic_write(args.statistics) as staged:
+                staged.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            print(f"wrote {args.statistics}")
     return 0

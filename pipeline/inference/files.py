@@ -28,7 +28,8 @@ def _open(path, predictor: Predictor):
 
 
 def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
-                 id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None) -> dict[str, Path]:
+                 id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None,
+                 statistics: bool = False) -> dict[str, Path | dict]:
     """Predict one volume and write its mask (and probabilities, RLE CSV).
 
     Load ``input_path`` (any format ``load_volume`` reads, or a list of files as channels; lazily
@@ -39,11 +40,14 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     stack) and a submission CSV to ``rle_csv``: ``id,rle`` for one label (SenNet), else
     ``id,class,segmentation`` with the predictor's label names (UW-Madison). Row ids are
     ``row_ids(depth)``, or ``{id_prefix}_{z:04d}``. Output names are checked before anything is
-    read; every file is written atomically.
+    read; every file is written atomically. With ``statistics``, the result also holds each
+    label's statistics (:func:`pipeline.evaluation.statistics.label_statistics`: volume in mm³,
+    components, centroid, the input's intensities inside it).
 
     Returns
     -------
-    dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for.
+    dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for; and
+    ``statistics`` (a dict) with ``statistics``.
     """
     output_format(output_path)
     if prob_path is not None:
@@ -64,5 +68,9 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         depth = int(mask.shape[-1])
         ids = row_ids(depth) if row_ids is not None else [f"{id_prefix}_{z:04d}" for z in range(depth)]
         written["rle_csv"] = write_rle_csv(np.asarray(mask), rle_csv, ids, predictor.label_names())
+    if statistics:
+        from pipeline.evaluation.statistics import label_statistics
+
+        written["statistics"] = label_statistics(mask, volume, affine, predictor.label_names())
     return written
 
