@@ -31,7 +31,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     Parameters
     ----------
     device : ``None`` or ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``,
-        ``"cuda:N"`` or a :class:`torch.device`.
+        ``"cuda:N"``, ``"mps"`` (Apple GPUs, float32) or a :class:`torch.device`.
 
     Raises
     ------
@@ -43,11 +43,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise SlabError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from err
+        raise SlabError(f"--device: expected cpu, cuda, cuda:N or mps, got {device!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SlabError("--device cuda: CUDA is not available on this machine")
+    if device.type == "mps":  # Apple GPUs: float32 (no autocast), the same code path as CUDA
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise SlabError("--device mps: MPS (Apple GPU) is not available on this machine")
+        return device
     if device.type not in ("cpu", "cuda"):
-        raise SlabError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+        raise SlabError(f"--device: expected cpu, cuda, cuda:N or mps, got {device!r}")
     return device
 
 
@@ -79,6 +84,8 @@ def amp_dtype(device: torch.device, amp) -> torch.dtype | None:
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        raise SlabError(f"--precision {amp}: MPS runs in float32 here; use auto or fp32")
     if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise SlabError("--precision bf16: this GPU has no bfloat16; use fp16 or fp32")

@@ -16,7 +16,7 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     for bad in ("tpu", "meta", 3.5):
-        with pytest.raises(SlabError, match="^--device: expected cpu, cuda or cuda:N"):
+        with pytest.raises(SlabError, match="^--device: expected cpu, cuda, cuda:N or mps"):
             resolve_device(bad)
 
 
@@ -34,6 +34,15 @@ def test_amp_only_on_cuda():
         expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         assert amp_dtype(torch.device("cuda"), True) == expected
         assert amp_dtype(torch.device("cuda"), False) is None
+
+
+def test_mps_where_available():
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        assert resolve_device("mps").type == "mps" and amp_dtype(resolve_device("mps"), True) is None
+    else:
+        with pytest.raises(SlabError, match=r"^--device mps: MPS \(Apple GPU\) is not available on this machine$"):
+            resolve_device("mps")
 
 
 def test_precisions(monkeypatch):

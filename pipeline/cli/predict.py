@@ -78,7 +78,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--folds", metavar="K,K", type=fold_list,
                         help="with --model DIR of a cross-validation: the folds whose models are averaged "
                              "(default: all)")
-    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda[:N] or mps (default: cuda when available)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="arithmetic of the network: auto (bf16/fp16 on CUDA, fp32 on CPU; the default), fp32, "
                              "bf16 (CUDA, or a CPU with bfloat16 instructions: ~0.56x the fp32 time), fp16 (CUDA)")
