@@ -136,6 +136,15 @@ def check_binary(x, who: str) -> np.ndarray:
                     "threshold it first")
 
 
+def _round_down(dtype: np.dtype, threshold: float):
+    """The largest value of float ``dtype`` that is <= ``threshold``: for ``x`` of that dtype,
+    ``x > t`` exactly when ``x > threshold`` as real numbers."""
+    rounded = dtype.type(threshold)
+    if float(rounded) > threshold:
+        rounded = np.nextafter(rounded, dtype.type(-np.inf))
+    return rounded
+
+
 def greater_than(x: np.ndarray, threshold: float) -> np.ndarray:
     """``x > threshold`` compared as real numbers, computed in ``x``'s dtype (no float64 copy).
 
@@ -159,10 +168,7 @@ def greater_than(x: np.ndarray, threshold: float) -> np.ndarray:
     [False, True, True]
     """
     if x.dtype.kind == "f":
-        rounded = x.dtype.type(threshold)
-        if float(rounded) > threshold:
-            rounded = np.nextafter(rounded, x.dtype.type(-np.inf))
-        return x > rounded
+        return x > _round_down(x.dtype, threshold)
     if x.dtype == np.bool_:
         x = x.view(np.uint8)
     info = np.iinfo(x.dtype)
@@ -186,10 +192,7 @@ def _exact_threshold(x: np.ndarray, threshold: float) -> tuple[np.ndarray, float
     if x.dtype.kind == "f" and x.dtype.itemsize in (4, 8):
         if not x.dtype.isnative:  # a big-endian volume from a file
             x = x.astype(x.dtype.newbyteorder("="))
-        rounded = x.dtype.type(threshold)
-        if float(rounded) > threshold:
-            rounded = np.nextafter(rounded, x.dtype.type(-np.inf))
-        return x, float(rounded)
+        return x, float(_round_down(x.dtype, threshold))
     if x.dtype.kind == "f":  # float16: float32 holds every value and the threshold exactly
         return _exact_threshold(x.astype(np.float32), threshold)
     if x.dtype == np.bool_:
