@@ -2,8 +2,8 @@
 
 GPU when present, CPU otherwise, through the same code path; AMP by default only on CUDA
 (bfloat16 where the GPU supports it, else float16), and bfloat16 on a CPU with bfloat16
-instructions when asked for (``precision="bf16"``: about 0.56x the fp32 time of the 2.5D UNet on
-an AVX512-BF16 core, probabilities within about 1e-2). :func:`resolve_device` turns a user's ``--device`` into a
+instructions when asked for (``precision="bf16"``: about 0.6x the fp32 time of the 2.5D UNet on
+an AVX512-BF16 core, probabilities within about 2e-2; ``benchmarks/bench_precision.py``). :func:`resolve_device` turns a user's ``--device`` into a
 :class:`torch.device`, :func:`amp_dtype` picks the autocast dtype and :func:`autocast` is the
 context the forward passes run in (a no-op on CPU or without AMP).
 

@@ -81,7 +81,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cpu, cuda[:N] or mps (default: cuda when available)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="arithmetic of the network: auto (bf16/fp16 on CUDA, fp32 on CPU; the default), fp32, "
-                             "bf16 (CUDA, or a CPU with bfloat16 instructions: ~0.56x the fp32 time), fp16 (CUDA)")
+                             "bf16 (CUDA, or a CPU with bfloat16 instructions: ~0.6x the fp32 time), fp16 (CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (tens of seconds per input shape; for large volumes; "
                              "falls back to eager where it fails)")
@@ -210,6 +210,8 @@ def run(args) -> int:
     from transforms.io import atomic_write, output_format, volume_info
     from transforms.outputs import temp_dir
 
+    if args.statistics and Path(args.statistics).suffix.lower() != ".json":
+        raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
     collection, cases = find_cases(args.input)
     jobs = _jobs(args, collection, cases)
     predictor = _predictor(args)
@@ -219,8 +221,6 @@ def run(args) -> int:
         if prob is not None:
             output_format(prob)
         predictor.check_input(volume_info(case.source), case.source)
-    if args.statistics and Path(args.statistics).suffix.lower() != ".json":
-        raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
     statistics = {}
     with temp_dir("predict") as tmp:
         csvs = []

@@ -78,7 +78,8 @@ class Forward:
 
     ``compile``: run the model through ``torch.compile``; where compiling fails (no C++
     compiler, an unsupported layer) the first call falls back to the model as it is, silently
-    but for a SlabWarning, and the result is the same. Compiling costs tens of seconds per input
+    but for a SlabWarning, and the result is the same; after a first compiled call succeeds,
+    errors are raised as they are. Compiling costs tens of seconds per input
     shape on a CPU (once per plane and batch size), repaid on large volumes only.
     """
 
@@ -87,7 +88,7 @@ class Forward:
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()
         self.dtype = amp_dtype(self.device, amp)
-        self.compiled = None
+        self.compiled, self._compiled_ran = None, False
         if compile:
             try:
                 self.compiled = torch.compile(self.model)
@@ -105,8 +106,12 @@ class Forward:
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
-            try:
+            if self._compiled_ran:  # compiled and ran once: later errors are the model's own
                 return self.compiled(x)
+            try:
+                y = self.compiled(x)
+                self._compiled_ran = True
+                return y
             except Exception as err:  # noqa: BLE001 - a compile failure surfaces at the first call
                 self._fall_back(err)
         return self.model(x)
