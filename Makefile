@@ -11,6 +11,8 @@ venv: $(STAMP)
 $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt transforms/_fill.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# a venv made before the rename holds the old `slab` distribution and its import mappings
+	$(PY) -m pip uninstall --quiet --yes slab 2>/dev/null || true
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """End-to-end ``slab predict`` with the shipped ``vessel_2p5d`` bundle (three planes, its TTA) on a
 phantom: the allocator left at glibc's defaults (``SLAB_MALLOC=default``) against slab's set-up
-(``pipeline.device.configure_allocator``: no mmap for large blocks, no trimming), in fresh
+(``slab.pipeline.device.configure_allocator``: no mmap for large blocks, no trimming), in fresh
 processes, alternating; wall time, minor page faults, system CPU share, and the masks compared.
 
     python benchmarks/bench_allocator.py               # 256^3
@@ -34,7 +34,7 @@ def run(image: Path, out: Path, malloc: str | None) -> dict:
     bundle = Path(__file__).resolve().parents[1] / "bundles" / "vessel_2p5d"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", "-i", str(image), "-o", str(out),
+    subprocess.run([sys.executable, "-m", "slab.pipeline.cli", "predict", "-i", str(image), "-o", str(out),
                     "--bundle", str(bundle), "--device", "cpu", "--threads", "2"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     import nibabel as nib
 
-    from pipeline.data.phantom import write_phantom
+    from slab.pipeline.data.phantom import write_phantom
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -42,9 +42,9 @@ from scipy import ndimage as ndi
 from common import ROOT, best_of, print_table, run_probe
 
 sys.path.insert(0, str(ROOT))
-from networks import build_network  # noqa: E402
-from pipeline.inference import PLANES, predict_2p5d, predict_3d  # noqa: E402
-from transforms.slab import iter_slab_batches  # noqa: E402
+from slab.networks import build_network  # noqa: E402
+from slab.pipeline.inference import PLANES, predict_2p5d, predict_3d  # noqa: E402
+from slab.transforms.slab import iter_slab_batches  # noqa: E402
 
 GIB = 1 << 30
 
@@ -55,8 +55,8 @@ import json, time
 import numpy as np, tifffile, torch
 from pathlib import Path
 from common import proc_status
-from pipeline.inference import predict_2p5d
-from transforms.io import load_volume
+from slab.pipeline.inference import predict_2p5d
+from slab.transforms.io import load_volume
 
 stack, planes, budget, out = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
 

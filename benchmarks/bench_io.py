@@ -36,8 +36,8 @@ from scipy import ndimage as ndi
 from common import ROOT, best_of, print_table, run_probe
 
 sys.path.insert(0, str(ROOT))
-from transforms.intensity import volume_percentiles  # noqa: E402
-from transforms.io import load_volume, natural_key, save_volume  # noqa: E402
+from slab.transforms.intensity import volume_percentiles  # noqa: E402
+from slab.transforms.io import load_volume, natural_key, save_volume  # noqa: E402
 
 PERCENTILES = [0.5, 99.5]
 
@@ -48,7 +48,7 @@ PERCENTILES = [0.5, 99.5]
 MEMORY_PROBE = r"""
 import json, resource
 from common import proc_status
-from transforms.io import load_volume
+from slab.transforms.io import load_volume
 load_volume(sys.argv[2])
 
 try:

@@ -1,9 +1,9 @@
-"""Surface dice speed and memory: pipeline.evaluation.metrics beside surface-distance and MONAI, same run.
+"""Surface dice speed and memory: slab.pipeline.evaluation.metrics beside surface-distance and MONAI, same run.
 
     python benchmarks/bench_metrics.py            # 256^3 pair, 1024^3 streaming pair
     python benchmarks/bench_metrics.py --quick    # 128^3 pair, 256^3 streaming pair
 
-The pair is realistic: the vessel phantom's label (``pipeline.data.phantom``, a branching tree of
+The pair is realistic: the vessel phantom's label (``slab.pipeline.data.phantom``, a branching tree of
 tubes) and a perturbed copy (blurred, plus smooth noise, thresholded: dice about 0.95).
 
 Rows:
@@ -39,8 +39,8 @@ from scipy import ndimage as ndi
 from common import ROOT, best_time, print_table, run_probe
 
 sys.path.insert(0, str(ROOT))
-from pipeline.evaluation.metrics import surface_dice  # noqa: E402
-from pipeline.data.phantom import make_phantom  # noqa: E402
+from slab.pipeline.evaluation.metrics import surface_dice  # noqa: E402
+from slab.pipeline.data.phantom import make_phantom  # noqa: E402
 
 MIB = 1 << 20
 
@@ -49,7 +49,7 @@ STREAM_PROBE = r"""
 import json, time
 import numpy as np
 from common import proc_status
-from pipeline.evaluation.metrics import surface_dice
+from slab.pipeline.evaluation.metrics import surface_dice
 
 shape = tuple(json.loads(sys.argv[3]))
 pred = np.memmap(sys.argv[1], dtype=np.uint8, mode="r", shape=shape)

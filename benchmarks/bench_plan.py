@@ -15,7 +15,7 @@ Datasets:
   probability map, the uint8 files in nilearn's own package folder): the 1 mm template
   block-averaged to 2 mm, the label ``gm > 0.5``; four cases, the four quadrant crops (left/right x front/back,
   overlapping by 8 voxels).
-* **Vessel phantoms** (``pipeline.data.phantom``, kind ``vessels``): four 48^3 volumes, seeds 0-3.
+* **Vessel phantoms** (``slab.pipeline.data.phantom``, kind ``vessels``): four 48^3 volumes, seeds 0-3.
 
 The plans are written by ``write_plan`` as ``slab plan`` writes them; then, to fit a 2-core
 machine, every configuration's schedule in ``plans.json`` is shortened the way a user edits a
@@ -74,7 +74,7 @@ def mni152_cases(root: Path) -> Path:
 
 
 def vessel_cases(root: Path, size: int) -> Path:
-    from pipeline.data.phantom import write_phantom
+    from slab.pipeline.data.phantom import write_phantom
 
     items = []
     for seed in range(4):
@@ -104,10 +104,10 @@ def shorten(plan_dir: Path, epochs: int, samples: dict) -> None:
 
 
 def run(name: str, datalist: Path, plan_dir: Path, args) -> dict:
-    from pipeline.inference import predict_file
-    from pipeline.inference.model import load_model
-    from pipeline.planning.crossval import run_cv, write_plan
-    from pipeline.planning.plans import describe
+    from slab.pipeline.inference import predict_file
+    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.planning.crossval import run_cv, write_plan
+    from slab.pipeline.planning.plans import describe
 
     times = {}
     start = time.perf_counter()
@@ -136,9 +136,9 @@ def run(name: str, datalist: Path, plan_dir: Path, args) -> dict:
 def converge(plan_dir: Path, configuration: str, epochs: int, samples: int) -> None:
     """One fold of one configuration trained ``epochs`` x ``samples`` (the plan's network, batch and
     normalisation), scored on the fold's held-out cases beside the fold's baseline window."""
-    from pipeline.planning.crossval import train_fold
-    from pipeline.planning.selection import case_scores
-    from transforms.io import load_volume
+    from slab.pipeline.planning.crossval import train_fold
+    from slab.pipeline.planning.selection import case_scores
+    from slab.transforms.io import load_volume
 
     out = plan_dir / "runs" / f"{configuration}_long" / "fold_0"
     start = time.perf_counter()
@@ -146,7 +146,7 @@ def converge(plan_dir: Path, configuration: str, epochs: int, samples: int) -> N
                overrides={"epochs": epochs, "samples_per_epoch": samples, "val_every": max(1, epochs // 5),
                           "warmup_epochs": 1.0, "progress": False})
     seconds = time.perf_counter() - start
-    from pipeline.inference.model import load_model
+    from slab.pipeline.inference.model import load_model
 
     model = load_model(out, device="cpu")
     data = json.loads((plan_dir / "datalist.json").read_text())
@@ -179,7 +179,7 @@ def main() -> None:
         args.epochs, args.samples_2d, args.samples_3d = 2, 64, 4
     import torch
 
-    from pipeline.cli import quiet_libraries
+    from slab.pipeline.cli import quiet_libraries
 
     quiet_libraries()  # slab's own warnings as one line each, as the CLI shows them
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -188,7 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
         if args.rescore:  # the saved out-of-fold predictions of a run in --out, scored by this code
-            from pipeline.planning.crossval import evaluate_cv, table_markdown
+            from slab.pipeline.planning.crossval import evaluate_cv, table_markdown
 
             for name in ("mni152", "vessels"):
                 plan = root / name / "plan"

@@ -36,8 +36,8 @@ from skimage.morphology import remove_small_objects
 from common import ROOT, best_of, print_table
 
 sys.path.insert(0, str(ROOT))
-from transforms import post  # noqa: E402
-from transforms.post import HysteresisFill, RemoveSmallComponents, greater_than  # noqa: E402
+from slab.transforms import post  # noqa: E402
+from slab.transforms.post import HysteresisFill, RemoveSmallComponents, greater_than  # noqa: E402
 
 TARGETS = {"HysteresisFill": 4.0, "RemoveSmallComponents": 3.0}
 PEER_SIZES = (256, 384, 512)

@@ -5,7 +5,7 @@ coarser, and measure how much scale augmentation and multi-scale inference close
     python benchmarks/bench_resolution.py --quick   # a smoke run
 
 The SenNet test kidneys were imaged at another resolution than the training ones; here the
-same vessel trees (``pipeline.data.phantom``, kind ``vessels``) are rendered at 96^3 and
+same vessel trees (``slab.pipeline.data.phantom``, kind ``vessels``) are rendered at 96^3 and
 block-averaged to 48^3 at 1 mm (training and the "native" test) or to 32^3 at 1.5 mm (the
 "1.5x coarser" test: every vessel 1.5x thinner in voxels). Two 2.5D models train with the same budget and seeds: without and with scale
 augmentation (``augment.scale_range`` 0.35, i.e. random zooms of the slab plane in 0.65-1.35).
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 def render(seed: int, fine: int, factor: int):
     """A phantom rendered at ``fine``^3 and block-averaged by ``factor`` (image mean, label > 0.5)."""
-    from pipeline.data.phantom import make_phantom
+    from slab.pipeline.data.phantom import make_phantom
 
     ph = make_phantom((fine,) * 3, seed=seed, kind="vessels")
     image = np.asarray(ph.image, dtype=np.float32)[0]
@@ -58,7 +58,7 @@ def write(root: Path, name: str, image, label, spacing: float) -> dict:
 def main() -> None:
     import torch
 
-    from pipeline.training import train
+    from slab.pipeline.training import train
     from scoring import score_model, start
 
     args = start(__doc__)

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import torch
 
-    from pipeline.data.phantom import write_phantom
-    from pipeline.training import train
+    from slab.pipeline.data.phantom import write_phantom
+    from slab.pipeline.training import train
     from scoring import score_model, start
 
     args = start(__doc__)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from common import best_of, print_table  # noqa: E402
-from pipeline.inference.multiplane import slab_groups  # noqa: E402
-from transforms.slab import iter_slab_batches  # noqa: E402
+from slab.pipeline.inference.multiplane import slab_groups  # noqa: E402
+from slab.transforms.slab import iter_slab_batches  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def main() -> None:
     engines = wall([py, "-c", "import torch, monai, pyvista, SimpleITK"], repeats=3)
     rows = [("python -c pass (reference)", interpreter, 1.0),
             ("import torch, monai, pyvista, SimpleITK (what --help cost)", engines, engines / interpreter)]
-    slab = [py, "-m", "pipeline.cli"]
+    slab = [py, "-m", "slab.pipeline.cli"]
     for argv in (["--help"], ["predict", "--help"], ["train", "--help"], ["plan", "--help"], ["cv", "--help"],
                  ["evaluate", "--help"], ["render", "--help"], ["convert", "--help"]):
         t = wall(slab + argv)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common import print_table  # noqa: E402
-from pipeline.data.phantom import write_phantom  # noqa: E402
-from pipeline.training.loop import build_trainer  # noqa: E402
+from slab.pipeline.data.phantom import write_phantom  # noqa: E402
+from slab.pipeline.training.loop import build_trainer  # noqa: E402
 
 GOAL = 0.9
 

@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from pipeline.bundle import phantom_datalist, run_bundle, run_evaluation
-    from pipeline.inference import Predictor
+    from slab.pipeline.bundle import phantom_datalist, run_bundle, run_evaluation
+    from slab.pipeline.inference import Predictor
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows = []

@@ -15,7 +15,7 @@ def start(doc: str):
 
     import torch
 
-    from pipeline.cli import quiet_libraries
+    from slab.pipeline.cli import quiet_libraries
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
@@ -29,10 +29,10 @@ def start(doc: str):
 def score_model(run, items: list[dict], *, scales=(1.0,)) -> tuple[float, float, float]:
     """``(surface dice @0, Dice, clDice)`` means over ``items`` of the model in ``run`` (its own
     threshold and normalisation, ``slab predict --model``), each file at its own spacing."""
-    from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.skeleton import cldice
-    from pipeline.inference.model import load_model
-    from transforms.io import load_volume
+    from slab.pipeline.evaluation.metrics import evaluate
+    from slab.pipeline.evaluation.skeleton import cldice
+    from slab.pipeline.inference.model import load_model
+    from slab.transforms.io import load_volume
 
     model = load_model(run, device="cpu", scales=list(scales))
     scores = []

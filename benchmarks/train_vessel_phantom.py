@@ -4,14 +4,14 @@
     python benchmarks/train_vessel_phantom.py --quick       # 32^3, fewer steps (a smoke run)
     python benchmarks/train_vessel_phantom.py --throughput  # training images/s, AMP vs fp32 on CUDA
 
-Two models are trained with :func:`pipeline.training.train` on the same vessel phantoms
-(``pipeline.data.phantom.make_phantom(kind="vessels")``), seeds fixed:
+Two models are trained with :func:`slab.pipeline.training.train` on the same vessel phantoms
+(``slab.pipeline.data.phantom.make_phantom(kind="vessels")``), seeds fixed:
 
 * ``2D``   — one slice (offsets ``[0]``), trained on xy slices only;
 * ``2.5D`` — slabs of offsets ``[-1, 0, 1]``, trained on xy, zx and zy slices (the multi-view
   recipe).
 
-Each is then run on a held-out test phantom through :func:`pipeline.inference.predict_2p5d` in the
+Each is then run on a held-out test phantom through :func:`slab.pipeline.inference.predict_2p5d` in the
 configurations below. The threshold of every configuration is the one chosen on the validation
 phantom (``threshold_sweep``, surface dice at tolerance 0), so the test phantom is never used to
 tune anything. Printed: surface dice at tolerance 0 (the SenNet metric), at 1 mm, and Dice, with
@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from networks import build_network, load_weights, network_divisor  # noqa: E402
-from pipeline.device import amp_dtype, resolve_device  # noqa: E402
-from pipeline.inference import predict_2p5d  # noqa: E402
-from pipeline.evaluation.metrics import evaluate, threshold_sweep  # noqa: E402
-from pipeline.data.phantom import write_phantom  # noqa: E402
-from pipeline.training import load_checkpoint, train  # noqa: E402
-from transforms.intensity import PercentileNormalize  # noqa: E402
-from transforms.io import load_volume  # noqa: E402
+from slab.networks import build_network, load_weights, network_divisor  # noqa: E402
+from slab.pipeline.device import amp_dtype, resolve_device  # noqa: E402
+from slab.pipeline.inference import predict_2p5d  # noqa: E402
+from slab.pipeline.evaluation.metrics import evaluate, threshold_sweep  # noqa: E402
+from slab.pipeline.data.phantom import write_phantom  # noqa: E402
+from slab.pipeline.training import load_checkpoint, train  # noqa: E402
+from slab.transforms.intensity import PercentileNormalize  # noqa: E402
+from slab.transforms.io import load_volume  # noqa: E402
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(2, 19)]
 

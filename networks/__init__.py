@@ -1,7 +1,7 @@
 """Networks: a factory over MONAI's networks, the slice-sequence classifier, local weights."""
-from networks.factory import NETWORK_NAMES, build_network, network_divisor, network_min_size, padded_size
-from networks.sequence import BACKBONES, SliceSequenceClassifier
-from networks.weights import load_weights, read_state_dict, save_weights
+from slab.networks.factory import NETWORK_NAMES, build_network, network_divisor, network_min_size, padded_size
+from slab.networks.sequence import BACKBONES, SliceSequenceClassifier
+from slab.networks.weights import load_weights, read_state_dict, save_weights
 
 __all__ = [
     "BACKBONES",

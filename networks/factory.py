@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from monai.networks import nets
 
-from networks.sequence import SliceSequenceClassifier
-from transforms.errors import SlabError
+from slab.networks.sequence import SliceSequenceClassifier
+from slab.transforms.errors import SlabError
 
 # Set by the factory itself; not options.
 _FIXED = ("spatial_dims", "in_channels", "out_channels")
@@ -114,7 +114,7 @@ def build_network(name: str, spatial_dims: int, in_channels: int, out_channels: 
     name : str
         One of ``unet``, ``basic_unet``, ``flexible_unet``, ``segresnet``, ``swin_unetr``
         (2D and 3D) or ``sequence_classifier`` (2D encoder + LSTM, see
-        :class:`networks.sequence.SliceSequenceClassifier`).
+        :class:`slab.networks.sequence.SliceSequenceClassifier`).
     spatial_dims : int
         2 for slab (2.5D) networks, 3 for volumetric ones.
     in_channels : int
@@ -168,7 +168,7 @@ def _parameter_count(name: str, constructor, args: dict) -> int | None:
 
 def _check_size(name: str, constructor, args: dict) -> None:
     """Refuse a network whose weights would not fit in memory, before allocating them."""
-    from transforms.headers import check_memory
+    from slab.transforms.headers import check_memory
 
     count = _parameter_count(name, constructor, args)
     if count is not None:

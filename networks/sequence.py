@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from monai.networks import nets
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
 RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200")

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from transforms.errors import SlabError
-from transforms.io import atomic_write
+from slab.transforms.errors import SlabError
+from slab.transforms.io import atomic_write
 
 # Wrappers that prefix every key: DistributedDataParallel / DataParallel and torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")

@@ -5,9 +5,9 @@ The MONAI bundles under ``bundles/`` wire the library modules together in JSON
 phantom datalists, looping over cases, writing ``metrics.json`` — live here, so that a config
 reads like a pipeline diagram and the CLI (``slab demo``) runs the same code as
 ``python -m monai.bundle run``. Nothing here predicts, post-processes or scores by itself: each
-function calls :mod:`pipeline.inference`, :mod:`pipeline.evaluation.metrics`, :mod:`pipeline.evaluation.render`,
-:mod:`pipeline.training` and :mod:`pipeline.data.phantom`; a bundle's training builds its
-``train#trainer`` with :func:`pipeline.training.build_trainer`.
+function calls :mod:`slab.pipeline.inference`, :mod:`slab.pipeline.evaluation.metrics`, :mod:`slab.pipeline.evaluation.render`,
+:mod:`slab.pipeline.training` and :mod:`slab.pipeline.data.phantom`; a bundle's training builds its
+``train#trainer`` with :func:`slab.pipeline.training.build_trainer`.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.paths import BUNDLES_DIR, DATA_DIR, REPO_ROOT, sample_dir
-from transforms.errors import SlabError
+from slab.pipeline.paths import BUNDLES_DIR, DATA_DIR, REPO_ROOT, sample_dir
+from slab.transforms.errors import SlabError
 
 # What every bundle directory holds (models/model.pt only where weights ship).
 BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/evaluate.json",
@@ -131,11 +131,11 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
                      spacing: Sequence[float] = (1.0, 1.0, 1.0), labels: Sequence[str] | None = None,
                      label_format: str = "channels", targets: Mapping[str, Sequence[int]] | None = None,
                      image_format: str = "nifti") -> str:
-    """Write phantoms (:func:`pipeline.data.phantom.write_phantom`) and a Decathlon datalist over them.
+    """Write phantoms (:func:`slab.pipeline.data.phantom.write_phantom`) and a Decathlon datalist over them.
 
     Phantoms are written once per ``(kind, shape, seed, spacing)`` under ``out_dir`` and reused.
     ``kind="tumour"`` labels (BraTS values) become TC/WT/ET channels with
-    :func:`pipeline.data.adapters.brats_label`, as the BraTS adapter does. ``label_format="values"``
+    :func:`slab.pipeline.data.adapters.brats_label`, as the BraTS adapter does. ``label_format="values"``
     turns a multi-channel label into one channel of values ``1..L`` (for the slice-sequence
     classifier's targets); ``targets`` then gives, per label name, one 0/1 per case in seed
     order (train seeds, then validation seeds). ``image_format="png"`` stores each image as a
@@ -146,9 +146,9 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
     str
         ``out_dir/datalist.json``: ``training`` (train seeds) and ``validation`` (val seeds).
     """
-    from pipeline.data.adapters import brats_label
-    from pipeline.data.phantom import write_phantom
-    from transforms.io import atomic_write, load_volume, save_volume
+    from slab.pipeline.data.adapters import brats_label
+    from slab.pipeline.data.phantom import write_phantom
+    from slab.transforms.io import atomic_write, load_volume, save_volume
 
     out = Path(out_dir).resolve()  # the datalist's paths are absolute: they resolve from anywhere
     shape = [int(s) for s in shape]
@@ -193,7 +193,7 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
 
 
 def export_training(trainer, export_weights=None) -> dict:
-    """Run a bundle's ``train#trainer`` (a :class:`pipeline.training.SlabTrainer`), then write the best
+    """Run a bundle's ``train#trainer`` (a :class:`slab.pipeline.training.SlabTrainer`), then write the best
     checkpoint's weights (state dict only) to ``export_weights`` and its validation summary beside
     them (``model.json``: best metric, threshold, epochs, time). A bundle's ``train.json`` exports
     under its ``output_dir``; into a bundle only when asked (``--export_weights
@@ -201,9 +201,9 @@ def export_training(trainer, export_weights=None) -> dict:
 
     Returns the training result with ``time_s`` and ``exported`` added.
     """
-    from networks import read_state_dict
-    from pipeline.training.distributed import dist_env
-    from transforms.io import atomic_write
+    from slab.networks import read_state_dict
+    from slab.pipeline.training.distributed import dist_env
+    from slab.transforms.io import atomic_write
 
     start = time.perf_counter()
     result = trainer.run()
@@ -225,7 +225,7 @@ def check_inputs(predictor, images: Sequence, labels: Sequence | None = None) ->
     """Every input's header checked (and its channels against the network, its label's shape and
     geometry against it) before anything is written: a bad third case fails before the first is
     predicted."""
-    from transforms.io import volume_info
+    from slab.transforms.io import volume_info
 
     for n, image in enumerate(images):
         info = volume_info(image)
@@ -239,10 +239,10 @@ def check_inputs(predictor, images: Sequence, labels: Sequence | None = None) ->
 
 def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
                   prob_name: str | None = None) -> list[dict]:
-    """:func:`pipeline.inference.predict_file` on every input: ``output_dir/<output_name>`` (the
+    """:func:`slab.pipeline.inference.predict_file` on every input: ``output_dir/<output_name>`` (the
     cleaned mask, the input's affine) and optionally the probabilities ``<prob_name>``.
     Names may hold ``{stem}``, the input's name without its extension."""
-    from pipeline.inference import predict_file
+    from slab.pipeline.inference import predict_file
 
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     names = [output_name.format(stem=_stem(p)) for p in inputs]
@@ -262,15 +262,15 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
                    output_name: str = "{stem}_mask.nii.gz", render: bool = True, views: int = 4,
                    metrics_name: str = "metrics.json") -> dict:
     """Predict each image (:func:`run_inference`), score the mask written against its label
-    (:func:`pipeline.evaluation.metrics.evaluate`, spacing-aware), draw hits and misses
-    (:func:`pipeline.evaluation.render.render_hits`, ``<stem>_hits.png``) and cross sections
-    (:func:`pipeline.evaluation.render.cross_sections`, ``<stem>_sections.png``), and write
+    (:func:`slab.pipeline.evaluation.metrics.evaluate`, spacing-aware), draw hits and misses
+    (:func:`slab.pipeline.evaluation.render.render_hits`, ``<stem>_hits.png``) and cross sections
+    (:func:`slab.pipeline.evaluation.render.cross_sections`, ``<stem>_sections.png``), and write
     ``output_dir/metrics.json``: every case and the mean over cases.
 
     Returns the content of ``metrics.json``.
     """
-    from pipeline.evaluation.metrics import evaluate
-    from transforms.io import atomic_write, check_same_geometry, load_volume
+    from slab.pipeline.evaluation.metrics import evaluate
+    from slab.transforms.io import atomic_write, check_same_geometry, load_volume
 
     out = Path(output_dir)
     check_inputs(predictor, [p["image"] for p in pairs], [p["label"] for p in pairs])
@@ -288,8 +288,8 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
                                                                              "surface_dice")},
                 "classes": scores["classes"], "spacing": list(spacing)}
         if render:
-            from pipeline.evaluation.render import render_hits
-            from pipeline.evaluation.sections import cross_sections
+            from slab.pipeline.evaluation.render import render_hits
+            from slab.pipeline.evaluation.sections import cross_sections
 
             stem = _stem(pair["image"])
             image = load_volume(pair["image"])
@@ -315,7 +315,7 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
 
 
 def predictor_settings(predictor) -> dict:
-    """The inference settings of a :class:`pipeline.inference.Predictor`, for reports: mode, planes,
+    """The inference settings of a :class:`slab.pipeline.inference.Predictor`, for reports: mode, planes,
     offsets, TTA, device and the post-processing steps with their parameters."""
     post = predictor.postprocess
     steps = [getattr(post, "binarise", None), *getattr(post, "steps", [])]
@@ -352,14 +352,14 @@ def run_classification(network_config: Mapping, weights, inputs: Sequence, outpu
     """Score whole studies with the slice-sequence classifier and write ``output_dir/<csv_name>``.
 
     Each input volume is loaded, percentile-normalised (``normalize``) and scored by
-    :func:`pipeline.inference.predict_sequences` as an unlabelled study: one sequence of ``n_slabs``
+    :func:`slab.pipeline.inference.predict_sequences` as an unlabelled study: one sequence of ``n_slabs``
     slabs evenly over its slices along ``plane``. Rows ``image,probability,max_slice_probability``
     hold the sequence head's probability and the largest per-slice probability.
     """
-    from networks import load_weights
-    from pipeline.inference import predict_sequences
-    from transforms.intensity import make_normalize
-    from transforms.io import atomic_write, load_volume
+    from slab.networks import load_weights
+    from slab.pipeline.inference import predict_sequences
+    from slab.transforms.intensity import make_normalize
+    from slab.transforms.io import atomic_write, load_volume
 
     classifier = load_weights(network(network_config), weights)
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
@@ -383,17 +383,17 @@ def run_classification(network_config: Mapping, weights, inputs: Sequence, outpu
 
 
 def network(config: Mapping) -> nn.Module:
-    """:func:`networks.build_network` from one config object (a bundle's ``slab#network``), so
+    """:func:`slab.networks.build_network` from one config object (a bundle's ``slab#network``), so
     that ``network_def`` follows whatever network the bundle names (e.g. ``unet`` or
     ``swin_unetr``)."""
-    from networks import build_network
+    from slab.networks import build_network
 
     return build_network(**dict(config))
 
 
 
 class SliceLogits(nn.Module):
-    """:class:`networks.SliceSequenceClassifier` giving one tensor, the per-slice logits
+    """:class:`slab.networks.SliceSequenceClassifier` giving one tensor, the per-slice logits
     ``(B, N)``: what MONAI's ``verify_net_in_out`` and TorchScript export expect of a bundle's
     ``network_def``. The state dict is the classifier's own (keys under ``net.`` are not used:
     the wrapper registers the classifier's modules directly)."""

@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from networks import build_network, save_weights
-from pipeline.cli import main
+from slab.networks import build_network, save_weights
+from slab.pipeline.cli import main
 
 NET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])

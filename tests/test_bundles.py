@@ -10,10 +10,10 @@ import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape
 
-from pipeline.bundle import BUNDLE_FILES, BUNDLES_DIR, require_files, run_bundle
-from pipeline.cli import main
-from transforms.errors import SlabError
-from transforms.io import load_volume
+from slab.pipeline.bundle import BUNDLE_FILES, BUNDLES_DIR, require_files, run_bundle
+from slab.pipeline.cli import main
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume
 
 BUNDLES = ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")
 # The fields the MONAI Bundle Specification requires of metadata.json, and the ones we add.
@@ -122,7 +122,7 @@ def test_train_and_inference_share_the_network(name):
 
 def test_vessel_bundle_settings_agree_with_predictor_from_bundle():
     """`slab predict --bundle` (Predictor.from_bundle) and the bundle's own predictor agree."""
-    from pipeline.inference import Predictor
+    from slab.pipeline.inference import Predictor
 
     root, meta_file, config_file = _files("vessel_2p5d")
     parser = ConfigParser()
@@ -196,9 +196,9 @@ def test_train_json_runs_and_its_weights_infer(name, tmp_path):
         rows = Path(result).read_text(encoding="utf-8").splitlines()
         assert rows[0] == "image,probability,max_slice_probability" and len(rows) == 2
         # the row is predict_sequences on the normalised study: one whole-volume sequence
-        from pipeline.bundle import network
-        from pipeline.inference import predict_sequences
-        from transforms.intensity import PercentileNormalize
+        from slab.pipeline.bundle import network
+        from slab.pipeline.inference import predict_sequences
+        from slab.transforms.intensity import PercentileNormalize
 
         section = json.loads(Path(_files(name)[2]).read_text(encoding="utf-8"))["classifier"]
         model = network(section["network"])
@@ -235,7 +235,7 @@ def test_missing_bundle_files_are_one_line_errors(tmp_path, capsys):
 
 
 def test_predict_through_a_broken_bundle_exits_2(tmp_path, capsys):
-    pytest.importorskip("pipeline.cli.predict")
+    pytest.importorskip("slab.pipeline.cli.predict")
     bundle = tmp_path / "b"
     (bundle / "configs").mkdir(parents=True)
     shutil.copy(BUNDLES_DIR / "vessel_2p5d" / "configs" / "inference.json", bundle / "configs")
@@ -251,9 +251,9 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
     without one, every channel is binarised at slab#postprocess#threshold (0.5)."""
     from monai.data import MetaTensor
 
-    from pipeline.bundle import network
-    from pipeline.inference import recorded_postprocess
-    from transforms.io import save_volume
+    from slab.pipeline.bundle import network
+    from slab.pipeline.inference import recorded_postprocess
+    from slab.transforms.io import save_volume
 
     root, _, config_file = _files("brats_3d")
     config = {**json.loads(Path(config_file).read_text(encoding="utf-8"))["slab"]["network"], "channels": [4, 8, 16, 16]}
@@ -333,7 +333,7 @@ def test_training_writes_only_under_a_relative_output_dir(name, tmp_path, monkey
 def test_spine_training_whose_validation_auc_is_undefined_falls_back_to_the_loss(tmp_path):
     """Validation studies without both classes give an all-NaN AUC: the best checkpoint is chosen
     by the validation loss instead (said in a warning), and the weights export."""
-    from transforms.errors import SlabWarning
+    from slab.transforms.errors import SlabWarning
 
     tiny = {**TINY["spine_cls_2p5d"], "phantom#targets": {"C1": [1, 0, 0, 0], "C2": [0, 1, 0, 0],
                                                            "C3": [1, 1, 0, 0]}}

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from transforms.checks import check_spacing, read_json_object
-from transforms.errors import SlabError
+from slab.transforms.checks import check_spacing, read_json_object
+from slab.transforms.errors import SlabError
 
 
 def test_check_spacing_accepts_three_positive_numbers():

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import tifffile
 from PIL import Image
 
-from pipeline.cli import main
+from slab.pipeline.cli import main
 
 AFFINE = np.array([[0.0, 1.5, 0.0, -10.0], [-0.75, 0.0, 0.0, 20.5], [0.0, 0.0, 2.5, 3.25], [0.0, 0.0, 0.0, 1.0]])
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.slabs import SlabDataset
-from pipeline.data.datalist import load_datalist
-from pipeline.data.phantom import make_phantom, write_phantom
-from transforms.augment import RandSlabAugmentd
-from transforms.errors import SlabError
-from transforms.slab import PLANE_AXIS, extract_slab
+from slab.pipeline.data.slabs import SlabDataset
+from slab.pipeline.data.datalist import load_datalist
+from slab.pipeline.data.phantom import make_phantom, write_phantom
+from slab.transforms.augment import RandSlabAugmentd
+from slab.transforms.errors import SlabError
+from slab.transforms.slab import PLANE_AXIS, extract_slab
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_randomizable_members_seed_as_monai_set_rnd():
     from monai.data.utils import set_rnd
     from monai.transforms import RandFlipd, RandGaussianNoised, Compose
 
-    from pipeline.training.engine import randomizable_members
+    from slab.pipeline.training.engine import randomizable_members
 
     class Holder:
         def __init__(self):
@@ -210,7 +210,7 @@ def test_augment_rectangular_keeps_shape_and_dtype():
 
 
 def test_slab_centres_known_answers():
-    from pipeline.data.sequences import slab_centres
+    from slab.pipeline.data.sequences import slab_centres
 
     assert slab_centres(0, 28, 5).tolist() == [0, 7, 14, 21, 28]
     assert slab_centres(10, 24, 3).tolist() == [10, 17, 24]
@@ -220,7 +220,7 @@ def test_slab_centres_known_answers():
 def test_volume_sequences_crop_each_target_and_resize():
     import torch.nn.functional as F
 
-    from pipeline.data.sequences import volume_sequences
+    from slab.pipeline.data.sequences import volume_sequences
 
     rng = np.random.default_rng(1)
     image = rng.random((1, 16, 18, 20), dtype=np.float32)
@@ -244,7 +244,7 @@ def test_volume_sequences_crop_each_target_and_resize():
 
 
 def test_study_sequences_targets():
-    from pipeline.data.sequences import study_sequences
+    from slab.pipeline.data.sequences import study_sequences
 
     image = np.zeros((1, 8, 8, 10), np.float32)
     label = np.zeros((1, 8, 8, 10), np.uint8)

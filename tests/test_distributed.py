@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
-from transforms.errors import SlabError
+from slab.pipeline.training.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
+from slab.transforms.errors import SlabError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,8 @@ def _free_port() -> int:
 
 def _predict(volume):
     """A fixed tiny 2.5D UNet over two planes of one volume."""
-    from networks import build_network
-    from pipeline.inference import predict_2p5d
+    from slab.networks import build_network
+    from slab.pipeline.inference import predict_2p5d
 
     torch.manual_seed(0)
     net = build_network("unet", 2, 3, 1, channels=(4, 8), strides=(2,))
@@ -75,8 +75,8 @@ CONFIG = {"epochs": 2, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy",
 
 def _worker(work: Path) -> int:
     """One rank under torchrun: sharded inference, then ``slab train`` (DDP)."""
-    from pipeline.cli import main
-    from pipeline.training.distributed import cleanup_distributed, init_distributed
+    from slab.pipeline.cli import main
+    from slab.pipeline.training.distributed import cleanup_distributed, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
@@ -93,7 +93,7 @@ def _worker(work: Path) -> int:
 def test_torchrun_two_processes_match_one(tmp_path):
     """2 gloo processes of batch 2 each train like 1 process of batch 4 (up to summation order);
     sharded inference over 5 volumes gives exactly the one-process outputs."""
-    from pipeline.training import load_checkpoint, train
+    from slab.pipeline.training import load_checkpoint, train
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import write_datalist
@@ -122,7 +122,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
                                [r["train_loss"] for r in reference["history"]], rtol=1e-4)
     # Convolution biases right before an instance norm get no gradient but rounding noise, which
     # Adam scales up to full steps; they do not change the output, so compare the networks' outputs.
-    from networks import build_network
+    from slab.networks import build_network
 
     nets = []
     for state in (ddp, ref):

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.bundle import BUNDLES_DIR, REPO_ROOT
-from pipeline.cli import main
-from transforms.rle import read_sennet_rles
+from slab.pipeline.bundle import BUNDLES_DIR, REPO_ROOT
+from slab.pipeline.cli import main
+from slab.transforms.rle import read_sennet_rles
 
 DOCS = ["README.md"] + [f"bundles/{b}/docs/README.md" for b in
                         ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")]
@@ -187,7 +187,7 @@ def readme_config() -> dict:
 
 
 def test_the_readme_training_config_is_valid_as_written():
-    from pipeline.training import validate_config
+    from slab.pipeline.training import validate_config
 
     config = validate_config(readme_config())
     assert config["val"]["metric"] in ("surface_dice_0", "surface_dice_tol", "dice")
@@ -231,3 +231,15 @@ def test_every_documented_command_runs(doc, workdir, monkeypatch, capsys):
 def test_documented_exclusions_are_the_only_ones():
     skipped = {_words(c)[0] for doc in DOCS for c in documented(REPO_ROOT / doc) if _words(c)[0] in NOT_RUN}
     assert skipped <= set(NOT_RUN)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_python_example_runs(doc, monkeypatch):
+    """The documents' ``python`` blocks run as written, from the repository root."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / doc).read_text(encoding="utf-8"), flags=re.S)
+    monkeypatch.chdir(REPO_ROOT)
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, doc, "exec"), namespace)  # noqa: S102 - the project's own documentation
+        if "probabilities" in namespace:
+            assert tuple(namespace["probabilities"].shape[-3:]) == (96, 96, 96)

@@ -1,4 +1,4 @@
-"""`slab evaluate`: the JSON equals pipeline.evaluation.metrics on the arrays; bad input exits 2, writes nothing."""
+"""`slab evaluate`: the JSON equals slab.pipeline.evaluation.metrics on the arrays; bad input exits 2, writes nothing."""
 import json
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from pipeline.cli import main
-from pipeline.evaluation.metrics import evaluate, threshold_sweep
-from transforms.io import save_volume
+from slab.pipeline.cli import main
+from slab.pipeline.evaluation.metrics import evaluate, threshold_sweep
+from slab.transforms.io import save_volume
 
 SPACING = (0.8, 0.8, 2.5)
 AFFINE = np.diag([*SPACING, 1.0])

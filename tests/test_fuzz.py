@@ -23,7 +23,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -77,7 +77,7 @@ rle_text = st.one_of(
 @settings(**SETTINGS, max_examples=300)
 @given(rle=rle_text, rows=st.integers(1, 9), cols=st.integers(1, 9), order=st.sampled_from(["C", "F"]))
 def test_rle_decode_takes_anything(rle, rows, cols, order):
-    from transforms.rle import rle_decode, rle_encode
+    from slab.transforms.rle import rle_decode, rle_encode
 
     try:
         mask = rle_decode(rle, (rows, cols), order)
@@ -95,7 +95,7 @@ def test_rle_decode_takes_anything(rle, rows, cols, order):
                                max_size=4).map(
                           lambda rows: ("id,rle\n" + "".join(f"{i},{r}\n" for i, r in rows)).encode())))
 def test_sennet_csv_reader_takes_anything(tmp_path, data):
-    from transforms.rle import read_sennet_rles, sennet_label
+    from slab.transforms.rle import read_sennet_rles, sennet_label
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "train_rles.csv"
     path.write_bytes(data)
@@ -115,7 +115,7 @@ def test_sennet_csv_reader_takes_anything(tmp_path, data):
                           lambda rows: ("id,class,segmentation\n" + "".join(
                               f"{i},{c},{r}\n" for i, c, r in rows)).encode())))
 def test_uwmgi_csv_reader_takes_anything(tmp_path, data):
-    from transforms.rle import read_uwmgi_rles, uwmgi_label
+    from slab.transforms.rle import read_uwmgi_rles, uwmgi_label
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "train.csv"
     path.write_bytes(data)
@@ -186,7 +186,7 @@ FORMATS = {
 @settings(**SETTINGS, max_examples=80)
 @given(changes=edits)
 def test_the_loader_takes_mutated_files(tmp_path, fmt, changes):
-    from transforms.io import load_volume
+    from slab.transforms.io import load_volume
 
     make, name, header = FORMATS[fmt]
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -240,7 +240,7 @@ def network_configs():
 @settings(**SETTINGS, max_examples=150)
 @given(config=network_configs())
 def test_network_configs_take_anything(config):
-    from pipeline.inference import Predictor
+    from slab.pipeline.inference import Predictor
 
     only_slab_errors(lambda: Predictor(config, normalize=None))
 
@@ -251,7 +251,7 @@ def test_network_configs_take_anything(config):
                                                                         "postprocess", "roi_size", "overlap",
                                                                         "batch_size", "mode", "labels")}))
 def test_bundle_sections_take_anything(tmp_path, section):
-    from pipeline.inference import Predictor
+    from slab.pipeline.inference import Predictor
 
     bundle = Path(tempfile.mkdtemp(dir=tmp_path))
     (bundle / "configs").mkdir()
@@ -265,7 +265,7 @@ def test_bundle_sections_take_anything(tmp_path, section):
                                                "val", "classification", "loss", "seed", "warmup_epochs"]),
                               json_values, max_size=6))
 def test_training_configs_take_anything(config):
-    from pipeline.training import validate_config
+    from slab.pipeline.training import validate_config
 
     only_slab_errors(validate_config, config)
 
@@ -277,7 +277,7 @@ def test_training_configs_take_anything(config):
     optional={"validation": json_values, "n_folds": json_values, "labels": json_values})),
     fold=st.sampled_from([None, 0, 1, -1, "a"]))
 def test_datalists_take_anything(tmp_path, datalist, fold):
-    from pipeline.data.datalist import load_datalist
+    from slab.pipeline.data.datalist import load_datalist
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "datalist.json"
     path.write_text(json.dumps(datalist), encoding="utf-8")

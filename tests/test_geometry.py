@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from networks import build_network, save_weights
-from pipeline.cli import main
-from transforms.errors import SlabError, SlabWarning
-from transforms.io import load_volume, save_volume
+from slab.networks import build_network, save_weights
+from slab.pipeline.cli import main
+from slab.transforms.errors import SlabError, SlabWarning
+from slab.transforms.io import load_volume, save_volume
 
 NET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}
 

@@ -9,14 +9,14 @@ import torch.nn as nn
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from networks import build_network, network_divisor, save_weights
-from pipeline.device import cpu_supports_bf16
-from pipeline.inference import Predictor, predict_2p5d, predict_3d, predict_file
-from transforms.errors import SlabError
-from transforms.intensity import PercentileNormalize
-from transforms.io import load_volume, save_volume
-from transforms.post import postprocess
-from transforms.slab import PLANE_AXIS, extract_slab, pad_to_divisor, unpad
+from slab.networks import build_network, network_divisor, save_weights
+from slab.pipeline.device import cpu_supports_bf16
+from slab.pipeline.inference import Predictor, predict_2p5d, predict_3d, predict_file
+from slab.transforms.errors import SlabError
+from slab.transforms.intensity import PercentileNormalize
+from slab.transforms.io import load_volume, save_volume
+from slab.transforms.post import postprocess
+from slab.transforms.slab import PLANE_AXIS, extract_slab, pad_to_divisor, unpad
 
 ALL_FLIPS = [dims for r in (1, 2, 3) for dims in itertools.combinations((1, 2, 3), r)]
 UNET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [4, 8], "strides": [2]}
@@ -206,8 +206,8 @@ def test_cpu_bf16_agrees_with_fp32():
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
-    import pipeline.inference.forward as forward
-    from transforms.errors import SlabWarning
+    import slab.pipeline.inference.forward as forward
+    from slab.transforms.errors import SlabWarning
 
     def broken(model, **kwargs):
         def call(x):
@@ -380,8 +380,8 @@ SEQ = {"n_slabs": 5, "offsets": (-1, 0, 1), "plane": "xy", "size": (16, 16), "cr
 
 
 def test_predict_sequences_equals_a_manual_forward_of_the_built_sequences():
-    from pipeline.data.sequences import build_sequence, slab_centres, volume_sequences
-    from pipeline.inference import predict_sequences
+    from slab.pipeline.data.sequences import build_sequence, slab_centres, volume_sequences
+    from slab.pipeline.inference import predict_sequences
 
     model = tiny_classifier()
     volume, label = vertebrae()
@@ -414,8 +414,8 @@ def test_predict_sequences_equals_a_manual_forward_of_the_built_sequences():
 
 
 def test_score_sequences_batches_do_not_change_the_result():
-    from pipeline.data.sequences import volume_sequences
-    from pipeline.inference import score_sequences
+    from slab.pipeline.data.sequences import volume_sequences
+    from slab.pipeline.inference import score_sequences
 
     volume, label = vertebrae()
     slabs = [s["slabs"] for s in volume_sequences(volume, label, targets=["C1", "C2", "C3"], **SEQ)] * 2
@@ -429,7 +429,7 @@ def test_score_sequences_batches_do_not_change_the_result():
 
 
 def test_predict_sequences_bad_input():
-    from pipeline.inference import predict_sequences
+    from slab.pipeline.inference import predict_sequences
 
     model = tiny_classifier()
     volume, label = vertebrae()
@@ -451,7 +451,7 @@ def test_predict_sequences_bad_input():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_predict_sequences_on_cuda_with_amp_matches_cpu():
-    from pipeline.inference import predict_sequences
+    from slab.pipeline.inference import predict_sequences
 
     volume, label = vertebrae()
     cpu = predict_sequences(tiny_classifier(), volume, label, targets=["C1", "C2", "C3"], device="cpu", **SEQ)
@@ -466,7 +466,7 @@ def test_predict_sequences_on_cuda_with_amp_matches_cpu():
 def test_multiscale_inference_averages_resampled_predictions():
     import torch.nn.functional as F
 
-    from pipeline.inference import Predictor
+    from slab.pipeline.inference import Predictor
 
     torch.manual_seed(0)
     config = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
@@ -483,7 +483,7 @@ def test_multiscale_inference_averages_resampled_predictions():
     # by hand: the volume resampled by 1.5, predicted with the original's normalisation, resampled back
     preprocess = predictor.preprocess(volume)
     up = F.interpolate(volume[None], size=[18, 15, 12], mode="trilinear", align_corners=False)[0]
-    from pipeline.inference.multiplane import predict_2p5d
+    from slab.pipeline.inference.multiplane import predict_2p5d
 
     p15 = predict_2p5d(predictor.model, up, planes=["xy"], offsets=(-1, 0, 1), device="cpu", divisor=predictor.divisor,
                        min_size=predictor.min_size, preprocess=preprocess)

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from monai.data import MetaTensor
 
-from transforms.errors import SlabError
-from transforms.intensity import PercentileNormalize, PercentileNormalized, scale_intensity, volume_percentiles
+from slab.transforms.errors import SlabError
+from slab.transforms.intensity import PercentileNormalize, PercentileNormalized, scale_intensity, volume_percentiles
 
 Q = [0, 0.5, 1, 2.5, 25, 33.3, 50, 66.6, 75, 99, 99.5, 100]
 INT_DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.int64]
@@ -105,7 +105,7 @@ def test_constant_channel_maps_to_zero():
 
 
 def test_lazy_volume_streams_without_loading(rng, tmp_path, monkeypatch):
-    from transforms.io import load_volume, save_volume
+    from slab.transforms.io import load_volume, save_volume
 
     x = _random(rng, np.int16, (2, 6, 5, 9))
     save_volume(x, tmp_path / "v.nii")
@@ -119,8 +119,8 @@ def test_lazy_volume_streams_without_loading(rng, tmp_path, monkeypatch):
 
 
 def test_zscore_against_numpy_per_channel_and_lazily(tmp_path):
-    from transforms.intensity import ZScoreNormalize
-    from transforms.io import load_volume, save_volume
+    from slab.transforms.intensity import ZScoreNormalize
+    from slab.transforms.io import load_volume, save_volume
 
     rng = np.random.default_rng(3)
     v = np.stack([rng.normal(50, 7, (13, 11, 9)), rng.normal(-3, 0.5, (13, 11, 9))]).astype(np.float32)
@@ -142,7 +142,7 @@ def test_zscore_against_numpy_per_channel_and_lazily(tmp_path):
 
 
 def test_fixed_window_is_the_dataset_statistics():
-    from transforms.intensity import make_normalize
+    from slab.transforms.intensity import make_normalize
 
     v = np.arange(100, dtype=np.float32).reshape(1, 100, 1, 1)
     window = make_normalize({"low": [10], "high": [60]})
@@ -165,7 +165,7 @@ def test_fixed_window_is_the_dataset_statistics():
     ({"low": ["a"], "high": [1]}, "low: expected a finite number"),
 ])
 def test_normalisation_settings_errors_are_one_line(spec, message):
-    from transforms.intensity import make_normalize
+    from slab.transforms.intensity import make_normalize
 
     with pytest.raises(SlabError, match=re.escape(message)):
         make_normalize(spec)

@@ -1,5 +1,5 @@
-"""The house: the public API resolves, no import circles among slab's modules, and pipeline/'s
-modules stay small (one job each)."""
+"""The house: one ``slab`` import namespace, the public API resolves, no import circles among
+slab's modules, and pipeline/'s modules stay small (one job each)."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "transforms", "networks")
+PACKAGES = ("slab", "pipeline", "transforms", "networks")  # folders; installed as slab, slab.pipeline, ...
 MAX_LINES = 500  # a module reads in one sitting; the longest today is evaluation/render.py (461)
 
 
@@ -18,7 +18,7 @@ def _modules() -> dict[str, Path]:
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found[name] = path
+            found[name if package == "slab" else "slab." + name] = path
     return found
 
 
@@ -36,12 +36,44 @@ def _top_level_imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def test_the_public_api_resolves_every_name():
-    import pipeline
+    import slab
 
-    for name in pipeline.__all__:
-        value = getattr(pipeline, name)
+    for name in slab.__all__:
+        value = getattr(slab, name)
         assert callable(value), name
-    assert pipeline.Predictor.__module__ == "pipeline.inference.predictor"
+    assert slab.Predictor.__module__ == "slab.pipeline.inference.predictor"
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        slab.nothing  # noqa: B018
+
+
+def test_every_module_is_reached_through_slab():
+    """The layout test below is not vacuous: it sees slab's modules under their installed names."""
+    modules = _modules()
+    assert {"slab", "slab.pipeline.cli", "slab.transforms.post", "slab.networks"} <= set(modules)
+    imports = _top_level_imports(modules["slab.pipeline.inference.predictor"], modules)
+    assert any(name.startswith("slab.transforms") for name in imports), imports
+
+
+def test_the_install_exposes_one_namespace(tmp_path):
+    """Outside the repository only ``slab`` is importable: no top-level ``pipeline``/``transforms``/
+    ``networks`` that would shadow (or be shadowed by) the unrelated packages of those names, and
+    nothing in slab's own code or bundles imports them by their folder names."""
+    import re
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, slab, slab.transforms.post as post; "
+            "print([importlib.util.find_spec(n) is None for n in ('pipeline', 'transforms', 'networks')], "
+            "slab.load_volume.__module__, post._compiled_fill is not None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[True,", "True,", "True]", "slab.transforms.io", "True"]
+    bare = re.compile(r"^\s*(from|import) (pipeline|transforms|networks)\b|\"(pipeline|transforms|networks)\.\w", re.M)
+    sources = [p for folder in (*PACKAGES, "tests", "benchmarks", "bundles") for p in (ROOT / folder).rglob("*")
+               if p.suffix in {".py", ".json"}]
+    offenders = [str(p.relative_to(ROOT)) for p in sources if bare.search(p.read_text(encoding="utf-8"))]
+    assert not offenders
+    assert len(sources) > 100
 
 
 def test_no_import_circles():
@@ -77,11 +109,11 @@ def test_help_imports_no_engine():
     import subprocess
     import sys
 
-    from pipeline.cli import COMMANDS
+    from slab.pipeline.cli import COMMANDS
 
     code = """
 import contextlib, io, sys
-from pipeline.cli import main
+from slab.pipeline.cli import main
 for argv in [["--help"]] + [[c, "--help"] for c in sys.argv[1:]]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
         main(argv)

@@ -6,8 +6,8 @@ import pytest
 import surface_distance as sd
 import torch
 
-from pipeline.evaluation.metrics import surface_dice
-from pipeline.training.losses import CombinedLoss, SoftClDiceLoss, SoftSurfaceDiceLoss, soft_skeleton
+from slab.pipeline.evaluation.metrics import surface_dice
+from slab.pipeline.training.losses import CombinedLoss, SoftClDiceLoss, SoftSurfaceDiceLoss, soft_skeleton
 
 
 def _blobs(shape, seed):
@@ -84,7 +84,7 @@ def test_combined_loss_and_training_with_it(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import TINY, write_datalist
 
-    from pipeline.training import train
+    from slab.pipeline.training import train
 
     datalist = write_datalist(tmp_path, n=3, shape=(16, 14, 12))
     result = train(datalist, {**TINY, "epochs": 1, "shape_loss": {"surface_dice": 1.0, "cldice": 0.5}},

@@ -1,4 +1,4 @@
-"""pipeline.evaluation.metrics against DeepMind's surface-distance and MONAI, on tiny volumes."""
+"""slab.pipeline.evaluation.metrics against DeepMind's surface-distance and MONAI, on tiny volumes."""
 import math
 import mmap
 from pathlib import Path
@@ -11,10 +11,10 @@ from monai.metrics import DiceMetric, compute_surface_dice
 from scipy import ndimage as ndi
 from surface_distance import lookup_tables
 
-import pipeline.evaluation.metrics as M
-import pipeline.evaluation.surface as S
-from transforms.errors import SlabError
-from transforms.io import load_volume, save_volume
+import slab.pipeline.evaluation.metrics as M
+import slab.pipeline.evaluation.surface as S
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume, save_volume
 
 TOLERANCES = (0.0, 0.5, 1.0, 2.5)
 
@@ -267,7 +267,7 @@ def test_oblique_affine_scores_as_its_spacing(tmp_path, angle, capsys):
 
     import nibabel as nib
 
-    from pipeline.cli import main
+    from slab.pipeline.cli import main
 
     rng = np.random.default_rng(3)
     truth = np.zeros((24, 20, 16), np.uint8)
@@ -303,7 +303,7 @@ def _cldice_by_hand(p, t):
 
 
 def test_cldice_known_answers_and_the_formula():
-    from pipeline.evaluation.skeleton import cldice
+    from slab.pipeline.evaluation.skeleton import cldice
 
     tube = np.zeros((15, 15, 40), bool)
     tube[5:10, 5:10, 3:37] = True

@@ -3,8 +3,8 @@ import pytest
 import torch
 from monai.networks import nets
 
-from networks import SliceSequenceClassifier, build_network, load_weights, network_divisor, save_weights
-from transforms.errors import SlabError
+from slab.networks import SliceSequenceClassifier, build_network, load_weights, network_divisor, save_weights
+from slab.transforms.errors import SlabError
 
 # Tiny configurations so every forward pass takes milliseconds.
 TINY = {

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from networks import build_network, save_weights
-from pipeline.cli import main
-from transforms.errors import SlabError
-from transforms.outputs import atomic_write, check_outputs, sweep_stale, temp_dir
+from slab.networks import build_network, save_weights
+from slab.pipeline.cli import main
+from slab.transforms.errors import SlabError
+from slab.transforms.outputs import atomic_write, check_outputs, sweep_stale, temp_dir
 
 NET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}
 
@@ -91,7 +91,7 @@ def test_check_outputs_refuses_aliases_and_allows_neighbours(tmp_path):
 
 
 def test_every_command_declares_its_inputs_and_outputs():
-    from pipeline.cli import COMMANDS, _module
+    from slab.pipeline.cli import COMMANDS, _module
 
     for name in COMMANDS:
         assert hasattr(_module(name), "paths"), name
@@ -142,7 +142,7 @@ def _start_predict(tmp_path: Path, model) -> tuple[subprocess.Popen, Path, Path]
     private.mkdir()
     out = tmp_path / "out" / "mask.nii.gz"
     env = {**os.environ, "TMPDIR": str(private), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pipeline.cli", "predict", "-i", str(source), "-o", str(out), "--tta", "flips",
+    command = [sys.executable, "-m", "slab.pipeline.cli", "predict", "-i", str(source), "-o", str(out), "--tta", "flips",
                "--memory-budget", "0.001"] + model
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -213,7 +213,7 @@ def test_a_bad_third_volume_fails_before_the_first_is_written(tmp_path, model, c
 
 
 def test_demo_checks_every_pair_before_writing(tmp_path, capfd):
-    from pipeline.bundle import DATA_DIR
+    from slab.pipeline.bundle import DATA_DIR
 
     data = tmp_path / "data"
     data.mkdir()
@@ -231,7 +231,7 @@ def test_demo_checks_every_pair_before_writing(tmp_path, capfd):
 
 
 def _datalist(root: Path) -> Path:
-    from pipeline.data.phantom import write_phantom
+    from slab.pipeline.data.phantom import write_phantom
 
     items = []
     for i in range(2):
@@ -251,8 +251,8 @@ CONFIG = {"epochs": 3, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy"]
 
 
 def test_a_crash_between_the_two_checkpoint_writes_cannot_split_them(tmp_path, monkeypatch):
-    import pipeline.training.state as train_module
-    from pipeline.training import load_checkpoint, train
+    import slab.pipeline.training.state as train_module
+    from slab.pipeline.training import load_checkpoint, train
 
     datalist = _datalist(tmp_path / "data")
     straight = train(datalist, CONFIG, tmp_path / "straight", device="cpu")
@@ -278,7 +278,7 @@ def test_a_crash_between_the_two_checkpoint_writes_cannot_split_them(tmp_path, m
 
 
 def test_resume_refuses_checkpoints_that_disagree(tmp_path):
-    from pipeline.training import train
+    from slab.pipeline.training import train
 
     datalist = _datalist(tmp_path / "data")
     run = tmp_path / "run"

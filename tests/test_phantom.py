@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.data.phantom import make_phantom, write_phantom
-from transforms.errors import SlabError
-from transforms.io import load_volume
+from slab.pipeline.cli import main
+from slab.pipeline.data.phantom import make_phantom, write_phantom
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume
 
 
 @pytest.mark.parametrize("kind", ["vessels", "organs", "tumour"])

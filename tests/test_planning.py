@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.planning import plans as planning
-from pipeline.planning.fingerprint import fingerprint, is_tubular, label_summary
-from pipeline.planning.selection import best_window, choose_postprocessing, window_histograms, window_mask
+from slab.pipeline.cli import main
+from slab.pipeline.planning import plans as planning
+from slab.pipeline.planning.fingerprint import fingerprint, is_tubular, label_summary
+from slab.pipeline.planning.selection import best_window, choose_postprocessing, window_histograms, window_mask
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY_UNET, write_datalist  # noqa: E402
@@ -119,7 +119,7 @@ def test_label_summary_against_cc3d_and_tubularity():
     sheet[xx, yy, zz] = sheet[xx, yy, np.clip(zz + 1, 0, 11)] = True
     sheet[::6, ::6, :] = False
     assert not label_summary(sheet, (1.0, 1.0, 1.0))["tubular"]
-    from pipeline.data.phantom import make_phantom
+    from slab.pipeline.data.phantom import make_phantom
 
     vessels = np.asarray(make_phantom((48, 48, 48), seed=0, kind="vessels").label)[0] > 0
     assert label_summary(vessels, (1.0, 1.0, 1.0))["tubular"]
@@ -190,7 +190,7 @@ def test_postprocessing_choice_where_the_answer_is_known():
     assert options["min_size"] >= 2
     assert not steps["fill_holes"]["kept"]  # a solid blob: nothing to fill, no gain, not kept
     # keep-largest 1 fixes the specks as well; whichever came first, the result is the truth
-    from transforms.post import make_postprocess
+    from slab.transforms.post import make_postprocess
 
     for _, prob, truth in cases:
         assert np.array_equal(np.asarray(make_postprocess(options)(prob)), truth)
@@ -256,8 +256,8 @@ def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
                  str(tmp_path / "p1.nii.gz"), "-o", str(tmp_path / "f1.nii.gz"), "--device", "cpu"]) == 0
     written = nib.load(tmp_path / "all.nii.gz")
     assert np.allclose(written.affine, nib.load(image).affine) and written.shape == (20, 18, 12)
-    from pipeline.inference.model import load_model
-    from transforms.io import load_volume
+    from slab.pipeline.inference.model import load_model
+    from slab.transforms.io import load_volume
 
     volume = load_volume(image)
     ensemble = load_model(plan, device="cpu")
@@ -271,8 +271,8 @@ def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
 
 def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
     _, plan, _ = cv_plan
-    from pipeline.inference.model import Ensemble, load_model
-    from transforms.io import load_volume
+    from slab.pipeline.inference.model import Ensemble, load_model
+    from slab.transforms.io import load_volume
 
     checkpoint = plan / "runs" / "2d" / "fold_0" / "best.pt"
     volume = load_volume(plan.parent / "case1" / "image.nii.gz")
@@ -283,9 +283,9 @@ def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
 
 def test_run_is_a_model_with_its_threshold_and_normalisation(cv_plan, tmp_path):
     _, plan, _ = cv_plan
-    from pipeline.inference.model import load_model, spec_of_checkpoint
-    from pipeline.training.state import load_checkpoint
-    from transforms.intensity import ZScoreNormalize
+    from slab.pipeline.inference.model import load_model, spec_of_checkpoint
+    from slab.pipeline.training.state import load_checkpoint
+    from slab.transforms.intensity import ZScoreNormalize
 
     run = plan / "runs" / "3d" / "fold_1"
     state = load_checkpoint(run / "best.pt")
@@ -359,8 +359,8 @@ def test_predict_model_bad_inputs(cv_plan, tmp_path, capsys):
 
 
 def test_dataset_normalisation_comes_from_the_training_folds_only(tmp_path):
-    from pipeline.training import train
-    from pipeline.training.normalization import foreground_samples
+    from slab.pipeline.training import train
+    from slab.pipeline.training.normalization import foreground_samples
 
     datalist = write_datalist(tmp_path, n=3, shape=(16, 14, 10))  # folds 0, 1, 0
     cfg = {"epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "planes": ["xy"], "network": TINY_UNET,
@@ -373,20 +373,20 @@ def test_dataset_normalisation_comes_from_the_training_folds_only(tmp_path):
     assert stored["low"] == pytest.approx([np.percentile(image[label], 1)], abs=1e-5)
     assert stored["high"] == pytest.approx([np.percentile(image[label], 99)], abs=1e-5)
     assert "dataset" not in stored
-    from pipeline.inference.model import load_model
+    from slab.pipeline.inference.model import load_model
 
     assert load_model(tmp_path / "run", device="cpu").normalize.low == tuple(stored["low"])
     z = foreground_samples([{"image": str(tmp_path / "case1" / "image.nii.gz"),
                              "label": str(tmp_path / "case1" / "label.nii.gz")}])
     assert z.shape == (1, int(label.sum()))
     with pytest.raises(Exception, match="dataset statistics replace low/high"):
-        from pipeline.training.config import validate_config
+        from slab.pipeline.training.config import validate_config
 
         validate_config({"normalize": {"low": [0], "high": [1], "dataset": True}})
 
 
 def test_a_larger_ensemble_must_win_by_the_margin():
-    from pipeline.planning.crossval import ENSEMBLE_MARGIN, choose_candidate
+    from slab.pipeline.planning.crossval import ENSEMBLE_MARGIN, choose_candidate
 
     def rows(**scores):
         return {k: {"configurations": k.split("+"), "tuned": {"score": v}} for k, v in scores.items()}
@@ -397,8 +397,8 @@ def test_a_larger_ensemble_must_win_by_the_margin():
 
 def test_an_exported_run_keeps_its_threshold(cv_plan, tmp_path, monkeypatch):
     _, plan, _ = cv_plan
-    from pipeline.inference.model import load_model
-    from pipeline.training.state import load_checkpoint
+    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.training.state import load_checkpoint
 
     monkeypatch.setenv("SLAB_HOME", str(tmp_path / "home"))
     run = plan / "runs" / "3d" / "fold_0"

@@ -1,4 +1,4 @@
-"""transforms.post against scikit-image / scipy on random volumes, and known answers."""
+"""slab.transforms.post against scikit-image / scipy on random volumes, and known answers."""
 import inspect
 
 import numpy as np
@@ -11,9 +11,9 @@ from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import remove_small_objects
 
-from transforms import post
-from transforms.errors import SlabError
-from transforms.post import (
+from slab.transforms import post
+from slab.transforms.errors import SlabError
+from slab.transforms.post import (
     FillHoles,
     FillHolesd,
     HysteresisFill,

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.filters import apply_hysteresis_threshold
 
-from pipeline.cli import main
+from slab.pipeline.cli import main
 
 AFFINE = np.array([[0.0, 0.8, 0.0, -10.0], [-0.8, 0.0, 0.0, 20.5], [0.0, 0.0, 2.5, 3.25], [0.0, 0.0, 0.0, 1.0]])
 

@@ -1,15 +1,15 @@
-"""pipeline.evaluation.render: category maps, the 3D hit/miss picture, mesh export, cross sections, CLI."""
+"""slab.pipeline.evaluation.render: category maps, the 3D hit/miss picture, mesh export, cross sections, CLI."""
 import numpy as np
 import pytest
 import pyvista as pv
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.evaluation.metrics import evaluate
-from pipeline.evaluation.sections import cross_sections
-from pipeline.evaluation.render import category_map, display_factor, export_mesh, render_hits
-from transforms.errors import SlabError
-from transforms.io import load_volume, save_volume
+from slab.pipeline.cli import main
+from slab.pipeline.evaluation.metrics import evaluate
+from slab.pipeline.evaluation.sections import cross_sections
+from slab.pipeline.evaluation.render import category_map, display_factor, export_mesh, render_hits
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume, save_volume
 
 N, R, SHIFT = 24, 6, 3
 SIZE = (480, 400)  # small pictures keep the tests fast
@@ -113,7 +113,7 @@ def test_render_hits_downsamples_large_volumes(tmp_path, spheres):
 def test_render_hits_empty_masks(tmp_path, spheres, caplog):
     _, truth = spheres
     empty = np.zeros_like(truth)
-    with caplog.at_level("INFO", logger="pipeline.evaluation.render"):
+    with caplog.at_level("INFO", logger="slab.pipeline.evaluation.render"):
         result = render_hits(empty, truth, tmp_path / "miss.png", views=1, size=SIZE)
     assert result["notes"] == ["prediction is empty: all of the truth is missed"]
     assert "prediction is empty" in caplog.text
@@ -259,7 +259,7 @@ def test_axial_section_of_a_dicom_series_is_the_slice_a_dicom_viewer_shows():
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from pipeline.evaluation.sections import orientation, section
+    from slab.pipeline.evaluation.sections import orientation, section
 
     series = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001" / "CT5N"
     volume = load_volume(series)
@@ -277,7 +277,7 @@ def test_every_view_puts_the_patient_where_radiology_does():
     """A RAS volume with a marker on the patient's right, anterior, superior corner: right is on
     the picture's left (axial, coronal), anterior at the top (axial) and on the left (sagittal),
     superior at the top (coronal, sagittal)."""
-    from pipeline.evaluation.sections import orientation, section
+    from slab.pipeline.evaluation.sections import orientation, section
 
     volume = np.zeros((5, 6, 7))
     volume[4, 5, 6] = 1  # highest x (right), y (anterior), z (superior) in RAS

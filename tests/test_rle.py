@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from transforms.errors import SlabError
-from transforms.rle import (
+from slab.transforms.errors import SlabError
+from slab.transforms.rle import (
     read_sennet_label,
     read_uwmgi_label,
     rle_decode,

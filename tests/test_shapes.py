@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from networks import build_network, network_divisor, network_min_size
-from pipeline.inference import Predictor, predict_2p5d
-from transforms.slab import extract_slab, pad_to_divisor, unpad
+from slab.networks import build_network, network_divisor, network_min_size
+from slab.pipeline.inference import Predictor, predict_2p5d
+from slab.transforms.slab import extract_slab, pad_to_divisor, unpad
 
 # Each family small enough to run hundreds of slabs in a second or two.
 FAMILIES = {
@@ -195,7 +195,7 @@ TRAIN_NET = {"name": "unet", "channels": [2, 4, 8], "strides": [2, 2], "num_res_
 def test_train_2p5d_any_volume_and_patch_size(tmp_path_factory, shapes, patch, planes):
     import json
 
-    from pipeline.training import train
+    from slab.pipeline.training import train
 
     root = tmp_path_factory.mktemp("shapes2p5d")
     items = [write_case(root, f"c{i}", shape, i) for i, shape in enumerate(shapes)]
@@ -214,7 +214,7 @@ def test_train_2p5d_any_volume_and_patch_size(tmp_path_factory, shapes, patch, p
 def test_train_3d_any_volume_and_patch_size(tmp_path_factory, shapes, patch_steps):
     import json
 
-    from pipeline.training import train
+    from slab.pipeline.training import train
 
     root = tmp_path_factory.mktemp("shapes3d")
     items = [write_case(root, f"c{i}", shape, i) for i, shape in enumerate(shapes)]
@@ -239,9 +239,9 @@ def test_slab_predict_any_shape_keeps_shape_and_geometry(tmp_path_factory, shape
 
     import nibabel as nib
 
-    from networks import save_weights
-    from pipeline.cli import main
-    from transforms.io import load_volume, save_volume
+    from slab.networks import save_weights
+    from slab.pipeline.cli import main
+    from slab.transforms.io import load_volume, save_volume
 
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from transforms.errors import SlabError
-from transforms.io import load_volume, save_volume
-from transforms.slab import (
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume, save_volume
+from slab.transforms.slab import (
     PLANE_AXIS,
     SliceStack,
     SliceStackd,
@@ -159,7 +159,7 @@ def test_bad_input(volume):
 def test_preview_png(tmp_path, volume):
     from PIL import Image
 
-    from pipeline.evaluation.preview import preview_slabs
+    from slab.pipeline.evaluation.preview import preview_slabs
 
     out = preview_slabs(volume, tmp_path / "p.png", plane="zx", offsets=(-1, 0, 1), n=2, label=volume[:1] > 500)
     assert out == tmp_path / "p.png" and Image.open(out).size[0] > 100

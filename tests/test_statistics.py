@@ -5,10 +5,10 @@ import torch
 from nibabel.affines import apply_affine, voxel_sizes
 from scipy import ndimage as ndi
 
-import pipeline.evaluation.statistics as statistics
-from pipeline.evaluation.statistics import label_statistics
-from transforms.errors import SlabError
-from transforms.io import load_volume, save_volume
+import slab.pipeline.evaluation.statistics as statistics
+from slab.pipeline.evaluation.statistics import label_statistics
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume, save_volume
 
 
 def oblique_affine():

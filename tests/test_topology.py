@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from skimage.measure import euler_number
 
-from pipeline.cli import main
-from pipeline.evaluation.topology import betti_numbers, radius_bins, topology_metrics
+from slab.pipeline.cli import main
+from slab.pipeline.evaluation.topology import betti_numbers, radius_bins, topology_metrics
 
 
 def torus(shape=(40, 40, 20), major=12.0, minor=4.0) -> np.ndarray:
@@ -130,8 +130,8 @@ def test_cldice_in_sweeps_and_training_validation(tmp_path):
     import sys
     from pathlib import Path
 
-    from pipeline.evaluation.metrics import threshold_sweep
-    from pipeline.evaluation.skeleton import cldice
+    from slab.pipeline.evaluation.metrics import threshold_sweep
+    from slab.pipeline.evaluation.skeleton import cldice
 
     truth = torus().astype(np.uint8)
     rng = np.random.default_rng(0)
@@ -142,15 +142,15 @@ def test_cldice_in_sweeps_and_training_validation(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import TINY, write_datalist
 
-    from pipeline.training import train
+    from slab.pipeline.training import train
 
     datalist = write_datalist(tmp_path, n=3, shape=(16, 14, 12))
     result = train(datalist, {**TINY, "epochs": 1, "val": {**TINY["val"], "cldice": True, "metric": "cldice"}},
                    tmp_path / "run", device="cpu")
     row = result["history"][-1]
     assert "val_cldice" in row and 0 <= row["val_cldice"] <= 1 and result["best"]["metric"] == "cldice"
-    from pipeline.training.config import validate_config
-    from transforms.errors import SlabError
+    from slab.pipeline.training.config import validate_config
+    from slab.transforms.errors import SlabError
 
     with pytest.raises(SlabError, match="cldice needs val.cldice true"):
         validate_config({"val": {"metric": "cldice"}})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from slab.pipeline.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, write_datalist  # noqa: E402

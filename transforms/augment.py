@@ -26,7 +26,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import MAX_SEED
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 def _probability(value, name: str) -> float:

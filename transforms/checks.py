@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 MAX_JSON_BYTES = 64 << 20
 # Choices shared by the engines and the command line (kept here so that `slab --help` need not
@@ -17,7 +17,7 @@ MAX_JSON_BYTES = 64 << 20
 PLANES = ("xy", "zx", "zy")
 MODES = ("2.5d", "3d")
 TTA_MODES = ("none", "flips", "full")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # inference arithmetic (pipeline.device.amp_dtype)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # inference arithmetic (slab.pipeline.device.amp_dtype)
 TTA_MODES_3D = ("none", "flips")
 CONNECTIVITIES = (6, 18, 26)
 FILL_MODES = ("3d", "slice")

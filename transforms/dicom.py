@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from transforms.errors import SlabError
-from transforms.formats import itk_volume, native, one_line
-from transforms.headers import check_memory
+from slab.transforms.errors import SlabError
+from slab.transforms.formats import itk_volume, native, one_line
+from slab.transforms.headers import check_memory
 
 
 def _series_files(directory: Path) -> list[str]:

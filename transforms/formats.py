@@ -1,10 +1,10 @@
 """File formats: NIfTI, NRRD/MHA/MHD (SimpleITK), DICOM series, slice-stack directories.
 
 Each reader returns a ``(C, X, Y, Z)`` array, its RAS affine and the file's own geometry notes;
-each writer takes them back. Every header is checked (:mod:`transforms.headers`) before a decoder
+each writer takes them back. Every header is checked (:mod:`slab.transforms.headers`) before a decoder
 sees it or memory is allocated, every failure of a decoder on a user's file is one
 :class:`SlabError` naming the file, and ITK's own warnings are kept off stderr. The public API is
-:mod:`transforms.io`; the helpers here are shared with :mod:`transforms.lazy`.
+:mod:`slab.transforms.io`; the helpers here are shared with :mod:`slab.transforms.lazy`.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from transforms.checks import SLICE_FORMATS, check_spacing
-from transforms.errors import SlabError, SlabWarning
-from transforms.headers import check_claim, check_memory, check_metaimage, check_nrrd
+from slab.transforms.checks import SLICE_FORMATS, check_spacing
+from slab.transforms.errors import SlabError, SlabWarning
+from slab.transforms.headers import check_claim, check_memory, check_metaimage, check_nrrd
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -255,7 +255,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, forms: dict | None = None) -> None:
     """``forms`` (an input's :func:`nifti_forms`): when its sform is ``affine``, the output gets
     the input's qform and sform with their codes, so every viewer shows it where it shows the input."""
-    from transforms.outputs import atomic_write
+    from slab.transforms.outputs import atomic_write
 
     data = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
     image = nib.Nifti1Image(data, affine, dtype=data.dtype)
@@ -293,7 +293,7 @@ def itk_volume(image: sitk.Image, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_itk_header(path: Path) -> dict:
-    """The MetaImage or NRRD header validated (:mod:`transforms.headers`) before ITK parses it."""
+    """The MetaImage or NRRD header validated (:mod:`slab.transforms.headers`) before ITK parses it."""
     return check_nrrd(path) if suffix_of(path) in (".nrrd", ".nhdr") else check_metaimage(path)
 
 
@@ -310,7 +310,7 @@ def read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    from transforms.outputs import atomic_write
+    from slab.transforms.outputs import atomic_write
 
     if is_sheared(affine):
         raise SlabError(f"{path}: the volume's affine is sheared (its axes are not orthogonal), which NRRD/MHA "
@@ -382,7 +382,7 @@ def write_stack(array: np.ndarray, path: Path, slice_format: str, workers: int |
     import imagecodecs
     import tifffile
 
-    from transforms.outputs import atomic_write
+    from slab.transforms.outputs import atomic_write
 
     if slice_format not in SLICE_FORMATS:
         raise SlabError(f"slice_format: expected one of {', '.join(SLICE_FORMATS)}, got {slice_format!r}")

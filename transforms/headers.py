@@ -22,7 +22,7 @@ import re
 import struct
 from pathlib import Path
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 DEFLATE_RATIO = 1032  # the most deflate can expand: 258-byte matches at ~2 bits each
 # LZW codes grow one byte per code up to 4096-byte strings; PackBits at most 64:1.

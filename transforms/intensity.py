@@ -27,7 +27,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 _CHUNK = 1 << 20  # elements per bincount call: the intp temporary stays in cache
 _MAX_HIST_RANGE = 1 << 24  # wider integer ranges are partitioned instead of counted

@@ -9,10 +9,10 @@ and are flipped to RAS on read and back on write. A slice image ``img[row, col]`
 keep x fastest in memory, as on disk, so nothing is copied to reorder axes: a slice stack is
 decoded straight into one preallocated buffer.
 
-Headers are checked before anything is allocated (:mod:`transforms.headers`); the formats
-themselves live in :mod:`transforms.formats`, lazy volumes in :mod:`transforms.lazy`. Every file
-is written through :func:`~transforms.outputs.atomic_write`; bad input raises a one-line
-:class:`~transforms.errors.SlabError` that names the file.
+Headers are checked before anything is allocated (:mod:`slab.transforms.headers`); the formats
+themselves live in :mod:`slab.transforms.formats`, lazy volumes in :mod:`slab.transforms.lazy`. Every file
+is written through :func:`~slab.transforms.outputs.atomic_write`; bad input raises a one-line
+:class:`~slab.transforms.errors.SlabError` that names the file.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from transforms.errors import SlabError
-from transforms.formats import (
+from slab.transforms.errors import SlabError
+from slab.transforms.formats import (
     EXPECTED,
     ITK_SUFFIXES,
     LPS_TO_RAS,
@@ -49,9 +49,9 @@ from transforms.formats import (
     write_nifti,
     write_stack,
 )
-from transforms.dicom import read_dicom
-from transforms.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor
-from transforms.outputs import atomic_write
+from slab.transforms.dicom import read_dicom
+from slab.transforms.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor
+from slab.transforms.outputs import atomic_write
 
 
 def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = None, workers: int | None = None):
@@ -138,7 +138,7 @@ def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
         if len(size) != 3:
             raise SlabError(f"{path}: a {len(size)}D image of size {size} where a 3D volume is expected")
         channels = reader.GetNumberOfComponents()
-        from transforms.formats import LPS_TO_RAS as flip
+        from slab.transforms.formats import LPS_TO_RAS as flip
 
         lps = np.eye(4)
         lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) * np.asarray(reader.GetSpacing())

@@ -1,6 +1,6 @@
 """Volumes read from disk on demand: slice stacks (one 2D file per z) and NIfTI through
 nibabel's array proxy (a memory map when uncompressed). Create them with
-``transforms.io.load_volume(path, lazy=True)``."""
+``slab.transforms.io.load_volume(path, lazy=True)``."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from transforms.errors import SlabError
-from transforms.formats import nifti_dtype, nifti_forms, one_line, run_parallel, spacing_of, suffix_of, with_spacing
-from transforms.headers import check_memory, png_claim, tiff_bytes_claim, tiff_claim, tiff_header
+from slab.transforms.errors import SlabError
+from slab.transforms.formats import nifti_dtype, nifti_forms, one_line, run_parallel, spacing_of, suffix_of, with_spacing
+from slab.transforms.headers import check_memory, png_claim, tiff_bytes_claim, tiff_claim, tiff_header
 
 
 def check_affine(affine: np.ndarray, source) -> np.ndarray:

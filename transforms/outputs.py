@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 _STALE = re.compile(r"^(?:slab-[a-z]+|\..+\.slab)-(?P<pid>\d+)-[^/]*$")
 

@@ -24,12 +24,12 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import ball
 
-from transforms.checks import CONNECTIVITIES, FILL_MODES
-from transforms.errors import SlabError
-from transforms.io import check_same_geometry
+from slab.transforms.checks import CONNECTIVITIES, FILL_MODES
+from slab.transforms.errors import SlabError
+from slab.transforms.io import check_same_geometry
 
 try:  # the compiled flood fill (setup.py builds it); without it, hysteresis labels with cc3d
-    from transforms import _fill as _compiled_fill
+    from slab.transforms import _fill as _compiled_fill
 except ImportError:  # pragma: no cover - an install without a C compiler
     _compiled_fill = None
 

@@ -4,7 +4,7 @@ A Kaggle RLE string is ``"start length start length ..."`` over the flattened im
 1-indexed. SenNet and UW-Madison GI Tract flatten row-major (``order="C"``), HuBMAP
 column-major (``order="F"``). An empty mask is ``""`` or ``"1 0"``; both decode to zeros.
 
-Volumes follow the slice-stack convention of ``transforms.io``: a slice image ``img[row, col]``
+Volumes follow the slice-stack convention of ``slab.transforms.io``: a slice image ``img[row, col]``
 is ``vol[:, :, z] = img.T``, so a volume of shape ``(X, Y, Z)`` has slice images of shape ``(Y, X)``.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.errors import SlabError
-from transforms.io import atomic_write
+from slab.transforms.errors import SlabError
+from slab.transforms.io import atomic_write
 
 SENNET_COLUMNS = ("id", "rle")
 UWMGI_COLUMNS = ("id", "class", "segmentation")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 PLANE_AXIS = {"xy": 2, "zx": 1, "zy": 0}
 OFFSET_MODES = ("centred", "forward")
@@ -315,7 +315,7 @@ def _divisors(divisor, n: int, name: str = "divisor") -> tuple[int, ...]:
 
 def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", value: float = 0.0, min_size=1):
     """Pad the last ``spatial_dims`` axes of ``x`` up to multiples of ``divisor`` (pad, not resize),
-    and to at least ``min_size`` (a network's smallest input, ``networks.network_min_size``).
+    and to at least ``min_size`` (a network's smallest input, ``slab.networks.network_min_size``).
 
     Each axis gets ``total // 2`` before and the rest after, so content stays centred.
 

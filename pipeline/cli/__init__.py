@@ -4,13 +4,13 @@ boundary where errors become messages.
 Each sub-command lives in its own module ``pipeline/cli/<name>.py`` with ``HELP`` (one line),
 ``add_arguments(parser)``, ``run(args) -> int`` and optionally ``paths(args) -> (inputs,
 outputs)``: the files it reads and writes, by argument name. Before ``run``, the dispatcher
-refuses outputs that would touch an input (:func:`transforms.outputs.check_outputs`). Modules are
+refuses outputs that would touch an input (:func:`slab.transforms.outputs.check_outputs`). Modules are
 imported only when their command runs, so ``slab --help`` stays fast.
 
-The boundary: a :class:`~transforms.errors.SlabError` (or a bad argument) is printed as one line
+The boundary: a :class:`~slab.transforms.errors.SlabError` (or a bad argument) is printed as one line
 ``slab: error: ...`` with exit status 2; Ctrl-C and SIGTERM remove what was being written and exit
 with 130 / 143. Libraries' own log lines and warnings are silenced unless ``slab --verbose``;
-slab's warnings (:class:`~transforms.errors.SlabWarning`) are printed as ``slab: warning: ...``.
+slab's warnings (:class:`~slab.transforms.errors.SlabWarning`) are printed as ``slab: warning: ...``.
 Anything else that escapes a command is a bug, and is shown as one.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import os
 import sys
 import warnings
 
-from transforms.errors import SlabError, SlabWarning
+from slab.transforms.errors import SlabError, SlabWarning
 
-COMMANDS = {name: f"pipeline.cli.{name}" for name in
+COMMANDS = {name: f"slab.pipeline.cli.{name}" for name in
             ("phantom", "convert", "dataset", "plan", "train", "cv", "predict", "postprocess", "evaluate", "errors",
              "render", "export", "install", "demo")}
 DESCRIPTION = "2.5D and 3D segmentation of 3D medical volumes."
@@ -82,9 +82,9 @@ def quiet_libraries(verbose: bool = False) -> None:
     """Silence other libraries' log lines and warnings (slab's own warnings still show)."""
     warnings.showwarning = _show_warning
     if verbose:
-        import transforms.formats
+        import slab.transforms.formats
 
-        transforms.formats.SHOW_NATIVE_MESSAGES = True
+        slab.transforms.formats.SHOW_NATIVE_MESSAGES = True
         return
     warnings.simplefilter("ignore")
     warnings.simplefilter("default", SlabWarning)  # each distinct warning once per place
@@ -94,7 +94,7 @@ def quiet_libraries(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transforms.outputs import Terminated, check_outputs, handle_signals
+    from slab.transforms.outputs import Terminated, check_outputs, handle_signals
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = bool(argv) and argv[0] in ("-v", "--verbose")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(module, "paths"):
             check_outputs(*module.paths(args))
         if hasattr(args, "threads"):  # the commands that run networks
-            from pipeline.device import configure_allocator, configure_threads
+            from slab.pipeline.device import configure_allocator, configure_threads
 
             configure_threads(args.threads)
             configure_allocator()

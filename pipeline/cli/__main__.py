@@ -1,6 +1,6 @@
-"""``python -m pipeline.cli``: the ``slab`` command (for torchrun and environments without the script)."""
+"""``python -m slab.pipeline.cli``: the ``slab`` command (for torchrun and environments without the script)."""
 import sys
 
-from pipeline.cli import main
+from slab.pipeline.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""The argument types the ``slab`` sub-commands share (:mod:`pipeline.cli`). A type raises
+"""The argument types the ``slab`` sub-commands share (:mod:`slab.pipeline.cli`). A type raises
 ``argparse.ArgumentTypeError``, which the parser prints as one line naming the argument."""
 from __future__ import annotations
 
@@ -69,6 +69,6 @@ def fold_list(text: str) -> list[int]:
 
 def add_threads(parser) -> None:
     """``--threads N`` (applied by the CLI before the command runs; see
-    :func:`pipeline.device.configure_threads`)."""
+    :func:`slab.pipeline.device.configure_threads`)."""
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU threads for torch (default: the cores this process may use that are not busy)")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli.arguments import positive_float
-from transforms.checks import SLICE_FORMATS
+from slab.pipeline.cli.arguments import positive_float
+from slab.transforms.checks import SLICE_FORMATS
 
 HELP = "Convert a volume between NIfTI, NRRD/MHA/MHD, DICOM (input) and 2D slice stacks (a directory)."
 
@@ -28,7 +28,7 @@ def paths(args) -> tuple[dict, dict]:
 def run(args) -> int:
     import numpy as np
 
-    from transforms.io import load_volume, output_format, save_volume
+    from slab.transforms.io import load_volume, output_format, save_volume
 
     kind = output_format(args.dst)  # a bad DST fails before anything is read
     source = args.src[0] if len(args.src) == 1 else args.src

@@ -1,12 +1,12 @@
 """``slab cv PLAN_DIR``: train every fold of every planned configuration (resumable), predict
 the held-out cases, and choose the configuration or ensemble and its post-processing on those
 out-of-fold predictions; writes ``cv/table.md``, ``postprocessing.json`` and ``model.json``
-(``slab predict --model PLAN_DIR``). See :mod:`pipeline.planning.crossval`."""
+(``slab predict --model PLAN_DIR``). See :mod:`slab.pipeline.planning.crossval`."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli.arguments import add_threads, fold_list
+from slab.pipeline.cli.arguments import add_threads, fold_list
 
 HELP = "cross-validate the planned configurations, choose ensemble and post-processing, write the model"
 
@@ -28,9 +28,9 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from pipeline.planning.crossval import run_cv
-    from pipeline.cli.plan import configurations
-    from transforms.checks import read_json_object
+    from slab.pipeline.planning.crossval import run_cv
+    from slab.pipeline.cli.plan import configurations
+    from slab.transforms.checks import read_json_object
 
     overrides = read_json_object(args.config, "config") if args.config else None
     result = run_cv(args.plan, configurations=configurations(args.configurations) if args.configurations else None,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.cli.arguments import non_negative_int, positive_int
-from transforms.checks import DATASET_KINDS as KINDS
+from slab.pipeline.cli.arguments import non_negative_int, positive_int
+from slab.transforms.checks import DATASET_KINDS as KINDS
 
 HELP = "Write OUT_DIR/datalist.json (folds grouped by case) for a dataset, converting labels where needed."
 
@@ -27,7 +27,7 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from pipeline.data.adapters import build_datalist
+    from slab.pipeline.data.adapters import build_datalist
 
     path = build_datalist(args.kind, args.root, args.out_dir, n_folds=args.folds, seed=args.seed)
     datalist = json.loads(path.read_text(encoding="utf-8"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pipeline.cli.arguments import positive_int
+from slab.pipeline.cli.arguments import positive_int
 
 HELP = "run the vessel_2p5d bundle on the embedded phantom: predict, clean up, score, render (outputs/demo)"
 # What the demo takes from configs/evaluate.json when the value there is plain data.
@@ -25,7 +25,7 @@ _EVALUATE_DEFAULTS = {"tolerances": [0.0, 1.0], "image_glob": "image*", "label_g
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.paths import BUNDLES_DIR, sample_dir
+    from slab.pipeline.paths import BUNDLES_DIR, sample_dir
 
     parser.add_argument("--out", default="outputs/demo", metavar="DIR", help="output folder (default outputs/demo)")
     parser.add_argument("--bundle", default=str(BUNDLES_DIR / "vessel_2p5d"), metavar="DIR",
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def paths(args) -> tuple[dict, dict]:
-    from pipeline.cli.predict import bundle_contents
+    from slab.pipeline.cli.predict import bundle_contents
 
     return {"--bundle": bundle_contents(args.bundle), "--data": args.data}, {"--out": args.out}
 
@@ -48,7 +48,7 @@ def paths(args) -> tuple[dict, dict]:
 def evaluate_settings(bundle) -> dict:
     """The plain values of ``bundle/configs/evaluate.json`` the demo uses (anything else there, an
     expression or a component, is left alone: it is for ``monai.bundle run``)."""
-    from transforms.checks import read_json_object
+    from slab.transforms.checks import read_json_object
 
     config = read_json_object(bundle / "configs" / "evaluate.json", "bundle evaluation config")
     settings = dict(_EVALUATE_DEFAULTS)
@@ -65,10 +65,10 @@ def evaluate_settings(bundle) -> dict:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.bundle import list_pairs, require_files, run_evaluation
-    from pipeline.inference import Predictor, check_planes
-    from pipeline.evaluation.preview import preview_slabs
-    from transforms.io import load_volume
+    from slab.pipeline.bundle import list_pairs, require_files, run_evaluation
+    from slab.pipeline.inference import Predictor, check_planes
+    from slab.pipeline.evaluation.preview import preview_slabs
+    from slab.transforms.io import load_volume
 
     start = time.perf_counter()
     bundle = require_files(args.bundle, ("configs/metadata.json", "configs/inference.json", "configs/evaluate.json",

@@ -1,11 +1,11 @@
 """``slab errors PRED TRUTH -o CLUSTERS.csv [--sheet SHEET.png]``: false-positive and missed
 clusters ranked by size and mean probability (where to look for missing annotations), with
-centroids in voxels and world coordinates; see :mod:`pipeline.evaluation.errors`."""
+centroids in voxels and world coordinates; see :mod:`slab.pipeline.evaluation.errors`."""
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cli.arguments import non_negative_int, positive_int, probability
+from slab.pipeline.cli.arguments import non_negative_int, positive_int, probability
 
 HELP = "rank false-positive and missed clusters of a prediction (CSV), and draw the top ones (PNG)"
 
@@ -30,10 +30,10 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from pipeline.evaluation.errors import error_clusters, error_sheet, write_clusters_csv
-    from pipeline.evaluation.readers import is_float
-    from transforms.errors import SlabError
-    from transforms.io import check_same_geometry, load_volume
+    from slab.pipeline.evaluation.errors import error_clusters, error_sheet, write_clusters_csv
+    from slab.pipeline.evaluation.readers import is_float
+    from slab.transforms.errors import SlabError
+    from slab.transforms.io import check_same_geometry, load_volume
 
     pred, truth = load_volume(args.pred), load_volume(args.truth)
     check_same_geometry(pred, truth, names=[args.pred, args.truth])

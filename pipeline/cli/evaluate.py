@@ -1,6 +1,6 @@
 """``slab evaluate PRED TRUTH``: dice, IoU, precision, recall and surface dice as JSON; with
 ``--cldice``, ``--topology``, ``--radius-bins`` also the vessel-aware metrics
-(:mod:`pipeline.evaluation.skeleton`, :mod:`pipeline.evaluation.topology`).
+(:mod:`slab.pipeline.evaluation.skeleton`, :mod:`slab.pipeline.evaluation.topology`).
 
 PRED is a 0/1 mask (integer or bool dtype) or a probability map (floating point, binarised
 ``> --threshold`` as ``slab postprocess`` does); TRUTH a 0/1 mask with the same geometry and
@@ -12,8 +12,8 @@ import json
 import math
 import sys
 
-from pipeline.cli.arguments import non_negative_float, probability
-from transforms.errors import SlabError
+from slab.pipeline.cli.arguments import non_negative_float, probability
+from slab.transforms.errors import SlabError
 
 HELP = "Score a mask or probability map against the truth: dice, IoU, precision, recall, surface dice (JSON)."
 
@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
 
 def _open(path):
     """Lazily where the reader can (NIfTI, slice stacks), so that big volumes stream."""
-    from transforms.io import load_volume
+    from slab.transforms.io import load_volume
 
     try:
         return load_volume(path, lazy=True)
@@ -66,8 +66,8 @@ def _shape_metrics(result: dict, pred, truth, args, probabilities: bool) -> None
     """clDice, topology and radius bins per class (whole masks in memory: skeletons are global)."""
     import numpy as np
 
-    from pipeline.evaluation.skeleton import cldice
-    from pipeline.evaluation.topology import radius_bins, topology_metrics
+    from slab.pipeline.evaluation.skeleton import cldice
+    from slab.pipeline.evaluation.topology import radius_bins, topology_metrics
 
     p = np.asarray(pred.load() if hasattr(pred, "load") else pred)
     t = np.asarray(truth.load() if hasattr(truth, "load") else truth) > 0
@@ -80,7 +80,7 @@ def _shape_metrics(result: dict, pred, truth, args, probabilities: bool) -> None
         if args.radius_bins:
             entry["radius_bins"] = radius_bins(p[i], t[i])
     if args.cldice:
-        from pipeline.evaluation.surface import nan_mean
+        from slab.pipeline.evaluation.surface import nan_mean
 
         result["cldice"] = nan_mean([c["cldice"] for c in result["classes"]])
 
@@ -92,10 +92,10 @@ def paths(args) -> tuple[dict, dict]:
 def run(args) -> int:
     import numpy as np
 
-    from pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
-    from pipeline.evaluation.readers import is_float
-    from pipeline.evaluation.surface import check_thresholds, check_tolerances
-    from transforms.io import atomic_write, check_same_geometry
+    from slab.pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
+    from slab.pipeline.evaluation.readers import is_float
+    from slab.pipeline.evaluation.surface import check_thresholds, check_tolerances
+    from slab.transforms.io import atomic_write, check_same_geometry
 
     tolerances = check_tolerances(args.tolerance)
     thresholds = None

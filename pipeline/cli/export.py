@@ -1,5 +1,5 @@
 """``slab export MODEL model.zip``: a trained model (a training run, a checkpoint, or a cross-validated
-plan directory) as one archive for another machine; see :mod:`pipeline.planning.archive`."""
+plan directory) as one archive for another machine; see :mod:`slab.pipeline.planning.archive`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,14 +13,14 @@ def add_arguments(parser) -> None:
 
 
 def paths(args) -> tuple[dict, dict]:
-    from pipeline.cli.predict import model_contents
+    from slab.pipeline.cli.predict import model_contents
 
     return {"MODEL": model_contents(args.model)}, {"ARCHIVE": args.archive}
 
 
 def run(args) -> int:
-    from pipeline.planning.archive import export_model
-    from transforms.errors import SlabError
+    from slab.pipeline.planning.archive import export_model
+    from slab.transforms.errors import SlabError
 
     if not str(args.archive).endswith(".zip"):
         raise SlabError(f"ARCHIVE: expected a .zip name, got {args.archive}")

@@ -1,13 +1,13 @@
 """``slab phantom``: write a deterministic synthetic volume and its label."""
 from __future__ import annotations
 
-from pipeline.cli.arguments import non_negative_int, positive_float, positive_int
+from slab.pipeline.cli.arguments import non_negative_int, positive_float, positive_int
 
 HELP = "write a synthetic phantom (image.nii.gz, label.nii.gz) with a known ground truth"
 
 
 def add_arguments(parser) -> None:
-    from transforms.checks import PHANTOM_KINDS as KINDS
+    from slab.transforms.checks import PHANTOM_KINDS as KINDS
 
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for image.nii.gz and label.nii.gz")
     parser.add_argument("--shape", nargs=3, type=positive_int, required=True, metavar=("X", "Y", "Z"),
@@ -27,7 +27,7 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from pipeline.data.phantom import write_phantom
+    from slab.pipeline.data.phantom import write_phantom
 
     image, label = write_phantom(args.out_dir, shape=args.shape, seed=args.seed, spacing=args.spacing, kind=args.kind,
                                  sparse=args.sparse)

@@ -1,14 +1,14 @@
 """``slab plan DATALIST -o PLAN_DIR``: fingerprint a dataset, check every case, and plan 2d, 2.5d
 and 3d training configurations (``fingerprint.json``, ``plans.json``, ``datalist.json``), each
-decision with its reason; see :mod:`pipeline.planning`. ``--verify`` checks every case and
+decision with its reason; see :mod:`slab.pipeline.planning`. ``--verify`` checks every case and
 reports all problems in one pass, writing nothing."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from pipeline.cli.arguments import positive_float, positive_int
-from transforms.errors import SlabError
+from slab.pipeline.cli.arguments import positive_float, positive_int
+from slab.transforms.errors import SlabError
 
 HELP = "fingerprint a dataset and plan its 2d, 2.5d and 3d configurations (or --verify its cases)"
 
@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
 
 
 def paths(args) -> tuple[dict, dict]:
-    from pipeline.data.datalist import datalist_paths
+    from slab.pipeline.data.datalist import datalist_paths
 
     inputs = {"DATALIST": args.datalist}
     if Path(args.datalist).is_file():
@@ -44,7 +44,7 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def configurations(text: str) -> list[str]:
-    from pipeline.planning.plans import CONFIGURATIONS
+    from slab.pipeline.planning.plans import CONFIGURATIONS
 
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in CONFIGURATIONS]
@@ -54,7 +54,7 @@ def configurations(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    from pipeline.planning.fingerprint import fingerprint
+    from slab.pipeline.planning.fingerprint import fingerprint
 
     if args.verify:
         fp, problems = fingerprint(args.datalist)
@@ -65,8 +65,8 @@ def run(args) -> int:
         return 2 if problems else 0
     if not args.out:
         raise SlabError("-o: required (the plan directory), unless --verify")
-    from pipeline.planning.crossval import write_plan
-    from pipeline.planning.plans import describe
+    from slab.pipeline.planning.crossval import write_plan
+    from slab.pipeline.planning.plans import describe
 
     fp, plans = write_plan(args.datalist, args.out, device=args.device, memory_gib=args.memory, epochs=args.epochs,
                            n_folds=args.folds, configurations=configurations(args.configurations))

@@ -1,15 +1,15 @@
 """``slab postprocess IN OUT``: probability map or mask to a cleaned mask, in IN's geometry.
 
-The steps are :func:`transforms.post.postprocess`'s, in its order: ROI, threshold or
+The steps are :func:`slab.transforms.post.postprocess`'s, in its order: ROI, threshold or
 hysteresis, small components, largest components, holes. IN is a probability map (then
 ``--threshold`` or ``--hysteresis`` is required: no threshold is assumed) or a mask of 0/1
 values; the component and hole steps work on the binarised volume.
 """
 from __future__ import annotations
 
-from pipeline.cli.arguments import finite_float, non_negative_int, positive_int
-from transforms.checks import CONNECTIVITIES, FILL_MODES
-from transforms.errors import SlabError
+from slab.pipeline.cli.arguments import finite_float, non_negative_int, positive_int
+from slab.transforms.checks import CONNECTIVITIES, FILL_MODES
+from slab.transforms.errors import SlabError
 
 HELP = "Clean a probability map or mask: threshold or hysteresis flood fill, components, holes, ROI."
 
@@ -38,8 +38,8 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from transforms.io import check_same_geometry, load_volume, output_format, save_volume
-    from transforms.post import Postprocess, check_binary
+    from slab.transforms.io import check_same_geometry, load_volume, output_format, save_volume
+    from slab.transforms.post import Postprocess, check_binary
 
     # Parameters and OUT are checked before anything is read.
     post = Postprocess(threshold=args.threshold, hysteresis=args.hysteresis, min_size=args.min_size,

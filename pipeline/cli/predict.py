@@ -3,9 +3,9 @@ their geometry.
 
 The network comes from ``--model MODEL`` (a training run or checkpoint, a cross-validated plan
 directory or an installed model: everything the model was trained and validated with is in it;
-see :func:`pipeline.inference.model.load_model`), from ``--bundle DIR``
+see :func:`slab.pipeline.inference.model.load_model`), from ``--bundle DIR``
 (``DIR/configs/inference.json``, section ``"slab"``, and ``DIR/models/model.pt``, binarised at
-the thresholds recorded on validation beside the weights as the bundle's own inference does; see :meth:`pipeline.inference.Predictor.from_bundle`) or from
+the thresholds recorded on validation beside the weights as the bundle's own inference does; see :meth:`slab.pipeline.inference.Predictor.from_bundle`) or from
 ``--network CONFIG.json --weights MODEL.pt`` (CONFIG.json: ``build_network`` arguments plus
 optional ``offsets``, ``planes``, ``roi_size``, ``labels``). Flags given on the command line win
 over the bundle's settings. Bundles are read as data: nothing in their JSON is evaluated.
@@ -13,7 +13,7 @@ over the bundle's settings. Bundles are read as data: nothing in their JSON is e
 INPUT is one volume (a file, a slice directory or a DICOM directory), several files (the
 channels of one volume), a case folder (SenNet's ``kidney_5`` holding ``images/``) or a
 directory of volumes (files, slice/DICOM/case folders, nnU-Net's ``{case}_0000.nii.gz`` channel
-files); see :mod:`pipeline.data.cases`. For a directory of volumes OUTPUT is a directory and each
+files); see :mod:`slab.pipeline.data.cases`. For a directory of volumes OUTPUT is a directory and each
 result takes its case's name, ``--prob`` is a directory too, and ``--rle-csv`` holds the rows of
 every volume. Every input's header and channel count is checked before anything is written.
 """
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli.arguments import add_threads, fold_list, non_negative_int, positive_float, positive_int, probability
-from transforms.checks import CONNECTIVITIES, FILL_MODES, MODES, PRECISIONS, TTA_MODES
-from transforms.errors import SlabError
+from slab.pipeline.cli.arguments import add_threads, fold_list, non_negative_int, positive_float, positive_int, probability
+from slab.transforms.checks import CONNECTIVITIES, FILL_MODES, MODES, PRECISIONS, TTA_MODES
+from slab.transforms.errors import SlabError
 
 HELP = "Predict masks (and probabilities, an RLE CSV) with a 2.5D or 3D network."
 
@@ -134,13 +134,13 @@ def _postprocess(args) -> dict:
 
 
 def _predictor(args):
-    from pipeline.inference import Predictor, check_planes, recorded_postprocess
-    from transforms.checks import read_json_object
+    from slab.pipeline.inference import Predictor, check_planes, recorded_postprocess
+    from slab.transforms.checks import read_json_object
 
     if args.overlap is not None and args.overlap >= 1:
         raise SlabError(f"--overlap: expected a fraction in [0, 1), got {args.overlap:g}")
     if args.precision is not None:  # before any model is read: the device must be able to
-        from pipeline.device import amp_dtype, resolve_device
+        from slab.pipeline.device import amp_dtype, resolve_device
 
         amp_dtype(resolve_device(args.device), args.precision)
     overrides = {
@@ -159,7 +159,7 @@ def _predictor(args):
     if args.folds is not None and not args.model:
         raise SlabError("--folds: only with --model (a cross-validated model directory)")
     if args.model:
-        from pipeline.inference.model import load_model
+        from slab.pipeline.inference.model import load_model
 
         if args.weights:
             raise SlabError("--weights: --model brings its own weights")
@@ -191,7 +191,7 @@ def _batch_key(network_config: dict) -> str:
 
 def _jobs(args, collection: bool, cases) -> list[tuple]:
     """``(case, output, prob)`` for every case, every output name checked."""
-    from transforms.io import output_format
+    from slab.transforms.io import output_format
 
     if not collection:
         return [(cases[0], Path(args.output), Path(args.prob) if args.prob else None)]
@@ -205,10 +205,10 @@ def _jobs(args, collection: bool, cases) -> list[tuple]:
 
 
 def run(args) -> int:
-    from pipeline.data.cases import find_cases
-    from pipeline.inference import predict_file
-    from transforms.io import atomic_write, output_format, volume_info
-    from transforms.outputs import temp_dir
+    from slab.pipeline.data.cases import find_cases
+    from slab.pipeline.inference import predict_file
+    from slab.transforms.io import atomic_write, output_format, volume_info
+    from slab.transforms.outputs import temp_dir
 
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")

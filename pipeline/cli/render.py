@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli.arguments import non_negative_float, non_negative_int, positive_int
-from transforms.errors import SlabError
+from slab.pipeline.cli.arguments import non_negative_float, non_negative_int, positive_int
+from slab.transforms.errors import SlabError
 
 HELP = "Render hits, false positives and misses of a prediction in 3D; cross sections and mesh export."
 
@@ -30,7 +30,7 @@ def add_arguments(parser) -> None:
 
 def _load(path: str):
     """Lazily where reading a slab at a time is cheap (slice stacks, uncompressed NIfTI)."""
-    from transforms.io import load_volume
+    from slab.transforms.io import load_volume
 
     if path.lower().endswith(".nii") or Path(path).is_dir():
         try:
@@ -54,9 +54,9 @@ def paths(args) -> tuple[dict, dict]:
 def run(args) -> int:
     import numpy as np
 
-    from pipeline.evaluation.render import mesh_path, render_hits, score_line
-    from pipeline.evaluation.sections import cross_sections
-    from transforms.io import check_same_geometry
+    from slab.pipeline.evaluation.render import mesh_path, render_hits, score_line
+    from slab.pipeline.evaluation.sections import cross_sections
+    from slab.transforms.io import check_same_geometry
 
     # Output names are checked before anything is read.
     _png(args.output, "-o")

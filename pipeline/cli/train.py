@@ -1,14 +1,14 @@
 """``slab train``: train a 2.5D / 3D segmentation or a slice-sequence classification network.
 
 Multi-process (multi-GPU, multi-node) training: launch the same command under ``torchrun``, e.g.
-``torchrun --nproc_per_node 4 -m pipeline.cli train --datalist D --config C --out RUN``.
+``torchrun --nproc_per_node 4 -m slab.pipeline.cli train --datalist D --config C --out RUN``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from pipeline.cli.arguments import add_threads, non_negative_int, positive_int
+from slab.pipeline.cli.arguments import add_threads, non_negative_int, positive_int
 
 HELP = "train a segmentation or classification network from a datalist and a JSON config"
 
@@ -38,14 +38,14 @@ def paths(args) -> tuple[dict, dict]:
     (not the run directory, which may hold the datalist) are outputs."""
     from pathlib import Path
 
-    from pipeline.training import RUN_FILES
+    from slab.pipeline.training import RUN_FILES
 
     datalist = Path(args.plan) / "datalist.json" if args.plan else args.datalist
     inputs = {"--datalist": datalist, "--config": args.config}
     if args.plan:
         inputs["--plan"] = [Path(args.plan) / n for n in ("plans.json", "fingerprint.json")]
     if datalist and Path(datalist).is_file():
-        from pipeline.data.datalist import datalist_paths
+        from slab.pipeline.data.datalist import datalist_paths
 
         inputs["datalist entries"] = datalist_paths(datalist)
     out = _out(args)
@@ -55,21 +55,21 @@ def paths(args) -> tuple[dict, dict]:
 def _out(args):
     if args.out or not args.plan or not args.configuration:
         return args.out
-    from pipeline.planning.crossval import run_dir
+    from slab.pipeline.planning.crossval import run_dir
 
     return run_dir(args.plan, args.configuration, args.fold or 0)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.training import describe_config, train
-    from transforms.errors import SlabError
+    from slab.pipeline.training import describe_config, train
+    from slab.transforms.errors import SlabError
 
     if args.show_config:
         print(describe_config())
         return 0
     if args.plan:
-        from pipeline.planning.crossval import train_fold
-        from transforms.checks import read_json_object
+        from slab.pipeline.planning.crossval import train_fold
+        from slab.transforms.checks import read_json_object
 
         if args.datalist:
             raise SlabError("--datalist: --plan brings its own (PLAN_DIR/datalist.json)")
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SlabError(f"{flag}: required")
         result = train(args.datalist, args.config, args.out, fold=args.fold, resume=args.resume,
                        device=args.device, epochs=args.epochs)
-    from pipeline.training.distributed import dist_env
+    from slab.pipeline.training.distributed import dist_env
 
     if dist_env().is_main:
         best = result["best"]

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from transforms.checks import DATASET_KINDS
-from transforms.errors import SlabError, SlabWarning
-from transforms.io import atomic_write, check_same_geometry, load_volume, natural_key, save_volume
-from transforms.lazy import SliceStack
-from transforms.rle import UWMGI_CLASSES, read_csv_rows, read_sennet_rles, read_uwmgi_rles, sennet_label, uwmgi_label
+from slab.transforms.checks import DATASET_KINDS
+from slab.transforms.errors import SlabError, SlabWarning
+from slab.transforms.io import atomic_write, check_same_geometry, load_volume, natural_key, save_volume
+from slab.transforms.lazy import SliceStack
+from slab.transforms.rle import UWMGI_CLASSES, read_csv_rows, read_sennet_rles, read_uwmgi_rles, sennet_label, uwmgi_label
 
 KINDS = DATASET_KINDS
 UWMGI_SLICE_THICKNESS = 3.0  # mm; the competition's scans do not carry it

@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transforms.errors import SlabError
-from transforms.formats import SLICE_SUFFIXES, UWMGI_SCAN, VOLUME_SUFFIXES, natural_key, suffix_of
+from slab.transforms.errors import SlabError
+from slab.transforms.formats import SLICE_SUFFIXES, UWMGI_SCAN, VOLUME_SUFFIXES, natural_key, suffix_of
 
 _NNUNET = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _GENERIC_FOLDERS = ("images", "scans")
@@ -68,7 +68,7 @@ def folder_kind(folder: Path) -> str:
     if any(suffix_of(p) in SLICE_SUFFIXES for p in files):
         return "stack"
     if any(suffix_of(p) == ".dcm" or (not p.suffix and p.name.upper() != "DICOMDIR") for p in files):
-        from transforms.io import directory_kind
+        from slab.transforms.io import directory_kind
 
         try:
             if directory_kind(folder)[0] == "dicom":

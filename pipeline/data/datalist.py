@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.checks import read_json_object
-from transforms.errors import SlabError
+from slab.transforms.checks import read_json_object
+from slab.transforms.errors import SlabError
 
 
 PATH_KEYS = ("image", "label")
@@ -114,7 +114,7 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
         files (channels).
     fold : int or None
         ``k``: every item whose ``fold`` is ``k`` (from both lists) is validation, every other
-        item training (``pipeline.data.adapters.split_datalist``). A datalist whose items carry no
+        item training (``slab.pipeline.data.adapters.split_datalist``). A datalist whose items carry no
         ``fold`` has only its own split, fold 0. None: the file's own two lists.
     base_dir : folder relative paths are resolved against (default the datalist's folder, or the
         working directory for a dict).
@@ -160,7 +160,7 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
         raise SlabError(f"{name}: no items to split into folds")
     if len(with_fold) != len(pool):
         raise SlabError(f"{name}: fold {fold} needs a 'fold' on every item; some items have none")
-    from pipeline.data.adapters import split_datalist
+    from slab.pipeline.data.adapters import split_datalist
 
     n_folds = int(data.get("n_folds", max(int(item["fold"]) for item in pool) + 1))
     return split_datalist({"n_folds": n_folds, "training": training, "validation": validation}, int(fold))

@@ -26,8 +26,8 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from transforms.checks import PHANTOM_KINDS, check_spacing
-from transforms.errors import SlabError
+from slab.transforms.checks import PHANTOM_KINDS, check_spacing
+from slab.transforms.errors import SlabError
 
 KINDS = PHANTOM_KINDS
 MIN_SIZE = 8
@@ -334,7 +334,7 @@ def make_phantom(shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kin
     spacing = check_spacing(spacing)
     if kind not in KINDS:
         raise SlabError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    from transforms.headers import check_memory
+    from slab.transforms.headers import check_memory
 
     check_memory(int(np.prod(shape, dtype=object)) * BYTES_PER_VOXEL[kind], f"shape {'x'.join(map(str, shape))}")
     if sparse and kind != "vessels":
@@ -357,7 +357,7 @@ def write_phantom(out_dir, shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0,
     Arguments as :func:`make_phantom`; bad arguments write nothing. Files are written
     atomically. Returns ``(image_path, label_path)``.
     """
-    from transforms.io import save_volume
+    from slab.transforms.io import save_volume
 
     phantom = make_phantom(shape, seed, spacing, kind, sparse)
     out = Path(out_dir)

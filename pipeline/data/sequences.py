@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transforms.errors import SlabError
-from transforms.slab import extract_slab, plane_axis
+from slab.transforms.errors import SlabError
+from slab.transforms.slab import extract_slab, plane_axis
 
 
 OVERALL = "patient_overall"

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transforms.errors import SlabError
-from transforms.intensity import PercentileNormalize, ZScoreNormalize, make_normalize
-from transforms.slab import PLANE_AXIS, check_offsets, plane_axis, slab_indices
+from slab.transforms.errors import SlabError
+from slab.transforms.intensity import PercentileNormalize, ZScoreNormalize, make_normalize
+from slab.transforms.slab import PLANE_AXIS, check_offsets, plane_axis, slab_indices
 
 
 def _load(value, name: str):
     """A volume from a path (or list of paths), or an in-memory array / tensor as it is."""
-    from transforms.io import load_volume
+    from slab.transforms.io import load_volume
 
     paths = isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, Path))
     if isinstance(value, (str, Path)) or paths:
@@ -62,14 +62,14 @@ class SlabDataset(torch.utils.data.Dataset):
     items : list of dict
         ``{"image": path(s) or (C, X, Y, Z) array, "label": path or (L, X, Y, Z) array}``, as
         :func:`load_datalist` gives.
-    offsets : slab offsets (``transforms.slab.slab_offsets``).
+    offsets : slab offsets (``slab.transforms.slab.slab_offsets``).
     planes : planes to sample, each with equal probability.
     samples_per_epoch : ``len(dataset)``.
     positive_fraction : share of samples drawn from slices whose label has foreground.
     patch_size : (H, W), optional
         Crop (or centre-pad with zeros) every sample to this size; needed for batching when the
         planes' slices differ in size. None: whole slices.
-    normalize : a normalisation or its settings (``transforms.intensity.make_normalize``), or None
+    normalize : a normalisation or its settings (``slab.transforms.intensity.make_normalize``), or None
         (image used as stored).
     augment : callable on ``{"image", "label"}`` (e.g. ``RandSlabAugmentd``), optional. A MONAI
         Randomizable is reseeded per sample, so augmentation is reproducible too.
@@ -125,7 +125,7 @@ class SlabDataset(torch.utils.data.Dataset):
     # -- loading ------------------------------------------------------------------------------
 
     def _add(self, i: int, item: Mapping, label_transform, cache_dtype: np.dtype) -> None:
-        from transforms.io import check_same_geometry
+        from slab.transforms.io import check_same_geometry
 
         if "image" not in item or "label" not in item:
             raise SlabError(f"items[{i}]: expected 'image' and 'label'")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 FIELDS = ("rank", "kind", "voxels", "volume_mm3", "mean_probability", "centroid_x", "centroid_y", "centroid_z",
@@ -56,7 +56,7 @@ def error_clusters(pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None 
 
 def write_clusters_csv(clusters: list[dict], path) -> Path:
     """The clusters as CSV (one row each, :data:`FIELDS`), written atomically."""
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -82,8 +82,8 @@ def error_sheet(clusters: list[dict], pred, truth, image, out_png, spacing=(1.0,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluation.render import render_hits
-    from transforms.io import atomic_write
+    from slab.pipeline.evaluation.render import render_hits
+    from slab.transforms.io import atomic_write
 
     chosen = clusters[:top]
     if not chosen:

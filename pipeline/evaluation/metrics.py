@@ -2,8 +2,8 @@
 mm), Dice, IoU, precision, recall, threshold sweeps, and MONAI cumulative metrics over them.
 
 Masks are binary ``(X, Y, Z)`` volumes (or ``(L, X, Y, Z)`` with one channel per class): numpy
-arrays, memory maps, :class:`~transforms.lazy.LazyVolume` s or torch tensors (CPU or CUDA),
-read a few slices at a time (:mod:`pipeline.evaluation.surface` computes everything in one
+arrays, memory maps, :class:`~slab.transforms.lazy.LazyVolume` s or torch tensors (CPU or CUDA),
+read a few slices at a time (:mod:`slab.pipeline.evaluation.surface` computes everything in one
 streamed pass; its docs explain how, and the empty-mask conventions). Spacing is the voxel size
 ``(sx, sy, sz)`` in mm; tolerances are in mm.
 
@@ -17,8 +17,8 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 
-from pipeline.evaluation.readers import Reader, check_pair, readers
-from pipeline.evaluation.surface import (
+from slab.pipeline.evaluation.readers import Reader, check_pair, readers
+from slab.pipeline.evaluation.surface import (
     OVERLAP_KEYS,
     channel_metrics,
     check_thresholds,
@@ -27,8 +27,8 @@ from pipeline.evaluation.surface import (
     sweep_curves,
     tolerance_key,
 )
-from transforms.checks import check_spacing
-from transforms.errors import SlabError
+from slab.transforms.checks import check_spacing
+from slab.transforms.errors import SlabError
 
 __all__ = [
     "surface_dice",
@@ -86,7 +86,7 @@ def evaluate(pred, truth, spacing=(1.0, 1.0, 1.0), tolerances=(0.0,), threshold:
     ----------
     pred : array-like, ``(X, Y, Z)`` or ``(L, X, Y, Z)``
         Binary masks, or probabilities when ``threshold`` is given (``pred > threshold``, as
-        :class:`transforms.post.Threshold` and ``slab postprocess --threshold`` binarise).
+        :class:`slab.transforms.post.Threshold` and ``slab postprocess --threshold`` binarise).
     truth : array-like, same shape
         Binary masks, one channel per class.
     spacing : (sx, sy, sz)
@@ -185,7 +185,7 @@ def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=
     pairs = check_pair(prob, truth, names)
     classes = [sweep_curves(*readers(prob, truth, pair, names), spacing, tolerances, levels) for pair in pairs]
     if cldice:
-        from pipeline.evaluation.skeleton import cldice as centreline_dice
+        from slab.pipeline.evaluation.skeleton import cldice as centreline_dice
 
         p_all = np.asarray(prob.load() if hasattr(prob, "load") else prob)
         t_all = np.asarray(truth.load() if hasattr(truth, "load") else truth)
@@ -215,7 +215,7 @@ def plot_sweep(sweep: dict, png) -> None:
     """Plot the curves of :func:`threshold_sweep` against the threshold into ``png`` (atomically)."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
 
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     thresholds = sweep["thresholds"]
     best = sweep["best"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.errors import SlabError
-from transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
+from slab.transforms.errors import SlabError
+from slab.transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
 
 
 def preview_slabs(volume, out_png, plane: str = "xy", offsets=(-1, 0, 1), n: int = 4, label=None,
@@ -37,7 +37,7 @@ def preview_slabs(volume, out_png, plane: str = "xy", offsets=(-1, 0, 1), n: int
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     axis = plane_axis(plane)
     offsets = check_offsets(offsets)

@@ -14,7 +14,7 @@ import mmap
 import numpy as np
 import torch
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 def _channels(volume, name: str) -> list:
@@ -172,12 +172,12 @@ def is_float(data) -> bool:
 
 
 def binarize(data, threshold: float):
-    """``data > threshold`` as uint8, compared exactly as :class:`transforms.post.Threshold` does."""
+    """``data > threshold`` as uint8, compared exactly as :class:`slab.transforms.post.Threshold` does."""
     if isinstance(data, torch.Tensor):
         return (data.double() > threshold).to(torch.uint8)  # float64 holds every value and threshold
-    # Imported here: transforms.post brings scikit-image and the I/O stack (~100 MB resident),
+    # Imported here: slab.transforms.post brings scikit-image and the I/O stack (~100 MB resident),
     # which streaming a mask does not need.
-    from transforms.post import greater_than
+    from slab.transforms.post import greater_than
 
     return greater_than(data, threshold).view(np.uint8)
 

@@ -4,7 +4,7 @@ Every voxel of ``pred ∪ truth`` is a *hit* (true positive, yellow), a *false p
 or a *miss* (false negative, red). :func:`render_hits` draws the surfaces of the three
 categories in one off-screen pyvista scene from several angles, with the scores in the title;
 :func:`export_mesh` writes the same surfaces to a mesh file for interactive viewing;
-:func:`pipeline.evaluation.sections.cross_sections` shows three orthogonal sections of the image with the
+:func:`slab.pipeline.evaluation.sections.cross_sections` shows three orthogonal sections of the image with the
 outlines of prediction and truth.
 
 Large volumes are reduced for display only: blocks of ``f³`` voxels become one display voxel
@@ -26,10 +26,10 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from pipeline.evaluation.metrics import evaluate
-from transforms.checks import check_spacing
-from transforms.errors import SlabError
-from transforms.io import LazyVolume, atomic_write
+from slab.pipeline.evaluation.metrics import evaluate
+from slab.transforms.checks import check_spacing
+from slab.transforms.errors import SlabError
+from slab.transforms.io import LazyVolume, atomic_write
 
 pv.OFF_SCREEN = True
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def _floor(image: Spatial, labels: np.ndarray, spacing, factor: int) -> pv.Image
 
 
 def _scores(p: Spatial, t: Spatial, spacing, tolerance: float | None) -> dict:
-    """Full-resolution scores of one label channel, from :func:`pipeline.evaluation.metrics.evaluate`."""
+    """Full-resolution scores of one label channel, from :func:`slab.pipeline.evaluation.metrics.evaluate`."""
     tolerances = () if tolerance is None else (tolerance,)
     if isinstance(p.volume, LazyVolume) or isinstance(t.volume, LazyVolume):
         # Indexing a lazy volume by channel would read it whole: let the metrics stream it.
@@ -231,7 +231,7 @@ def _scores(p: Spatial, t: Spatial, spacing, tolerance: float | None) -> dict:
 
 
 def score_line(scores: dict) -> str:
-    """``Dice 0.812   IoU 0.683   ...`` from a :func:`pipeline.evaluation.metrics.evaluate`-style dict."""
+    """``Dice 0.812   IoU 0.683   ...`` from a :func:`slab.pipeline.evaluation.metrics.evaluate`-style dict."""
     def value(v) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
@@ -267,7 +267,7 @@ def render_hits(
     Parameters
     ----------
     pred, truth : array-like ``(X, Y, Z)`` or ``(C, X, Y, Z)``
-        Binary masks: numpy, torch or a :class:`~transforms.io.LazyVolume` (read a slab at a
+        Binary masks: numpy, torch or a :class:`~slab.transforms.io.LazyVolume` (read a slab at a
         time).
     out_png : path
         The PNG written (atomically), ``size`` pixels.
@@ -280,7 +280,7 @@ def render_hits(
     title : str, optional
         First title line, e.g. the file names.
     scores : dict, optional
-        Scores for the title as :func:`pipeline.evaluation.metrics.evaluate` gives them (``dice``,
+        Scores for the title as :func:`slab.pipeline.evaluation.metrics.evaluate` gives them (``dice``,
         ``iou``, ``precision``, ``recall``, ``surface_dice``); computed when not given.
     tolerance : float, optional
         Surface dice tolerance (mm) to compute and show; none by default (it costs a pass).

@@ -21,10 +21,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from pipeline.evaluation.render import CHUNK, OUTLINES, Spatial, check_size, spatial_image, spatial_pair
-from transforms.checks import check_spacing
-from transforms.errors import SlabError
-from transforms.io import atomic_write
+from slab.pipeline.evaluation.render import CHUNK, OUTLINES, Spatial, check_size, spatial_image, spatial_pair
+from slab.transforms.checks import check_spacing
+from slab.transforms.errors import SlabError
+from slab.transforms.io import atomic_write
 
 # view: (normal, horizontal axis pointing to the picture's right, vertical axis pointing up)
 VIEWS = {"axial": ("S", "L", "A"), "coronal": ("A", "L", "S"), "sagittal": ("L", "P", "S")}
@@ -95,7 +95,7 @@ def cross_sections(
     image : array-like ``(X, Y, Z)`` or ``(C, X, Y, Z)``, or None
         Shown in grey (its first channel); None shows the outlines on black.
     pred, truth : array-like
-        Masks as for :func:`pipeline.evaluation.render.render_hits`.
+        Masks as for :func:`slab.pipeline.evaluation.render.render_hits`.
     out_png : path
         The PNG written (atomically), ``size`` pixels.
     spacing : (sx, sy, sz)
@@ -156,7 +156,7 @@ def cross_sections(
 
 
 class _Mask:
-    """Indexing a :class:`pipeline.evaluation.render.Spatial` as its foreground mask (for :func:`section`)."""
+    """Indexing a :class:`slab.pipeline.evaluation.render.Spatial` as its foreground mask (for :func:`section`)."""
 
     def __init__(self, spatial):
         self.spatial = spatial

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 def skeleton(mask) -> np.ndarray:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import cc3d
 import numpy as np
 
-from transforms.checks import CONNECTIVITIES
-from transforms.errors import SlabError
+from slab.transforms.checks import CONNECTIVITIES
+from slab.transforms.errors import SlabError
 
 PERCENTILES = (5, 50, 95)
 _BLOCK_VOXELS = 1 << 24  # voxels of the image read at a time

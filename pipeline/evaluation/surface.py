@@ -1,9 +1,9 @@
 """The streaming engine behind the metrics: one pass of cell codes for overlap and surface dice at
 tolerance 0, a second halo'd pass for tolerances in mm, over blocks that
-:mod:`pipeline.evaluation.readers` gives (:mod:`pipeline.evaluation.metrics` is the API).
+:mod:`slab.pipeline.evaluation.readers` gives (:mod:`slab.pipeline.evaluation.metrics` is the API).
 
 Masks are binary ``(X, Y, Z)`` volumes (or ``(L, X, Y, Z)`` with one channel per class): numpy
-arrays, memory maps, :class:`~transforms.io.LazyVolume` s or torch tensors (CPU or CUDA).
+arrays, memory maps, :class:`~slab.transforms.io.LazyVolume` s or torch tensors (CPU or CUDA).
 Spacing is the voxel size ``(sx, sy, sz)`` in mm; tolerances are in mm.
 
 Surface dice follows DeepMind's ``surface-distance`` (the SenNet HOA metric at tolerance 0):
@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from monai.metrics.utils import _get_neighbour_code_to_normals_table
 
-from pipeline.evaluation.readers import Reader, binarize
-from transforms.errors import SlabError
+from slab.pipeline.evaluation.readers import Reader, binarize
+from slab.transforms.errors import SlabError
 
 OVERLAP_KEYS = ("dice", "iou", "precision", "recall")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 RADIUS_BINS = (("1", 0.0, 1.5), ("2", 1.5, 2.5), ("3-4", 2.5, 4.5), ("5-8", 4.5, 8.5), (">8", 8.5, np.inf))
@@ -80,7 +80,7 @@ def _skeleton_radii(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Skeleton voxel indices and their radius (voxels) of a mask."""
     from scipy import ndimage
 
-    from pipeline.evaluation.skeleton import skeleton
+    from slab.pipeline.evaluation.skeleton import skeleton
 
     if not mask.any():
         return np.zeros((0, 3), np.intp), np.zeros(0)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.inference.predictor import Predictor
-from transforms.errors import SlabError
-from transforms.io import load_volume, output_format, save_volume
-from transforms.rle import write_rle_csv
+from slab.pipeline.inference.predictor import Predictor
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume, output_format, save_volume
+from slab.transforms.rle import write_rle_csv
 
 
 def _open(path, predictor: Predictor):
@@ -41,7 +41,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     ``id,class,segmentation`` with the predictor's label names (UW-Madison). Row ids are
     ``row_ids(depth)``, or ``{id_prefix}_{z:04d}``. Output names are checked before anything is
     read; every file is written atomically. With ``statistics``, the result also holds each
-    label's statistics (:func:`pipeline.evaluation.statistics.label_statistics`: volume in mm³,
+    label's statistics (:func:`slab.pipeline.evaluation.statistics.label_statistics`: volume in mm³,
     components, centroid, the input's intensities inside it).
 
     Returns
@@ -69,7 +69,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         ids = row_ids(depth) if row_ids is not None else [f"{id_prefix}_{z:04d}" for z in range(depth)]
         written["rle_csv"] = write_rle_csv(np.asarray(mask), rle_csv, ids, predictor.label_names())
     if statistics:
-        from pipeline.evaluation.statistics import label_statistics
+        from slab.pipeline.evaluation.statistics import label_statistics
 
         written["statistics"] = label_statistics(mask, volume, affine, predictor.label_names())
     return written

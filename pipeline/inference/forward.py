@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 from monai.data import MetaTensor
 
-from pipeline.device import amp_dtype, autocast, resolve_device
-from transforms.checks import PLANES
-from transforms.errors import SlabError
-from transforms.io import LazyVolume
-from transforms.slab import PLANE_AXIS
+from slab.pipeline.device import amp_dtype, autocast, resolve_device
+from slab.transforms.checks import PLANES
+from slab.transforms.errors import SlabError
+from slab.transforms.io import LazyVolume
+from slab.transforms.slab import PLANE_AXIS
 
 
 def check_planes(planes) -> tuple[str, ...]:
@@ -98,7 +98,7 @@ class Forward:
     def _fall_back(self, err: Exception) -> None:
         import warnings
 
-        from transforms.errors import SlabWarning
+        from slab.transforms.errors import SlabWarning
 
         self.compiled = None
         warnings.warn(f"torch.compile is unavailable here ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "

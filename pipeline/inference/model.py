@@ -4,7 +4,7 @@ a cross-validated plan directory or an installed model.
 Every training checkpoint carries its *inference spec* (:func:`inference_spec`): the network's
 ``build_network`` arguments, the slab offsets and planes (2.5D) or window (3D), the label names,
 the normalisation it was trained with (the same settings object training used, read by the same
-:func:`transforms.intensity.make_normalize`), the TTA of its validation and the threshold chosen on
+:func:`slab.transforms.intensity.make_normalize`), the TTA of its validation and the threshold chosen on
 validation. A model directory (``slab cv``'s output, or ``slab install``'s) holds ``model.json``:
 its members (checkpoints, grouped by configuration) and the post-processing chosen on the
 out-of-fold predictions. :class:`Ensemble` averages its members' probabilities, one member in
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transforms.checks import read_json_object
-from transforms.errors import SlabError
+from slab.transforms.checks import read_json_object
+from slab.transforms.errors import SlabError
 
 
 MODEL_FILE = "model.json"
@@ -47,7 +47,7 @@ def inference_spec(cfg: dict, network: Mapping, label_names=None, threshold=0.5)
 
 
 def _checkpoint(path: Path) -> dict:
-    from pipeline.training.state import load_checkpoint
+    from slab.pipeline.training.state import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -126,7 +126,7 @@ def load_model(name, *, folds=None, configurations=None, **overrides):
     ``name`` (see :func:`resolve_model`). ``overrides`` are :class:`Predictor` keyword arguments
     that win over the model's (None: the model's); a ``postprocess`` override is merged into
     the model's post-processing. ``folds`` / ``configurations`` pick members of an ensemble."""
-    from pipeline.inference.predictor import Predictor
+    from slab.pipeline.inference.predictor import Predictor
 
     path = resolve_model(name)
     if path.name != MODEL_FILE:
@@ -160,7 +160,7 @@ class Ensemble:
     networks are in memory (the first, which answers for the ensemble's settings, and the
     current one), and one float32 sum of the probabilities.
 
-    It answers what :func:`pipeline.inference.predict_file` asks of a :class:`Predictor`:
+    It answers what :func:`slab.pipeline.inference.predict_file` asks of a :class:`Predictor`:
     ``__call__``, ``postprocess``, ``label_names``, ``check_input``, ``memory_budget``,
     ``fits_in_memory``. Every member must predict the same labels.
     """
@@ -168,7 +168,7 @@ class Ensemble:
     def __init__(self, checkpoints, chosen: Mapping | None = None, **overrides):
         if not checkpoints:
             raise SlabError("ensemble: no members")
-        from transforms.post import make_postprocess, merge_postprocess
+        from slab.transforms.post import make_postprocess, merge_postprocess
 
         self.checkpoints = [Path(c) for c in checkpoints]
         self.specs = [spec_of_checkpoint(c) for c in self.checkpoints]
@@ -184,7 +184,7 @@ class Ensemble:
         self.out_channels = self.first.out_channels
 
     def _member(self, index: int):
-        from pipeline.inference.predictor import Predictor
+        from slab.pipeline.inference.predictor import Predictor
 
         return Predictor.from_spec(self.specs[index], self.checkpoints[index], **self.overrides)
 

@@ -18,7 +18,7 @@ augmentations (TTA):
   image is ``W x H``; it is padded to the divisor on its own and cropped back like any other,
   so non-square planes get the same 16 views (no resampling, nothing cropped).
 
-Volumes larger than memory: when the input is a :class:`~transforms.io.LazyVolume`, when
+Volumes larger than memory: when the input is a :class:`~slab.transforms.io.LazyVolume`, when
 ``out_path`` is given, or when the float32 input plus accumulators would pass
 ``memory_budget`` bytes, :func:`predict_2p5d` reads the volume in blocks of slices along each
 plane's axis (plus the slabs' halo), predicts a block at a time, and accumulates into ``.npy``
@@ -42,8 +42,8 @@ import torch.nn as nn
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from networks import padded_size
-from pipeline.inference.forward import (
+from slab.networks import padded_size
+from slab.pipeline.inference.forward import (
     Forward,
     as_float,
     check_choice,
@@ -53,12 +53,12 @@ from pipeline.inference.forward import (
     fits_on,
     volume_meta,
 )
-from pipeline.inference.ondisk import DiskSink, fortran_empty
-from transforms.checks import PLANES, TTA_MODES
-from transforms.errors import SlabError
-from transforms.io import LazyVolume, atomic_write
-from transforms.outputs import temp_dir
-from transforms.slab import PLANE_AXIS, check_offsets, iter_slab_batches, pad_to_divisor, unpad
+from slab.pipeline.inference.ondisk import DiskSink, fortran_empty
+from slab.transforms.checks import PLANES, TTA_MODES
+from slab.transforms.errors import SlabError
+from slab.transforms.io import LazyVolume, atomic_write
+from slab.transforms.outputs import temp_dir
+from slab.transforms.slab import PLANE_AXIS, check_offsets, iter_slab_batches, pad_to_divisor, unpad
 
 
 OUT_DTYPES = ("float16", "float32")
@@ -168,7 +168,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     Parameters
     ----------
     model : torch.nn.Module
-        A 2D network taking ``C*k`` channels (slabs, channel-major, see ``transforms.slab``) and
+        A 2D network taking ``C*k`` channels (slabs, channel-major, see ``slab.transforms.slab``) and
         giving ``L`` logits. Moved to ``device`` and set to eval mode in place.
     volume : ``(C, X, Y, Z)`` MetaTensor, torch tensor, numpy array or LazyVolume
         Normalised intensities (or raw ones with ``preprocess``).
@@ -179,13 +179,13 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     device : ``"cpu"``, ``"cuda"``...; default CUDA when available.
     amp : True: autocast on CUDA (bfloat16 where supported, else float16), float32 on CPU;
         or a precision, ``"fp32"``, ``"bf16"`` (CUDA, or a CPU with bfloat16 instructions),
-        ``"fp16"`` (CUDA): see :func:`pipeline.device.amp_dtype`.
+        ``"fp16"`` (CUDA): see :func:`slab.pipeline.device.amp_dtype`.
     compile : run the network through ``torch.compile`` (falls back to eager where it fails).
     divisor : int, optional
-        The network's input size multiple (``networks.network_divisor``); images are padded up
+        The network's input size multiple (``slab.networks.network_divisor``); images are padded up
         to it and cropped back.
     min_size : int, optional
-        The network's smallest input size (``networks.network_min_size``; default twice the
+        The network's smallest input size (``slab.networks.network_min_size``; default twice the
         divisor, where the deepest feature map is two voxels wide): smaller images (a one-slice
         volume's zx plane, say) are padded up to it.
     memory_budget : int, optional

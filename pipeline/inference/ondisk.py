@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transforms.outputs import reserve
+from slab.transforms.outputs import reserve
 
 
 # On-disk arrays are mapped this many bytes at a time, so mapped pages never pile up.

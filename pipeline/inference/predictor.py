@@ -10,17 +10,17 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from networks import build_network, load_weights, network_divisor, network_min_size
-from pipeline.device import amp_dtype, resolve_device
-from pipeline.inference.forward import as_float, check_choice, check_planes, check_positive
-from pipeline.inference.multiplane import predict_2p5d
-from pipeline.inference.window import predict_3d
-from transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
-from transforms.errors import SlabError
-from transforms.intensity import make_normalize
-from transforms.io import LazyVolume
-from transforms.post import make_postprocess, merge_postprocess
-from transforms.slab import check_offsets, slab_offsets
+from slab.networks import build_network, load_weights, network_divisor, network_min_size
+from slab.pipeline.device import amp_dtype, resolve_device
+from slab.pipeline.inference.forward import as_float, check_choice, check_planes, check_positive
+from slab.pipeline.inference.multiplane import predict_2p5d
+from slab.pipeline.inference.window import predict_3d
+from slab.transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
+from slab.transforms.errors import SlabError
+from slab.transforms.intensity import make_normalize
+from slab.transforms.io import LazyVolume
+from slab.transforms.post import make_postprocess, merge_postprocess
+from slab.transforms.slab import check_offsets, slab_offsets
 
 
 DEFAULT_NORMALIZE = MappingProxyType({"lower": 0.5, "upper": 99.5})
@@ -47,13 +47,13 @@ class Predictor:
         offsets; default centred, k = in_channels / image channels), ``planes``, ``roi_size``.
         Explicit arguments below win over these.
     weights : path, optional
-        A local checkpoint (``networks.load_weights``); None keeps the initial weights.
+        A local checkpoint (``slab.networks.load_weights``); None keeps the initial weights.
     mode : ``"2.5d"`` or ``"3d"``; default from ``spatial_dims`` (2 or 3).
     planes, offsets, tta : 2.5D settings (:func:`predict_2p5d`); default all planes, no TTA.
-    normalize : normalisation settings (``transforms.intensity.make_normalize``: per-volume
+    normalize : normalisation settings (``slab.transforms.intensity.make_normalize``: per-volume
         percentiles, a fixed dataset window, z-score), a normalisation, or None for an input
         that is already normalised. Default: 0.5 and 99.5 percentiles of each volume.
-    postprocess : dict of ``transforms.post.postprocess`` arguments (``threshold``,
+    postprocess : dict of ``slab.transforms.post.postprocess`` arguments (``threshold``,
         ``hysteresis``, ``min_size``, ``keep_largest``, ``fill_holes``, ``connectivity``);
         default ``{"threshold": 0.5}``. ``threshold`` may be one value per output channel
         (``hysteresis`` one ``(low, high)`` pair per channel).
@@ -179,7 +179,7 @@ class Predictor:
 
     @classmethod
     def from_spec(cls, spec: Mapping, weights=None, **overrides) -> "Predictor":
-        """A predictor from an inference spec (``pipeline.inference.model.inference_spec``: what
+        """A predictor from an inference spec (``slab.pipeline.inference.model.inference_spec``: what
         every training checkpoint records) and its weights. ``overrides`` that are not None win;
         a ``postprocess`` override is merged into the spec's, and one that binarises
         (``threshold`` / ``hysteresis``) replaces the threshold chosen on validation."""
@@ -201,7 +201,7 @@ class Predictor:
 
     def check_input(self, info, name) -> None:
         """SlabError naming ``name`` unless a volume of ``info`` = ``(shape (C, X, Y, Z), ...)``
-        (:func:`transforms.io.volume_info`) suits this network: its channel count."""
+        (:func:`slab.transforms.io.volume_info`) suits this network: its channel count."""
         channels = int(info[0][0])
         try:
             if self.mode == "3d":
@@ -281,11 +281,11 @@ class Predictor:
 
 
 def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int | None = None) -> dict:
-    """``postprocess`` (:func:`transforms.post.postprocess` arguments) with the threshold that
+    """``postprocess`` (:func:`slab.transforms.post.postprocess` arguments) with the threshold that
     training chose on validation for ``weights``, where one was recorded.
 
     The threshold (one number, or one per label channel) is read from ``model.json`` beside
-    ``weights`` (``models/model.pt``; :func:`pipeline.bundle.export_training` writes both), else
+    ``weights`` (``models/model.pt``; :func:`slab.pipeline.bundle.export_training` writes both), else
     from ``weights`` itself when it is a training checkpoint (``best.pt`` / ``last.pt``: its
     ``"threshold"``).
     When neither records one (e.g. weights trained elsewhere), when ``weights`` is None or

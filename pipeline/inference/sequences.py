@@ -2,7 +2,7 @@
 
 :func:`predict_sequences` scores a volume with the slice-sequence classifier: the sequences of
 slabs of each target (or of the whole volume) are built as training builds them
-(:func:`pipeline.data.sequences.volume_sequences`) and :func:`score_sequences` gives the sigmoid of
+(:func:`slab.pipeline.data.sequences.volume_sequences`) and :func:`score_sequences` gives the sigmoid of
 both heads, per sequence and per slice.
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 from monai.data import MetaTensor
 
-from pipeline.data.sequences import volume_sequences
-from pipeline.device import amp_dtype, autocast, resolve_device
-from pipeline.inference.forward import as_float, check_finite, check_positive
-from transforms.errors import SlabError
-from transforms.slab import check_offsets
+from slab.pipeline.data.sequences import volume_sequences
+from slab.pipeline.device import amp_dtype, autocast, resolve_device
+from slab.pipeline.inference.forward import as_float, check_finite, check_positive
+from slab.transforms.errors import SlabError
+from slab.transforms.slab import check_offsets
 
 
 def score_sequences(model: nn.Module, sequences: Sequence[torch.Tensor], *, batch_size: int = 8, device=None,
@@ -27,10 +27,10 @@ def score_sequences(model: nn.Module, sequences: Sequence[torch.Tensor], *, batc
 
     Parameters
     ----------
-    model : :class:`networks.SliceSequenceClassifier` (or a module with its forward). Moved to
+    model : :class:`slab.networks.SliceSequenceClassifier` (or a module with its forward). Moved to
         ``device`` and put in eval mode in place.
     sequences : ``(N, C*k, H, W)`` tensors of one shape (float16 as
-        :func:`pipeline.data.sequences.build_sequence` builds them, or float32); ``batch_size`` of them
+        :func:`slab.pipeline.data.sequences.build_sequence` builds them, or float32); ``batch_size`` of them
         per forward pass.
     device, amp : see :func:`predict_2p5d`.
 
@@ -63,14 +63,14 @@ def predict_sequences(model: nn.Module, volume, label=None, *, n_slabs: int = 15
                       batch_size: int = 8, device=None, amp: bool = True) -> dict[str, dict]:
     """Score a volume with a slice-sequence classifier, per target.
 
-    The sequences are built as for training (:func:`pipeline.data.sequences.volume_sequences`): with a
+    The sequences are built as for training (:func:`slab.pipeline.data.sequences.volume_sequences`): with a
     ``label`` of target values ``1..N`` (``targets`` names them), one sequence of ``n_slabs``
     slabs over each target present, cropped to its in-plane box; without one, one sequence over
     the whole volume, target ``"patient_overall"``. :func:`score_sequences` runs the network.
 
     Parameters
     ----------
-    model : :class:`networks.SliceSequenceClassifier`, moved to ``device`` and put in eval mode.
+    model : :class:`slab.networks.SliceSequenceClassifier`, moved to ``device`` and put in eval mode.
     volume : ``(C, X, Y, Z)`` array, tensor or MetaTensor, normalised as for training.
     label : ``(1, X, Y, Z)`` target values (e.g. a vertebra segmentation), optional.
     n_slabs, offsets, plane, size, crop_margin : the sequences: slabs per sequence, slab

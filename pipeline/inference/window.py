@@ -15,11 +15,11 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from pipeline.inference.forward import (Forward, as_float, check_choice, check_finite, check_positive, fits_on,
+from slab.pipeline.inference.forward import (Forward, as_float, check_choice, check_finite, check_positive, fits_on,
                                         volume_meta)
-from transforms.checks import TTA_MODES_3D
-from transforms.errors import SlabError
-from transforms.io import LazyVolume
+from slab.transforms.checks import TTA_MODES_3D
+from slab.transforms.errors import SlabError
+from slab.transforms.io import LazyVolume
 
 
 def _flip_sets(tta: str) -> list[tuple[int, ...]]:

@@ -1,7 +1,7 @@
 """Moving a trained model between machines: ``slab export MODEL model.zip`` packs the weights and
 inference specs of its members (slim checkpoints: no optimizer, no RNG states), ``model.json``,
 the post-processing, the plans and a fingerprint summary (no file paths); ``slab install
-model.zip`` checks and unpacks it under :func:`pipeline.inference.model.models_home`, after which
+model.zip`` checks and unpacks it under :func:`slab.pipeline.inference.model.models_home`, after which
 ``slab predict --model NAME`` finds it. Checkpoints are read with ``weights_only=True``; archive
 members are checked before anything is extracted (names inside the archive, sizes bounded)."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.inference.model import MODEL_FILE, read_model_file, resolve_model, slim_state, spec_of_checkpoint
-from transforms.errors import SlabError
+from slab.pipeline.inference.model import MODEL_FILE, read_model_file, resolve_model, slim_state, spec_of_checkpoint
+from slab.transforms.errors import SlabError
 
 
 MAX_MEMBER_BYTES = 8 << 30
@@ -32,7 +32,7 @@ def _fingerprint_summary(path: Path) -> dict | None:
 def export_model(model, archive) -> dict:
     """Write ``archive`` (a zip) for ``model`` (a run, checkpoint or model directory); returns
     its ``model.json``."""
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     source = resolve_model(model)
     if source.name == MODEL_FILE:
@@ -88,8 +88,8 @@ def _check_archive(zf: zipfile.ZipFile, archive) -> list[zipfile.ZipInfo]:
 def install_model(archive, name: str | None = None, home=None, force: bool = False) -> Path:
     """Unpack ``archive`` into ``home/NAME`` (default: the archive's stem under
     :func:`models_home`) and check that the model loads as data; returns the folder."""
-    from pipeline.inference.model import models_home
-    from transforms.outputs import temp_dir
+    from slab.pipeline.inference.model import models_home
+    from slab.transforms.outputs import temp_dir
 
     archive = Path(archive)
     name = name or archive.name.removesuffix(".zip")

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.planning.selection import (LEVELS, bin_edges, best_window, case_scores, choose_postprocessing,
+from slab.pipeline.planning.selection import (LEVELS, bin_edges, best_window, case_scores, choose_postprocessing,
                                          summarize, window_histograms, window_mask)
-from transforms.checks import read_json_object
-from transforms.errors import SlabError
+from slab.transforms.checks import read_json_object
+from slab.transforms.errors import SlabError
 
 
 def _write_json(path: Path, data) -> None:
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
@@ -42,12 +42,12 @@ def plan_datalist(datalist, fp: dict, n_folds: int = 5) -> dict:
     """The plan's datalist: every good case (training), absolute paths, and folds: the datalist's
     own where it has two or more, else cases dealt round-robin by name into ``min(n_folds,
     cases)`` folds."""
-    from pipeline.data.datalist import load_datalist
+    from slab.pipeline.data.datalist import load_datalist
 
     data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
     train_items, val_items = load_datalist(datalist, fold=None)
     good = {c["case"] for c in fp["cases"]}
-    from pipeline.planning.fingerprint import case_name
+    from slab.pipeline.planning.fingerprint import case_name
 
     def absolute(value):
         return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
@@ -69,8 +69,8 @@ def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_fo
                configurations=None, progress=None) -> tuple[dict, dict]:
     """Fingerprint, verify and plan ``datalist`` into ``out``; ``(fingerprint, plans)``.
     Bad cases are one SlabError listing every problem."""
-    from pipeline.planning.fingerprint import fingerprint
-    from pipeline.planning.plans import CONFIGURATIONS, make_plans
+    from slab.pipeline.planning.fingerprint import fingerprint
+    from slab.pipeline.planning.plans import CONFIGURATIONS, make_plans
 
     fp, problems = fingerprint(datalist, progress=progress)
     if problems:
@@ -123,7 +123,7 @@ def _run_state(run: Path, epochs: int) -> str:
     last = run / "last.pt"
     if not last.exists():
         return "new"
-    from pipeline.training.state import load_checkpoint
+    from slab.pipeline.training.state import load_checkpoint
 
     return "done" if int(load_checkpoint(last)["epoch"]) >= epochs else "partial"
 
@@ -132,7 +132,7 @@ def train_fold(plan_dir, configuration: str, fold: int, *, overrides=None, devic
                resume: bool | None = None, epochs: int | None = None) -> dict:
     """Train one fold of one planned configuration (``slab train --plan``); ``resume`` None:
     resume an interrupted run, skip a finished one."""
-    from pipeline.training import train
+    from slab.pipeline.training import train
 
     plans, _, datalist = read_plan(plan_dir)
     cfg = plan_config(plans, configuration, overrides)
@@ -153,14 +153,14 @@ def _fold_cases(datalist: Path, fold: int) -> list[dict]:
 
 def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[str]:
     """Predict fold ``fold``'s held-out cases with its model into ``cv/<configuration>/``."""
-    from pipeline.inference.model import spec_of_state
-    from pipeline.inference.predictor import Predictor
-    from transforms.io import atomic_write, load_volume
+    from slab.pipeline.inference.model import spec_of_state
+    from slab.pipeline.inference.predictor import Predictor
+    from slab.transforms.io import atomic_write, load_volume
 
     plan_dir = Path(plan_dir)
     best = run_dir(plan_dir, configuration, fold) / "best.pt"
     marker = plan_dir / "cv" / configuration / f"fold_{fold}.json"
-    from pipeline.training.state import load_checkpoint
+    from slab.pipeline.training.state import load_checkpoint
 
     state = load_checkpoint(best)
     spec, epoch = spec_of_state(state, best), int(state["epoch"])
@@ -189,8 +189,8 @@ class _Cases:
         self._truth = {}
 
     def truth(self, item: dict) -> np.ndarray:
-        from pipeline.training.segmentation import truth_masks
-        from transforms.io import load_volume
+        from slab.pipeline.training.segmentation import truth_masks
+        from slab.transforms.io import load_volume
 
         name = item["case"]
         if name not in self._truth:
@@ -200,7 +200,7 @@ class _Cases:
         return self._truth[name]
 
     def prob(self, name: str, configurations=None) -> np.ndarray:
-        from pipeline.inference.model import mean_probabilities
+        from slab.pipeline.inference.model import mean_probabilities
 
         return mean_probabilities(np.load(self.plan_dir / "cv" / c / f"{name}.npy", mmap_mode="r")
                                   for c in (configurations or self.configurations))
@@ -219,8 +219,8 @@ def _baseline(plan_dir: Path, items: list[dict], cases: _Cases, configuration: s
 
     Images are normalised as fold ``k``'s run of ``configuration`` normalised them (its stored
     settings: dataset statistics come from its own training cases)."""
-    from transforms.intensity import make_normalize
-    from transforms.io import load_volume
+    from slab.transforms.intensity import make_normalize
+    from slab.transforms.io import load_volume
 
     raw = {item["case"]: load_volume(item["image"]) for item in items}
     rng = np.random.default_rng(0)
@@ -256,7 +256,7 @@ def _candidates(configurations: list[str]) -> list[tuple[str, ...]]:
 
 
 def _scores(cases: _Cases, combo, options, tolerance, tubular) -> list[list[dict]]:
-    from transforms.post import make_postprocess
+    from slab.transforms.post import make_postprocess
 
     post = make_postprocess(options)
     return [case_scores(np.asarray(post(prob), dtype=np.uint8), truth, cases.spacing_of(name), tolerance, tubular)
@@ -312,7 +312,7 @@ def choose_candidate(rows: dict) -> str:
 
 def choose_thresholds(cases: _Cases, combo, n_labels: int, tubular) -> list[float]:
     """Per label, the level of ``LEVELS`` with the best mean target over the cases."""
-    from pipeline.planning.selection import _sweep
+    from slab.pipeline.planning.selection import _sweep
 
     out = []
     for label in range(n_labels):
@@ -392,7 +392,7 @@ def run_cv(plan_dir, *, configurations=None, folds=None, device=None, overrides=
     result["seconds"] = per_config
     _write_json(plan_dir / "cv" / "table.json", result)
     markdown = table_markdown(result, per_config)
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     with atomic_write(plan_dir / "cv" / "table.md") as tmp:
         tmp.write_text(markdown, encoding="utf-8")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 SAMPLES_PER_CASE = 10_000
@@ -64,7 +64,7 @@ def radius_estimate(mask: np.ndarray, spacing) -> dict:
     and the skeleton's length in voxels."""
     from scipy import ndimage
 
-    from pipeline.evaluation.skeleton import skeleton
+    from slab.pipeline.evaluation.skeleton import skeleton
 
     if not mask.any():
         return {"median_vox": 0.0, "p5_vox": 0.0, "median_mm": 0.0, "p5_mm": 0.0, "skeleton_voxels": 0,
@@ -113,7 +113,7 @@ def label_summary(mask: np.ndarray, spacing) -> dict:
 
 def intensity_summary(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator) -> tuple[list, np.ndarray]:
     """Per-channel foreground statistics of one case, and ``(C, n)`` sampled foreground voxels."""
-    from transforms.intensity import volume_percentiles
+    from slab.transforms.intensity import volume_percentiles
 
     where = foreground if foreground.any() else np.ones_like(foreground)
     index = np.flatnonzero(where.reshape(-1, order="F"))
@@ -135,7 +135,7 @@ def check_case(item: dict, fmt: str, n_labels: int | None, expected: dict | None
 
     ``expected``: ``{"channels": C, "label_channels": L}`` of the first good case, or None.
     """
-    from transforms.io import check_same_geometry, load_volume
+    from slab.transforms.io import check_same_geometry, load_volume
 
     problems: list[str] = []
     image_name = ", ".join(item["image"]) if isinstance(item["image"], list) else str(item["image"])
@@ -194,9 +194,9 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
     ``problems`` lists every bad case's problems (one line each, naming its file); the
     fingerprint summarises the good cases. ``progress(i, n, name)`` is called per case.
     """
-    from pipeline.data.datalist import load_datalist
-    from pipeline.training.segmentation import label_layout
-    from transforms.checks import read_json_object
+    from slab.pipeline.data.datalist import load_datalist
+    from slab.pipeline.training.segmentation import label_layout
+    from slab.transforms.checks import read_json_object
 
     data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
     train_items, val_items = load_datalist(datalist, fold=None)

@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 ANISOTROPIC = 2.0
@@ -134,7 +134,7 @@ def patch_3d(fp: dict, device: str) -> tuple[list[int], str]:
 
 def trial_memory(network: dict, dims: int, in_channels: int, out_channels: int, patch, device: torch.device) -> dict:
     """Memory of one training step, measured at batch 1 and 2: ``per_sample`` and ``fixed`` bytes."""
-    from networks import build_network
+    from slab.networks import build_network
 
     options = {k: v for k, v in network.items() if k != "name"}
     model = build_network(network["name"], dims, in_channels, out_channels, **options).to(device)
@@ -195,7 +195,7 @@ def default_budget(device: torch.device) -> int:
     """Bytes a plan may use: 80% of the GPU, or a quarter of the available memory (at most 8 GiB)."""
     if device.type == "cuda":
         return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
-    from transforms.headers import available_memory
+    from slab.transforms.headers import available_memory
 
     available = available_memory() or 8 << 30
     return int(min(available // 4, 8 << 30))
@@ -246,7 +246,7 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
     cfg["val"] = {"metric": metric, "tolerance_mm": tolerance, "tta": "none"}
     if dims == 3:
         cfg["val"]["overlap"] = 0.25
-    from pipeline.training.config import validate_config
+    from slab.pipeline.training.config import validate_config
 
     validate_config(cfg)  # a plan is a valid training configuration
     return {"config": cfg, "reasons": reasons,
@@ -257,8 +257,8 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
 
 def make_plans(fp: dict, *, device=None, memory_gib: float | None = None, epochs: int | None = None,
                configurations=CONFIGURATIONS) -> dict:
-    """Plans of every configuration for a fingerprint (``pipeline.planning.fingerprint``)."""
-    from pipeline.device import resolve_device
+    """Plans of every configuration for a fingerprint (``slab.pipeline.planning.fingerprint``)."""
+    from slab.pipeline.device import resolve_device
 
     device = resolve_device(device)
     budget = int(memory_gib * (1 << 30)) if memory_gib else default_budget(device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluation.surface import nan_mean, tolerance_key
+from slab.pipeline.evaluation.surface import nan_mean, tolerance_key
 
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -32,9 +32,9 @@ def case_scores(mask: np.ndarray, truth: np.ndarray, spacing, tolerance: float, 
     labels, ``cldice``, the Betti errors ``b0_error`` / ``b1_error`` and ``small_vessel_recall``
     (centreline recall where the true radius is at most 2 voxels); ``target`` is the label's
     target metric."""
-    from pipeline.evaluation.metrics import evaluate
-    from pipeline.evaluation.skeleton import cldice
-    from pipeline.evaluation.topology import radius_bins, topology_metrics
+    from slab.pipeline.evaluation.metrics import evaluate
+    from slab.pipeline.evaluation.skeleton import cldice
+    from slab.pipeline.evaluation.topology import radius_bins, topology_metrics
 
     tolerances = (0.0,) if tolerance == 0 else (0.0, float(tolerance))
     result = evaluate(np.asarray(mask, dtype=np.uint8), np.asarray(truth, dtype=np.uint8), spacing, tolerances)
@@ -75,14 +75,14 @@ def summarize(scores: list[list[dict]], names: list[str]) -> dict:
 
 
 def _apply(prob: np.ndarray, options: dict) -> np.ndarray:
-    from transforms.post import make_postprocess
+    from slab.transforms.post import make_postprocess
 
     return np.asarray(make_postprocess(options)(prob), dtype=np.uint8)
 
 
 def _label_score(cases, label: int, options: dict, spacing_of, tolerance, tubular) -> float:
     """Mean target of one label over the cases, post-processed with ``options``."""
-    from pipeline.evaluation.metrics import evaluate
+    from slab.pipeline.evaluation.metrics import evaluate
 
     values = []
     for name, prob, truth in cases():
@@ -94,7 +94,7 @@ def _label_score(cases, label: int, options: dict, spacing_of, tolerance, tubula
 
 def _sweep(cases, label: int, spacing_of, tubular) -> dict[float, float]:
     """The label's mean target at every level of ``LEVELS`` (one pass per case)."""
-    from pipeline.evaluation.metrics import threshold_sweep
+    from slab.pipeline.evaluation.metrics import threshold_sweep
 
     curves = []
     for name, prob, truth in cases():

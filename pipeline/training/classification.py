@@ -3,8 +3,8 @@
 Each *target* of a study (a vertebra C1..C7) becomes one sequence of ``n_slabs`` slabs: slab
 centres evenly spaced over the z range the target occupies in the study's label (value
 ``i + 1`` is ``labels[i]``), or over the whole volume when the study has no label
-(:func:`pipeline.data.sequences.study_sequences`, built as inference builds them). The
-:class:`~networks.SliceSequenceClassifier` scores every slab and the whole sequence; the loss is
+(:func:`slab.pipeline.data.sequences.study_sequences`, built as inference builds them). The
+:class:`~slab.networks.SliceSequenceClassifier` scores every slab and the whole sequence; the loss is
 
 ``slice_weight * BCE(slices) + seq_weight * BCE(sequence)``  (default 15 : 1),
 
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.sequences import OVERALL, study_sequences
-from pipeline.training.task import TrainTask
-from pipeline.training.segmentation import build_model, network_args
-from pipeline.training import split_items
-from transforms.errors import SlabError
+from slab.pipeline.data.sequences import OVERALL, study_sequences
+from slab.pipeline.training.task import TrainTask
+from slab.pipeline.training.segmentation import build_model, network_args
+from slab.pipeline.training import split_items
+from slab.transforms.errors import SlabError
 
 # The competition's sample weights: a vertebra row weighs 1 (negative) or 2 (positive); the
 # patient_overall row weighs 7 (negative) or 14 (positive).
@@ -145,8 +145,8 @@ def _nan_mean(values: Sequence[float]) -> float:
 
 
 def _load_study(item: dict, normalize: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
-    from transforms.intensity import make_normalize
-    from transforms.io import check_same_geometry, load_volume
+    from slab.transforms.intensity import make_normalize
+    from slab.transforms.io import check_same_geometry, load_volume
 
     image = load_volume(item["image"])
     label = None
@@ -177,7 +177,7 @@ class ClassificationTask(TrainTask):
     """
 
     def __init__(self, datalist, cfg: dict, fold, info) -> None:
-        from pipeline.training.distributed import shard_items
+        from slab.pipeline.training.distributed import shard_items
 
         self.cfg, self.c = cfg, cfg["classification"]
         train_items, val_items, data = split_items(datalist, fold)
@@ -229,14 +229,14 @@ class ClassificationTask(TrainTask):
         return [0] if self.val else []  # one iteration scores this process's sequences together
 
     def validate_item(self, model, device, item) -> list:
-        from pipeline.inference import score_sequences
+        from slab.pipeline.inference import score_sequences
 
         probs, _ = score_sequences(model, [s["slabs"] for s in self.val], batch_size=self.cfg["val"]["batch_size"],
                                    device=device, amp=self.cfg["amp"])
         return [(s["order"], s["study"], s["target"], p, s["y"]) for s, p in zip(self.val, probs.reshape(-1).tolist())]
 
     def summarize_validation(self, parts, info) -> dict:
-        from pipeline.training.distributed import gather_objects
+        from slab.pipeline.training.distributed import gather_objects
 
         rows = [row for part in parts for row in part]
         rows = sorted((r for part in gather_objects(rows, info) for r in part), key=lambda r: r[0])

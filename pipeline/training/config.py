@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from transforms.checks import PLANES, read_json_object
-from transforms.errors import SlabError
+from slab.transforms.checks import PLANES, read_json_object
+from slab.transforms.errors import SlabError
 
 
 TASKS = ("segmentation_2p5d", "segmentation_3d", "classification")
@@ -349,8 +349,8 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
     if task == "classification" and cfg["loss"] != "dice_bce":
         raise config_error("loss", "dice_bce (the BCE of the classification recipe)", cfg["loss"])
     if cfg["normalize"] is not None:
-        from pipeline.training.normalization import check_dataset_flag
-        from transforms.intensity import make_normalize
+        from slab.pipeline.training.normalization import check_dataset_flag
+        from slab.transforms.intensity import make_normalize
 
         try:
             make_normalize(check_dataset_flag(cfg["normalize"]))
@@ -360,7 +360,7 @@ def validate_config(config: dict | str | Path | None = None) -> dict:
                             f"config {message}" if message.startswith("normalize") else
                             f"config normalize.{message}") from None
     if task == "segmentation_2p5d" and cfg["augment"] is not None:
-        from transforms.augment import RandSlabAugmentd
+        from slab.transforms.augment import RandSlabAugmentd
 
         _check_kwargs(cfg["augment"], RandSlabAugmentd, "augment",
                       skip=("self", "keys", "label_keys", "allow_missing_keys"))

@@ -1,6 +1,6 @@
 """Data-parallel helpers for training and inference launched by ``torchrun``.
 
-``torchrun --nproc_per_node N -m pipeline.cli train ...`` (or ``python -m torch.distributed.run``)
+``torchrun --nproc_per_node N -m slab.pipeline.cli train ...`` (or ``python -m torch.distributed.run``)
 sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each process; :func:`init_distributed` reads
 them and joins the process group (``nccl`` on CUDA, ``gloo`` on CPU). Without them every
 helper here is a no-op for a single process, so one code path serves both.
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ validation as the evaluator's iterations (one validation item each, summarised a
 epoch). slab's handlers run first at each event, so that the metrics a user's handler reads are
 there: at ``EPOCH_STARTED`` the epoch's seeds; at ``EPOCH_COMPLETED`` the row of the epoch (mean
 loss over ranks), validation every ``val_every`` epochs and after the last, the best checkpoint's
-choice, the epoch line on stdout, the checkpoint pair (:func:`pipeline.training.state.save_epoch_state`)
+choice, the epoch line on stdout, the checkpoint pair (:func:`slab.pipeline.training.state.save_epoch_state`)
 and the logs. The operations run in the order of a plain loop, so ``--resume`` from ``last.pt``
 repeats an uninterrupted run bit for bit (the engine's state resumes at the checkpoint's epoch).
 """
@@ -31,13 +31,13 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.inferers import SimpleInferer
 from monai.utils import MAX_SEED
 
-from pipeline.device import amp_dtype, autocast
-from pipeline.training.config import LOWER_IS_BETTER, config_error
-from pipeline.training.distributed import DistInfo, all_reduce_mean, barrier, dist_env, rank_batch
-from pipeline.training.logs import RunLog, epoch_line, progress_bar
-from pipeline.training.state import derive_seed, rng_states, save_epoch_state, seeded, set_rng_states
-from pipeline.training.task import TrainTask
-from transforms.errors import SlabError, SlabWarning
+from slab.pipeline.device import amp_dtype, autocast
+from slab.pipeline.training.config import LOWER_IS_BETTER, config_error
+from slab.pipeline.training.distributed import DistInfo, all_reduce_mean, barrier, dist_env, rank_batch
+from slab.pipeline.training.logs import RunLog, epoch_line, progress_bar
+from slab.pipeline.training.state import derive_seed, rng_states, save_epoch_state, seeded, set_rng_states
+from slab.pipeline.training.task import TrainTask
+from slab.transforms.errors import SlabError, SlabWarning
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -226,7 +226,7 @@ class SlabTrainer(SupervisedTrainer):
     """A task trained as a MONAI ``SupervisedTrainer``: AdamW under a per-step warm-up + cosine
     schedule, AMP on CUDA (a GradScaler for float16), DDP under torchrun, the task's loss in every
     iteration, validation by :attr:`evaluator`, and the run's files in ``out`` (see
-    :mod:`pipeline.training.loop`). ``state`` is a ``last.pt`` to resume from.
+    :mod:`slab.pipeline.training.loop`). ``state`` is a ``last.pt`` to resume from.
 
     :meth:`run` returns the run's result: ``history``, ``best``, ``threshold``,
     ``best_checkpoint``, ``last_checkpoint``.

@@ -15,8 +15,8 @@ warm-up, validates on whole volumes with the inference engine, and writes to ``o
 ``curves.png``      loss and metric curves
 ``tensorboard/``    the same scalars for TensorBoard
 
-Determinism and checkpoints: :mod:`pipeline.training.state`. The loop itself runs on MONAI's
-engines: :mod:`pipeline.training.engine`.
+Determinism and checkpoints: :mod:`slab.pipeline.training.state`. The loop itself runs on MONAI's
+engines: :mod:`slab.pipeline.training.engine`.
 
 Distributed. Under ``torchrun`` every process takes its contiguous share of each *global* batch
 (``batch_size`` is the global batch and must be a multiple of the number of processes), DDP
@@ -25,7 +25,7 @@ the same ``batch_size`` up to floating-point summation order (for 2.5D, when eve
 has one size: a ``patch_size`` or volumes whose planes share a size; otherwise each process pads
 its share of the batch on its own). Validation volumes are split over the processes too.
 
-The configuration schema is :mod:`pipeline.training.config`.
+The configuration schema is :mod:`slab.pipeline.training.config`.
 """
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.device import resolve_device
-from pipeline.inference.model import inference_network
-from pipeline.training.config import read_config, validate_config
-from pipeline.training.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
-from pipeline.training.engine import SlabTrainer
-from pipeline.training.normalization import resolve_dataset_normalize, wants_dataset_statistics
-from pipeline.training.state import check_epoch_state, config_differences, load_checkpoint, seed_everything
-from pipeline.training.task import TrainTask
-from transforms.errors import SlabError
+from slab.pipeline.device import resolve_device
+from slab.pipeline.inference.model import inference_network
+from slab.pipeline.training.config import read_config, validate_config
+from slab.pipeline.training.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
+from slab.pipeline.training.engine import SlabTrainer
+from slab.pipeline.training.normalization import resolve_dataset_normalize, wants_dataset_statistics
+from slab.pipeline.training.state import check_epoch_state, config_differences, load_checkpoint, seed_everything
+from slab.pipeline.training.task import TrainTask
+from slab.transforms.errors import SlabError
 
 
 def train(
@@ -123,10 +123,10 @@ def _resume_state(out: Path, cfg: dict, resume: bool) -> dict | None:
 
 def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainTask:
     if cfg["task"] == "classification":
-        from pipeline.training.classification import ClassificationTask
+        from slab.pipeline.training.classification import ClassificationTask
 
         return ClassificationTask(datalist, cfg, fold, info)
-    from pipeline.training.segmentation import Segmentation2p5DTask, Segmentation3DTask
+    from slab.pipeline.training.segmentation import Segmentation2p5DTask, Segmentation3DTask
 
     if cfg["task"] == "segmentation_3d":
         return Segmentation3DTask(datalist, cfg, fold, info)
@@ -143,7 +143,7 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     given, is the config's ``epochs`` (MONAI's property ``train#trainer#max_epochs``)."""
     cfg = validate_config(cfg if max_epochs is None else {**cfg, "epochs": max_epochs})
     if wants_dataset_statistics(cfg["normalize"]):
-        from pipeline.training.segmentation import split_items
+        from slab.pipeline.training.segmentation import split_items
 
         cfg["normalize"] = resolve_dataset_normalize(cfg["normalize"], split_items(datalist, fold)[0], cfg["seed"])
     info = info or init_distributed(resolve_device(device))
@@ -153,7 +153,7 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     seed_everything(cfg["seed"])  # the model's initial weights
     task = _build_task(datalist, cfg, fold, info)
     if info.is_main:
-        from transforms.io import atomic_write
+        from slab.transforms.io import atomic_write
 
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "config.json") as tmp:

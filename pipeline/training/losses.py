@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pipeline.training.config import LOSSES, config_error
+from slab.pipeline.training.config import LOSSES, config_error
 
 
 class DiceCE(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transforms.errors import SlabError
+from slab.transforms.errors import SlabError
 
 
 SAMPLES_PER_CASE = 10_000
@@ -38,7 +38,7 @@ def check_dataset_flag(spec) -> dict:
 
 def foreground_samples(items: list[dict], seed: int = 0) -> np.ndarray:
     """``(C, n)`` float64 foreground voxels sampled from every item's image (label > 0)."""
-    from transforms.io import load_volume
+    from slab.transforms.io import load_volume
 
     rng = np.random.default_rng(seed)
     parts = []

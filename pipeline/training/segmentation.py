@@ -9,22 +9,22 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.training.config import SEG_METRICS, config_error
-from pipeline.training.distributed import DistInfo
-from pipeline.training.losses import build_training_loss
-from pipeline.training.task import TrainTask
-from transforms.checks import read_json_object
-from transforms.errors import SlabError
+from slab.pipeline.training.config import SEG_METRICS, config_error
+from slab.pipeline.training.distributed import DistInfo
+from slab.pipeline.training.losses import build_training_loss
+from slab.pipeline.training.task import TrainTask
+from slab.transforms.checks import read_json_object
+from slab.transforms.errors import SlabError
 
 
 def split_items(datalist, fold: int | None) -> tuple[list[dict], list[dict], dict]:
     """``(training, validation, datalist)``: items with paths resolved and checked to exist
-    (:func:`pipeline.data.datalist.load_datalist`), and the datalist itself (label names, format).
+    (:func:`slab.pipeline.data.datalist.load_datalist`), and the datalist itself (label names, format).
 
     With ``fold``, the items of that fold (from ``training`` and ``validation`` together) are the
     validation set; the folds group items by case, so no case is on both sides.
     """
-    from pipeline.data.datalist import load_datalist
+    from slab.pipeline.data.datalist import load_datalist
 
     train_items, val_items = load_datalist(datalist, fold=fold)
     data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
@@ -74,8 +74,8 @@ def truth_masks(label: np.ndarray, fmt: str, n_labels: int) -> np.ndarray:
 def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndarray, tuple[float, float, float]]:
     """``(image float32 (C, X, Y, Z) normalised, label (C', X, Y, Z), spacing)`` of a datalist item;
     image and label must share shape and geometry."""
-    from transforms.intensity import make_normalize
-    from transforms.io import check_same_geometry, load_volume
+    from slab.transforms.intensity import make_normalize
+    from slab.transforms.io import check_same_geometry, load_volume
 
     image = load_volume(item["image"])
     if "label" not in item:
@@ -102,7 +102,7 @@ class SegValidation:
 
     def __init__(self, items: list[dict], cfg: dict, fmt: str, n_labels: int,
                  predict: Callable[[nn.Module, torch.Tensor, torch.device], np.ndarray], info: DistInfo) -> None:
-        from pipeline.training.distributed import shard_items
+        from slab.pipeline.training.distributed import shard_items
 
         limit = cfg["val"]["max_volumes"]
         self.items = items[:limit] if limit else items
@@ -119,7 +119,7 @@ class SegValidation:
 
     def curves(self, model: nn.Module, device: torch.device, k: int) -> tuple:
         """``(index, thresholds, per-label curves)`` of this process's ``k``-th volume."""
-        from pipeline.evaluation.metrics import threshold_sweep
+        from slab.pipeline.evaluation.metrics import threshold_sweep
 
         index, image, truth, spacing = self.volumes[k]
         prob = self.predict(model, image, device)
@@ -133,7 +133,7 @@ class SegValidation:
         ])
 
     def summarize(self, parts: list, info: DistInfo) -> dict:
-        from pipeline.training.distributed import gather_objects
+        from slab.pipeline.training.distributed import gather_objects
 
         gathered = sorted((c for part in gather_objects(parts, info) for c in part), key=lambda c: c[0])
         return summarize_sweeps(gathered, self.cfg["val"]["metric"])
@@ -178,7 +178,7 @@ def network_options(net: dict) -> dict:
 
 
 def build_model(net: dict) -> nn.Module:
-    from networks import build_network
+    from slab.networks import build_network
 
     try:
         return build_network(net["name"], net["spatial_dims"], net["in_channels"], net["out_channels"], **network_options(net))
@@ -188,7 +188,7 @@ def build_model(net: dict) -> nn.Module:
 
 def volume_channels(path, name: str) -> int:
     """Channels of a volume file, from its header where the format allows."""
-    from transforms.io import load_volume
+    from slab.transforms.io import load_volume
 
     try:
         volume = load_volume(path, lazy=True)
@@ -205,7 +205,7 @@ class _SegmentationTask(TrainTask):
     spatial_dims = 2
 
     def __init__(self, datalist, cfg: dict, fold: int | None, info: DistInfo) -> None:
-        from networks import network_divisor, network_min_size
+        from slab.networks import network_divisor, network_min_size
 
         self.cfg = cfg
         train_items, val_items, data = split_items(datalist, fold)
@@ -243,7 +243,7 @@ class _SegmentationTask(TrainTask):
         raise NotImplementedError
 
     def inference_spec(self, threshold) -> dict:
-        from pipeline.inference.model import inference_spec
+        from slab.pipeline.inference.model import inference_spec
 
         return inference_spec(self.cfg, self.network, self.label_names, threshold)
 
@@ -293,7 +293,7 @@ class _PadCollate:
     def __call__(self, samples: list[dict]) -> dict:
         import torch.nn.functional as F
 
-        from networks import padded_size
+        from slab.networks import padded_size
 
         dims = samples[0]["image"].ndim - 1
         size = [max(s["image"].shape[1 + d] for s in samples) for d in range(dims)]
@@ -312,14 +312,14 @@ class _PadCollate:
 
 
 class Segmentation2p5DTask(_SegmentationTask):
-    """2.5D slabs from :class:`pipeline.data.slabs.SlabDataset`: planes, offsets, positive-weighted
-    slices, optional crop, :class:`transforms.augment.RandSlabAugmentd`; whole-volume validation
-    through :func:`pipeline.inference.predict_2p5d` over ``val.planes`` with ``val.tta``."""
+    """2.5D slabs from :class:`slab.pipeline.data.slabs.SlabDataset`: planes, offsets, positive-weighted
+    slices, optional crop, :class:`slab.transforms.augment.RandSlabAugmentd`; whole-volume validation
+    through :func:`slab.pipeline.inference.predict_2p5d` over ``val.planes`` with ``val.tta``."""
 
     def __init__(self, datalist, cfg, fold, info) -> None:
         super().__init__(datalist, cfg, fold, info)
-        from pipeline.data.slabs import SlabDataset
-        from transforms.augment import RandSlabAugmentd
+        from slab.pipeline.data.slabs import SlabDataset
+        from slab.transforms.augment import RandSlabAugmentd
 
         augment = None
         if cfg["augment"] is not None:
@@ -347,7 +347,7 @@ class Segmentation2p5DTask(_SegmentationTask):
         return self.dataset.sample(index, epoch)
 
     def predict(self, model, image, device):
-        from pipeline.inference import predict_2p5d
+        from slab.pipeline.inference import predict_2p5d
 
         val = self.cfg["val"]
         prob = predict_2p5d(model, image, planes=val["planes"] or self.cfg["planes"], offsets=self.cfg["offsets"],
@@ -409,7 +409,7 @@ class Segmentation3DTask(_SegmentationTask):
         return {k: torch.as_tensor(patch[k]).as_subclass(torch.Tensor) for k in ("image", "label")}
 
     def predict(self, model, image, device):
-        from pipeline.inference import predict_3d
+        from slab.pipeline.inference import predict_3d
 
         val = self.cfg["val"]
         prob = predict_3d(model, image, roi_size=self.cfg["patch_size"], overlap=val["overlap"], tta=val["tta"],

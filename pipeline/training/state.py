@@ -21,8 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.training.config import RUNTIME_KEYS
-from transforms.errors import SlabError
+from slab.pipeline.training.config import RUNTIME_KEYS
+from slab.transforms.errors import SlabError
 
 
 # What a run directory holds (outputs that must not overwrite an input such as the datalist);
@@ -92,7 +92,7 @@ def set_rng_states(state: dict) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> Path:
     """``torch.save`` through ``atomic_write``: an interrupted save never leaves a broken file."""
-    from transforms.io import atomic_write
+    from slab.transforms.io import atomic_write
 
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
