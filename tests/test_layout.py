@@ -122,3 +122,30 @@ print(sorted(m for m in ("torch", "monai", "SimpleITK", "pyvista", "nibabel", "s
     out = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_wheel_holds_only_the_slab_namespace(tmp_path):
+    """A regular (non-editable) build: every file under ``slab/`` (the compiled fill included) or the
+    ``slab_seg`` metadata, and the console script pointing into the namespace."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("slab_seg-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"slab", wheel.name.split("-")[0] + "-0.1.0.dist-info"}
+    assert {"slab/__init__.py", "slab/__main__.py", "slab/pipeline/cli/predict.py", "slab/transforms/post.py",
+            "slab/networks/factory.py"} <= set(names)
+    assert any(n.startswith("slab/transforms/_fill.") and n.endswith((".so", ".pyd")) for n in names)
+    entry = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-0.1.0.dist-info/entry_points.txt").decode()
+    assert "slab = slab.pipeline.cli:main" in entry
