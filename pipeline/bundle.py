@@ -238,9 +238,10 @@ def check_inputs(predictor, images: Sequence, labels: Sequence | None = None) ->
 
 
 def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
-                  prob_name: str | None = None) -> list[dict]:
+                  prob_name: str | None = None, per_channel: bool = False) -> list[dict]:
     """:func:`slab.pipeline.inference.predict_file` on every input: ``output_dir/<output_name>`` (the
-    cleaned mask, the input's affine) and optionally the probabilities ``<prob_name>``.
+    cleaned mask, the input's affine: a label map for several labels, or one channel per label
+    with ``per_channel``) and optionally the probabilities ``<prob_name>``.
     Names may hold ``{stem}``, the input's name without its extension."""
     from slab.pipeline.inference import predict_file
 
@@ -254,7 +255,8 @@ def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str =
     for path, name in zip(inputs, names):
         prob = None if prob_name is None else out / prob_name.format(stem=_stem(path))
         written.append({"image": str(path), **{k: str(v) for k, v in
-                                               predict_file(path, out / name, predictor, prob_path=prob).items()}})
+                                               predict_file(path, out / name, predictor, prob_path=prob,
+                                                            per_channel=per_channel).items()}})
     return written
 
 
@@ -277,7 +279,8 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
     cases = []
     for pair in pairs:
         start = time.perf_counter()
-        (written,) = run_inference(predictor, [pair["image"]], out, output_name=output_name)
+        # scored per channel: nested regions (BraTS) cannot be recovered from a label map
+        (written,) = run_inference(predictor, [pair["image"]], out, output_name=output_name, per_channel=True)
         predict_s = time.perf_counter() - start
         mask, truth = load_volume(written["mask"]), load_volume(pair["label"])
         check_same_geometry(mask, truth, names=[written["mask"], str(pair["label"])])

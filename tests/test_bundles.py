@@ -216,8 +216,10 @@ def test_train_json_runs_and_its_weights_infer(name, tmp_path):
     mask = load_volume(result[0]["mask"])
     source = load_volume(image)
     label = load_volume(case["label"])
-    assert mask.dtype == torch.uint8 and tuple(mask.shape) == tuple(label.shape)
+    assert mask.dtype == torch.uint8 and tuple(mask.shape[1:]) == tuple(label.shape[1:])
+    assert mask.shape[0] == 1  # several labels are written as one label map
     np.testing.assert_allclose(np.asarray(mask.affine), np.asarray(source.affine), atol=1e-5)
+    assert set(np.unique(np.asarray(mask)).tolist()) <= set(range(label.shape[0] + 1)) | {4}
 
 
 def test_missing_bundle_files_are_one_line_errors(tmp_path, capsys):
@@ -273,7 +275,12 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
         return np.asarray(load_volume(written["mask"])), np.asarray(load_volume(written["prob"]), np.float64)
 
     def per_channel(prob, thresholds):
-        return np.stack([prob[c] > t for c, t in enumerate(thresholds)]).astype(np.uint8)
+        """The BraTS label map of the thresholded regions (TC, WT, ET): WT 2, then TC 1, then ET 4."""
+        regions = np.stack([prob[c] > t for c, t in enumerate(thresholds)])
+        label = np.zeros((1, *prob.shape[1:]), np.uint8)
+        for c, value in ((1, 2), (0, 1), (2, 4)):
+            label[0][regions[c]] = value
+        return label
 
     mask, prob = infer("default")  # no model.json: 0.5 for every channel
     np.testing.assert_array_equal(mask, per_channel(prob, [0.5] * 3))
@@ -283,7 +290,7 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
     mask, prob_again = infer("chosen")
     np.testing.assert_array_equal(prob_again, prob)
     np.testing.assert_array_equal(mask, per_channel(prob, chosen))
-    assert 0 < mask.mean() < 1 and not np.array_equal(mask, per_channel(prob, [0.5] * 3))
+    assert 0 < (mask > 0).mean() < 1 and not np.array_equal(mask, per_channel(prob, [0.5] * 3))
 
     # slab predict --bundle binarises as the bundle run does; an explicit --threshold wins
     section = json.loads(Path(config_file).read_text(encoding="utf-8"))["slab"]

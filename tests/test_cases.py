@@ -94,8 +94,13 @@ def test_uwmgi_scans_keep_their_spacing_and_give_the_multi_class_csv(tmp_path):
     sub, out = tmp_path / "submission.csv", tmp_path / "mask.nii.gz"
     assert main(["predict", "-i", str(scans), "-o", str(out), "--rle-csv", str(sub), "--threshold", "0.5"]
                 + network) == 0
-    mask = load_volume(out)
-    np.testing.assert_allclose(mask.meta["spacing"], (1.5, 1.5, 3.0))
+    label_map = load_volume(out)  # one label map: class i has value i + 1
+    np.testing.assert_allclose(label_map.meta["spacing"], (1.5, 1.5, 3.0))
+    assert label_map.shape[0] == 1
+    mask = load_volume(tmp_path / "channels.nii.gz") if main(
+        ["predict", "-i", str(scans), "-o", str(tmp_path / "channels.nii.gz"), "--per-channel", "--threshold", "0.5"]
+        + network) == 0 else None
+    assert mask.shape[0] == 3
     with open(sub, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "class", "segmentation"] and len(rows) == 1 + 4 * 3
@@ -105,6 +110,10 @@ def test_uwmgi_scans_keep_their_spacing_and_give_the_multi_class_csv(tmp_path):
         for name, (_, rle) in by_class.items():
             np.testing.assert_array_equal(rle_decode(rle, (12, 16)).T,
                                           mask.numpy()[classes.index(name), :, :, number - 1])
+    painted = np.zeros(mask.shape[1:], np.uint8)
+    for i in range(3):
+        painted[mask.numpy()[i] > 0] = i + 1
+    np.testing.assert_array_equal(label_map.numpy()[0], painted)
 
 
 def test_brats_contrasts_as_channels_and_nnunet_naming(tmp_path):
@@ -120,7 +129,10 @@ def test_brats_contrasts_as_channels_and_nnunet_naming(tmp_path):
     out = tmp_path / "seg.nii.gz"
     assert main(["predict", "-i", *map(str, files), "-o", str(out)] + network) == 0
     mask = load_volume(out)
-    assert tuple(mask.shape) == (3, 10, 9, 8)
+    assert tuple(mask.shape) == (1, 10, 9, 8)  # a label map
+    assert main(["predict", "-i", *map(str, files), "-o", str(tmp_path / "regions.nii.gz"), "--per-channel"]
+                + network) == 0
+    assert tuple(load_volume(tmp_path / "regions.nii.gz").shape) == (3, 10, 9, 8)
     np.testing.assert_allclose(np.asarray(mask.affine), affine)
     assert main(["convert", *map(str, files), str(tmp_path / "four.nii.gz")]) == 0
     assert tuple(load_volume(tmp_path / "four.nii.gz").shape) == (4, 10, 9, 8)

@@ -309,7 +309,9 @@ def read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return data, affine, {"declared_spacing": image.GetSpacing()}
 
 
-def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def write_itk(array: np.ndarray, affine: np.ndarray, path: Path, fields: dict | None = None) -> None:
+    """``array`` (C, X, Y, Z) in RAS ``affine`` as an ITK file (LPS, compressed); ``fields``
+    become NRRD key/value pairs (``key:=value``), e.g. a ``.seg.nrrd``'s segment metadata."""
     from slab.transforms.outputs import atomic_write
 
     if is_sheared(affine):
@@ -324,6 +326,8 @@ def write_itk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     image.SetSpacing(spacing.tolist())
     image.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
     image.SetOrigin(lps[:3, 3].tolist())
+    for key, value in (fields or {}).items():
+        image.SetMetaData(key, value)
     with atomic_write(path) as tmp:
         try:
             with native():

@@ -244,7 +244,7 @@ def _as_numpy(data, affine, meta, dtype) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: str | None = None,
-                workers: int | None = None, mask: bool = False) -> Path:
+                workers: int | None = None, mask: bool = False, fields: dict | None = None) -> Path:
     """Write a ``(C, X, Y, Z)`` volume; the format follows the path (see :func:`output_format`).
 
     Parameters
@@ -269,6 +269,9 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
     mask : bool
         ``data`` is a 0/1 mask: a slice stack stores it as 0/255 (visible in image viewers, as
         SenNet ships its labels); volume files keep 0/1 label values.
+    fields : dict of str, optional
+        NRRD key/value pairs (ITK formats only), e.g.
+        :func:`slab.transforms.labelmap.segment_metadata` for a ``.seg.nrrd``.
 
     Returns
     -------
@@ -281,7 +284,7 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
     if kind == "nifti":
         write_nifti(array, affine, path, meta.get("nifti_forms"))
     elif kind == "itk":
-        write_itk(array, affine, path)
+        write_itk(array, affine, path, fields)
     else:
         if mask:
             array = (array > 0).astype(np.uint8) * np.uint8(255)

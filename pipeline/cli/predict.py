@@ -66,6 +66,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fill-holes", nargs="?", const="3d", choices=FILL_MODES, help="fill enclosed holes")
     parser.add_argument("--connectivity", type=int, choices=CONNECTIVITIES, help="component connectivity (default 26)")
     parser.add_argument("--prob", metavar="PROB_OUT", help="also write the probability map here")
+    parser.add_argument("--per-channel", action="store_true",
+                        help="write a multi-label mask as one 0/1 channel per label (overlapping labels, e.g. BraTS "
+                             "regions) instead of one label map (label i = value i+1, or the model's label_map); "
+                             "an output named *.seg.nrrd opens in 3D Slicer with the label names")
     parser.add_argument("--statistics", metavar="JSON",
                         help="write per-label statistics here: voxels, volume (mm^3), components, bounding box, "
                              "centroid (RAS mm), the input's intensities inside (mean, std, percentiles); "
@@ -212,6 +216,9 @@ def run(args) -> int:
 
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
+    if args.per_channel and str(args.output).lower().endswith(".seg.nrrd"):
+        raise SlabError(f"--per-channel: a .seg.nrrd ({args.output}) is written as one label map; "
+                        "drop --per-channel or give a .nii.gz name")
     collection, cases = find_cases(args.input)
     jobs = _jobs(args, collection, cases)
     predictor = _predictor(args)
@@ -231,7 +238,7 @@ def run(args) -> int:
                 csvs.append(csv)
             written = predict_file(case.source, output, predictor, prob_path=prob, rle_csv=csv,
                                    row_ids=lambda depth, c=case: c.row_ids(depth, args.id_prefix),
-                                   statistics=bool(args.statistics))
+                                   statistics=bool(args.statistics), per_channel=args.per_channel)
             if args.statistics:
                 source = [str(s) for s in case.source] if isinstance(case.source, list) else str(case.source)
                 statistics[case.output_name] = {"input": source, "mask": str(output),

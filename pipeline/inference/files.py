@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from slab.pipeline.inference.predictor import Predictor
-from slab.transforms.errors import SlabError
+from slab.transforms.errors import SlabError, SlabWarning
 from slab.transforms.io import load_volume, output_format, save_volume
+from slab.transforms.labelmap import segment_metadata, to_label_map
 from slab.transforms.rle import write_rle_csv
 
 
@@ -29,7 +30,7 @@ def _open(path, predictor: Predictor):
 
 def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
                  id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None,
-                 statistics: bool = False) -> dict[str, Path | dict]:
+                 statistics: bool = False, per_channel: bool = False) -> dict[str, Path | dict]:
     """Predict one volume and write its mask (and probabilities, RLE CSV).
 
     Load ``input_path`` (any format ``load_volume`` reads, or a list of files as channels; lazily
@@ -39,7 +40,12 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     probabilities to ``prob_path`` (float32; an on-disk float16 result stays float16 in a slice
     stack) and a submission CSV to ``rle_csv``: ``id,rle`` for one label (SenNet), else
     ``id,class,segmentation`` with the predictor's label names (UW-Madison). Row ids are
-    ``row_ids(depth)``, or ``{id_prefix}_{z:04d}``. Output names are checked before anything is
+    ``row_ids(depth)``, or ``{id_prefix}_{z:04d}``.
+
+    A multi-label mask is written as one label map (``predictor.label_map``: uint8, label ``i``
+    has value ``values[i]``; a ``.seg.nrrd`` name adds 3D Slicer's segment names, colours and
+    values); ``per_channel`` writes one 0/1 channel per label instead (overlapping labels, e.g.
+    BraTS regions, kept apart). Output names are checked before anything is
     read; every file is written atomically. With ``statistics``, the result also holds each
     label's statistics (:func:`slab.pipeline.evaluation.statistics.label_statistics`: volume in mm³,
     components, centroid, the input's intensities inside it).
@@ -50,6 +56,10 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     ``statistics`` (a dict) with ``statistics``.
     """
     output_format(output_path)
+    segmentation = str(output_path).lower().endswith(".seg.nrrd")
+    if segmentation and per_channel:
+        raise SlabError(f"{output_path}: a .seg.nrrd is written as one label map; drop --per-channel "
+                        "or give a .nii.gz name for one channel per label")
     if prob_path is not None:
         output_format(prob_path)
     if rle_csv is not None and not (id_prefix or row_ids):
@@ -59,7 +69,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     mask = predictor.postprocess(probs)
     affine = np.asarray(volume.affine)
     meta = dict(getattr(volume, "meta", {}))
-    written = {"mask": save_volume(mask, output_path, affine=affine, meta=meta, mask=True)}
+    written = {"mask": _save_mask(mask, output_path, predictor, affine, meta, per_channel, segmentation)}
     if prob_path is not None:
         if probs.dtype != torch.float32 and output_format(prob_path) != "stack":
             probs = probs.float()  # NIfTI and ITK files have no float16
@@ -74,3 +84,20 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         written["statistics"] = label_statistics(mask, volume, affine, predictor.label_names())
     return written
 
+
+
+def _save_mask(mask, output_path, predictor: Predictor, affine, meta, per_channel: bool, segmentation: bool) -> Path:
+    """The mask as a label map (multi-label, unless ``per_channel``), with Slicer's segment
+    fields for a ``.seg.nrrd``."""
+    values, order = predictor.label_map["values"], predictor.label_map["order"]
+    if per_channel or mask.shape[0] == 1:
+        fields = segment_metadata(predictor.label_names(), values) if segmentation else None
+        return save_volume(mask, output_path, affine=affine, meta=meta, mask=True, fields=fields)
+    label, overlaps = to_label_map(np.asarray(mask), values, order)
+    if overlaps and not predictor.label_map["declared_order"]:
+        import warnings
+
+        warnings.warn(SlabWarning(f"{output_path}: {overlaps} voxels are in more than one label; the label map "
+                                  "keeps the later label (--per-channel writes one channel per label)"), stacklevel=3)
+    fields = segment_metadata(predictor.label_names(), values) if segmentation else None
+    return save_volume(label, output_path, affine=affine, meta=meta, fields=fields)

@@ -194,6 +194,10 @@ class Ensemble:
     def label_names(self) -> list[str]:
         return self.first.label_names()
 
+    @property
+    def label_map(self) -> dict:
+        return self.first.label_map
+
     def check_input(self, info, name) -> None:
         """Each distinct network's channel check (the folds of one configuration share theirs)."""
         import json

@@ -19,6 +19,7 @@ from slab.transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_
 from slab.transforms.errors import SlabError
 from slab.transforms.intensity import make_normalize
 from slab.transforms.io import LazyVolume
+from slab.transforms.labelmap import check_label_map
 from slab.transforms.post import make_postprocess, merge_postprocess
 from slab.transforms.slab import check_offsets, slab_offsets
 
@@ -27,11 +28,11 @@ DEFAULT_NORMALIZE = MappingProxyType({"lower": 0.5, "upper": 99.5})
 
 
 # The network_config keys that configure inference rather than build_network.
-INFERENCE_KEYS = ("offsets", "planes", "roi_size", "labels")
+INFERENCE_KEYS = ("offsets", "planes", "roi_size", "labels", "label_map")
 
 
 # The keys of a bundle's configs/inference.json "slab" section (see Predictor.from_bundle).
-BUNDLE_KEYS = ("network", "labels", "mode", "planes", "offsets", "tta", "normalize", "postprocess", "roi_size",
+BUNDLE_KEYS = ("network", "labels", "label_map", "mode", "planes", "offsets", "tta", "normalize", "postprocess", "roi_size",
                "overlap", "scales",
                "batch_size", "sw_batch_size")
 
@@ -65,13 +66,17 @@ class Predictor:
         the probabilities, resampled back, averaged. Default ``(1,)``. In memory.
     labels : names of the output channels (written into multi-label RLE CSVs); default
         ``label_1``, ``label_2``, ... A network config may carry them as ``labels``.
+    label_map : how a multi-label mask becomes one label volume
+        (:func:`slab.transforms.labelmap.to_label_map`): ``{"values": [...], "order": [...]}``,
+        the value of each channel (default 1..L) and the painting order (default channel order;
+        a later channel wins where they overlap). A network config may carry it.
     """
 
     def __init__(self, network_config: Mapping, weights=None, *, mode: str | None = None, planes=None, offsets=None,
                  tta: str = "none", normalize=DEFAULT_NORMALIZE, postprocess: Mapping | None = None, device=None,
                  amp: bool | str = True, batch_size: int = 8, memory_budget: int | None = None, roi_size=None,
                  overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None, scales=(1.0,),
-                 compile: bool = False):
+                 compile: bool = False, label_map: Mapping | None = None):
         if not isinstance(network_config, Mapping):
             raise SlabError(f"network config: expected an object of build_network arguments, got {network_config!r}")
         config = dict(network_config)
@@ -90,6 +95,8 @@ class Predictor:
         self.in_channels = int(config["in_channels"])
         self.out_channels = int(config["out_channels"])
         self.labels = _check_labels(labels if labels is not None else extra.get("labels"), self.out_channels)
+        self.label_map = check_label_map(label_map if label_map is not None else extra.get("label_map"),
+                                         self.out_channels)
         options = {k: v for k, v in config.items() if k not in ("name", "spatial_dims", "in_channels", "out_channels")}
         self.divisor = network_divisor(config["name"], dims, **options)
         self.min_size = network_min_size(config["name"], dims, **options)
