@@ -51,6 +51,7 @@ def test_disjoint_labels_round_trip_and_wide_values():
 @pytest.mark.parametrize("spec, match", [
     ({"values": [1, 1, 2]}, "3 distinct integers"), ({"values": [0, 1, 2]}, "1..65535"),
     ({"values": [1, 2]}, "3 distinct"), ({"order": [0, 0, 1]}, "channel indices 0..2"),
+    ({"order": [0, "a", 1]}, "channel indices 0..2"), ({"values": "abc"}, "3 distinct"),
     ({"colour": 1}, "unknown key colour"), ([1, 2, 3], "expected an object"),
 ])
 def test_bad_label_maps_are_refused(spec, match):
@@ -135,6 +136,10 @@ def test_overlaps_warn_unless_the_order_is_declared(tmp_path):
         predict_file(image, tmp_path / "b.nii.gz", _predictor(tmp_path, postprocess=everything, label_map=BRATS))
     assert np.unique(np.asarray(load_volume(tmp_path / "b.nii.gz"))).tolist() == [4]
     assert segment_metadata(["a"], [5])["Segment0_LabelValue"] == "5"
+    # one label with its own value: written with that value, not 0/1
+    predict_file(image, tmp_path / "c.nii.gz", _predictor(tmp_path, out_channels=1, postprocess={"threshold": 0.0},
+                                                          label_map={"values": [5]}))
+    assert np.unique(np.asarray(load_volume(tmp_path / "c.nii.gz"))).tolist() == [5]
 
 
 def test_cli_per_channel_onto_seg_nrrd_is_refused_before_reading(tmp_path, capsys):

@@ -43,7 +43,8 @@ def check_label_map(spec, channels: int) -> dict:
                         f"(one per output channel), got {values!r}")
     order = spec.get("order", list(range(channels)))
     if (not isinstance(order, Sequence) or isinstance(order, str)
-            or sorted(order) != list(range(channels)) or not all(isinstance(i, (int, np.integer)) for i in order)):
+            or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in order)
+            or sorted(order) != list(range(channels))):
         raise SlabError(f"label_map order: expected the channel indices 0..{channels - 1} in painting order "
                         f"(a later one wins where they overlap), got {order!r}")
     return {"values": tuple(int(v) for v in values), "order": tuple(int(i) for i in order),

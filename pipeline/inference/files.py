@@ -3,6 +3,7 @@ budget asks for it), predicts, post-processes and writes the mask (and probabili
 in the input's geometry."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,18 +86,15 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     return written
 
 
-
 def _save_mask(mask, output_path, predictor: Predictor, affine, meta, per_channel: bool, segmentation: bool) -> Path:
     """The mask as a label map (multi-label, unless ``per_channel``), with Slicer's segment
     fields for a ``.seg.nrrd``."""
     values, order = predictor.label_map["values"], predictor.label_map["order"]
-    if per_channel or mask.shape[0] == 1:
+    if per_channel or (mask.shape[0] == 1 and values == (1,)):
         fields = segment_metadata(predictor.label_names(), values) if segmentation else None
         return save_volume(mask, output_path, affine=affine, meta=meta, mask=True, fields=fields)
     label, overlaps = to_label_map(np.asarray(mask), values, order)
     if overlaps and not predictor.label_map["declared_order"]:
-        import warnings
-
         warnings.warn(SlabWarning(f"{output_path}: {overlaps} voxels are in more than one label; the label map "
                                   "keeps the later label (--per-channel writes one channel per label)"), stacklevel=3)
     fields = segment_metadata(predictor.label_names(), values) if segmentation else None
