@@ -445,3 +445,22 @@ def test_postprocess_without_threshold_wants_a_mask(rng):
         postprocess(mask * 0.7, threshold=None)
     with pytest.raises(SlabError, match="keep_largest"):
         postprocess(mask, keep_largest=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7), (1, 7, 1), (7, 1, 1), (1, 1, 1), (1, 1, 3)])
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_line_volumes_label_like_scipy(shape, connectivity):
+    """cc3d fails on volumes with one axis longer than a voxel at 26-connectivity; every labelling
+    path gives scipy's components there (along a line all connectivities agree)."""
+    from scipy import ndimage as ndi
+
+    from slab.pipeline.evaluation.statistics import label_statistics
+    from slab.pipeline.evaluation.topology import topology_metrics
+
+    mask = (np.arange(int(np.prod(shape))) % 2 == 0).reshape(shape)
+    expected = ndi.label(mask)[1]
+    kept = post.RemoveSmallComponents(min_size=1, connectivity=connectivity)(mask[None].astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(kept)[0], mask)
+    stats = label_statistics(mask[None].astype(np.uint8), mask[None].astype(np.float32), np.eye(4), ["a"])
+    assert stats["labels"]["a"]["components"] == expected
+    assert topology_metrics(mask, mask)["pred"]["b0"] == expected

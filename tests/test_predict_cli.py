@@ -161,3 +161,26 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, model, image, capsys
     _refused(capsys, ["predict", "-i", path, "-o", str(tmp_path / "m.png"), "--network", config, "--weights", weights],
              "m.png", tmp_path / "m.png")
 
+
+
+def test_progress_bars_on_a_terminal_off_with_quiet():
+    """``slab predict`` draws progress bars by default only on a terminal; ``--quiet`` turns them
+    off, ``--progress`` forces them; the two together are refused."""
+    import argparse
+    import io
+
+    from slab.pipeline.cli.arguments import add_progress, show_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    parser = argparse.ArgumentParser()
+    add_progress(parser)
+    assert show_progress(parser.parse_args([]), Terminal()) is True
+    assert show_progress(parser.parse_args([]), io.StringIO()) is False
+    assert show_progress(parser.parse_args(["--quiet"]), Terminal()) is False
+    assert show_progress(parser.parse_args(["--progress"]), io.StringIO()) is True
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--quiet", "--progress"])
+    assert exit_info.value.code == 2

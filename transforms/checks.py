@@ -79,3 +79,10 @@ def read_json_object(path, what: str) -> dict:
     if not isinstance(data, dict):
         raise SlabError(f"{path}: expected a JSON object ({what})")
     return data
+
+
+def cc3d_connectivity(shape, connectivity: int) -> int:
+    """The connectivity to give cc3d for a volume of ``shape``: ``connectivity``, or 6 where at most
+    one axis is longer than one voxel. cc3d fails on such line volumes with 26 ("cannot be mapped
+    to union-find array"); along a line every connectivity gives the same components."""
+    return 6 if sum(int(n) > 1 for n in shape) <= 1 else int(connectivity)

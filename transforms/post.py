@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import ball
 
-from slab.transforms.checks import CONNECTIVITIES, FILL_MODES
+from slab.transforms.checks import CONNECTIVITIES, FILL_MODES, cc3d_connectivity
 from slab.transforms.errors import SlabError
 from slab.transforms.io import check_same_geometry
 
@@ -236,7 +236,8 @@ def _filter_components(mask: np.ndarray, connectivity: int, keep: Callable[[np.n
         count_in = None if count_in is None else count_in.T
     mask = np.ascontiguousarray(mask)
     count_in = None if count_in is None else np.ascontiguousarray(count_in)
-    labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True, binary_image=True)
+    labels, n = cc3d.connected_components(mask, connectivity=cc3d_connectivity(mask.shape, connectivity),
+                                          return_N=True, binary_image=True)
     out = np.zeros(mask.shape, np.uint8)
     if n:
         step = max(1, _CHUNK_VOXELS // max(1, mask[0].size))

@@ -72,3 +72,22 @@ def add_threads(parser) -> None:
     :func:`slab.pipeline.device.configure_threads`)."""
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU threads for torch (default: the cores this process may use that are not busy)")
+
+
+def add_progress(parser) -> None:
+    """``--progress`` / ``--quiet``: a progress bar is shown by default when stderr is a terminal."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", action="store_true",
+                       help="show a progress bar even when stderr is not a terminal (default: on a terminal)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def show_progress(args, stream=None) -> bool:
+    """Whether to draw progress bars: not with ``--quiet``; with ``--progress``; else when
+    ``stream`` (default stderr) is a terminal, as nnU-Net and pip do."""
+    import sys
+
+    if args.quiet:
+        return False
+    stream = sys.stderr if stream is None else stream
+    return bool(args.progress or (hasattr(stream, "isatty") and stream.isatty()))

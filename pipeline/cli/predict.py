@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slab.pipeline.cli.arguments import add_threads, fold_list, non_negative_int, positive_float, positive_int, probability
+from slab.pipeline.cli.arguments import add_progress, add_threads, fold_list, non_negative_int, positive_float, positive_int, probability, show_progress
 from slab.transforms.checks import CONNECTIVITIES, FILL_MODES, MODES, PRECISIONS, TTA_MODES
 from slab.transforms.errors import SlabError
 
@@ -94,7 +94,7 @@ def add_arguments(parser) -> None:
                         help="slabs (2.5D) or windows (3D) per forward pass")
     parser.add_argument("--memory-budget", type=positive_float, metavar="GIB",
                         help="working memory in GiB; larger volumes are read lazily and accumulated on disk")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    add_progress(parser)
 
 
 def bundle_contents(bundle) -> list[Path]:
@@ -154,7 +154,7 @@ def _predictor(args):
         "roi_size": args.roi,
         "overlap": args.overlap,
         "device": args.device,
-        "progress": args.progress or None,
+        "progress": show_progress(args),
         "memory_budget": None if args.memory_budget is None else int(args.memory_budget * (1 << 30)),
         "scales": args.scales,
         "amp": args.precision,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slab.transforms.checks import cc3d_connectivity
 from slab.transforms.errors import SlabError
 
 
@@ -34,7 +35,8 @@ def error_clusters(pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None 
     for kind, mask in (("false_positive", pred & ~truth), ("missed", truth & ~pred)):
         if not mask.any():
             continue
-        labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
+        labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=cc3d_connectivity(mask.shape, 26),
+                                              return_N=True)
         stats = cc3d.statistics(labels)
         for k in range(1, int(n) + 1):
             size = int(stats["voxel_counts"][k])

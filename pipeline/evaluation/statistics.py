@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import cc3d
 import numpy as np
 
-from slab.transforms.checks import CONNECTIVITIES
+from slab.transforms.checks import CONNECTIVITIES, cc3d_connectivity
 from slab.transforms.errors import SlabError
 
 PERCENTILES = (5, 50, 95)
@@ -94,7 +94,8 @@ def label_statistics(mask, image, affine, names: Sequence[str], connectivity: in
         entry = {"voxels": count, "volume_mm3": count * voxel_mm3, "components": 0, "bounding_box": None,
                  "centroid_ras_mm": None, "intensity": None}
         if count:
-            entry["components"] = int(cc3d.connected_components(inside, connectivity=connectivity, return_N=True,
+            entry["components"] = int(cc3d.connected_components(inside, connectivity=cc3d_connectivity(inside.shape, connectivity),
+                                                                return_N=True,
                                                                 binary_image=True)[1])
             counts = _projections(inside)
             entry["bounding_box"] = [[int(np.flatnonzero(c)[0]), int(np.flatnonzero(c)[-1])] for c in counts]

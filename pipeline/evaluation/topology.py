@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from slab.transforms.checks import cc3d_connectivity
 from slab.transforms.errors import SlabError
 
 
@@ -61,10 +62,11 @@ def topology_metrics(pred, truth) -> dict:
         raise SlabError(f"pred: shape {p.shape} does not match truth {t.shape}")
     bp, bt = betti_numbers(p), betti_numbers(t)
     out = {"pred": bp, "truth": bt, **{f"{k}_error": abs(bp[k] - bt[k]) for k in ("b0", "b1", "b2")}}
-    labels_p = cc3d.connected_components(p.astype(np.uint8), connectivity=26)
+    labels_p = cc3d.connected_components(p.astype(np.uint8), connectivity=cc3d_connectivity(p.shape, 26))
     sizes = np.bincount(labels_p.reshape(-1))[1:]
     out["largest_component_fraction"] = float(sizes.max() / sizes.sum()) if sizes.size and sizes.sum() else float("nan")
-    labels_t, n_true = cc3d.connected_components(t.astype(np.uint8), connectivity=26, return_N=True)
+    labels_t, n_true = cc3d.connected_components(t.astype(np.uint8), connectivity=cc3d_connectivity(t.shape, 26),
+                                               return_N=True)
     fragments = []
     for k in range(1, int(n_true) + 1):
         covering = np.unique(labels_p[(labels_t == k) & p])

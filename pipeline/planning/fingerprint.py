@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slab.transforms.checks import cc3d_connectivity
 from slab.transforms.errors import SlabError
 
 
@@ -98,7 +99,8 @@ def label_summary(mask: np.ndarray, spacing) -> dict:
     voxels = int(mask.sum())
     out = {"voxels": voxels, "fraction": voxels / max(1, mask.size)}
     if voxels:
-        components, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=26, return_N=True)
+        components, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=cc3d_connectivity(mask.shape, 26),
+                                                   return_N=True)
         sizes = np.bincount(components.reshape(-1))[1:]
         sizes = sizes[sizes > 0]
         out.update(components=int(n), smallest=int(sizes.min()), median_size=float(np.median(sizes)),
