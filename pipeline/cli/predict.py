@@ -211,14 +211,13 @@ def _jobs(args, collection: bool, cases) -> list[tuple]:
 def run(args) -> int:
     from slab.pipeline.data.cases import find_cases
     from slab.pipeline.inference import predict_file
+    from slab.pipeline.inference.files import check_mask_layout
     from slab.transforms.io import atomic_write, output_format, volume_info
     from slab.transforms.outputs import temp_dir
 
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
-    if args.per_channel and str(args.output).lower().endswith(".seg.nrrd"):
-        raise SlabError(f"--per-channel: a .seg.nrrd ({args.output}) is written as one label map; "
-                        "drop --per-channel or give a .nii.gz name")
+    check_mask_layout(args.output, args.per_channel)  # before the model is read
     collection, cases = find_cases(args.input)
     jobs = _jobs(args, collection, cases)
     predictor = _predictor(args)

@@ -17,6 +17,16 @@ from slab.transforms.labelmap import segment_metadata, to_label_map
 from slab.transforms.rle import write_rle_csv
 
 
+def check_mask_layout(output_path, per_channel: bool) -> bool:
+    """Whether ``output_path`` is a 3D Slicer ``.seg.nrrd``; SlabError when it is and one channel
+    per label is asked for (a ``.seg.nrrd`` is written as one label map)."""
+    segmentation = str(output_path).lower().endswith(".seg.nrrd")
+    if segmentation and per_channel:
+        raise SlabError(f"--per-channel: a .seg.nrrd ({output_path}) is written as one label map; "
+                        "drop --per-channel or give a .nii.gz name for one channel per label")
+    return segmentation
+
+
 def _open(path, predictor: Predictor):
     """The input volume: lazily when a memory budget is set and it would not fit."""
     if predictor.memory_budget is not None:
@@ -57,10 +67,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     ``statistics`` (a dict) with ``statistics``.
     """
     output_format(output_path)
-    segmentation = str(output_path).lower().endswith(".seg.nrrd")
-    if segmentation and per_channel:
-        raise SlabError(f"{output_path}: a .seg.nrrd is written as one label map; drop --per-channel "
-                        "or give a .nii.gz name for one channel per label")
+    segmentation = check_mask_layout(output_path, per_channel)
     if prob_path is not None:
         output_format(prob_path)
     if rle_csv is not None and not (id_prefix or row_ids):
@@ -90,12 +97,11 @@ def _save_mask(mask, output_path, predictor: Predictor, affine, meta, per_channe
     """The mask as a label map (multi-label, unless ``per_channel``), with Slicer's segment
     fields for a ``.seg.nrrd``."""
     values, order = predictor.label_map["values"], predictor.label_map["order"]
+    fields = segment_metadata(predictor.label_names(), values) if segmentation else None
     if per_channel or (mask.shape[0] == 1 and values == (1,)):
-        fields = segment_metadata(predictor.label_names(), values) if segmentation else None
         return save_volume(mask, output_path, affine=affine, meta=meta, mask=True, fields=fields)
     label, overlaps = to_label_map(np.asarray(mask), values, order)
     if overlaps and not predictor.label_map["declared_order"]:
         warnings.warn(SlabWarning(f"{output_path}: {overlaps} voxels are in more than one label; the label map "
                                   "keeps the later label (--per-channel writes one channel per label)"), stacklevel=3)
-    fields = segment_metadata(predictor.label_names(), values) if segmentation else None
     return save_volume(label, output_path, affine=affine, meta=meta, fields=fields)
