@@ -124,6 +124,6 @@ def test_console_script_reports_bad_input(tmp_path):
                             capture_output=True, encoding="utf-8", timeout=300)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    expected = f"slab: error: {tmp_path / 'flat.png'}: a single image file where a 3D volume is expected"
+    expected = f"slab: error: {tmp_path / 'flat.png'}: a single .png image where a 3D volume is expected"
     assert result.stderr.startswith(expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flat.png"]

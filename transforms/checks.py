@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # inference arithmetic (slab.pipe
 TTA_MODES_3D = ("none", "flips")
 CONNECTIVITIES = (6, 18, 26)
 FILL_MODES = ("3d", "slice")
-SLICE_FORMATS = ("tif", "png")  # what slice stacks are written as
+SLICE_FORMATS = ("tif", "png", "jp2")  # what slice stacks are written as (jp2: lossless JPEG 2000)
 PHANTOM_KINDS = ("vessels", "organs", "tumour")
 DATASET_KINDS = ("sennet", "uwmgi", "brats", "rsna-spine")  # slab dataset's layouts
 

@@ -1,4 +1,6 @@
-"""File formats: NIfTI, NRRD/MHA/MHD (SimpleITK), DICOM series, slice-stack directories.
+"""File formats: NIfTI, NRRD/MHA/MHD (SimpleITK), DICOM series, slice-stack directories (PNG, TIFF,
+JPEG 2000); the chunked containers (zarr / OME-Zarr, HDF5, multi-page TIFF) are in
+:mod:`slab.transforms.chunked`.
 
 Each reader returns a ``(C, X, Y, Z)`` array, its RAS affine and the file's own geometry notes;
 each writer takes them back. Every header is checked (:mod:`slab.transforms.headers`) before a decoder
@@ -30,11 +32,18 @@ from slab.transforms.headers import check_claim, check_memory, check_metaimage, 
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-SLICE_SUFFIXES = (".png", ".tif", ".tiff")
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+SLICE_SUFFIXES = (".png", ".tif", ".tiff", ".jp2", ".j2k")
+# One slice format per stack: these suffixes are one format.
+SLICE_FAMILY = {".png": "png", ".tif": "tif", ".tiff": "tif", ".jp2": "jp2", ".j2k": "jp2"}
+ZARR_SUFFIXES = (".zarr",)  # a directory
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+TIFF_SUFFIXES = (".tif", ".tiff")  # one page is a slice of a stack, several a volume
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + HDF5_SUFFIXES  # files that are always volumes
 PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+JP2_DTYPES = PNG_DTYPES + (np.dtype(np.int8), np.dtype(np.int16))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
-EXPECTED = "a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd file, a DICOM directory or a directory of .png/.tif slices"
+EXPECTED = ("a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, multi-page .tif or .h5 file, a .zarr store (OME-Zarr), a DICOM "
+            "directory or a directory of .png/.tif/.jp2 slices")
 # UW-Madison GI tract scans: slice_<number>_<width>_<height>_<sx>_<sy>.png; slices are 3 mm apart.
 UWMGI_SCAN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d*)?)_(\d+(?:\.\d*)?)\.png$")
 UWMGI_SLICE_THICKNESS = 3.0
@@ -360,12 +369,13 @@ def directory_kind(directory: Path) -> tuple[str, list[Path]]:
                 series = ()
         if series:
             return "dicom", []
-        raise SlabError(f"{directory}: no .png/.tif slices and no DICOM series found")
+        raise SlabError(f"{directory}: no .png/.tif/.jp2 slices and no DICOM series found")
     others = sorted(set(files) - set(slices), key=lambda p: natural_key(p.name))
     if others:
-        raise SlabError(f"{others[0]}: not a .png/.tif slice; a slice directory holds only slices")
-    if len({suffix_of(p) == ".png" for p in slices}) > 1:
-        raise SlabError(f"{directory}: mixes .png and .tif slices; expected one format")
+        raise SlabError(f"{others[0]}: not a .png/.tif/.jp2 slice; a slice directory holds only slices")
+    families = sorted({SLICE_FAMILY[suffix_of(p)] for p in slices})
+    if len(families) > 1:
+        raise SlabError(f"{directory}: mixes {' and '.join(families)} slices; expected one format")
     return "stack", sorted(slices, key=lambda p: natural_key(p.name))
 
 
@@ -394,6 +404,9 @@ def write_stack(array: np.ndarray, path: Path, slice_format: str, workers: int |
         raise SlabError(f"{path}: a slice stack holds one channel; the volume has {array.shape[0]}")
     if slice_format == "png" and array.dtype not in PNG_DTYPES:
         raise SlabError(f"{path}: PNG holds uint8 or uint16 slices, the volume is {array.dtype}; write TIFF")
+    if slice_format == "jp2" and array.dtype not in JP2_DTYPES:
+        raise SlabError(f"{path}: JPEG 2000 holds 8- and 16-bit integer slices, the volume is {array.dtype}; "
+                        "write TIFF")
     check_stack_target(path)
     volume, depth = array[0], array.shape[3]
     width = max(4, len(str(depth - 1)))
@@ -405,6 +418,8 @@ def write_stack(array: np.ndarray, path: Path, slice_format: str, workers: int |
             target = tmp / f"{z:0{width}d}.{slice_format}"
             if slice_format == "png":
                 target.write_bytes(imagecodecs.png_encode(image))
+            elif slice_format == "jp2":
+                target.write_bytes(imagecodecs.jpeg2k_encode(image, level=0))  # lossless (reversible 5/3)
             else:
                 tifffile.imwrite(target, image, photometric="minisblack", metadata=None)
 

@@ -273,6 +273,29 @@ def png_claim(path, data: bytes) -> int:
     return claimed
 
 
+def jpeg2k_claim(path, data: bytes) -> int:
+    """Decoded bytes of a JPEG 2000 image (a ``.jp2`` file's ``ihdr`` box or a raw codestream's SIZ
+    marker), checked against the memory this process has (JPEG 2000 has no tight ratio bound)."""
+    width = height = components = depth = None
+    if data[:4] == b"\x00\x00\x00\x0c" and data[4:8] == b"jP  ":
+        at = data.find(b"ihdr", 0, 1 << 16)
+        if at >= 0 and len(data) >= at + 4 + 12:
+            height, width, components, bpc = struct.unpack(">IIHB", data[at + 4: at + 15])
+            depth = (bpc & 0x7F) + 1
+    elif data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 4 + 38 + 3:
+        _, _, xsiz, ysiz, xo, yo = struct.unpack(">HHIIII", data[4:24])
+        (components,) = struct.unpack(">H", data[40:42])
+        width, height, depth = xsiz - xo, ysiz - yo, (data[42] & 0x7F) + 1
+    if width is None:
+        raise SlabError(f"{path}: not a readable JPEG 2000 image (no JP2 signature or codestream SIZ marker)")
+    if width < 1 or height < 1 or not components or depth > 38:
+        raise SlabError(f"{path}: JPEG 2000 header says {width}x{height}, {components} components of {depth} bits; "
+                        "not a valid image")
+    claimed = width * height * components * (1 if depth <= 8 else 2 if depth <= 16 else 4)
+    check_memory(claimed, str(path))
+    return claimed
+
+
 def tiff_claim(path, page) -> int:
     """Decoded bytes of a tifffile page, checked against the file size for its compression."""
     shape = tuple(int(s) for s in page.shape)
@@ -334,4 +357,4 @@ def tiff_bytes_claim(path, data: bytes, header: dict) -> int:
 
 
 __all__ = ["DEFLATE_RATIO", "available_memory", "check_memory", "check_claim", "check_metaimage", "check_nrrd",
-           "png_claim", "tiff_claim", "tiff_header", "tiff_bytes_claim", "gib"]
+           "png_claim", "jpeg2k_claim", "tiff_claim", "tiff_header", "tiff_bytes_claim", "gib"]

@@ -1,4 +1,5 @@
-"""Volume I/O: NIfTI, NRRD/MHA/MHD, DICOM series and 2D slice stacks to and from MetaTensors.
+"""Volume I/O: NIfTI, NRRD/MHA/MHD, DICOM series, 2D slice stacks (PNG, TIFF, JPEG 2000), zarr /
+OME-Zarr, HDF5 and multi-page TIFF to and from MetaTensors.
 
 A loaded volume is a MONAI ``MetaTensor`` of shape ``(C, X, Y, Z)`` in the file's own dtype
 (no upcasting), with ``.affine`` the voxel-to-world matrix in RAS and ``meta["spacing"]`` the
@@ -10,7 +11,8 @@ keep x fastest in memory, as on disk, so nothing is copied to reorder axes: a sl
 decoded straight into one preallocated buffer.
 
 Headers are checked before anything is allocated (:mod:`slab.transforms.headers`); the formats
-themselves live in :mod:`slab.transforms.formats`, lazy volumes in :mod:`slab.transforms.lazy`. Every file
+themselves live in :mod:`slab.transforms.formats` and :mod:`slab.transforms.chunked` (zarr, HDF5,
+multi-page TIFF: read lazily, written block by block), lazy volumes in :mod:`slab.transforms.lazy`. Every file
 is written through :func:`~slab.transforms.outputs.atomic_write`; bad input raises a one-line
 :class:`~slab.transforms.errors.SlabError` that names the file.
 """
@@ -49,6 +51,20 @@ from slab.transforms.formats import (
     write_nifti,
     write_stack,
 )
+from slab.transforms.chunked import (
+    HDF5_SUFFIXES,
+    TIFF_SUFFIXES,
+    ZARR_SUFFIXES,
+    is_zarr,
+    open_hdf5,
+    open_tiff,
+    open_zarr,
+    split_hdf5,
+    warn_orientation,
+    write_hdf5,
+    write_tiff,
+    write_zarr,
+)
 from slab.transforms.dicom import read_dicom
 from slab.transforms.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor
 from slab.transforms.outputs import atomic_write
@@ -61,10 +77,15 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
     ----------
     src : path or list of paths
         A ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``, ``.mha``/``.mhd`` file, a DICOM series
-        directory or a directory of 2D ``.png``/``.tif`` slices (natural sort order, decoded in
-        parallel). A list loads each entry as channels of one volume; geometry must agree.
+        directory, a directory of 2D ``.png``/``.tif``/``.jp2`` slices (natural sort order,
+        decoded in parallel), a multi-page ``.tif`` (one page per z; OME-TIFF or ImageJ voxel
+        size), a ``.zarr`` store (an array, a group of one array, or an OME-Zarr image: level 0,
+        or a level by its path, ``image.zarr/2``) or an HDF5 file (``scan.h5``, its one 3D/4D
+        dataset, or ``scan.h5/group/name``). zarr, HDF5 and TIFF arrays are ``(Z, Y, X)`` or
+        ``(C, Z, Y, X)`` (or the axes OME metadata names). A list loads each entry as channels of
+        one volume; geometry must agree.
     lazy : bool
-        Return a :class:`LazyVolume` (slice stacks and NIfTI only) that reads on demand.
+        Return a :class:`LazyVolume` that reads on demand (slice stacks, NIfTI, zarr, HDF5, TIFF).
     spacing : (sx, sy, sz), optional
         Voxel size in mm. Sets a slice stack's spacing (else 1, or what UW-Madison file names
         say); for other formats it replaces the file's voxel size, keeping orientation and origin.
@@ -88,6 +109,14 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
     if not isinstance(src, (str, Path)):
         raise SlabError(f"source: expected a file or directory path, got {type(src).__name__} {src!r}")
     path = Path(src)
+    container = _open_container(path, spacing)
+    if container is not None:
+        if lazy:
+            return container
+        try:
+            return container.load(workers)
+        finally:
+            container.close()
     if not path.exists():
         raise SlabError(f"{path}: no such file or directory")
     suffix = suffix_of(path)
@@ -104,13 +133,28 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
     elif suffix in ITK_SUFFIXES:
         reader = read_itk
     elif suffix in SLICE_SUFFIXES:
-        raise SlabError(f"{path}: a single image file where a 3D volume is expected; give the directory of slices")
+        raise SlabError(f"{path}: a single {suffix} image where a 3D volume is expected; give the directory of slices")
     else:
         raise SlabError(f"{path}: unsupported format {suffix or '(no suffix)'!r}; expected {EXPECTED}")
     if lazy:
         raise SlabError(f"{path}: lazy loading reads slice directories and NIfTI files; load this one eagerly")
     data, affine, extra = reader(path)
     return metatensor(data, affine, str(path), spacing, extra)
+
+
+def _open_container(path: Path, spacing):
+    """A zarr, HDF5 or TIFF volume (a :class:`~slab.transforms.chunked.ArrayVolume`), or None for
+    other paths."""
+    if is_zarr(path):
+        return open_zarr(path, spacing)
+    hdf5 = split_hdf5(path)
+    if hdf5 is not None and (hdf5[0].is_file() or hdf5[1] is not None):
+        return open_hdf5(path, spacing)
+    if path.is_file() and suffix_of(path) in TIFF_SUFFIXES:
+        return open_tiff(path, spacing)
+    if suffix_of(path) in ZARR_SUFFIXES and not path.exists():
+        raise SlabError(f"{path}: no such zarr store")
+    return None
 
 
 def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
@@ -200,15 +244,28 @@ def check_same_geometry(*volumes, names: Sequence[str] | None = None, name_a: st
 
 
 def output_format(path) -> str:
-    """What :func:`save_volume` writes at ``path``: ``"nifti"``, ``"itk"`` or ``"stack"``.
+    """What :func:`save_volume` writes at ``path``: ``"nifti"``, ``"itk"``, ``"zarr"``, ``"hdf5"``,
+    ``"tiff"`` or ``"stack"``.
 
-    A ``.nii``/``.nii.gz`` name is NIfTI, ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` SimpleITK, an
-    existing directory or a name without suffix a slice stack; anything else is a SlabError, as
-    is a target that cannot be replaced (a directory where a file goes, a directory holding
-    other files where a stack goes).
+    A ``.nii``/``.nii.gz`` name is NIfTI, ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` SimpleITK,
+    ``.zarr`` an OME-Zarr image, ``.h5``/``.hdf5`` HDF5, ``.tif``/``.tiff`` a multi-page
+    OME-TIFF, an existing directory or a name without suffix a slice stack; anything else is a
+    SlabError, as is a target that cannot be replaced (a directory where a file goes, a
+    directory holding other files where a stack goes, a directory that is not a zarr store
+    where a ``.zarr`` goes).
     """
     path = Path(path)
     suffix = suffix_of(path)
+    if suffix in ZARR_SUFFIXES:
+        if path.exists() and not is_zarr(path):
+            raise SlabError(f"{path}: exists and is not a zarr store; not replacing it")
+        if path.is_file():
+            raise SlabError(f"{path}: exists and is a file; a zarr store is a directory")
+        return "zarr"
+    if suffix in HDF5_SUFFIXES + TIFF_SUFFIXES:
+        if path.is_dir():
+            raise SlabError(f"{path}: exists and is a directory; not replacing it with a file")
+        return "hdf5" if suffix in HDF5_SUFFIXES else "tiff"
     if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
         if path.is_dir():
             raise SlabError(f"{path}: exists and is a directory; not replacing it with a file")
@@ -218,12 +275,14 @@ def output_format(path) -> str:
         return "stack"
     if suffix in SLICE_SUFFIXES:
         raise SlabError(f"{path}: a slice stack is written to a directory; give a directory name")
-    raise SlabError(
-        f"{path}: unsupported output format {suffix!r}; expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a directory"
-    )
+    raise SlabError(f"{path}: unsupported output format {suffix!r}; expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
+                    ".zarr, .h5, .tif or a directory")
 
 
-def _as_numpy(data, affine, meta, dtype) -> tuple[np.ndarray, np.ndarray, dict]:
+def _as_numpy(data, affine, meta, dtype, lazy_ok: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    if isinstance(data, LazyVolume) and lazy_ok and dtype is None:
+        affine = data.affine if affine is None else np.asarray(affine, dtype=np.float64)
+        return data, affine, dict(meta if meta is not None else data.meta)
     if isinstance(data, LazyVolume):
         data = data.load()
     if meta is None and isinstance(data, MetaTensor):
@@ -244,16 +303,20 @@ def _as_numpy(data, affine, meta, dtype) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: str | None = None,
-                workers: int | None = None, mask: bool = False, fields: dict | None = None) -> Path:
+                workers: int | None = None, mask: bool = False, labels: bool = False,
+                fields: dict | None = None) -> Path:
     """Write a ``(C, X, Y, Z)`` volume; the format follows the path (see :func:`output_format`).
 
     Parameters
     ----------
     data : MetaTensor, torch.Tensor, numpy array or LazyVolume
         Written in its own dtype (bool as uint8) unless ``dtype`` is given.
-    dst : ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (LPS, compressed), or a
-        directory: one ``NNNN.tif``/``NNNN.png`` per z, ``img = vol[0, :, :, z].T``; a stack keeps
-        no geometry. Written atomically.
+    dst : ``.nii``/``.nii.gz``, ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` (LPS, compressed),
+        ``.zarr`` (OME-Zarr 0.4 with a pyramid), ``.h5``/``.hdf5`` (dataset ``volume``),
+        ``.tif``/``.tiff`` (multi-page OME-TIFF), or a directory: one ``NNNN.tif``/``.png``/``.jp2``
+        per z, ``img = vol[0, :, :, z].T``; a stack keeps no geometry. zarr, HDF5 and TIFF are
+        written block by block (a LazyVolume is never loaded whole); zarr and HDF5 keep slab's
+        full matrix in an attribute, TIFF only the voxel size. Written atomically.
     affine : (4, 4), optional
         Voxel to world in RAS. Default: ``meta["affine"]``, else the MetaTensor's affine, else
         identity.
@@ -264,11 +327,16 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
         Otherwise NIfTI gets qform = sform = the affine, both with code 1.
     dtype : numpy dtype, optional
         Cast to this dtype (``numpy.astype``) before writing.
-    slice_format : ``"tif"`` (default) or ``"png"`` (uint8/uint16 only), for a slice stack.
+    slice_format : ``"tif"`` (default), ``"png"`` (uint8/uint16) or ``"jp2"`` (lossless JPEG 2000,
+        8/16-bit integers), for a slice stack.
     workers : threads encoding slices; default one per available core.
     mask : bool
-        ``data`` is a 0/1 mask: a slice stack stores it as 0/255 (visible in image viewers, as
-        SenNet ships its labels); volume files keep 0/1 label values.
+        ``data`` is a 0/1 mask or a label map: a slice stack stores a 0/1 mask as 0/255 (visible
+        in image viewers, as SenNet ships its labels); volume files keep label values, and an
+        OME-Zarr pyramid takes every second voxel instead of averaging.
+    labels : bool
+        ``data`` is a label map (integer labels, not intensities): an OME-Zarr pyramid takes
+        every second voxel instead of averaging.
     fields : dict of str, optional
         NRRD key/value pairs (ITK formats only), e.g.
         :func:`slab.transforms.labelmap.segment_metadata` for a ``.seg.nrrd``.
@@ -280,8 +348,18 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
     """
     path = Path(dst)
     kind = output_format(path)
-    array, affine, meta = _as_numpy(data, affine, meta, dtype)
-    if kind == "nifti":
+    array, affine, meta = _as_numpy(data, affine, meta, dtype, lazy_ok=kind in ("zarr", "hdf5", "tiff"))
+    if kind in ("zarr", "hdf5", "tiff"):
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        if kind == "zarr":
+            write_zarr(array, affine, path, labels=mask or labels)
+        elif kind == "hdf5":
+            write_hdf5(array, affine, path)
+        else:
+            warn_orientation(affine, path)
+            write_tiff(array, affine, path)
+    elif kind == "nifti":
         write_nifti(array, affine, path, meta.get("nifti_forms"))
     elif kind == "itk":
         write_itk(array, affine, path, fields)
@@ -328,7 +406,7 @@ def _source_stem(volume) -> str:
         raise SlabError("volume: has no meta['filename_or_obj'] to name the output; pass a file name")
     name = Path(str(source)).name
     suffix = suffix_of(Path(name))
-    return name[: -len(suffix)] if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES else name
+    return name[: -len(suffix)] if suffix in VOLUME_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES else name
 
 
 class SaveVolume(Transform):

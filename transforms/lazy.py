@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 
 from slab.transforms.errors import SlabError
 from slab.transforms.formats import nifti_dtype, nifti_forms, one_line, run_parallel, spacing_of, suffix_of, with_spacing
-from slab.transforms.headers import check_memory, png_claim, tiff_bytes_claim, tiff_claim, tiff_header
+from slab.transforms.headers import check_memory, jpeg2k_claim, png_claim, tiff_bytes_claim, tiff_claim, tiff_header
 
 
 def check_affine(affine: np.ndarray, source) -> np.ndarray:
@@ -158,6 +158,10 @@ def decode_slice(path: Path) -> np.ndarray:
             data = path.read_bytes()
             png_claim(path, data)
             image = imagecodecs.png_decode(data)
+        elif suffix_of(path) in (".jp2", ".j2k"):
+            data = path.read_bytes()
+            jpeg2k_claim(path, data)
+            image = imagecodecs.jpeg2k_decode(data, numthreads=1)  # OpenJPEG in C, the GIL released
         elif (header := _plain_tiff(path, data := path.read_bytes())) is not None:
             tiff_bytes_claim(path, data, header)
             image = imagecodecs.tiff_decode(data)  # libtiff in C, the GIL released: threads decode in parallel
@@ -165,6 +169,9 @@ def decode_slice(path: Path) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 if not tif.pages:
                     raise SlabError(f"{path}: a TIFF file without images")
+                if len(tif.pages) > 1:
+                    raise SlabError(f"{path}: a multi-page TIFF in a slice directory; give the file itself as the "
+                                    "volume, or one page per file")
                 page = tif.pages[0]
                 tiff_claim(path, page)
                 image = page.asarray(maxworkers=1)

@@ -2,11 +2,12 @@
 
 An input is one of:
 
-- one volume: a file (``.nii[.gz]``, ``.nrrd``, ``.mha``...), a slice directory or a DICOM
-  series directory;
+- one volume: a file (``.nii[.gz]``, ``.nrrd``, ``.mha``, ``.h5``, a multi-page ``.tif``...), a
+  ``.zarr`` store, a slice directory or a DICOM series directory;
 - several files: the channels of one volume (BraTS's four contrasts, in the order given);
 - a case folder: a folder holding ``images/`` (SenNet's ``kidney_5/images``), named by the folder;
-- a directory of volumes: volume files, slice or DICOM folders and case folders, and nnU-Net's
+- a directory of volumes: volume files (multi-page TIFFs among them), zarr stores, slice or
+  DICOM folders and case folders, and nnU-Net's
   channel files ``{case}_{XXXX}.nii.gz`` grouped into one case each (every volume file of the
   directory named so). Other files (a README, a sample submission) are left alone.
 
@@ -22,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slab.transforms.errors import SlabError
-from slab.transforms.formats import SLICE_SUFFIXES, UWMGI_SCAN, VOLUME_SUFFIXES, natural_key, suffix_of
+from slab.transforms.formats import (
+    SLICE_SUFFIXES,
+    TIFF_SUFFIXES,
+    UWMGI_SCAN,
+    VOLUME_SUFFIXES,
+    ZARR_SUFFIXES,
+    natural_key,
+    suffix_of,
+)
 
 _NNUNET = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _GENERIC_FOLDERS = ("images", "scans")
@@ -54,19 +63,48 @@ def stem(path: Path) -> str:
     """A file's name without its volume suffix (``case_0000.nii.gz`` -> ``case_0000``)."""
     name = Path(path).name
     suffix = suffix_of(Path(name))
-    return name[: -len(suffix)] if suffix in VOLUME_SUFFIXES else name
+    return name[: -len(suffix)] if suffix in VOLUME_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES else name
 
 
 def _visible(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: natural_key(p.name))
 
 
+def multipage_tiff(path: Path) -> bool:
+    """Whether a ``.tif`` file holds more than one page (a volume, not a slice)."""
+    from slab.transforms.headers import tiff_header
+
+    if suffix_of(path) not in TIFF_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError:
+        return False
+    header = tiff_header(path, head)
+    if header is not None:
+        return header["pages"] != 1
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.pages) > 1
+    except Exception:  # noqa: BLE001 - a damaged file is reported when it is read
+        return False
+
+
 def folder_kind(folder: Path) -> str:
-    """``"stack"`` (slices), ``"dicom"`` (a series), ``"case"`` (holds ``images/``) or ``"collection"``."""
+    """``"zarr"`` (a store), ``"stack"`` (slices), ``"dicom"`` (a series), ``"case"`` (holds
+    ``images/``) or ``"collection"`` (also a folder of multi-page TIFF volumes)."""
+    from slab.transforms.chunked import is_zarr
+
+    if is_zarr(folder):
+        return "zarr"
     entries = _visible(folder)
     files = [p for p in entries if p.is_file()]
-    if any(suffix_of(p) in SLICE_SUFFIXES for p in files):
-        return "stack"
+    slices = [p for p in files if suffix_of(p) in SLICE_SUFFIXES]
+    if slices:
+        return "collection" if multipage_tiff(slices[0]) else "stack"
     if any(suffix_of(p) == ".dcm" or (not p.suffix and p.name.upper() != "DICOMDIR") for p in files):
         from slab.transforms.io import directory_kind
 
@@ -90,9 +128,11 @@ def _slices(folder: Path) -> list[str]:
 
 def _volume_case(path: Path) -> Case:
     """A file, slice folder, DICOM folder or case folder as one case."""
-    if path.is_file():
+    if path.is_file() or not path.exists():  # a file, or an HDF5 file's dataset (scan.h5/raw)
         return Case(stem(path), str(path), path.name)
     kind = folder_kind(path)
+    if kind == "zarr":
+        return Case(stem(path), str(path), path.name)
     if kind == "case":
         images = path / "images"
         return Case(path.name, str(images), path.name, _slices(images))
@@ -117,7 +157,7 @@ def _channels(name: str, files: list[Path]) -> Case:
 
 def _collection(folder: Path) -> list[Case]:
     entries = _visible(folder)
-    volumes = [p for p in entries if p.is_file() and suffix_of(p) in VOLUME_SUFFIXES]
+    volumes = [p for p in entries if p.is_file() and (suffix_of(p) in VOLUME_SUFFIXES or multipage_tiff(p))]
     cases: list[Case] = []
     if volumes and all(_NNUNET.match(stem(p)) for p in volumes):
         groups: dict[str, list[Path]] = {}
@@ -152,8 +192,11 @@ def find_cases(inputs) -> tuple[bool, list[Case]]:
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else list(inputs))]
     if not paths:
         raise SlabError("input: no input given")
+    from slab.transforms.chunked import split_hdf5
+
     for path in paths:
-        if not path.exists():
+        inside = split_hdf5(path)
+        if not path.exists() and not (inside and inside[0].is_file()):
             raise SlabError(f"{path}: no such file or directory")
     if len(paths) > 1:
         for path in paths:

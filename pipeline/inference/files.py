@@ -104,4 +104,4 @@ def _save_mask(mask, output_path, predictor: Predictor, affine, meta, per_channe
     if overlaps and not predictor.label_map["declared_order"]:
         warnings.warn(SlabWarning(f"{output_path}: {overlaps} voxels are in more than one label; the label map "
                                   "keeps the later label (--per-channel writes one channel per label)"), stacklevel=3)
-    return save_volume(label, output_path, affine=affine, meta=meta, fields=fields)
+    return save_volume(label, output_path, affine=affine, meta=meta, labels=True, fields=fields)
