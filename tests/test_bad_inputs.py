@@ -3,7 +3,9 @@
 removed (temporaries in TMPDIR included).
 
 The corpus covers each category of bad input a user brings: broken or lying volume headers
-(NIfTI, MetaImage, NRRD, PNG, TIFF, DICOM series with gaps), directories that are not volumes,
+(NIfTI, MetaImage, NRRD, PNG, TIFF, JPEG 2000, DICOM series with gaps), zarr stores that pickle
+or hold several arrays or a time series, HDF5 files that are junk or name no one dataset,
+directories that are not volumes,
 CSVs that are not UTF-8 or lack fields, RLE numbers past int64, JSON of the wrong types or nested
 too deep, weights that are not weights, bundles that are not bundles, datalists of the wrong
 types, out-of-range arguments, and outputs that would overwrite an input or collide.
@@ -252,6 +254,75 @@ def _nan(d: Path) -> Path:
     return path
 
 
+def _zarr_pickle(d: Path) -> Path:
+    store = d / "pickled.zarr"
+    store.mkdir()
+    (store / ".zarray").write_text(json.dumps({
+        "zarr_format": 2, "shape": [4, 4, 4], "chunks": [4, 4, 4], "dtype": "|O", "compressor": None,
+        "fill_value": None, "order": "C", "filters": [{"id": "pickle"}]}), encoding="utf-8")
+    (store / "0.0.0").write_bytes(b"\x80\x04N.")
+    return store
+
+
+def _zarr_two_arrays(d: Path) -> Path:
+    import zarr
+
+    group = zarr.open_group(str(d / "two.zarr"), mode="w")
+    for name in ("raw", "seg"):
+        group.create_array(name, shape=(4, 4, 4), dtype="u1")
+    return d / "two.zarr"
+
+
+def _zarr_bad_chunk(d: Path) -> Path:
+    import zarr
+
+    array = zarr.create_array(str(d / "chunk.zarr"), shape=(4, 4, 4), chunks=(2, 2, 2), dtype="u2", zarr_format=2)
+    array[...] = 7
+    (d / "chunk.zarr" / "0.0.0").write_bytes(b"not a compressed chunk")
+    return d / "chunk.zarr"
+
+
+def _ome_time_series(d: Path) -> Path:
+    import zarr
+
+    group = zarr.open_group(str(d / "time.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(3, 4, 4, 4), dtype="u1")
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "t", "type": "time"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"], "datasets": [{"path": "0"}]}]
+    return d / "time.zarr"
+
+
+def _hdf5_many(d: Path) -> Path:
+    import h5py
+
+    with h5py.File(d / "many.h5", "w") as handle:
+        handle["raw"] = np.zeros((4, 4, 4), np.uint8)
+        handle["seg"] = np.zeros((4, 4, 4), np.uint8)
+    return d / "many.h5"
+
+
+def _hdf5_junk(d: Path) -> Path:
+    (d / "junk.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    return d / "junk.h5"
+
+
+def _tiff_rgb(d: Path) -> Path:
+    import tifffile
+
+    tifffile.imwrite(d / "rgb.tif", np.zeros((5, 4, 4, 3), np.uint8), photometric="rgb")
+    return d / "rgb.tif"
+
+
+def _jp2_header(d: Path) -> Path:
+    import imagecodecs
+
+    folder = d / "jp2"
+    folder.mkdir()
+    (folder / "0000.jp2").write_bytes(imagecodecs.jpeg2k_encode(np.zeros((5, 6), np.uint16), level=0))
+    (folder / "0001.jp2").write_bytes(b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(30))
+    return folder
+
+
 BAD_VOLUMES = {
     "nifti-truncated": (_truncated, "truncated.nii"),
     "nifti-claims-1.4GB": (_claims_huge, "huge.nii.gz"),
@@ -276,6 +347,14 @@ BAD_VOLUMES = {
     "empty-dir": (_empty_dir, "empty"),
     "only-subfolders": (_subfolders, "kidney"),
     "dicom-gaps": (_dicom_gaps, "CT2"),
+    "zarr-pickle-codec": (_zarr_pickle, "pickled.zarr"),
+    "zarr-two-arrays": (_zarr_two_arrays, "two.zarr"),
+    "zarr-bad-chunk": (_zarr_bad_chunk, "chunk.zarr"),
+    "ome-zarr-time-series": (_ome_time_series, "time.zarr"),
+    "hdf5-two-datasets": (_hdf5_many, "many.h5"),
+    "hdf5-junk": (_hdf5_junk, "junk.h5"),
+    "tiff-rgb-pages": (_tiff_rgb, "rgb.tif"),
+    "jp2-header": (_jp2_header, "jp2"),
 }
 NAN = {"nifti-nan": (_nan, "nan.nii.gz")}
 

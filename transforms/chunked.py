@@ -120,12 +120,14 @@ class ArrayVolume(LazyVolume):
 
     def _read(self, c, x, y, z) -> np.ndarray:
         wanted = {"c": c, "x": x, "y": y, "z": z}
-        index = []
-        for axis in self.axes:
+        index, local = [], []
+        for axis, n in zip(self.axes, self.array.shape):
             item = wanted.get(axis, 0)
-            index.append(slice(item, item + 1) if isinstance(item, int) else item)
+            read, after = _forward(slice(item, item + 1) if isinstance(item, int) else item, int(n))
+            index.append(read)
+            local.append(after)
         try:
-            data = np.asarray(self.array[tuple(index)])
+            data = np.asarray(self.array[tuple(index)])[tuple(local)]
         except SlabError:
             raise
         except Exception as err:  # noqa: BLE001 - codecs and stores raise many kinds on damaged chunks
@@ -150,6 +152,16 @@ class ArrayVolume(LazyVolume):
             pass
 
 
+def _forward(item: slice, n: int) -> tuple[slice, slice]:
+    """A slice with a positive step that stores read, and the slice of what it read that gives
+    ``item`` (stores take no negative steps)."""
+    picked = range(n)[item]
+    if picked.step > 0 or not picked:
+        return slice(picked.start, picked.stop, picked.step) if picked else slice(0, 0), slice(None)
+    lo = picked[-1]
+    return slice(lo, picked[0] + 1), slice(None, None, picked.step)
+
+
 def _default_axes(ndim: int, source) -> str:
     if ndim == 3:
         return "zyx"
@@ -162,9 +174,11 @@ def _default_axes(ndim: int, source) -> str:
 # zarr and OME-Zarr
 
 
-def is_zarr(path: Path) -> bool:
+def is_zarr(path: Path, metadata: bool = False) -> bool:
+    """Whether ``path`` is a zarr store: a directory with zarr metadata, or (unless ``metadata``)
+    named ``*.zarr``."""
     path = Path(path)
-    return path.is_dir() and (suffix_of(path) in ZARR_SUFFIXES or any(
+    return path.is_dir() and ((not metadata and suffix_of(path) in ZARR_SUFFIXES) or any(
         (path / name).is_file() for name in (".zarray", ".zgroup", "zarr.json")))
 
 

@@ -167,6 +167,10 @@ def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
         shape = (sum(i[0][0] for i in infos),) + infos[0][0][1:]
         return shape, infos[0][1], infos[0][2]
     path = Path(src)
+    container = _open_container(path, None)
+    if container is not None:
+        container.close()
+        return container.shape, container.dtype, container.affine
     if path.is_file() and suffix_of(path) in ITK_SUFFIXES:
         import SimpleITK as sitk
 
@@ -257,10 +261,10 @@ def output_format(path) -> str:
     path = Path(path)
     suffix = suffix_of(path)
     if suffix in ZARR_SUFFIXES:
-        if path.exists() and not is_zarr(path):
-            raise SlabError(f"{path}: exists and is not a zarr store; not replacing it")
         if path.is_file():
             raise SlabError(f"{path}: exists and is a file; a zarr store is a directory")
+        if path.is_dir() and any(path.iterdir()) and not is_zarr(path, metadata=True):
+            raise SlabError(f"{path}: exists and is not a zarr store; not replacing it")
         return "zarr"
     if suffix in HDF5_SUFFIXES + TIFF_SUFFIXES:
         if path.is_dir():
