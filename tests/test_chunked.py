@@ -319,3 +319,114 @@ def test_predict_zarr_to_zarr_and_a_folder_of_containers(tmp_path, rng, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.zarr", "b.h5", "c.tif"]
     for name in ("a.zarr", "b.h5", "c.tif"):
         np.testing.assert_array_equal(load_volume(tmp_path / "out" / name)[0].numpy(), expected)
+
+
+OUT_OF_CORE = ["--memory-budget", "0.000002"]  # ~2 KiB: every block is one batch, sums on disk
+
+
+def _tiny_model(tmp_path, out_channels=1):
+    config = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": out_channels, "channels": [4, 8],
+              "strides": [2]}
+    torch.manual_seed(0)
+    net = build_network(**config)
+    (tmp_path / "net.json").write_text(json.dumps(config))
+    save_weights(net, tmp_path / "net.pt")
+    return net, ["--network", str(tmp_path / "net.json"), "--weights", str(tmp_path / "net.pt"), "--device", "cpu"]
+
+
+def _scan(rng, shape=(13, 11, 9)):
+    data = rng.normal(100, 20, shape).astype(np.float32)
+    data[3:8, 2:7, 2:6] += 60
+    return data
+
+
+def test_out_of_core_predict_equals_in_memory(tmp_path, rng):
+    from slab.transforms.post import postprocess
+
+    net, base = _tiny_model(tmp_path, out_channels=2)
+    data = _scan(rng)
+    _save(data[None], OBLIQUE, tmp_path / "scan.zarr")
+    probs = predict_2p5d(net, PercentileNormalize()(torch.from_numpy(data)[None]), divisor=2, tta="flips",
+                         batch_size=2)
+    low, high = (float(np.quantile(probs, q)) for q in (0.5, 0.8))
+    expected = postprocess(probs.numpy().astype(np.float16), hysteresis=(low, high), min_size=3)
+    assert 0 < expected.sum() < expected.size
+    args = ["predict", "-i", str(tmp_path / "scan.zarr"), "--tta", "flips", "--batch-size", "2", "--hysteresis",
+            str(low), str(high), "--min-size", "3", *OUT_OF_CORE, *base]
+    assert main(args + ["-o", str(tmp_path / "mask.zarr"), "--per-channel", "--prob", str(tmp_path / "p.zarr")]) == 0
+    mask = load_volume(tmp_path / "mask.zarr")
+    np.testing.assert_array_equal(mask.numpy(), expected)
+    np.testing.assert_allclose(mask.affine.numpy(), OBLIQUE, atol=1e-12)
+    np.testing.assert_array_equal(load_volume(tmp_path / "p.zarr").numpy(), probs.numpy().astype(np.float16))
+    assert main(args + ["-o", str(tmp_path / "labels.zarr")]) == 0  # one label map, values 1 and 2
+    label = load_volume(tmp_path / "labels.zarr")[0].numpy()
+    from slab.transforms.labelmap import to_label_map
+
+    np.testing.assert_array_equal(label, to_label_map(expected, (1, 2), (0, 1))[0][0])
+    assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
+
+
+KILLER = """
+import os, signal, sys
+from slab.pipeline.inference import store
+from slab.pipeline.cli import main
+put = store.PlaneStore.put
+calls = []
+def dying(self, *args):
+    put(self, *args)
+    calls.append(1)
+    if len(calls) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+store.PlaneStore.put = dying
+main(sys.argv[2:])
+"""
+
+
+def test_out_of_core_predict_resumes_after_a_kill(tmp_path, rng, monkeypatch):
+    import subprocess
+    import sys
+
+    from slab.pipeline.inference import store
+
+    net, base = _tiny_model(tmp_path)
+    data = _scan(rng)
+    _save(data[None], np.diag([0.5, 0.5, 1.5, 1.0]), tmp_path / "scan.zarr")
+    args = ["predict", "-i", str(tmp_path / "scan.zarr"), "-o", str(tmp_path / "mask.zarr"), "--threshold", "0.5",
+            "--batch-size", "4", "--quiet", *OUT_OF_CORE, *base]
+    killed = subprocess.run([sys.executable, "-c", KILLER, "3", *args], capture_output=True, timeout=300)
+    assert killed.returncode == -9
+    work = tmp_path / "mask.zarr.partial" / "probabilities.zarr.partial"
+    state = json.loads((work / "state.json").read_text())
+    assert sum(len(v) for v in state["done"].values()) == 3 and not (tmp_path / "mask.zarr").exists()
+    blocks = []
+    monkeypatch.setattr(store.PlaneStore, "put", lambda self, *a, put=store.PlaneStore.put: (blocks.append(a[:3:2]),
+                                                                                             put(self, *a)))
+    assert main(args) == 0
+    total = sum(-(-n // 4) for n in data.shape)  # blocks of one batch (4 slices) per plane
+    assert len(blocks) == total - 3  # the three finished blocks were kept
+    probs = predict_2p5d(net, PercentileNormalize()(torch.from_numpy(data)[None]), divisor=2, batch_size=4)
+    np.testing.assert_array_equal(load_volume(tmp_path / "mask.zarr")[0].numpy(),
+                                  probs[0].numpy().astype(np.float16) > 0.5)
+    assert not (tmp_path / "mask.zarr.partial").exists()
+
+
+def test_an_interrupted_out_of_core_run_says_what_it_kept(tmp_path, rng, monkeypatch, capsys):
+    from slab.pipeline.inference import store
+
+    _, base = _tiny_model(tmp_path)
+    _save(_scan(rng)[None], np.eye(4), tmp_path / "scan.zarr")
+    put = store.PlaneStore.put
+
+    def interrupted(self, *args):
+        put(self, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.PlaneStore, "put", interrupted)
+    args = ["predict", "-i", str(tmp_path / "scan.zarr"), "-o", str(tmp_path / "mask.zarr"), *OUT_OF_CORE, *base]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"finished blocks are kept in {tmp_path / 'mask.zarr.partial'}" in err, err
+    assert not (tmp_path / "mask.zarr").exists()
+    monkeypatch.undo()
+    assert main(args) == 0 and not (tmp_path / "mask.zarr.partial").exists()
+    assert not store.ACTIVE

@@ -567,11 +567,11 @@ def pyramid_shapes(shape_czyx, levels: int | None = None) -> list[tuple[int, ...
     return shapes
 
 
-def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, chunks: int = 128,
-               levels: int | None = None, block_bytes: int = 256 << 20) -> None:
+def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, chunks: int = 64,
+               levels: int | None = None, block_bytes: int = 256 << 20, notes: dict | None = None) -> None:
     """An OME-Zarr 0.4 image (zarr v2, ``/`` chunk keys, Blosc zstd): level 0 and a pyramid, written
     block by block from ``volume`` ((C, X, Y, Z) array or LazyVolume); ``labels`` downsamples by
-    taking every second voxel instead of averaging."""
+    taking every second voxel instead of averaging; ``notes`` join the ``slab`` attribute."""
     import zarr
     from numcodecs import Blosc
 
@@ -596,7 +596,8 @@ def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, 
             {"type": "translation", "translation": [0.0] * len(lead) + translation[::-1].tolist()}]})
     attrs = {"multiscales": [{"version": OME_VERSION, "name": Path(path).name, "axes": _ome_axes(channels),
                               "datasets": datasets, "type": "nearest" if labels else "mean"}],
-             "slab": {"affine": affine.tolist(), "axes": "xyz order of the level-0 voxel-to-world matrix, RAS mm"}}
+             "slab": {"affine": affine.tolist(), "axes": "xyz order of the level-0 voxel-to-world matrix, RAS mm",
+                      **(notes or {})}}
     compressor = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if volume.dtype.itemsize == 1
                        else Blosc.SHUFFLE)
     zstep, ystep = _steps(volume, chunks, block_bytes)
@@ -617,6 +618,16 @@ def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, 
             raise
         except (ValueError, TypeError) as err:
             raise SlabError(f"{path}: cannot write {volume.dtype} as zarr ({one_line(err)})") from None
+
+
+def read_notes(path) -> dict:
+    """The ``slab`` attribute of a zarr store written by :func:`write_zarr` ({} when there is none)."""
+    try:
+        kind, _, attrs = _node(Path(path), str(path))
+    except SlabError:
+        return {}
+    notes = attrs.get("slab") if kind == "group" else None
+    return notes if isinstance(notes, dict) else {}
 
 
 def write_hdf5(volume, affine: np.ndarray, path: Path, dataset: str = "volume", chunks: int = 64,

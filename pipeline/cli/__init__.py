@@ -93,6 +93,12 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # tensorboard's TensorFlow stub, if present
 
 
+def _left() -> str:
+    """What an interrupted command left: nothing half-written, and the work of a resumable run."""
+    store = sys.modules.get("slab.pipeline.inference.store")
+    return "nothing half-written was left" + (store.kept_message() if store is not None else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     from slab.transforms.outputs import Terminated, check_outputs, handle_signals
 
@@ -137,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
               "has one", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"slab {command}: interrupted; nothing half-written was left", file=sys.stderr)
+        print(f"slab {command}: interrupted; {_left()}", file=sys.stderr)
         return 130
     except Terminated as stop:
-        print(f"slab {command}: terminated by signal {stop.signum}; nothing half-written was left", file=sys.stderr)
+        print(f"slab {command}: terminated by signal {stop.signum}; {_left()}", file=sys.stderr)
         return 128 + stop.signum
     except BrokenPipeError:  # `slab evaluate ... | head`
         return 0

@@ -28,15 +28,21 @@ def check_mask_layout(output_path, per_channel: bool) -> bool:
 
 
 def _open(path, predictor: Predictor):
-    """The input volume: lazily when a memory budget is set and it would not fit."""
-    if predictor.memory_budget is not None:
+    """The input volume: lazily when it would not fit the memory budget (without one, half the
+    memory this process can have)."""
+    try:
+        lazy = load_volume(path, lazy=True)
+    except SlabError:
+        lazy = None  # a format that only loads whole (or an error the eager load names)
+    if lazy is None:
+        return load_volume(path)
+    if predictor.fits_in_memory(lazy):
         try:
-            lazy = load_volume(path, lazy=True)
-        except SlabError:
-            lazy = None  # a format that only loads whole (or an error the eager load names)
-        if lazy is not None:
-            return lazy.load() if predictor.fits_in_memory(lazy) else lazy
-    return load_volume(path)
+            return lazy.load()
+        finally:
+            if hasattr(lazy, "close"):
+                lazy.close()
+    return lazy
 
 
 def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
@@ -73,6 +79,11 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     if rle_csv is not None and not (id_prefix or row_ids):
         raise SlabError("id_prefix: an RLE CSV needs the id prefix of its rows (e.g. kidney_5)")
     volume = _open(input_path, predictor)
+    # chunked outputs of a volume that does not fit: zarr all the way, resumable after a kill
+    if output_format(output_path) in ("zarr", "hdf5", "tiff") and getattr(predictor, "out_of_core", None) \
+            and predictor.out_of_core(volume):
+        return _predict_out_of_core(volume, output_path, predictor, prob_path, rle_csv, id_prefix, row_ids,
+                                    statistics, per_channel, segmentation)
     probs = predictor(volume)
     mask = predictor.postprocess(probs)
     affine = np.asarray(volume.affine)
@@ -90,6 +101,53 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         from slab.pipeline.evaluation.statistics import label_statistics
 
         written["statistics"] = label_statistics(mask, volume, affine, predictor.label_names())
+    return written
+
+
+def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, rle_csv, id_prefix, row_ids,
+                         statistics: bool, per_channel: bool, segmentation: bool) -> dict:
+    """A volume larger than the budget, to a zarr/HDF5/TIFF output: probabilities into a zarr store
+    chunk by chunk (``prob_path`` when it is a ``.zarr``, else ``<output>.partial/probabilities.zarr``;
+    finished blocks survive a kill, and the same command resumes), then the post-processing slab by
+    slab (:mod:`slab.transforms.blockwise`) into the mask, written block by block."""
+    import shutil
+
+    from slab.pipeline.inference.store import ACTIVE, work_dir
+    from slab.transforms.blockwise import BlockwisePostprocess, MaskVolume
+
+    if statistics:
+        raise SlabError("--statistics: needs the volume in memory; this one is predicted out of core "
+                        "(raise --memory-budget, or drop --statistics)")
+    work = work_dir(output_path)
+    ACTIVE.add(work)
+    own_store = prob_path is None or output_format(prob_path) != "zarr"
+    store = work / "probabilities.zarr" if own_store else Path(prob_path)
+    probs = predictor(volume, out_path=store)
+    affine = np.asarray(volume.affine)
+    post = BlockwisePostprocess(probs, predictor.postprocess_options, predictor.memory_budget or (1 << 30))
+    values, order = predictor.label_map["values"], predictor.label_map["order"]
+    fields = segment_metadata(predictor.label_names(), values) if segmentation else None
+    source = str(volume.meta.get("filename_or_obj"))
+    single = per_channel or (probs.shape[0] == 1 and values == (1,))
+    if single:
+        mask = MaskVolume(post, affine, source)
+    else:
+        mask = MaskVolume(post, affine, source, lambda block: to_label_map(block, values, order)[0], channels=1)
+    written = {"mask": save_volume(mask, output_path, affine=affine, meta=dict(volume.meta), mask=single,
+                                   labels=not single, fields=fields)}
+    if prob_path is not None:
+        written["prob"] = Path(prob_path) if not own_store else save_volume(
+            probs if output_format(prob_path) in ("zarr", "hdf5", "tiff") else probs.load().float(), prob_path,
+            affine=affine, meta=dict(volume.meta))
+    if rle_csv is not None:
+        full = np.asarray(mask.load())
+        depth = int(full.shape[-1])
+        ids = row_ids(depth) if row_ids is not None else [f"{id_prefix}_{z:04d}" for z in range(depth)]
+        written["rle_csv"] = write_rle_csv(full, rle_csv, ids, predictor.label_names())
+    if hasattr(probs, "close"):
+        probs.close()
+    shutil.rmtree(work, ignore_errors=True)
+    ACTIVE.discard(work)
     return written
 
 

@@ -22,7 +22,10 @@ Volumes larger than memory: when the input is a :class:`~slab.transforms.io.Lazy
 ``out_path`` is given, or when the float32 input plus accumulators would pass
 ``memory_budget`` bytes, :func:`predict_2p5d` reads the volume in blocks of slices along each
 plane's axis (plus the slabs' halo), predicts a block at a time, and accumulates into ``.npy``
-files in a temporary directory (``TMPDIR``; put it on a disk). The result is an ``.npy`` file of
+files in a temporary directory (``TMPDIR``; put it on a disk), or, for an ``out_path`` ending in
+``.zarr``, into per-plane zarr arrays beside it, resumable after a kill
+(:mod:`slab.pipeline.inference.store`), finished into an OME-Zarr image returned as a lazy
+volume. Otherwise the result is an ``.npy`` file of
 ``out_dtype`` (default float16), shape ``(L, X, Y, Z)`` in Fortran order (x fastest, as loaded
 volumes), returned as a MetaTensor over its memory map. The budget is a target for the blocks
 and batch buffers (the network's activations are not counted); a block holds at least one
@@ -193,7 +196,9 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
         input is a LazyVolume: default 1 GiB), blocks of slices are read on demand and sums
         accumulate on disk.
     out_path : path, optional
-        Write the result to this ``.npy`` (Fortran order, ``out_dtype``) through the on-disk path.
+        Write the result to this ``.npy`` (Fortran order, ``out_dtype``) through the on-disk path,
+        or to this ``.zarr`` (OME-Zarr with a pyramid, in the input's geometry): sums go to
+        ``<out_path>.partial/`` block by block and a re-run of the same prediction resumes there.
     out_dtype : ``"float16"`` or ``"float32"``, the dtype of an on-disk result.
     preprocess : callable, optional
         Applied to every block of the volume as read, ``(C, ...)`` tensor → float32 tensor
@@ -203,7 +208,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     Returns
     -------
     ``(L, X, Y, Z)`` probabilities: float32 in memory, or ``out_dtype`` over a memory-mapped
-    ``.npy`` on the on-disk path. A MetaTensor with the input's affine and meta when the input
+    ``.npy`` on the on-disk path (a lazy volume over the ``.zarr`` output for a zarr ``out_path``). A MetaTensor with the input's affine and meta when the input
     has them (MetaTensor or LazyVolume).
 
     Raises
@@ -249,6 +254,11 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
             if in_memory:
                 probs = _predict_in_memory(forward, source, planes, offset_sets, views, size, batch_size,
                                            labels, count, preprocess, name, bar)
+            elif out_path is not None and str(out_path).lower().endswith(".zarr"):
+                return _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels,
+                                         count, preprocess, name, bar, budget or DEFAULT_MEMORY_BUDGET, out_path,
+                                         out_dtype, {"offsets": list(offsets), "tta": tta, "divisor": divisor,
+                                                     "min_size": min_size, "amp": str(amp), "preprocess": preprocess})
             else:
                 probs = _predict_on_disk(forward, source, planes, offset_sets, views, size, batch_size, labels,
                                          count, preprocess, name, bar, budget or DEFAULT_MEMORY_BUDGET, out_path,
@@ -281,6 +291,49 @@ def _predict_in_memory(forward, volume, planes, offset_sets, views, size, batch_
     if count > 1:
         acc.div_(count)
     return acc.cpu()
+
+
+def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,
+                      name, bar, budget, out_path, out_dtype, settings):
+    """The on-disk path into a zarr store, block by block, resumable (see the module docs)."""
+    from slab.pipeline.inference.store import PlaneStore, finished, run_key, work_dir
+    from slab.transforms.io import load_volume
+
+    shape = tuple(int(s) for s in volume.shape)
+    halo = max(abs(o) for o in offset_sets[0])
+    itemsize = np.dtype(volume.dtype).itemsize if isinstance(volume, LazyVolume) else 4
+    k = len(offset_sets[0])
+    steps = [_slices_per_block(budget, shape, PLANE_AXIS[p], labels, itemsize, batch_size, k, halo) for p in planes]
+    affine, _ = volume_meta(volume)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    source = getattr(volume, "meta", {}).get("filename_or_obj")
+    key = run_key(forward.model, shape, volume.dtype, source,
+                  {**settings, "planes": list(planes), "batch_size": batch_size, "steps": steps,
+                   "labels": labels, "out_dtype": out_dtype})
+    if finished(out_path, key):  # the same run finished before (e.g. killed while post-processing)
+        bar.update(bar.total - bar.n)
+        return load_volume(out_path, lazy=True)
+    store = PlaneStore(work_dir(out_path), key, (labels,) + shape[1:], planes, steps)
+    for p, plane in enumerate(planes):
+        axis = PLANE_AXIS[plane]
+        n = shape[axis + 1]
+        for start in range(0, n, steps[p]):
+            stop = min(n, start + steps[p])
+            if store.is_done(p, start):
+                bar.update(stop - start)
+                continue
+            lo, hi = max(0, start - halo), min(n, stop + halo)
+            block = _read_block(volume, axis, lo, hi, preprocess, name)
+            sums_shape = list((labels,) + shape[1:])
+            sums_shape[axis + 1] = stop - start
+            sums = fortran_empty(tuple(sums_shape), "cpu")
+            _predict_slices(forward, block, plane, offset_sets, views, size, batch_size, start - lo, stop - lo,
+                            sums, True, bar)
+            del block
+            store.put(p, axis, start, sums)
+    store.finish(out_path, affine, count, out_dtype)
+    store.remove()
+    return load_volume(out_path, lazy=True)
 
 
 def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,

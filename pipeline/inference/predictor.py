@@ -116,6 +116,7 @@ class Predictor:
         self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
         self.normalize = make_normalize(normalize)
         self.postprocess = make_postprocess(postprocess)
+        self.postprocess_options = dict(postprocess or {})  # for the out-of-core chain (slab.transforms.blockwise)
         for options in (postprocess or {}).get("labels", [postprocess or {}]):
             _check_probabilities(options)
         self.device = resolve_device(device)
@@ -239,12 +240,28 @@ class Predictor:
         return self.normalize.block_transform(volume, name=str(volume.meta.get("filename_or_obj", "image"))
                                               if hasattr(volume, "meta") else "image")
 
-    def __call__(self, volume) -> torch.Tensor:
+    def out_of_core(self, volume) -> bool:
+        """Whether ``volume`` is predicted into a zarr store (``__call__(volume, out_path=...)``):
+        a LazyVolume that does not fit the memory budget, a 2.5D network, one scale."""
+        return (isinstance(volume, LazyVolume) and self.mode == "2.5d" and self.scales == (1.0,)
+                and not self.fits_in_memory(volume))
+
+    def working_bytes(self, volume) -> int:
+        """The float32 input and probabilities of in-memory prediction of ``volume``."""
+        return (int(volume.shape[0]) + self.out_channels) * int(np.prod(volume.shape[1:])) * 4
+
+    def __call__(self, volume, out_path=None) -> torch.Tensor:
         """``(L, X, Y, Z)`` probabilities of ``volume`` (raw intensities: normalised here); with
         ``scales``, the mean over the volume resampled by each scale (trilinear) and the
-        probabilities resampled back."""
+        probabilities resampled back. With ``out_path`` (a ``.zarr``; 2.5D, one scale) they are
+        written there out of core, resumably, and returned as a lazy volume
+        (:func:`~slab.pipeline.inference.multiplane.predict_2p5d`)."""
         if len(volume.shape) != 4:
             raise SlabError(f"image: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
+        if out_path is not None:
+            if self.mode != "2.5d" or self.scales != (1.0,):
+                raise SlabError("out_path: out-of-core prediction into a zarr store is 2.5D at one scale")
+            return self._predict(volume, self.preprocess(volume), out_path)
         if self.mode == "3d" and isinstance(volume, LazyVolume):
             volume = volume.load()  # the sliding window takes the volume in memory
         if self.scales == (1.0,):
@@ -265,7 +282,7 @@ class Predictor:
             total = probs.cpu().clone() if total is None else total + probs.cpu()
         return total / len(self.scales)
 
-    def _predict(self, volume, preprocess) -> torch.Tensor:
+    def _predict(self, volume, preprocess, out_path=None) -> torch.Tensor:
         channels = int(volume.shape[0])
         if self.mode == "3d":
             if channels != self.in_channels:
@@ -277,14 +294,17 @@ class Predictor:
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
                             min_size=self.min_size, memory_budget=self.memory_budget, preprocess=preprocess,
-                            progress=self.progress, compile=self.compile)
+                            progress=self.progress, compile=self.compile, out_path=out_path)
 
     def fits_in_memory(self, volume) -> bool:
-        """Whether ``volume`` can be predicted in memory within ``memory_budget``."""
+        """Whether ``volume`` can be predicted in memory within ``memory_budget`` (without one:
+        in half the memory this process can have)."""
         if self.memory_budget is None:
-            return True
-        voxels = int(np.prod(volume.shape[1:]))
-        return (volume.shape[0] + self.out_channels) * voxels * 4 <= self.memory_budget
+            from slab.transforms.headers import available_memory
+
+            free = available_memory()
+            return free is None or self.working_bytes(volume) <= free // 2
+        return self.working_bytes(volume) <= self.memory_budget
 
 
 def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int | None = None) -> dict:

@@ -1,0 +1,191 @@
+"""Out-of-core 2.5D inference into a zarr store, resumable after a kill.
+
+Each plane's sums over its views go to their own float32 zarr array in a work folder beside the
+output (``<output>.partial/``, not ``TMPDIR``), one block of slices at a time; a block is written
+whole and then recorded in ``state.json`` (replaced atomically), so a block is either done or
+done again: re-running the same command after a kill or a full disk skips the finished blocks.
+The state carries a key of everything that decides the result (the input's shape, dtype and
+file, the slabs, TTA, batch size, the normalisation window and a hash of the network's
+weights); a different run discards the old work. When every block is done, the planes are added
+in the in-memory path's order and divided by the number of views, chunk by chunk, into the
+output: an OME-Zarr image (level 0 and a pyramid) in the input's geometry, bit-identical to the
+in-memory result at float32 (and that result rounded at float16). The work folder is removed
+when the output is in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slab.transforms.errors import SlabError, SlabWarning
+from slab.transforms.outputs import _os_error
+
+STATE = "state.json"
+# Work folders of resumable runs in progress (what an interrupted command says it kept).
+ACTIVE: set[Path] = set()
+# Work arrays are chunked this many voxels along the axes a block does not cut.
+WORK_CHUNK = 64
+
+
+def work_dir(out_path) -> Path:
+    """The work folder of an output: ``<output>.partial`` beside it."""
+    out = Path(out_path)
+    return out.with_name(out.name + ".partial")
+
+
+def describe(fn) -> str:
+    """A process-independent description of a block transform (its function and arguments)."""
+    import functools
+
+    if isinstance(fn, functools.partial):
+        args = [np.asarray(a).tolist() if isinstance(a, (np.ndarray, torch.Tensor)) else a for a in fn.args]
+        keywords = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
+                    for k, v in fn.keywords.items()}
+        return json.dumps([describe(fn.func), args, keywords], sort_keys=True, default=repr)
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
+def run_key(model: torch.nn.Module, shape, dtype, source, settings: dict) -> str:
+    """A hash of everything that decides a result: the network's weights, the input (shape,
+    dtype, file name, size and modification time) and the inference settings."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    stamp = []
+    for path in (source if isinstance(source, (list, tuple)) else [source]):
+        try:
+            stat = os.stat(path)
+            stamp.append([str(path), stat.st_size, stat.st_mtime_ns])
+        except (OSError, TypeError):
+            stamp.append([str(path)])
+    settings = {k: describe(v) if callable(v) else v for k, v in settings.items()}
+    digest.update(json.dumps({"shape": list(shape), "dtype": str(dtype), "source": stamp, **settings},
+                             sort_keys=True, default=repr).encode())
+    return digest.hexdigest()
+
+
+def finished(out_path, key: str) -> bool:
+    """Whether ``out_path`` holds the finished result of the run ``key``."""
+    from slab.transforms.chunked import read_notes
+
+    return Path(out_path).is_dir() and read_notes(out_path).get("run_key") == key
+
+
+class PlaneStore:
+    """The per-plane float32 sums of one run in ``folder`` and the blocks already done."""
+
+    def __init__(self, folder: Path, key: str, shape, planes, steps):
+        import zarr
+
+        self.folder, self.key, self.shape = Path(folder), key, tuple(int(s) for s in shape)
+        state = self._read_state()
+        if state is not None and state.get("key") != key:
+            warnings.warn(SlabWarning(f"{self.folder}: partial results of a different run (network, input or "
+                                      "settings changed); starting again"), stacklevel=4)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            state = None
+        if state is None:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise _os_error(self.folder, err) from None
+            state = {"key": key, "done": {}}
+        ACTIVE.add(self.folder)
+        self.done = {str(p): set(state["done"].get(str(p), [])) for p in range(len(planes))}
+        self.arrays = []
+        for p, (plane, step) in enumerate(zip(planes, steps)):
+            axis = {"zy": 0, "zx": 1, "xy": 2}[plane]
+            chunks = [self.shape[0]] + [min(WORK_CHUNK, n) for n in self.shape[1:]]
+            chunks[axis + 1] = min(step, self.shape[axis + 1])
+            path = self.folder / f"plane{p}.zarr"
+            try:
+                if path.exists() and self.done[str(p)]:
+                    array = zarr.open_array(str(path), mode="r+")
+                else:
+                    array = zarr.create_array(str(path), shape=self.shape, chunks=tuple(chunks), dtype="float32",
+                                              fill_value=0.0, overwrite=True, zarr_format=2, compressors=None)
+            except OSError as err:
+                raise _os_error(path, err) from None
+            if tuple(array.shape) != self.shape:
+                raise SlabError(f"{path}: partial results of shape {tuple(array.shape)}, expected {self.shape}; "
+                                f"remove {self.folder}")
+            self.arrays.append(array)
+        self._write_state()
+
+    def _read_state(self) -> dict | None:
+        try:
+            state = json.loads((self.folder / STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) and isinstance(state.get("done"), dict) else None
+
+    def _write_state(self) -> None:
+        tmp = self.folder / (STATE + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"key": self.key, "done": {p: sorted(s) for p, s in self.done.items()}}),
+                           encoding="utf-8")
+            os.replace(tmp, self.folder / STATE)
+        except OSError as err:
+            raise _os_error(self.folder / STATE, err) from None
+
+    def is_done(self, plane_index: int, start: int) -> bool:
+        return start in self.done[str(plane_index)]
+
+    def put(self, plane_index: int, axis: int, start: int, sums: torch.Tensor) -> None:
+        """Store the sums of the slices ``start:`` along spatial ``axis``, then record the block."""
+        region = [slice(None)] * 4
+        region[axis + 1] = slice(start, start + sums.shape[axis + 1])
+        try:
+            self.arrays[plane_index][tuple(region)] = sums.numpy()
+        except OSError as err:
+            raise _os_error(self.folder, err) from None
+        self.done[str(plane_index)].add(start)
+        self._write_state()
+
+    def finish(self, out_path, affine, count: int, out_dtype: str) -> None:
+        """Planes added in order and divided by ``count``, chunk by chunk, into ``out_path``
+        (which records the run's key: :func:`finished`)."""
+        from slab.transforms.chunked import write_zarr
+
+        write_zarr(_Mean(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        ACTIVE.discard(self.folder)
+
+
+def kept_message() -> str:
+    """What an interrupted command kept: '' when no resumable run was in progress."""
+    kept = [p for p in ACTIVE if p.is_dir()]
+    if not kept:
+        return ""
+    return f"; finished blocks are kept in {min(kept, key=lambda p: len(str(p)))}, the same command resumes"
+
+
+class _Mean:
+    """A (L, X, Y, Z) view of the planes' sums, added and divided as the in-memory path does."""
+
+    ndim = 4
+
+    def __init__(self, arrays, count: int, dtype: np.dtype):
+        self.arrays, self.count, self.dtype = arrays, count, dtype
+        self.shape = tuple(int(s) for s in arrays[0].shape)
+
+    def __getitem__(self, index):
+        total = torch.from_numpy(np.asarray(self.arrays[0][index], dtype=np.float32).copy())
+        for array in self.arrays[1:]:
+            total.add_(torch.from_numpy(np.asarray(array[index], dtype=np.float32)))
+        if self.count > 1:
+            total.div_(self.count)
+        return total.numpy().astype(self.dtype, copy=False)
+
+
+__all__ = ["ACTIVE", "PlaneStore", "finished", "kept_message", "run_key", "work_dir", "STATE"]
