@@ -430,3 +430,36 @@ def test_an_interrupted_out_of_core_run_says_what_it_kept(tmp_path, rng, monkeyp
     monkeypatch.undo()
     assert main(args) == 0 and not (tmp_path / "mask.zarr.partial").exists()
     assert not store.ACTIVE
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)), depth=st.integers(1, 4),
+       connectivity=st.sampled_from([6, 18, 26]), min_size=st.integers(0, 6), seed=st.integers(0, 2 ** 16),
+       hysteresis=st.booleans(), dtype=st.sampled_from([np.float16, np.float32]))
+def test_blockwise_postprocess_equals_the_whole_volume(shape, depth, connectivity, min_size, seed, hysteresis, dtype):
+    from scipy.ndimage import gaussian_filter
+
+    from slab.transforms.blockwise import BlockwisePostprocess, MaskVolume
+    from slab.transforms.post import postprocess
+
+    rng = np.random.default_rng(seed)
+    p = gaussian_filter(rng.random((2,) + shape), 1.0)
+    p = ((p - p.min()) / (np.ptp(p) + 1e-9)).astype(dtype)
+    options = {"min_size": min_size, "connectivity": connectivity}
+    options.update({"hysteresis": [(0.4, 0.7), (0.3, 0.8)]} if hysteresis else {"threshold": [0.5, 0.45]})
+    expected = postprocess(p, **options)
+    post = BlockwisePostprocess(p, options, memory_budget=depth * shape[0] * shape[1] * 22)
+    assert post.depth == min(depth, shape[2])
+    np.testing.assert_array_equal(post.mask(0, shape[2]), expected)
+    z0 = int(rng.integers(0, shape[2]))
+    view = MaskVolume(post, np.eye(4), "p")
+    np.testing.assert_array_equal(view[:, :, :, z0:], expected[..., z0:])
+    np.testing.assert_array_equal(view[1, :, -1, z0], expected[1, :, -1, z0])
+
+
+def test_blockwise_postprocess_refuses_whole_mask_steps():
+    from slab.transforms.blockwise import BlockwisePostprocess
+
+    for option in ({"keep_largest": 1}, {"fill_holes": "3d"}):
+        with pytest.raises(SlabError, match="needs the whole mask in memory"):
+            BlockwisePostprocess(np.zeros((1, 2, 2, 2), np.float32), option)

@@ -66,6 +66,19 @@ class BlockwisePostprocess:
     def __init__(self, probs, options: Mapping, memory_budget: int = 1 << 30):
         self.probs, self.shape = probs, tuple(int(s) for s in probs.shape)
         labels = self.shape[0]
+        self.low, self.high, self.min_size, self.connectivity = self.settings(options, labels)
+        plane = self.shape[1] * self.shape[2]
+        self.depth = max(1, min(self.shape[3], int(memory_budget) // max(1, plane * _BYTES_PER_VOXEL)))
+        self.components = [self.high[c] is not None or self.min_size[c] > 0 for c in range(labels)]
+        selected = [self._select(c) if self.components[c] else (None, None) for c in range(labels)]
+        self.keep = [keep for keep, _ in selected]
+        self.offsets = [offsets for _, offsets in selected]
+
+    @staticmethod
+    def settings(options: Mapping | None, labels: int) -> tuple[list, list, list, list]:
+        """``(low, high or None, min_size, connectivity)`` per label channel from post-processing
+        ``options`` (shared, or ``{"labels": [...]}`` per label); SlabError for steps that need
+        the whole mask. Called before a prediction starts, so that a refusal costs nothing."""
         options = dict(options or {})
         if "labels" in options:  # per-label settings (e.g. chosen by cross-validation)
             per_label = [{"threshold": 0.5, **o} for o in options["labels"]]
@@ -73,30 +86,25 @@ class BlockwisePostprocess:
                 raise SlabError(f"postprocess labels: {len(per_label)} settings for {labels} label channel(s)")
         else:
             per_label = [{"threshold": 0.5, **options}] * labels
-        self.low, self.high, self.min_size, self.connectivity = [], [], [], []
+        low, high, min_size, connectivity = [], [], [], []
         for c, o in enumerate(per_label):
             for key in ("keep_largest", "fill_holes", "roi"):
                 if o.get(key) not in (None, False, 0):
-                    raise SlabError(f"{key.replace('_', '-')}: needs the whole mask in memory; the probabilities are "
-                                    "read out of core (drop it, or raise --memory-budget to predict in memory)")
-            self.connectivity.append(_check_connectivity(o.get("connectivity", 26)))
-            self.min_size.append(int(o.get("min_size") or 0))
+                    raise SlabError(f"--{key.replace('_', '-')}: needs the whole mask in memory, and this volume is "
+                                    "predicted out of core (drop it, or write a .nii.gz / raise --memory-budget)")
+            connectivity.append(_check_connectivity(o.get("connectivity", 26)))
+            min_size.append(int(o.get("min_size") or 0))
             n, i = (1, 0) if "labels" in options else (labels, c)  # per-label settings hold one value each
             if o.get("hysteresis") is not None:
-                low, high = _hysteresis_pairs(o["hysteresis"])
-                self.low.append(_per_channel("hysteresis", _check_values("low", low), n)[i])
-                self.high.append(_per_channel("hysteresis", _check_values("high", high), n)[i])
+                lo, hi = _hysteresis_pairs(o["hysteresis"])
+                low.append(_per_channel("hysteresis", _check_values("low", lo), n)[i])
+                high.append(_per_channel("hysteresis", _check_values("high", hi), n)[i])
             elif o.get("threshold") is None:
                 raise SlabError("threshold: out-of-core post-processing binarises probabilities; give a threshold")
             else:
-                self.low.append(_per_channel("threshold", _check_values("threshold", o["threshold"]), n)[i])
-                self.high.append(None)
-        plane = self.shape[1] * self.shape[2]
-        self.depth = max(1, min(self.shape[3], int(memory_budget) // max(1, plane * _BYTES_PER_VOXEL)))
-        self.components = [self.high[c] is not None or self.min_size[c] > 0 for c in range(labels)]
-        selected = [self._select(c) if self.components[c] else (None, None) for c in range(labels)]
-        self.keep = [keep for keep, _ in selected]
-        self.offsets = [offsets for _, offsets in selected]
+                low.append(_per_channel("threshold", _check_values("threshold", o["threshold"]), n)[i])
+                high.append(None)
+        return low, high, min_size, connectivity
 
     def _slab(self, c: int, z0: int, z1: int):
         """``(low mask, seed mask or None)`` of channel ``c``, slices ``z0:z1``."""

@@ -118,6 +118,7 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
     if statistics:
         raise SlabError("--statistics: needs the volume in memory; this one is predicted out of core "
                         "(raise --memory-budget, or drop --statistics)")
+    BlockwisePostprocess.settings(predictor.postprocess_options, predictor.out_channels)  # refusals first
     work = work_dir(output_path)
     ACTIVE.add(work)
     own_store = prob_path is None or output_format(prob_path) != "zarr"
