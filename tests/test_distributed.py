@@ -139,3 +139,76 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(_worker(Path(sys.argv[1])))
+
+
+LOGGING_PUTS = """
+import json, os, sys
+from slab.pipeline.inference import store
+from slab.pipeline.cli import main
+put = store.PlaneStore.put
+def logged(self, plane, axis, start, sums):
+    put(self, plane, axis, start, sums)
+    with open(os.path.join(sys.argv[1], f"blocks-{os.environ['RANK']}.txt"), "a") as f:
+        f.write(f"{plane} {start}\\n")
+store.PlaneStore.put = logged
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    script = tmp_path / "logging_puts.py"
+    script.write_text(LOGGING_PUTS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path), *args]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_predict_shares_one_volume_by_block_and_many_by_volume(tmp_path, rng):
+    """``torchrun -m slab.pipeline.cli predict`` on 2 CPU processes (gloo): one zarr volume out of
+    core, its blocks split between the ranks, gives the one-process probabilities and mask
+    exactly; a directory of volumes split by volume gives the same files and one RLE CSV."""
+    from slab.networks import build_network, save_weights
+    from slab.pipeline.cli import main
+    from slab.transforms.io import load_volume, save_volume
+
+    config = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
+              "strides": [2]}
+    torch.manual_seed(0)
+    save_weights(build_network(**config), tmp_path / "net.pt")
+    (tmp_path / "net.json").write_text(json.dumps(config))
+    data = rng.normal(100, 20, (1, 13, 11, 9)).astype(np.float32)
+    data[0, 3:8, 2:7, 2:6] += 60
+    save_volume(data, tmp_path / "scan.zarr", affine=np.diag([0.5, 0.5, 2.0, 1.0]))
+    base = ["--network", str(tmp_path / "net.json"), "--weights", str(tmp_path / "net.pt"), "--device", "cpu",
+            "--batch-size", "2", "--tta", "flips", "--hysteresis", "0.45", "0.55", "--quiet"]
+    one = ["predict", "-i", str(tmp_path / "scan.zarr"), "--memory-budget", "0.000002", *base]
+    assert main(one + ["-o", str(tmp_path / "single.zarr"), "--prob", str(tmp_path / "single_p.zarr")]) == 0
+    done = _torchrun(one + ["-o", str(tmp_path / "ranks.zarr"), "--prob", str(tmp_path / "ranks_p.zarr")], tmp_path)
+    assert done.stdout.count("wrote") == 1  # rank 0 writes
+    blocks = [set((tmp_path / f"blocks-{rank}.txt").read_text().split("\n")) - {""} for rank in (0, 1)]
+    assert blocks[0] and blocks[1] and not blocks[0] & blocks[1]  # each rank its own share of the blocks
+    assert len(blocks[0] | blocks[1]) == sum(-(-n // 2) for n in data.shape[1:])  # every block, batches of 2
+    for a, b in (("single.zarr", "ranks.zarr"), ("single_p.zarr", "ranks_p.zarr")):
+        single, ranks = load_volume(tmp_path / a), load_volume(tmp_path / b)
+        np.testing.assert_array_equal(ranks.numpy(), single.numpy())
+        np.testing.assert_allclose(ranks.affine.numpy(), single.affine.numpy())
+    assert 0 < load_volume(tmp_path / "single.zarr").numpy().sum() < data.size
+    assert not list(tmp_path.glob("*.partial"))
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for i in range(3):
+        save_volume(np.roll(data, i, axis=1), folder / f"kidney_{i}.nii.gz")
+    many = ["predict", "-i", str(folder), *base]
+    assert main(many + ["-o", str(tmp_path / "out1"), "--rle-csv", str(tmp_path / "one.csv")]) == 0
+    _torchrun(many + ["-o", str(tmp_path / "out2"), "--rle-csv", str(tmp_path / "two.csv")], tmp_path)
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    for i in range(3):
+        name = f"kidney_{i}.nii.gz"
+        np.testing.assert_array_equal(load_volume(tmp_path / "out2" / name).numpy(),
+                                      load_volume(tmp_path / "out1" / name).numpy())

@@ -209,6 +209,15 @@ def _jobs(args, collection: bool, cases) -> list[tuple]:
 
 
 def run(args) -> int:
+    from slab.pipeline.training.distributed import cleanup_distributed
+
+    try:
+        return _run(args)
+    finally:
+        cleanup_distributed()
+
+
+def _run(args) -> int:
     from slab.pipeline.data.cases import find_cases
     from slab.pipeline.inference import predict_file
     from slab.pipeline.inference.files import check_mask_layout
@@ -218,9 +227,15 @@ def run(args) -> int:
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
     check_mask_layout(args.output, args.per_channel)  # before the model is read
+    from slab.pipeline.training.distributed import gather_objects, init_distributed, shard_items
+
     collection, cases = find_cases(args.input)
     jobs = _jobs(args, collection, cases)
     predictor = _predictor(args)
+    # Under torchrun: a directory of volumes is shared out by volume; one volume by block, when
+    # it is predicted out of core into a chunked output (else rank 0 predicts it).
+    info = init_distributed(args.device or "cpu")
+    shard = info if info.enabled and not collection else None
     # Every output name and every input's header and channels, before anything is written.
     for case, output, prob in jobs:
         output_format(output)
@@ -229,30 +244,45 @@ def run(args) -> int:
         predictor.check_input(volume_info(case.source), case.source)
     statistics = {}
     with temp_dir("predict") as tmp:
-        csvs = []
-        for index, (case, output, prob) in enumerate(jobs):
+        csvs = {}
+        mine = shard_items(list(enumerate(jobs)), info.rank, info.world_size) if collection else list(enumerate(jobs))
+        for index, (case, output, prob) in mine:
             csv = None
             if args.rle_csv:
                 csv = tmp / f"{index}.csv" if collection else Path(args.rle_csv)
-                csvs.append(csv)
             written = predict_file(case.source, output, predictor, prob_path=prob, rle_csv=csv,
                                    row_ids=lambda depth, c=case: c.row_ids(depth, args.id_prefix),
-                                   statistics=bool(args.statistics), per_channel=args.per_channel)
+                                   statistics=bool(args.statistics), per_channel=args.per_channel, shard=shard)
+            if not written:  # another rank writes this volume
+                continue
+            if csv is not None:
+                csvs[index] = csv.read_text(encoding="utf-8") if collection else ""
             if args.statistics:
                 source = [str(s) for s in case.source] if isinstance(case.source, list) else str(case.source)
                 statistics[case.output_name] = {"input": source, "mask": str(output),
                                                 **written.pop("statistics")}
             print(f"wrote {', '.join(str(p) for key, p in written.items() if key != 'rle_csv' or not collection)}")
+        if info.enabled and collection:  # rank 0 writes what every rank found
+            parts = gather_objects((csvs, statistics), info)
+            csvs = {k: v for part, _ in parts for k, v in part.items()}
+            statistics = {k: v for _, part in parts for k, v in part.items()}
+            if not info.is_main:
+                return 0
+        if not statistics and not csvs and info.enabled and not info.is_main:
+            return 0
         if args.rle_csv and collection:
             # One submission CSV: the header once, then every volume's rows in order.
             with atomic_write(args.rle_csv) as staged, open(staged, "w", newline="", encoding="utf-8") as out:
-                for k, csv in enumerate(csvs):
-                    lines = csv.read_text(encoding="utf-8").splitlines(keepends=True)
+                for k, index in enumerate(sorted(csvs)):
+                    lines = csvs[index].splitlines(keepends=True)
                     out.writelines(lines if k == 0 else lines[1:])
             print(f"wrote {args.rle_csv}")
         if args.statistics:
             import json
 
+            if collection:  # in the cases' order, whichever rank predicted them
+                order = [case.output_name for case, _, _ in jobs]
+                statistics = {name: statistics[name] for name in order if name in statistics}
             document = {"cases": statistics} if collection else next(iter(statistics.values()))
             with atomic_write(args.statistics) as staged:
                 staged.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")

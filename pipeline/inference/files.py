@@ -12,7 +12,7 @@ import torch
 
 from slab.pipeline.inference.predictor import Predictor
 from slab.transforms.errors import SlabError, SlabWarning
-from slab.transforms.io import load_volume, output_format, save_volume
+from slab.transforms.io import LazyVolume, load_volume, output_format, save_volume
 from slab.transforms.labelmap import segment_metadata, to_label_map
 from slab.transforms.rle import write_rle_csv
 
@@ -47,7 +47,7 @@ def _open(path, predictor: Predictor):
 
 def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
                  id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None,
-                 statistics: bool = False, per_channel: bool = False) -> dict[str, Path | dict]:
+                 statistics: bool = False, per_channel: bool = False, shard=None) -> dict[str, Path | dict]:
     """Predict one volume and write its mask (and probabilities, RLE CSV).
 
     Load ``input_path`` (any format ``load_volume`` reads, or a list of files as channels; lazily
@@ -67,6 +67,11 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     label's statistics (:func:`slab.pipeline.evaluation.statistics.label_statistics`: volume in mm³,
     components, centroid, the input's intensities inside it).
 
+    Under ``torchrun``, ``shard`` (:class:`~slab.pipeline.training.distributed.DistInfo`, the process
+    group joined) makes the ranks share this one volume: out of core, each predicts its share of
+    the blocks and rank 0 post-processes and writes; in memory, rank 0 alone predicts. Ranks other
+    than 0 return an empty dict.
+
     Returns
     -------
     dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for; and
@@ -78,12 +83,22 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         output_format(prob_path)
     if rle_csv is not None and not (id_prefix or row_ids):
         raise SlabError("id_prefix: an RLE CSV needs the id prefix of its rows (e.g. kidney_5)")
+    main = shard is None or not shard.enabled or shard.is_main
     volume = _open(input_path, predictor)
     # chunked outputs of a volume that does not fit: zarr all the way, resumable after a kill
-    if output_format(output_path) in ("zarr", "hdf5", "tiff") and getattr(predictor, "out_of_core", None) \
-            and predictor.out_of_core(volume):
+    out_of_core = output_format(output_path) in ("zarr", "hdf5", "tiff") and getattr(predictor, "out_of_core", None) \
+        and predictor.out_of_core(volume)
+    if shard is not None and shard.enabled:  # every rank takes rank 0's decision (free memory differs)
+        from slab.pipeline.training.distributed import gather_objects
+
+        out_of_core = gather_objects(bool(out_of_core), shard)[0]
+        if out_of_core and not isinstance(volume, LazyVolume):
+            volume = load_volume(input_path, lazy=True)
+    if out_of_core:
         return _predict_out_of_core(volume, output_path, predictor, prob_path, rle_csv, id_prefix, row_ids,
-                                    statistics, per_channel, segmentation)
+                                    statistics, per_channel, segmentation, shard)
+    if not main:
+        return {}
     probs = predictor(volume)
     mask = predictor.postprocess(probs)
     affine = np.asarray(volume.affine)
@@ -105,7 +120,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
 
 
 def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, rle_csv, id_prefix, row_ids,
-                         statistics: bool, per_channel: bool, segmentation: bool) -> dict:
+                         statistics: bool, per_channel: bool, segmentation: bool, shard=None) -> dict:
     """A volume larger than the budget, to a zarr/HDF5/TIFF output: probabilities into a zarr store
     chunk by chunk (``prob_path`` when it is a ``.zarr``, else ``<output>.partial/probabilities.zarr``;
     finished blocks survive a kill, and the same command resumes), then the post-processing slab by
@@ -123,7 +138,10 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
     ACTIVE.add(work)
     own_store = prob_path is None or output_format(prob_path) != "zarr"
     store = work / "probabilities.zarr" if own_store else Path(prob_path)
-    probs = predictor(volume, out_path=store)
+    probs = predictor(volume, out_path=store, shard=shard)
+    if shard is not None and shard.enabled and not shard.is_main:
+        ACTIVE.discard(work)
+        return {}  # rank 0 post-processes and writes
     affine = np.asarray(volume.affine)
     post = BlockwisePostprocess(probs, predictor.postprocess_options, predictor.memory_budget or (1 << 30))
     values, order = predictor.label_map["values"], predictor.label_map["order"]

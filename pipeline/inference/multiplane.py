@@ -165,7 +165,8 @@ def _slices_per_block(budget: int, volume_shape, axis: int, labels: int, itemsiz
 def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1), tta: str = "none",
                  batch_size: int = 8, device=None, amp: bool | str = True, divisor=None, min_size=None,
                  memory_budget: int | None = None, out_path=None, out_dtype: str = "float16",
-                 preprocess: Callable | None = None, progress: bool = False, compile: bool = False) -> torch.Tensor:
+                 preprocess: Callable | None = None, progress: bool = False, compile: bool = False,
+                 shard=None) -> torch.Tensor:
     """Multi-plane 2.5D inference, averaged over planes and test-time augmentations.
 
     Parameters
@@ -204,6 +205,10 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
         Applied to every block of the volume as read, ``(C, ...)`` tensor → float32 tensor
         (e.g. the intensity scaling of a lazy volume); default: cast to float32.
     progress : show a progress bar over slices.
+    shard : :class:`~slab.pipeline.training.distributed.DistInfo`, optional
+        With a zarr ``out_path``, under ``torchrun`` (the process group joined): the ranks that
+        share this volume; each predicts every ``world_size``-th block into the shared store and
+        rank 0 finishes it (every rank returns the result).
 
     Returns
     -------
@@ -258,7 +263,8 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
                 return _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels,
                                          count, preprocess, name, bar, budget or DEFAULT_MEMORY_BUDGET, out_path,
                                          out_dtype, {"offsets": list(offsets), "tta": tta, "divisor": divisor,
-                                                     "min_size": min_size, "amp": str(amp), "preprocess": preprocess})
+                                                     "min_size": min_size, "amp": str(amp), "preprocess": preprocess},
+                                         shard)
             else:
                 probs = _predict_on_disk(forward, source, planes, offset_sets, views, size, batch_size, labels,
                                          count, preprocess, name, bar, budget or DEFAULT_MEMORY_BUDGET, out_path,
@@ -294,7 +300,7 @@ def _predict_in_memory(forward, volume, planes, offset_sets, views, size, batch_
 
 
 def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,
-                      name, bar, budget, out_path, out_dtype, settings):
+                      name, bar, budget, out_path, out_dtype, settings, shard=None):
     """The on-disk path into a zarr store, block by block, resumable (see the module docs)."""
     from slab.pipeline.inference.store import PlaneStore, finished, run_key, work_dir
     from slab.transforms.io import load_volume
@@ -310,30 +316,50 @@ def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_s
     key = run_key(forward.model, shape, volume.dtype, source,
                   {**settings, "planes": list(planes), "batch_size": batch_size, "steps": steps,
                    "labels": labels, "out_dtype": out_dtype})
+    info = _sharding(shard)
     if finished(out_path, key):  # the same run finished before (e.g. killed while post-processing)
         bar.update(bar.total - bar.n)
         return load_volume(out_path, lazy=True)
-    store = PlaneStore(work_dir(out_path), key, (labels,) + shape[1:], planes, steps)
-    for p, plane in enumerate(planes):
-        axis = PLANE_AXIS[plane]
+    store = PlaneStore(work_dir(out_path), key, (labels,) + shape[1:], planes, steps, info)
+    blocks = [(p, start) for p, plane in enumerate(planes) for start in range(0, shape[PLANE_AXIS[plane] + 1], steps[p])]
+    for index, (p, start) in enumerate(blocks):
+        axis = PLANE_AXIS[planes[p]]
         n = shape[axis + 1]
-        for start in range(0, n, steps[p]):
-            stop = min(n, start + steps[p])
-            if store.is_done(p, start):
-                bar.update(stop - start)
-                continue
-            lo, hi = max(0, start - halo), min(n, stop + halo)
-            block = _read_block(volume, axis, lo, hi, preprocess, name)
-            sums_shape = list((labels,) + shape[1:])
-            sums_shape[axis + 1] = stop - start
-            sums = fortran_empty(tuple(sums_shape), "cpu")
-            _predict_slices(forward, block, plane, offset_sets, views, size, batch_size, start - lo, stop - lo,
-                            sums, True, bar)
-            del block
-            store.put(p, axis, start, sums)
-    store.finish(out_path, affine, count, out_dtype)
-    store.remove()
+        stop = min(n, start + steps[p])
+        if store.is_done(p, start) or index % info.world_size != info.rank:  # done, or another rank's
+            bar.update(stop - start)
+            continue
+        lo, hi = max(0, start - halo), min(n, stop + halo)
+        block = _read_block(volume, axis, lo, hi, preprocess, name)
+        sums_shape = list((labels,) + shape[1:])
+        sums_shape[axis + 1] = stop - start
+        sums = fortran_empty(tuple(sums_shape), "cpu")
+        _predict_slices(forward, block, planes[p], offset_sets, views, size, batch_size, start - lo, stop - lo,
+                        sums, True, bar)
+        del block
+        store.put(p, axis, start, sums)
+    from slab.pipeline.training.distributed import barrier
+
+    barrier(info)
+    if info.is_main:
+        if not store.all_done(blocks):
+            raise SlabError(f"{work_dir(out_path)}: a rank did not record all of its blocks")
+        store.finish(out_path, affine, count, out_dtype, block_bytes=max(1 << 20, budget // 16))
+        store.remove()
+    barrier(info)
     return load_volume(out_path, lazy=True)
+
+
+def _sharding(shard):
+    """``shard`` (a :class:`~slab.pipeline.training.distributed.DistInfo` of the ranks sharing this
+    volume) when its process group is joined, else one process."""
+    import torch.distributed as dist
+
+    from slab.pipeline.training.distributed import DistInfo
+
+    if shard is not None and shard.enabled and dist.is_available() and dist.is_initialized():
+        return shard
+    return DistInfo()
 
 
 def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,

@@ -250,18 +250,18 @@ class Predictor:
         """The float32 input and probabilities of in-memory prediction of ``volume``."""
         return (int(volume.shape[0]) + self.out_channels) * int(np.prod(volume.shape[1:])) * 4
 
-    def __call__(self, volume, out_path=None) -> torch.Tensor:
+    def __call__(self, volume, out_path=None, shard=None) -> torch.Tensor:
         """``(L, X, Y, Z)`` probabilities of ``volume`` (raw intensities: normalised here); with
         ``scales``, the mean over the volume resampled by each scale (trilinear) and the
         probabilities resampled back. With ``out_path`` (a ``.zarr``; 2.5D, one scale) they are
-        written there out of core, resumably, and returned as a lazy volume
-        (:func:`~slab.pipeline.inference.multiplane.predict_2p5d`)."""
+        written there out of core, resumably, and returned as a lazy volume, its blocks shared by
+        the ranks of ``shard`` under ``torchrun`` (:func:`~slab.pipeline.inference.multiplane.predict_2p5d`)."""
         if len(volume.shape) != 4:
             raise SlabError(f"image: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
         if out_path is not None:
             if self.mode != "2.5d" or self.scales != (1.0,):
                 raise SlabError("out_path: out-of-core prediction into a zarr store is 2.5D at one scale")
-            return self._predict(volume, self.preprocess(volume), out_path)
+            return self._predict(volume, self.preprocess(volume), out_path, shard)
         if self.mode == "3d" and isinstance(volume, LazyVolume):
             volume = volume.load()  # the sliding window takes the volume in memory
         if self.scales == (1.0,):
@@ -282,7 +282,7 @@ class Predictor:
             total = probs.cpu().clone() if total is None else total + probs.cpu()
         return total / len(self.scales)
 
-    def _predict(self, volume, preprocess, out_path=None) -> torch.Tensor:
+    def _predict(self, volume, preprocess, out_path=None, shard=None) -> torch.Tensor:
         channels = int(volume.shape[0])
         if self.mode == "3d":
             if channels != self.in_channels:
@@ -294,7 +294,7 @@ class Predictor:
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
                             min_size=self.min_size, memory_budget=self.memory_budget, preprocess=preprocess,
-                            progress=self.progress, compile=self.compile, out_path=out_path)
+                            progress=self.progress, compile=self.compile, out_path=out_path, shard=shard)
 
     def fits_in_memory(self, volume) -> bool:
         """Whether ``volume`` can be predicted in memory within ``memory_budget`` (without one:

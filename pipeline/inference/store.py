@@ -80,26 +80,41 @@ def finished(out_path, key: str) -> bool:
 
 
 class PlaneStore:
-    """The per-plane float32 sums of one run in ``folder`` and the blocks already done."""
+    """The per-plane float32 sums of one run in ``folder`` and the blocks already done.
 
-    def __init__(self, folder: Path, key: str, shape, planes, steps):
+    Under ``torchrun`` (``info`` of several ranks, the process group joined) the ranks share the
+    folder: rank 0 prepares it, each rank records its own blocks in ``state-<rank>.json``, and the
+    blocks done are the union of every state file of this run (so a resumed run may use another
+    number of processes). Blocks write disjoint zarr chunks, so ranks never write the same file.
+    """
+
+    def __init__(self, folder: Path, key: str, shape, planes, steps, info=None):
         import zarr
 
+        from slab.pipeline.training.distributed import DistInfo, barrier
+
+        self.info = info or DistInfo()
         self.folder, self.key, self.shape = Path(folder), key, tuple(int(s) for s in shape)
-        state = self._read_state()
-        if state is not None and state.get("key") != key:
-            warnings.warn(SlabWarning(f"{self.folder}: partial results of a different run (network, input or "
-                                      "settings changed); starting again"), stacklevel=4)
-            shutil.rmtree(self.folder, ignore_errors=True)
-            state = None
-        if state is None:
+        self.state_name = STATE if not self.info.enabled else f"state-{self.info.rank}.json"
+        states = self._read_states()
+        if self.info.is_main:
+            if any(state.get("key") != key for state in states):
+                warnings.warn(SlabWarning(f"{self.folder}: partial results of a different run (network, input or "
+                                          "settings changed); starting again"), stacklevel=4)
+                shutil.rmtree(self.folder, ignore_errors=True)
+                states = []
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise _os_error(self.folder, err) from None
-            state = {"key": key, "done": {}}
+        barrier(self.info)
+        states = [state for state in self._read_states() if state.get("key") == key]
         ACTIVE.add(self.folder)
-        self.done = {str(p): set(state["done"].get(str(p), [])) for p in range(len(planes))}
+        self.done = {str(p): set() for p in range(len(planes))}
+        for state in states:
+            for p, starts in state["done"].items():
+                self.done.setdefault(p, set()).update(starts)
+        self.mine = {p: set() for p in self.done}
         self.arrays = []
         for p, (plane, step) in enumerate(zip(planes, steps)):
             axis = {"zy": 0, "zx": 1, "xy": 2}[plane]
@@ -107,11 +122,11 @@ class PlaneStore:
             chunks[axis + 1] = min(step, self.shape[axis + 1])
             path = self.folder / f"plane{p}.zarr"
             try:
-                if path.exists() and self.done[str(p)]:
-                    array = zarr.open_array(str(path), mode="r+")
-                else:
-                    array = zarr.create_array(str(path), shape=self.shape, chunks=tuple(chunks), dtype="float32",
-                                              fill_value=0.0, overwrite=True, zarr_format=2, compressors=None)
+                if self.info.is_main and not (path.exists() and self.done[str(p)]):
+                    zarr.create_array(str(path), shape=self.shape, chunks=tuple(chunks), dtype="float32",
+                                      fill_value=0.0, overwrite=True, zarr_format=2, compressors=None)
+                barrier(self.info)
+                array = zarr.open_array(str(path), mode="r+")
             except OSError as err:
                 raise _os_error(path, err) from None
             if tuple(array.shape) != self.shape:
@@ -120,21 +135,35 @@ class PlaneStore:
             self.arrays.append(array)
         self._write_state()
 
-    def _read_state(self) -> dict | None:
-        try:
-            state = json.loads((self.folder / STATE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return state if isinstance(state, dict) and isinstance(state.get("done"), dict) else None
+    def _read_states(self) -> list[dict]:
+        """Every state file in the folder (one per rank of a sharded run)."""
+        states = []
+        for path in sorted(self.folder.glob("state*.json")) if self.folder.is_dir() else []:
+            try:
+                state = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(state, dict) and isinstance(state.get("done"), dict):
+                states.append(state)
+        return states
 
     def _write_state(self) -> None:
-        tmp = self.folder / (STATE + ".tmp")
+        tmp = self.folder / (self.state_name + ".tmp")
+        done = {p: sorted(s) for p, s in (self.mine if self.info.enabled else self.done).items()}
         try:
-            tmp.write_text(json.dumps({"key": self.key, "done": {p: sorted(s) for p, s in self.done.items()}}),
-                           encoding="utf-8")
-            os.replace(tmp, self.folder / STATE)
+            tmp.write_text(json.dumps({"key": self.key, "done": done}), encoding="utf-8")
+            os.replace(tmp, self.folder / self.state_name)
         except OSError as err:
-            raise _os_error(self.folder / STATE, err) from None
+            raise _os_error(self.folder / self.state_name, err) from None
+
+    def all_done(self, blocks) -> bool:
+        """Whether every ``(plane index, start)`` of ``blocks`` is recorded by some rank."""
+        done = {}
+        for state in self._read_states():
+            if state.get("key") == self.key:
+                for p, starts in state["done"].items():
+                    done.setdefault(p, set()).update(starts)
+        return all(start in done.get(str(p), ()) for p, start in blocks)
 
     def is_done(self, plane_index: int, start: int) -> bool:
         return start in self.done[str(plane_index)]
@@ -148,14 +177,17 @@ class PlaneStore:
         except OSError as err:
             raise _os_error(self.folder, err) from None
         self.done[str(plane_index)].add(start)
+        self.mine[str(plane_index)].add(start)
         self._write_state()
 
-    def finish(self, out_path, affine, count: int, out_dtype: str) -> None:
+    def finish(self, out_path, affine, count: int, out_dtype: str, block_bytes: int = 64 << 20) -> None:
         """Planes added in order and divided by ``count``, chunk by chunk, into ``out_path``
-        (which records the run's key: :func:`finished`)."""
+        (which records the run's key: :func:`finished`), ``block_bytes`` of output at a time (the
+        float32 sums read for them take up to eight times that)."""
         from slab.transforms.chunked import write_zarr
 
-        write_zarr(_Mean(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key})
+        write_zarr(_Mean(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key},
+                   block_bytes=block_bytes)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
