@@ -9,8 +9,8 @@ The volume is a uint16 phantom (a gyroid's thin walls, bright, in noise), genera
 store slab by slab; the network is a tiny 2.5D UNet trained here for a few seconds on a crop of
 the same phantom.
 
-    python benchmarks/bench_outofcore.py                          # 2048 x 1024 x 1024 uint16, 1 GiB cap
-    python benchmarks/bench_outofcore.py --shape 1024 1024 512 --cap-gib 0.75
+    python benchmarks/bench_outofcore.py                          # 2048 x 1536 x 1024 uint16 (6 GiB), 1.5 GiB cap
+    python benchmarks/bench_outofcore.py --shape 2048 1024 1024 --cap-gib 1.0
 """
 from __future__ import annotations
 
@@ -65,8 +65,11 @@ def write_phantom(folder: Path, shape) -> None:
             return self.cache[1][(slice(None),) + tuple(index[1:3])]
 
     affine = np.diag([0.05, 0.05, 0.05, 1.0])
-    write_zarr(Generated(0, np.uint16), affine, folder / "image.zarr", levels=1, block_bytes=1 << 40)
-    write_zarr(Generated(1, np.uint8), affine, folder / "truth.zarr", labels=True, levels=1, block_bytes=1 << 40)
+    # chunks thin in z, as a store meant for slice-wise (2.5D) reading would have them
+    write_zarr(Generated(0, np.uint16), affine, folder / "image.zarr", levels=1, chunks=(8, 256, 256),
+               block_bytes=1 << 40)
+    write_zarr(Generated(1, np.uint8), affine, folder / "truth.zarr", labels=True, levels=1, chunks=(8, 256, 256),
+               block_bytes=1 << 40)
 
 
 def train_tiny(folder: Path) -> tuple[Path, Path]:
@@ -188,9 +191,9 @@ def crop_check(folder: Path, net_json: Path, weights: Path, shape) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=(2048, 1024, 1024), metavar=("X", "Y", "Z"))
-    parser.add_argument("--cap-gib", type=float, default=1.0, help="the cgroup's memory limit (GiB)")
-    parser.add_argument("--budget-gib", type=float, default=0.25, help="slab's --memory-budget (GiB)")
+    parser.add_argument("--shape", type=int, nargs=3, default=(2048, 1536, 1024), metavar=("X", "Y", "Z"))
+    parser.add_argument("--cap-gib", type=float, default=1.5, help="the cgroup's memory limit (GiB)")
+    parser.add_argument("--budget-gib", type=float, default=0.2, help="slab's --memory-budget (GiB)")
     parser.add_argument("--work", type=Path, help="folder for the stores (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the stores")
     args = parser.parse_args()
@@ -211,7 +214,7 @@ def main() -> None:
         predict = capped(cgroup, ["predict", "-i", str(folder / "image.zarr"), "-o", str(folder / "mask.zarr"),
                                   "--prob", str(folder / "prob.zarr"), "--network", str(net_json), "--weights",
                                   str(weights), "--axes", "xy", "--hysteresis", "0.3", "0.7", "--min-size", "20",
-                                  "--memory-budget", str(args.budget_gib), "--batch-size", "2", "--device", "cpu",
+                                  "--memory-budget", str(args.budget_gib), "--batch-size", "1", "--device", "cpu",
                                   "--threads", "2",
                                   "--quiet"])
         evaluate = capped(cgroup, ["evaluate", str(folder / "mask.zarr"), str(folder / "truth.zarr"),

@@ -159,8 +159,8 @@ def configure_allocator() -> bool:
     trimming of the heap, so that the per-batch activations and accumulators of inference and
     training reuse pages instead of mapping, faulting in and unmapping fresh ones every batch
     (a third to a half of all CPU time in the kernel on 256^3 and larger volumes). The memory a
-    command peaks at stays with it until it exits. ``SLAB_MALLOC=default`` leaves the allocator
-    alone; non-glibc systems are left alone. Returns whether the settings were applied."""
+    command peaks at stays with it until it exits, so the command line skips this set-up when a
+    ``--memory-budget`` is given. ``SLAB_MALLOC=default`` leaves the allocator alone; non-glibc systems are left alone. Returns whether the settings were applied."""
     import ctypes
     import ctypes.util
     import os

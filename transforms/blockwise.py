@@ -37,16 +37,27 @@ def _face_offsets(connectivity: int) -> list[tuple[int, int]]:
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, connectivity: int) -> np.ndarray:
-    """``(n, 2)`` label pairs of plane ``a`` and the next plane ``b`` that touch."""
+    """``(n, 2)`` label pairs of plane ``a`` and the next plane ``b`` that touch, each pair once.
+
+    Neighbouring voxels mostly give the same pair, so runs of equal pairs are dropped before the
+    sort that removes the rest (a face of a million voxels costs milliseconds, not seconds)."""
     found = []
     nx, ny = a.shape
+    base = np.uint64(int(max(a.max(initial=0), b.max(initial=0))) + 1)
     for dx, dy in _face_offsets(connectivity):
         sa = a[max(0, -dx): nx - max(0, dx), max(0, -dy): ny - max(0, dy)]
         sb = b[max(0, dx): nx - max(0, -dx), max(0, dy): ny - max(0, -dy)]
         both = (sa > 0) & (sb > 0)
-        if both.any():
-            found.append(np.stack([sa[both], sb[both]], axis=1))
-    return np.unique(np.concatenate(found), axis=0) if found else np.empty((0, 2), np.int64)
+        if not both.any():
+            continue
+        keys = sa[both].astype(np.uint64) * base + sb[both].astype(np.uint64)
+        keep = np.ones(keys.shape, bool)
+        keep[1:] = keys[1:] != keys[:-1]
+        found.append(keys[keep])
+    if not found:
+        return np.empty((0, 2), np.int64)
+    keys = np.unique(np.concatenate(found))
+    return np.stack([keys // base, keys % base], axis=1).astype(np.int64)
 
 
 class BlockwisePostprocess:
@@ -203,7 +214,11 @@ class MaskVolume(LazyVolume):
             block = self.transform(block) if self.transform is not None else block
             self._cached = ((lo, hi), block.astype(self.dtype, copy=False))
         out = self._cached[1][(c, x, y)]
-        return np.take(out, np.asarray(zs) - lo, axis=-1) if isinstance(z, slice) else out[..., z - lo]
+        if not isinstance(z, slice):
+            return out[..., z - lo]
+        if zs.step == 1:
+            return out[..., zs.start - lo: zs.stop - lo]  # a view: the writers' tiles
+        return np.take(out, np.asarray(zs) - lo, axis=-1)
 
 
 __all__ = ["BlockwisePostprocess", "MaskVolume"]

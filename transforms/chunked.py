@@ -508,12 +508,14 @@ def _tiles(volume, zstep: int, ystep: int) -> Iterator[tuple[int, int, np.ndarra
             yield z0, y0, block.transpose(0, 3, 2, 1)
 
 
-def _steps(volume, chunks: int, block_bytes: int) -> tuple[int, int]:
-    """Whole chunks of z and y per block, as many y chunks as ``block_bytes`` allow (at least one)."""
+def _steps(volume, chunks, block_bytes: int) -> tuple[int, int]:
+    """Whole chunks of z and y (``chunks``: one size, or ``(z, y)``) per block, as many y chunks as
+    ``block_bytes`` allow (at least one)."""
+    cz, cy = chunks if isinstance(chunks, (tuple, list)) else (chunks, chunks)
     _, width, height, depth = volume.shape
-    zstep = min(chunks, depth)
+    zstep = min(cz, depth)
     row = max(1, volume.shape[0] * zstep * width * np.dtype(volume.dtype).itemsize)
-    ystep = max(1, block_bytes // row // chunks) * chunks
+    ystep = max(1, block_bytes // row // cy) * cy
     return zstep, min(ystep, height)
 
 
@@ -567,10 +569,11 @@ def pyramid_shapes(shape_czyx, levels: int | None = None) -> list[tuple[int, ...
     return shapes
 
 
-def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, chunks: int = 64,
-               levels: int | None = None, block_bytes: int = 256 << 20, notes: dict | None = None) -> None:
+def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, chunks=64,
+               levels: int | None = None, block_bytes: int = 64 << 20, notes: dict | None = None) -> None:
     """An OME-Zarr 0.4 image (zarr v2, ``/`` chunk keys, Blosc zstd): level 0 and a pyramid, written
-    block by block from ``volume`` ((C, X, Y, Z) array or LazyVolume); ``labels`` downsamples by
+    block by block from ``volume`` ((C, X, Y, Z) array or LazyVolume); ``chunks`` is one size for
+    every axis or ``(z, y, x)`` (e.g. thin in z for 2.5D reading); ``labels`` downsamples by
     taking every second voxel instead of averaging; ``notes`` join the ``slab`` attribute."""
     import zarr
     from numcodecs import Blosc
@@ -600,13 +603,14 @@ def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, 
                       **(notes or {})}}
     compressor = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if volume.dtype.itemsize == 1
                        else Blosc.SHUFFLE)
-    zstep, ystep = _steps(volume, chunks, block_bytes)
+    zyx = tuple(int(c) for c in (chunks if isinstance(chunks, (tuple, list)) else (chunks,) * 3))
+    zstep, ystep = _steps(volume, zyx[:2], block_bytes)
     with atomic_write(path) as tmp:
         try:
             group = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
             source = volume
             for i, level_shape in enumerate(shapes):
-                level_chunks = (1,) * (channels > 1) + tuple(min(chunks, n) for n in level_shape[1:])
+                level_chunks = (1,) * (channels > 1) + tuple(min(c, n) for c, n in zip(zyx, level_shape[1:]))
                 array = group.create_array(
                     name=str(i), shape=level_shape if channels > 1 else level_shape[1:], dtype=volume.dtype,
                     chunks=level_chunks, compressors=compressor, fill_value=0,

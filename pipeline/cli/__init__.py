@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             from slab.pipeline.device import configure_allocator, configure_threads
 
             configure_threads(args.threads)
-            configure_allocator()
+            if getattr(args, "memory_budget", None) is None:  # a budget: freed memory goes back to the system
+                configure_allocator()
         return int(module.run(args) or 0)
     except SlabError as err:
         print(f"slab: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -31,7 +31,7 @@ STATE = "state.json"
 # Work folders of resumable runs in progress (what an interrupted command says it kept).
 ACTIVE: set[Path] = set()
 # Work arrays are chunked this many voxels along the axes a block does not cut.
-WORK_CHUNK = 64
+WORK_CHUNK = 256
 
 
 def work_dir(out_path) -> Path:
