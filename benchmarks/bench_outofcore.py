@@ -10,7 +10,7 @@ store slab by slab; the network is a tiny 2.5D UNet trained here for a few secon
 the same phantom.
 
     python benchmarks/bench_outofcore.py                          # 2048 x 1536 x 1024 uint16 (6 GiB), 1.5 GiB cap
-    python benchmarks/bench_outofcore.py --shape 2048 1024 1024 --cap-gib 1.0
+    python benchmarks/bench_outofcore.py --shape 2048 1280 1024 --cap-gib 1.25
 """
 from __future__ import annotations
 
