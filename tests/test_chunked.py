@@ -463,3 +463,20 @@ def test_blockwise_postprocess_refuses_whole_mask_steps():
     for option in ({"keep_largest": 1}, {"fill_holes": "3d"}):
         with pytest.raises(SlabError, match="needs the whole mask in memory"):
             BlockwisePostprocess(np.zeros((1, 2, 2, 2), np.float32), option)
+
+
+def test_predict_preview_in_memory_and_out_of_core(tmp_path, rng, capsys):
+    from PIL import Image
+
+    _, base = _tiny_model(tmp_path)
+    data = _scan(rng)
+    _save(data[None], np.diag([0.5, 0.5, 1.5, 1.0]), tmp_path / "scan.zarr")
+    args = ["predict", "-i", str(tmp_path / "scan.zarr"), "--threshold", "0.5", "--quiet", *base]
+    assert main(args + ["-o", str(tmp_path / "a.nii.gz"), "--preview", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "b.zarr"), "--preview", str(tmp_path / "b.png"), *OUT_OF_CORE]) == 0
+    first, second = (np.asarray(Image.open(tmp_path / n).convert("RGB")) for n in ("a.png", "b.png"))
+    assert first.shape == (900, 1200, 3)
+    np.testing.assert_array_equal(first, second)  # the same mask drawn, whichever path made it
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "c.nii.gz"), "--preview", str(tmp_path / "c.jpg")]) == 2
+    assert "--preview" in capsys.readouterr().err and not (tmp_path / "c.nii.gz").exists()

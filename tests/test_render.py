@@ -291,3 +291,29 @@ def test_every_view_puts_the_patient_where_radiology_does():
     flipped = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-ordered voxels, as ITK reads DICOM before conversion
     assert orientation(flipped) == ("L", "P", "S")
     assert np.argwhere(section(volume, orientation(flipped), "axial", corner)).tolist() == [[5, 4]]
+
+
+def test_prediction_preview_without_truth(tmp_path):
+    """``render_prediction``: each label in its palette colour, counts and volumes in the legend."""
+    from PIL import Image
+
+    from slab.pipeline.evaluation.prediction_picture import label_display_map, render_prediction
+    from slab.transforms.labelmap import PALETTE
+
+    mask = np.zeros((2, 23, 19, 11), np.uint8)
+    mask[0, 2:9, 3:10, 2:8] = 1
+    mask[1, 12:20, 5:15, 1:9] = 1
+    image = np.random.default_rng(0).normal(size=(23, 19, 11)).astype(np.float32)
+    out = render_prediction(mask, tmp_path / "p.png", names=["kidney", "vessel"], spacing=(0.5, 0.5, 2.0),
+                            image=image, size=(400, 300), views=2)
+    assert out["counts"] == {"kidney": int(mask[0].sum()), "vessel": int(mask[1].sum())} and out["factor"] == 1
+    picture = np.asarray(Image.open(tmp_path / "p.png").convert("RGB")).astype(int)
+    assert picture.shape == (300, 400, 3)
+    for colour in PALETTE[:2]:  # both labels are drawn (shaded, so near their colour)
+        rgb = np.round(np.asarray(colour) * 255)
+        assert (np.abs(picture - rgb).sum(axis=-1) < 60).sum() > 50
+    labels, counts = label_display_map(mask, factor=2)
+    assert counts == [int(mask[0].sum()), int(mask[1].sum())] and labels.shape == (12, 10, 6)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    empty = render_prediction(np.zeros((1, 5, 5, 5), np.uint8), tmp_path / "e.png", size=(200, 200), views=1)
+    assert empty["notes"] == ["the prediction is empty: nothing to show"]

@@ -70,6 +70,9 @@ def add_arguments(parser) -> None:
                         help="write a multi-label mask as one 0/1 channel per label (overlapping labels, e.g. BraTS "
                              "regions) instead of one label map (label i = value i+1, or the model's label_map); "
                              "an output named *.seg.nrrd opens in 3D Slicer with the label names")
+    parser.add_argument("--preview", metavar="PNG",
+                        help="also draw the prediction in 3D over the image's section (each label its colour, "
+                             "no ground truth needed); a directory of PNGs when INPUT is a directory of volumes")
     parser.add_argument("--statistics", metavar="JSON",
                         help="write per-label statistics here: voxels, volume (mm^3), components, bounding box, "
                              "centroid (RAS mm), the input's intensities inside (mean, std, percentiles); "
@@ -118,7 +121,8 @@ def model_contents(model) -> list[Path]:
 def paths(args) -> tuple[dict, dict]:
     return ({"-i": args.input, "--network": args.network, "--weights": args.weights,
              "--bundle": bundle_contents(args.bundle), "--model": model_contents(args.model)},
-            {"-o": args.output, "--prob": args.prob, "--rle-csv": args.rle_csv, "--statistics": args.statistics})
+            {"-o": args.output, "--prob": args.prob, "--rle-csv": args.rle_csv, "--statistics": args.statistics,
+             "--preview": args.preview})
 
 
 def _postprocess(args) -> dict:
@@ -194,18 +198,24 @@ def _batch_key(network_config: dict) -> str:
 
 
 def _jobs(args, collection: bool, cases) -> list[tuple]:
-    """``(case, output, prob)`` for every case, every output name checked."""
+    """``(case, output, prob, preview)`` for every case, every output name checked."""
+    from slab.pipeline.data.cases import stem
     from slab.transforms.io import output_format
 
     if not collection:
-        return [(cases[0], Path(args.output), Path(args.prob) if args.prob else None)]
+        if args.preview and Path(args.preview).suffix.lower() != ".png":
+            raise SlabError(f"--preview {args.preview}: expected a .png file name")
+        return [(cases[0], Path(args.output), Path(args.prob) if args.prob else None,
+                 Path(args.preview) if args.preview else None)]
+    if args.preview and Path(args.preview).suffix:
+        raise SlabError(f"--preview: INPUT is a directory of volumes, so {args.preview} must be a directory name")
     if args.id_prefix:
         raise SlabError("--id-prefix: INPUT is a directory of volumes; each case's name is its id prefix")
     for flag, value in (("-o", args.output), ("--prob", args.prob)):
         if value and output_format(value) != "stack":
             raise SlabError(f"{flag}: INPUT is a directory of volumes, so {value} must be a directory name")
-    return [(case, Path(args.output) / case.output_name, Path(args.prob) / case.output_name if args.prob else None)
-            for case in cases]
+    return [(case, Path(args.output) / case.output_name, Path(args.prob) / case.output_name if args.prob else None,
+             Path(args.preview) / f"{stem(Path(case.output_name))}.png" if args.preview else None) for case in cases]
 
 
 def run(args) -> int:
@@ -237,7 +247,7 @@ def _run(args) -> int:
     info = init_distributed(args.device or "cpu")
     shard = info if info.enabled and not collection else None
     # Every output name and every input's header and channels, before anything is written.
-    for case, output, prob in jobs:
+    for case, output, prob, _ in jobs:
         output_format(output)
         if prob is not None:
             output_format(prob)
@@ -246,13 +256,14 @@ def _run(args) -> int:
     with temp_dir("predict") as tmp:
         csvs = {}
         mine = shard_items(list(enumerate(jobs)), info.rank, info.world_size) if collection else list(enumerate(jobs))
-        for index, (case, output, prob) in mine:
+        for index, (case, output, prob, preview) in mine:
             csv = None
             if args.rle_csv:
                 csv = tmp / f"{index}.csv" if collection else Path(args.rle_csv)
             written = predict_file(case.source, output, predictor, prob_path=prob, rle_csv=csv,
                                    row_ids=lambda depth, c=case: c.row_ids(depth, args.id_prefix),
-                                   statistics=bool(args.statistics), per_channel=args.per_channel, shard=shard)
+                                   statistics=bool(args.statistics), per_channel=args.per_channel, shard=shard,
+                                   preview=preview)
             if not written:  # another rank writes this volume
                 continue
             if csv is not None:
@@ -281,7 +292,7 @@ def _run(args) -> int:
             import json
 
             if collection:  # in the cases' order, whichever rank predicted them
-                order = [case.output_name for case, _, _ in jobs]
+                order = [case.output_name for case, _, _, _ in jobs]
                 statistics = {name: statistics[name] for name in order if name in statistics}
             document = {"cases": statistics} if collection else next(iter(statistics.values()))
             with atomic_write(args.statistics) as staged:

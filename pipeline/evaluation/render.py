@@ -166,8 +166,10 @@ def _notes(counts: dict[str, int], factor: int) -> list[str]:
     return notes
 
 
-def _surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int) -> pv.PolyData | None:
-    """Smoothed surfaces of a category map with a cell array ``category``; None when empty."""
+def _surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int,
+              names: Sequence[str] = CATEGORIES) -> pv.PolyData | None:
+    """Smoothed surfaces of a category map (code ``i + 1`` is ``names[i]``) with a cell array
+    ``category``; None when empty."""
     if not labels.any():
         return None
     step = tuple(factor * s for s in spacing)
@@ -186,9 +188,9 @@ def _surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int) -> pv.Po
     if surface.n_cells > max_faces:
         # Decimate each category on its own so that every face keeps its category.
         parts = []
-        for name, part in _split(surface).items():
+        for name, part in _split(surface, names).items():
             part = part.decimate(1 - max_faces / surface.n_cells)
-            part.cell_data["category"] = np.full(part.n_cells, CATEGORIES.index(name) + 1, np.uint8)
+            part.cell_data["category"] = np.full(part.n_cells, list(names).index(name) + 1, np.uint8)
             parts.append(part)
         surface = pv.merge(parts)
     return surface
@@ -334,6 +336,21 @@ def render_hits(
         logger.info("render %s: %s", out_png, note)
     parts = {} if surface is None else _split(surface)
 
+    handles = [
+        Patch(color=np.array(COLOURS[name]) / 255, label=f"{LEGEND[name]}: {counts[name]:,} voxels")
+        for name in CATEGORIES
+    ]
+    _picture([(part, COLOURS[name]) for name, part in parts.items()], floor, views, width, height, out_png,
+             [title, score_line(scores)], notes, handles)
+    if mesh is not None:
+        _write_mesh(_to_world(surface, spacing, np.diag([*spacing, 1.0]) if affine is None else affine), mesh)
+    return {"path": Path(out_png), "counts": counts, "scores": dict(scores), "factor": factor, "notes": notes,
+            "mesh": mesh}
+
+
+def _picture(parts, floor, views: int, width: int, height: int, out_png, lines, notes, handles) -> None:
+    """The 3D scene of coloured surfaces ``parts`` (``(surface, (r, g, b))``) over an optional grey
+    ``floor`` from ``views`` angles, under a header of title ``lines``, ``notes`` and a legend."""
     rows = 1 if views <= 3 else 2
     cols = -(-views // rows)
     header = int(round(height * _HEADER))
@@ -343,8 +360,8 @@ def render_hits(
             plotter.set_background("white")
             for i, vector in enumerate(_camera_vectors(views)):
                 plotter.subplot(i // cols, i % cols)
-                for name, part in parts.items():
-                    plotter.add_mesh(part, color=COLOURS[name], smooth_shading=True, specular=0.2)
+                for part, colour in parts:
+                    plotter.add_mesh(part, color=colour, smooth_shading=True, specular=0.2)
                 if floor is not None:
                     plotter.add_mesh(floor, scalars="image", cmap="gray", clim=(0, 1), show_scalar_bar=False)
                 plotter.view_vector(vector, viewup=(0, 0, 1))
@@ -358,28 +375,20 @@ def render_hits(
     ax = fig.add_axes((0, 0, 1, 1 - header / height))
     ax.imshow(scene, interpolation="nearest")
     ax.set_axis_off()
-    fig.text(0.01, 0.99, "\n".join(line for line in (title, score_line(scores)) if line), va="top", fontsize=11)
+    fig.text(0.01, 0.99, "\n".join(line for line in lines if line), va="top", fontsize=11)
     if notes:
         fig.text(0.01, 1 - header / height, "; ".join(notes), va="bottom", fontsize=9, color="dimgray")
-    handles = [
-        Patch(color=np.array(COLOURS[name]) / 255, label=f"{LEGEND[name]}: {counts[name]:,} voxels")
-        for name in CATEGORIES
-    ]
     fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False, borderaxespad=0.3)
     with atomic_write(out_png) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    if mesh is not None:
-        _write_mesh(_to_world(surface, spacing, np.diag([*spacing, 1.0]) if affine is None else affine), mesh)
-    return {"path": Path(out_png), "counts": counts, "scores": dict(scores), "factor": factor, "notes": notes,
-            "mesh": mesh}
 
 
-def _split(surface: pv.PolyData) -> dict[str, pv.PolyData]:
-    """The non-empty categories of a surface, one surface each."""
+def _split(surface: pv.PolyData, names: Sequence[str] = CATEGORIES) -> dict[str, pv.PolyData]:
+    """The non-empty categories of a surface (code ``i + 1`` is ``names[i]``), one surface each."""
     category = np.asarray(surface.cell_data["category"])
     return {
         name: surface.remove_cells(category != code)
-        for code, name in enumerate(CATEGORIES, start=1)
+        for code, name in enumerate(names, start=1)
         if np.any(category == code)
     }
 

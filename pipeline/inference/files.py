@@ -47,7 +47,8 @@ def _open(path, predictor: Predictor):
 
 def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
                  id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None,
-                 statistics: bool = False, per_channel: bool = False, shard=None) -> dict[str, Path | dict]:
+                 statistics: bool = False, per_channel: bool = False, shard=None,
+                 preview=None) -> dict[str, Path | dict]:
     """Predict one volume and write its mask (and probabilities, RLE CSV).
 
     Load ``input_path`` (any format ``load_volume`` reads, or a list of files as channels; lazily
@@ -66,6 +67,9 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     read; every file is written atomically. With ``statistics``, the result also holds each
     label's statistics (:func:`slab.pipeline.evaluation.statistics.label_statistics`: volume in mm³,
     components, centroid, the input's intensities inside it).
+
+    ``preview`` (a PNG): a 3D picture of the prediction over the image
+    (:func:`slab.pipeline.evaluation.prediction_picture.render_prediction`), no ground truth needed.
 
     Under ``torchrun``, ``shard`` (:class:`~slab.pipeline.training.distributed.DistInfo`, the process
     group joined) makes the ranks share this one volume: out of core, each predicts its share of
@@ -96,7 +100,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
             volume = load_volume(input_path, lazy=True)
     if out_of_core:
         return _predict_out_of_core(volume, output_path, predictor, prob_path, rle_csv, id_prefix, row_ids,
-                                    statistics, per_channel, segmentation, shard)
+                                    statistics, per_channel, segmentation, shard, preview)
     if not main:
         return {}
     probs = predictor(volume)
@@ -116,11 +120,22 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         from slab.pipeline.evaluation.statistics import label_statistics
 
         written["statistics"] = label_statistics(mask, volume, affine, predictor.label_names())
+    if preview is not None:
+        written["preview"] = _preview(mask, volume, preview, predictor)
     return written
 
 
+def _preview(mask, volume, png, predictor: Predictor) -> Path:
+    from slab.pipeline.evaluation.prediction_picture import render_prediction
+
+    name = volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None
+    return render_prediction(mask, png, names=predictor.label_names(), spacing=volume.meta["spacing"], image=volume,
+                             title=str(name) if name else None)["path"]
+
+
 def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, rle_csv, id_prefix, row_ids,
-                         statistics: bool, per_channel: bool, segmentation: bool, shard=None) -> dict:
+                         statistics: bool, per_channel: bool, segmentation: bool, shard=None,
+                         preview=None) -> dict:
     """A volume larger than the budget, to a zarr/HDF5/TIFF output: probabilities into a zarr store
     chunk by chunk (``prob_path`` when it is a ``.zarr``, else ``<output>.partial/probabilities.zarr``;
     finished blocks survive a kill, and the same command resumes), then the post-processing slab by
@@ -163,6 +178,8 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
         depth = int(full.shape[-1])
         ids = row_ids(depth) if row_ids is not None else [f"{id_prefix}_{z:04d}" for z in range(depth)]
         written["rle_csv"] = write_rle_csv(full, rle_csv, ids, predictor.label_names())
+    if preview is not None:  # the channels' masks, read a slab at a time
+        written["preview"] = _preview(MaskVolume(post, affine, source), volume, preview, predictor)
     if hasattr(probs, "close"):
         probs.close()
     shutil.rmtree(work, ignore_errors=True)
