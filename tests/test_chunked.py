@@ -480,3 +480,23 @@ def test_predict_preview_in_memory_and_out_of_core(tmp_path, rng, capsys):
     capsys.readouterr()
     assert main(args + ["-o", str(tmp_path / "c.nii.gz"), "--preview", str(tmp_path / "c.jpg")]) == 2
     assert "--preview" in capsys.readouterr().err and not (tmp_path / "c.nii.gz").exists()
+
+
+def test_run_key_notices_a_chunk_rewritten_in_place(tmp_path, rng):
+    import os
+
+    from slab.pipeline.inference.store import run_key
+
+    _save(_volume(rng, (6, 5, 4), np.uint16), np.eye(4), tmp_path / "in.zarr")
+    net = torch.nn.Conv2d(3, 1, 1)
+    key = run_key(net, (1, 6, 5, 4), "uint16", str(tmp_path / "in.zarr"), {"tta": "none"})
+    assert run_key(net, (1, 6, 5, 4), "uint16", str(tmp_path / "in.zarr"), {"tta": "none"}) == key
+    chunk = next(p for p in (tmp_path / "in.zarr" / "0").rglob("*") if p.is_file() and not p.name.startswith("."))
+    stat = chunk.stat()
+    chunk.write_bytes(chunk.read_bytes())  # same bytes, a new modification time
+    os.utime(chunk, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert run_key(net, (1, 6, 5, 4), "uint16", str(tmp_path / "in.zarr"), {"tta": "none"}) != key
+    assert run_key(net, (1, 6, 5, 4), "uint16", str(tmp_path / "in.zarr"), {"tta": "flips"}) != key
+    with torch.no_grad():
+        net.weight.add_(1)
+    assert run_key(net, (1, 6, 5, 4), "uint16", str(tmp_path / "in.zarr"), {"tta": "none"}) != key

@@ -52,20 +52,38 @@ def describe(fn) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
+def _stamp(path) -> list:
+    """A file's name, size and modification time; for a directory (a zarr store, a slice stack),
+    a hash of every file's relative name, size and modification time inside it, so that a chunk
+    rewritten in place is noticed."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError):
+        return [str(path)]
+    if not os.path.isdir(path):
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                info = os.stat(full)
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(full, path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return [str(path), digest.hexdigest()]
+
+
 def run_key(model: torch.nn.Module, shape, dtype, source, settings: dict) -> str:
     """A hash of everything that decides a result: the network's weights, the input (shape,
-    dtype, file name, size and modification time) and the inference settings."""
+    dtype, and :func:`_stamp` of its file or of every file in its directory) and the inference
+    settings."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    stamp = []
-    for path in (source if isinstance(source, (list, tuple)) else [source]):
-        try:
-            stat = os.stat(path)
-            stamp.append([str(path), stat.st_size, stat.st_mtime_ns])
-        except (OSError, TypeError):
-            stamp.append([str(path)])
+    stamp = [_stamp(path) for path in (source if isinstance(source, (list, tuple)) else [source])]
     settings = {k: describe(v) if callable(v) else v for k, v in settings.items()}
     digest.update(json.dumps({"shape": list(shape), "dtype": str(dtype), "source": stamp, **settings},
                              sort_keys=True, default=repr).encode())
