@@ -19,7 +19,6 @@ array; object arrays and the pickle codec are refused.
 """
 from __future__ import annotations
 
-import json
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slab.transforms.checks import read_json_object
 from slab.transforms.errors import SlabError, SlabWarning
 from slab.transforms.formats import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, one_line, spacing_of, suffix_of
 from slab.transforms.lazy import LazyVolume
@@ -39,7 +39,6 @@ UNITS_MM = {
 }
 OME_VERSION = "0.4"
 _REFUSED_CODECS = {"pickle"}  # numcodecs.Pickle unpickles chunk bytes: code from a file
-_META_BYTES = 16 << 20
 # Written pyramids stop when the largest axis of the last level is at most this.
 PYRAMID_MIN = 256
 
@@ -182,31 +181,18 @@ def is_zarr(path: Path, metadata: bool = False) -> bool:
         (path / name).is_file() for name in (".zarray", ".zgroup", "zarr.json")))
 
 
-def _json(path: Path, source) -> dict:
-    try:
-        if path.stat().st_size > _META_BYTES:
-            raise SlabError(f"{path}: zarr metadata of {path.stat().st_size} bytes; corrupt")
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except SlabError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SlabError(f"{path}: not readable zarr metadata ({one_line(err)})") from None
-    if not isinstance(value, dict):
-        raise SlabError(f"{path}: zarr metadata is not a JSON object")
-    return value
-
-
 def _node(path: Path, source) -> tuple[str, dict, dict]:
     """``(kind, metadata, attributes)`` of a zarr node: kind ``"array"``, ``"group"`` or ``""``."""
     if (path / "zarr.json").is_file():
-        meta = _json(path / "zarr.json", source)
+        meta = read_json_object(path / "zarr.json", "zarr metadata")
         kind = meta.get("node_type", "")
-        return (kind if kind in ("array", "group") else ""), meta, meta.get("attributes") or {}
-    attrs = _json(path / ".zattrs", source) if (path / ".zattrs").is_file() else {}
+        attrs = meta.get("attributes")
+        return (kind if kind in ("array", "group") else ""), meta, attrs if isinstance(attrs, dict) else {}
+    attrs = read_json_object(path / ".zattrs", "zarr metadata") if (path / ".zattrs").is_file() else {}
     if (path / ".zarray").is_file():
-        return "array", _json(path / ".zarray", source), attrs
+        return "array", read_json_object(path / ".zarray", "zarr metadata"), attrs
     if (path / ".zgroup").is_file():
-        return "group", _json(path / ".zgroup", source), attrs
+        return "group", read_json_object(path / ".zgroup", "zarr metadata"), attrs
     return "", {}, attrs
 
 
@@ -218,10 +204,11 @@ def _check_codecs(path: Path, meta: dict) -> None:
     if str(dtype).lstrip("|<>=") in ("O", "object") or names & _REFUSED_CODECS or "vlen-utf8" in names:
         raise SlabError(f"{path}: a zarr array of Python objects (dtype {dtype!r}, codecs {sorted(names)}); slab "
                         "reads numeric arrays only and never unpickles a file's data")
-    try:
-        np.dtype(dtype) if isinstance(dtype, str) and meta.get("zarr_format") != 3 else None
-    except TypeError:
-        raise SlabError(f"{path}: zarr dtype {dtype!r} is not a numeric array type") from None
+    if isinstance(dtype, str) and meta.get("zarr_format") != 3:  # v3 names its types (uint16, ...)
+        try:
+            np.dtype(dtype)
+        except TypeError:
+            raise SlabError(f"{path}: zarr dtype {dtype!r} is not a numeric array type") from None
 
 
 def _multiscales(attrs: dict) -> list | None:
@@ -300,10 +287,11 @@ def open_zarr(path, spacing=None) -> ArrayVolume:
     kind, meta, attrs = _node(path, source)
     if kind == "group":
         multiscales = _multiscales(attrs)
-        if multiscales is None and (path / "0").is_dir() and _node(path / "0", source)[0] == "group":
-            inner = _multiscales(_node(path / "0", source)[2])  # bioformats2raw: series 0 in 0/
+        if multiscales is None and (path / "0").is_dir():  # bioformats2raw: series 0 in 0/
+            inner_kind, _, inner_attrs = _node(path / "0", source)
+            inner = _multiscales(inner_attrs) if inner_kind == "group" else None
             if inner is not None:
-                path, attrs, multiscales = path / "0", _node(path / "0", source)[2], inner
+                path, attrs, multiscales = path / "0", inner_attrs, inner
         if multiscales is not None:
             datasets = multiscales[0].get("datasets") if isinstance(multiscales[0], dict) else None
             if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict):

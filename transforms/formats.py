@@ -39,6 +39,7 @@ ZARR_SUFFIXES = (".zarr",)  # a directory
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TIFF_SUFFIXES = (".tif", ".tiff")  # one page is a slice of a stack, several a volume
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + HDF5_SUFFIXES  # files that are always volumes
+STEM_SUFFIXES = VOLUME_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES  # what a case name drops
 PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 JP2_DTYPES = PNG_DTYPES + (np.dtype(np.int8), np.dtype(np.int16))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse

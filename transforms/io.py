@@ -35,6 +35,7 @@ from slab.transforms.formats import (
     PNG_DTYPES,
     SLICE_FORMATS,
     SLICE_SUFFIXES,
+    STEM_SUFFIXES,
     VOLUME_SUFFIXES,
     check_itk_header,
     check_stack_target,
@@ -410,7 +411,7 @@ def _source_stem(volume) -> str:
         raise SlabError("volume: has no meta['filename_or_obj'] to name the output; pass a file name")
     name = Path(str(source)).name
     suffix = suffix_of(Path(name))
-    return name[: -len(suffix)] if suffix in VOLUME_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES else name
+    return name[: -len(suffix)] if suffix in STEM_SUFFIXES else name
 
 
 class SaveVolume(Transform):

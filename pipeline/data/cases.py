@@ -25,10 +25,10 @@ from pathlib import Path
 from slab.transforms.errors import SlabError
 from slab.transforms.formats import (
     SLICE_SUFFIXES,
+    STEM_SUFFIXES,
     TIFF_SUFFIXES,
     UWMGI_SCAN,
     VOLUME_SUFFIXES,
-    ZARR_SUFFIXES,
     natural_key,
     suffix_of,
 )
@@ -63,7 +63,7 @@ def stem(path: Path) -> str:
     """A file's name without its volume suffix (``case_0000.nii.gz`` -> ``case_0000``)."""
     name = Path(path).name
     suffix = suffix_of(Path(name))
-    return name[: -len(suffix)] if suffix in VOLUME_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES else name
+    return name[: -len(suffix)] if suffix in STEM_SUFFIXES else name
 
 
 def _visible(folder: Path) -> list[Path]:

@@ -299,6 +299,21 @@ def _predict_in_memory(forward, volume, planes, offset_sets, views, size, batch_
     return acc.cpu()
 
 
+def _block_sums(forward, volume, plane, start, stop, halo, offset_sets, views, size, batch_size, labels, preprocess,
+                name, bar) -> torch.Tensor:
+    """The sums over the views of slices ``start:stop`` of ``plane``, from a block read with the
+    slabs' ``halo`` (clamped only where the block's edges are the volume's)."""
+    axis = PLANE_AXIS[plane]
+    shape = tuple(int(s) for s in volume.shape)
+    lo, hi = max(0, start - halo), min(shape[axis + 1], stop + halo)
+    block = _read_block(volume, axis, lo, hi, preprocess, name)
+    sums_shape = list((labels,) + shape[1:])
+    sums_shape[axis + 1] = stop - start
+    sums = fortran_empty(tuple(sums_shape), "cpu")
+    _predict_slices(forward, block, plane, offset_sets, views, size, batch_size, start - lo, stop - lo, sums, True, bar)
+    return sums
+
+
 def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,
                       name, bar, budget, out_path, out_dtype, settings, shard=None):
     """The on-disk path into a zarr store, block by block, resumable (see the module docs)."""
@@ -329,14 +344,8 @@ def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_s
         if store.is_done(p, start) or index % info.world_size != info.rank:  # done, or another rank's
             bar.update(stop - start)
             continue
-        lo, hi = max(0, start - halo), min(n, stop + halo)
-        block = _read_block(volume, axis, lo, hi, preprocess, name)
-        sums_shape = list((labels,) + shape[1:])
-        sums_shape[axis + 1] = stop - start
-        sums = fortran_empty(tuple(sums_shape), "cpu")
-        _predict_slices(forward, block, planes[p], offset_sets, views, size, batch_size, start - lo, stop - lo,
-                        sums, True, bar)
-        del block
+        sums = _block_sums(forward, volume, planes[p], start, stop, halo, offset_sets, views, size, batch_size,
+                           labels, preprocess, name, bar)
         store.put(p, axis, start, sums)
     from slab.pipeline.training.distributed import barrier
 
@@ -377,16 +386,8 @@ def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_si
                 n = shape[axis + 1]
                 step = _slices_per_block(budget, shape, axis, labels, itemsize, batch_size, k, halo)
                 for start in range(0, n, step):
-                    stop = min(n, start + step)
-                    lo, hi = max(0, start - halo), min(n, stop + halo)
-                    # Clamping at the block's edges happens only where they are the volume's.
-                    block = _read_block(volume, axis, lo, hi, preprocess, name)
-                    sums_shape = list((labels,) + shape[1:])
-                    sums_shape[axis + 1] = stop - start
-                    sums = fortran_empty(tuple(sums_shape), "cpu")
-                    _predict_slices(forward, block, plane, offset_sets, views, size, batch_size,
-                                    start - lo, stop - lo, sums, True, bar)
-                    del block
+                    sums = _block_sums(forward, volume, plane, start, min(n, start + step), halo, offset_sets,
+                                       views, size, batch_size, labels, preprocess, name, bar)
                     sink.add(p, axis, start, sums)
         # Copy-on-write: the caller may change the tensor, the file stays as written. The map
         # outlives the temporary directory's removal.
