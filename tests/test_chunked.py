@@ -324,11 +324,13 @@ def test_predict_zarr_to_zarr_and_a_folder_of_containers(tmp_path, rng, capsys):
 OUT_OF_CORE = ["--memory-budget", "0.000002"]  # ~2 KiB: every block is one batch, sums on disk
 
 
-def _tiny_model(tmp_path, out_channels=1):
+def _tiny_model(tmp_path, out_channels=1, **changes):
+    """A tiny UNet (2.5D unless ``changes`` say otherwise; inference keys such as ``roi_size`` go
+    into its network config only) and the CLI flags that load it."""
     config = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": out_channels, "channels": [4, 8],
-              "strides": [2]}
+              "strides": [2], **changes}
     torch.manual_seed(0)
-    net = build_network(**config)
+    net = build_network(**{k: v for k, v in config.items() if k != "roi_size"})
     (tmp_path / "net.json").write_text(json.dumps(config))
     save_weights(net, tmp_path / "net.pt")
     return net, ["--network", str(tmp_path / "net.json"), "--weights", str(tmp_path / "net.pt"), "--device", "cpu"]

@@ -317,58 +317,22 @@ def _block_sums(forward, volume, plane, start, stop, halo, offset_sets, views, s
 def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,
                       name, bar, budget, out_path, out_dtype, settings, shard=None):
     """The on-disk path into a zarr store, block by block, resumable (see the module docs)."""
-    from slab.pipeline.inference.store import PlaneStore, finished, run_key, work_dir
-    from slab.transforms.io import load_volume
+    from slab.pipeline.inference.store import predict_blocks
 
     shape = tuple(int(s) for s in volume.shape)
     halo = max(abs(o) for o in offset_sets[0])
     itemsize = np.dtype(volume.dtype).itemsize if isinstance(volume, LazyVolume) else 4
     k = len(offset_sets[0])
-    steps = [_slices_per_block(budget, shape, PLANE_AXIS[p], labels, itemsize, batch_size, k, halo) for p in planes]
-    affine, _ = volume_meta(volume)
-    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    source = getattr(volume, "meta", {}).get("filename_or_obj")
-    key = run_key(forward.model, shape, volume.dtype, source,
-                  {**settings, "planes": list(planes), "batch_size": batch_size, "steps": steps,
-                   "labels": labels, "out_dtype": out_dtype})
-    info = _sharding(shard)
-    if finished(out_path, key):  # the same run finished before (e.g. killed while post-processing)
-        bar.update(bar.total - bar.n)
-        return load_volume(out_path, lazy=True)
-    store = PlaneStore(work_dir(out_path), key, (labels,) + shape[1:], planes, steps, info)
-    blocks = [(p, start) for p, plane in enumerate(planes) for start in range(0, shape[PLANE_AXIS[plane] + 1], steps[p])]
-    for index, (p, start) in enumerate(blocks):
-        axis = PLANE_AXIS[planes[p]]
-        n = shape[axis + 1]
-        stop = min(n, start + steps[p])
-        if store.is_done(p, start) or index % info.world_size != info.rank:  # done, or another rank's
-            bar.update(stop - start)
-            continue
-        sums = _block_sums(forward, volume, planes[p], start, stop, halo, offset_sets, views, size, batch_size,
+    axes = [PLANE_AXIS[p] for p in planes]
+    steps = [_slices_per_block(budget, shape, axis, labels, itemsize, batch_size, k, halo) for axis in axes]
+
+    def compute(p, start, stop):
+        return _block_sums(forward, volume, planes[p], start, stop, halo, offset_sets, views, size, batch_size,
                            labels, preprocess, name, bar)
-        store.put(p, axis, start, sums)
-    from slab.pipeline.training.distributed import barrier
 
-    barrier(info)
-    if info.is_main:
-        if not store.all_done(blocks):
-            raise SlabError(f"{work_dir(out_path)}: a rank did not record all of its blocks")
-        store.finish(out_path, affine, count, out_dtype, block_bytes=max(1 << 20, budget // 16))
-        store.remove()
-    barrier(info)
-    return load_volume(out_path, lazy=True)
-
-
-def _sharding(shard):
-    """``shard`` (a :class:`~slab.pipeline.training.distributed.DistInfo` of the ranks sharing this
-    volume) when its process group is joined, else one process."""
-    import torch.distributed as dist
-
-    from slab.pipeline.training.distributed import DistInfo
-
-    if shard is not None and shard.enabled and dist.is_available() and dist.is_initialized():
-        return shard
-    return DistInfo()
+    return predict_blocks(forward.model, volume, out_path, (labels,) + shape[1:], axes, steps,
+                          {**settings, "planes": list(planes), "batch_size": batch_size, "labels": labels},
+                          compute, count, out_dtype, bar, budget, shard)
 
 
 def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,

@@ -242,25 +242,27 @@ class Predictor:
 
     def out_of_core(self, volume) -> bool:
         """Whether ``volume`` is predicted into a zarr store (``__call__(volume, out_path=...)``):
-        a LazyVolume that does not fit the memory budget, a 2.5D network, one scale."""
-        return (isinstance(volume, LazyVolume) and self.mode == "2.5d" and self.scales == (1.0,)
-                and not self.fits_in_memory(volume))
+        a LazyVolume that does not fit the memory budget, at one scale."""
+        return isinstance(volume, LazyVolume) and self.scales == (1.0,) and not self.fits_in_memory(volume)
 
     def working_bytes(self, volume) -> int:
-        """The float32 input and probabilities of in-memory prediction of ``volume``."""
-        return (int(volume.shape[0]) + self.out_channels) * int(np.prod(volume.shape[1:])) * 4
+        """The float32 input and probabilities of in-memory prediction of ``volume`` (3D: also
+        the sliding window's importance sums and the flips' running total)."""
+        planes = self.out_channels if self.mode == "2.5d" else 2 * self.out_channels + 1
+        return (int(volume.shape[0]) + planes) * int(np.prod(volume.shape[1:])) * 4
 
     def __call__(self, volume, out_path=None, shard=None) -> torch.Tensor:
         """``(L, X, Y, Z)`` probabilities of ``volume`` (raw intensities: normalised here); with
         ``scales``, the mean over the volume resampled by each scale (trilinear) and the
-        probabilities resampled back. With ``out_path`` (a ``.zarr``; 2.5D, one scale) they are
+        probabilities resampled back. With ``out_path`` (a ``.zarr``; one scale) they are
         written there out of core, resumably, and returned as a lazy volume, its blocks shared by
-        the ranks of ``shard`` under ``torchrun`` (:func:`~slab.pipeline.inference.multiplane.predict_2p5d`)."""
+        the ranks of ``shard`` under ``torchrun`` (:func:`~slab.pipeline.inference.multiplane.predict_2p5d`,
+        :func:`~slab.pipeline.inference.window.predict_3d`)."""
         if len(volume.shape) != 4:
             raise SlabError(f"image: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
         if out_path is not None:
-            if self.mode != "2.5d" or self.scales != (1.0,):
-                raise SlabError("out_path: out-of-core prediction into a zarr store is 2.5D at one scale")
+            if self.scales != (1.0,):
+                raise SlabError("out_path: out-of-core prediction into a zarr store is at one scale")
             return self._predict(volume, self.preprocess(volume), out_path, shard)
         if self.mode == "3d" and isinstance(volume, LazyVolume):
             volume = volume.load()  # the sliding window takes the volume in memory
@@ -287,10 +289,12 @@ class Predictor:
         if self.mode == "3d":
             if channels != self.in_channels:
                 raise SlabError(f"image: {channels} channel(s); the network takes {self.in_channels}")
-            x = preprocess(volume)  # a MetaTensor stays one, geometry included
-            return predict_3d(self.model, x, roi_size=self.roi_size, overlap=self.overlap, tta=self.tta,
-                              sw_batch_size=self.sw_batch_size, device=self.device, amp=self.amp,
-                              progress=self.progress, compile=self.compile)
+            options = dict(roi_size=self.roi_size, overlap=self.overlap, tta=self.tta, sw_batch_size=self.sw_batch_size,
+                           device=self.device, amp=self.amp, progress=self.progress, compile=self.compile)
+            if out_path is not None:
+                return predict_3d(self.model, volume, out_path=out_path, memory_budget=self.memory_budget,
+                                  preprocess=preprocess, shard=shard, **options)
+            return predict_3d(self.model, preprocess(volume), **options)  # a MetaTensor stays one
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
                             min_size=self.min_size, memory_budget=self.memory_budget, preprocess=preprocess,

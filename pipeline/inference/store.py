@@ -98,7 +98,9 @@ def finished(out_path, key: str) -> bool:
 
 
 class PlaneStore:
-    """The per-plane float32 sums of one run in ``folder`` and the blocks already done.
+    """The per-plane float32 sums of one run in ``folder`` and the blocks already done: one
+    array per plane (2.5D) or flip (3D), cut into blocks of ``steps[p]`` slices along spatial
+    axis ``axes[p]``.
 
     Under ``torchrun`` (``info`` of several ranks, the process group joined) the ranks share the
     folder: rank 0 prepares it, each rank records its own blocks in ``state-<rank>.json``, and the
@@ -106,7 +108,7 @@ class PlaneStore:
     number of processes). Blocks write disjoint zarr chunks, so ranks never write the same file.
     """
 
-    def __init__(self, folder: Path, key: str, shape, planes, steps, info=None):
+    def __init__(self, folder: Path, key: str, shape, axes, steps, info=None):
         import zarr
 
         from slab.pipeline.training.distributed import DistInfo, barrier
@@ -128,14 +130,13 @@ class PlaneStore:
         barrier(self.info)
         states = [state for state in self._read_states() if state.get("key") == key]
         ACTIVE.add(self.folder)
-        self.done = {str(p): set() for p in range(len(planes))}
+        self.done = {str(p): set() for p in range(len(axes))}
         for state in states:
             for p, starts in state["done"].items():
                 self.done.setdefault(p, set()).update(starts)
         self.mine = {p: set() for p in self.done}
         self.arrays = []
-        for p, (plane, step) in enumerate(zip(planes, steps)):
-            axis = {"zy": 0, "zx": 1, "xy": 2}[plane]
+        for p, (axis, step) in enumerate(zip(axes, steps)):
             chunks = [self.shape[0]] + [min(WORK_CHUNK, n) for n in self.shape[1:]]
             chunks[axis + 1] = min(step, self.shape[axis + 1])
             path = self.folder / f"plane{p}.zarr"
@@ -212,6 +213,61 @@ class PlaneStore:
         ACTIVE.discard(self.folder)
 
 
+def predict_blocks(model, volume, out_path, store_shape, axes, steps, settings: dict, compute, count: int,
+                   out_dtype: str, bar, budget: int, shard=None):
+    """Out-of-core prediction of ``volume`` into the OME-Zarr ``out_path``, resumable, shared by
+    the ranks of ``shard``: the loop both engines run.
+
+    Array ``p`` of the work store is cut into blocks of ``steps[p]`` slices along spatial axis
+    ``axes[p]``; ``compute(p, start, stop)`` gives a block's float32 sums (and moves ``bar``).
+    Finished blocks (of this run: :func:`run_key` of the network, the input and ``settings``)
+    are skipped; rank ``r`` of ``world_size`` computes every ``world_size``-th block; rank 0
+    adds the arrays in order, divides by ``count`` and writes ``out_path``. Every rank returns
+    the result as a lazy volume.
+    """
+    from slab.pipeline.training.distributed import barrier
+    from slab.transforms.io import load_volume
+
+    info = _sharding(shard)
+    shape = tuple(int(s) for s in volume.shape)
+    affine = getattr(volume, "affine", None)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    source = getattr(volume, "meta", {}).get("filename_or_obj")
+    key = run_key(model, shape, volume.dtype, source, {**settings, "steps": list(steps), "out_dtype": out_dtype,
+                                                       "store": list(store_shape)})
+    if finished(out_path, key):  # the same run finished before (e.g. killed while post-processing)
+        bar.update(bar.total - bar.n)
+        return load_volume(out_path, lazy=True)
+    store = PlaneStore(work_dir(out_path), key, store_shape, axes, steps, info)
+    blocks = [(p, start) for p, axis in enumerate(axes) for start in range(0, store_shape[axis + 1], steps[p])]
+    for index, (p, start) in enumerate(blocks):
+        stop = min(store_shape[axes[p] + 1], start + steps[p])
+        if store.is_done(p, start) or index % info.world_size != info.rank:  # done, or another rank's
+            bar.update(stop - start)
+            continue
+        store.put(p, axes[p], start, compute(p, start, stop))
+    barrier(info)
+    if info.is_main:
+        if not store.all_done(blocks):
+            raise SlabError(f"{work_dir(out_path)}: a rank did not record all of its blocks")
+        store.finish(out_path, affine, count, out_dtype, block_bytes=max(1 << 20, budget // 16))
+        store.remove()
+    barrier(info)
+    return load_volume(out_path, lazy=True)
+
+
+def _sharding(shard):
+    """``shard`` (a :class:`~slab.pipeline.training.distributed.DistInfo` of the ranks sharing this
+    volume) when its process group is joined, else one process."""
+    import torch.distributed as dist
+
+    from slab.pipeline.training.distributed import DistInfo
+
+    if shard is not None and shard.enabled and dist.is_available() and dist.is_initialized():
+        return shard
+    return DistInfo()
+
+
 def kept_message() -> str:
     """What an interrupted command kept: '' when no resumable run was in progress."""
     kept = [p for p in ACTIVE if p.is_dir()]
@@ -238,4 +294,4 @@ class _Mean:
         return total.numpy().astype(self.dtype, copy=False)
 
 
-__all__ = ["ACTIVE", "PlaneStore", "finished", "kept_message", "run_key", "work_dir", "STATE"]
+__all__ = ["ACTIVE", "PlaneStore", "finished", "kept_message", "predict_blocks", "run_key", "work_dir", "STATE"]

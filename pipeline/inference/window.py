@@ -31,7 +31,8 @@ def _flip_sets(tta: str) -> list[tuple[int, ...]]:
 
 def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode: str = "gaussian",
                tta: str = "none", sw_batch_size: int = 4, device=None, amp: bool | str = True,
-               progress: bool = False, compile: bool = False) -> torch.Tensor:
+               progress: bool = False, compile: bool = False, out_path=None, out_dtype: str = "float16",
+               memory_budget: int | None = None, preprocess=None, shard=None) -> torch.Tensor:
     """3D sliding-window inference (MONAI), sigmoid, optional flip TTA.
 
     Parameters
@@ -45,10 +46,18 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
     tta : ``"none"`` or ``"flips"``: the mean probability over the 8 axis flips, flipped back.
     sw_batch_size : windows per forward pass.
     device, amp, progress, compile : as in :func:`predict_2p5d`.
+    out_path : a ``.zarr`` to predict into out of core (an OME-Zarr of ``out_dtype``, in the
+        input's geometry): blocks of z slices within ``memory_budget`` bytes (default 1 GiB),
+        each block's windows read, predicted and blended on their own, resumable after a kill
+        and shared by the ranks of ``shard`` under ``torchrun``
+        (:mod:`slab.pipeline.inference.window_blocks`). The volume (a LazyVolume too) is never
+        held whole; ``preprocess`` normalises each block as read (default: cast to float32).
+        The result equals the in-memory one to float rounding.
 
     Returns
     -------
-    float32 ``(L, X, Y, Z)`` probabilities, a MetaTensor with the input's affine when it has one.
+    float32 ``(L, X, Y, Z)`` probabilities, a MetaTensor with the input's affine when it has one
+    (with ``out_path``, a lazy volume over the store).
 
     Example
     -------
@@ -66,6 +75,9 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
     sw_batch_size = check_positive("sw_batch_size", sw_batch_size)
     if len(volume.shape) != 4:
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
+    if out_path is not None:
+        return _predict_3d_to_store(model, volume, roi, overlap, mode, tta, sw_batch_size, device, amp, progress,
+                                    compile, out_path, out_dtype, memory_budget, preprocess, shard)
     source = volume.load() if isinstance(volume, LazyVolume) else volume
     name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
     forward = Forward(model, device, amp, compile)
@@ -88,4 +100,26 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
     affine, meta = volume_meta(volume)
     probs = total[0].cpu()
     return probs if affine is None else MetaTensor(probs, affine=affine, meta=meta)
+
+
+def _predict_3d_to_store(model, volume, roi, overlap, mode, tta, sw_batch_size, device, amp, progress, compile,
+                         out_path, out_dtype, memory_budget, preprocess, shard):
+    from slab.pipeline.inference.multiplane import DEFAULT_MEMORY_BUDGET, OUT_DTYPES
+    from slab.pipeline.inference.window_blocks import predict_3d_blocks
+
+    check_choice("out_dtype", out_dtype, OUT_DTYPES)
+    if not str(out_path).lower().endswith(".zarr"):
+        raise SlabError(f"out_path: out-of-core 3D prediction writes a .zarr store, got {out_path}")
+    if memory_budget is not None:
+        memory_budget = check_positive("memory_budget", memory_budget)
+    preprocess = preprocess or as_float
+    name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
+    forward = Forward(model, device, amp, compile)
+    flips = _flip_sets(tta)
+    settings = {"tta": tta, "sw_batch_size": sw_batch_size, "amp": str(amp), "preprocess": preprocess}
+    with torch.inference_mode(), tqdm(total=int(volume.shape[3]) * len(flips), disable=not progress, desc="3D",
+                                      unit="slice") as bar:
+        return predict_3d_blocks(forward, volume, roi=roi, overlap=float(overlap), mode=mode, flip_sets=flips,
+                                 preprocess=preprocess, name=name, budget=memory_budget or DEFAULT_MEMORY_BUDGET,
+                                 out_path=out_path, out_dtype=out_dtype, settings=settings, bar=bar, shard=shard)
 
