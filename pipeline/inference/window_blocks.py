@@ -60,7 +60,7 @@ class WindowGrid:
         return np.flatnonzero((z < hi) & (z + self.roi[2] > lo))
 
 
-def block_probabilities(forward, volume, grid: WindowGrid, z0: int, z1: int, read: Callable, importance: torch.Tensor,
+def block_probabilities(forward, grid: WindowGrid, z0: int, z1: int, read: Callable, importance: torch.Tensor,
                         labels: int, sw_batch_size: int, where) -> torch.Tensor:
     """The float32 ``(L, X, Y, z1 - z0)`` probabilities of slices ``z0:z1`` under ``grid``'s
     windows: their logits weighted by ``importance``, summed in MONAI's order, divided by the
@@ -135,7 +135,7 @@ def predict_3d_blocks(forward, volume, *, roi, overlap: float, mode: str, flip_s
         return _read_block(volume, 2, lo, hi, preprocess, name)
 
     def compute(p, start, stop):
-        probs = block_probabilities(forward, volume, grids[p], start, stop, read, importance, labels,
+        probs = block_probabilities(forward, grids[p], start, stop, read, importance, labels,
                                     settings["sw_batch_size"], where)
         bar.update(stop - start)
         return probs
