@@ -1,16 +1,18 @@
-"""Out-of-core 2.5D inference into a zarr store, resumable after a kill.
+"""Out-of-core inference into a zarr store, resumable after a kill: the block loop both engines
+run (:func:`predict_blocks`; 2.5D planes, 3D sliding-window flips).
 
-Each plane's sums over its views go to their own float32 zarr array in a work folder beside the
-output (``<output>.partial/``, not ``TMPDIR``), one block of slices at a time; a block is written
-whole and then recorded in ``state.json`` (replaced atomically), so a block is either done or
-done again: re-running the same command after a kill or a full disk skips the finished blocks.
-The state carries a key of everything that decides the result (the input's shape, dtype and
-file, the slabs, TTA, batch size, the normalisation window and a hash of the network's
-weights); a different run discards the old work. When every block is done, the planes are added
-in the in-memory path's order and divided by the number of views, chunk by chunk, into the
-output: an OME-Zarr image (level 0 and a pyramid) in the input's geometry, bit-identical to the
-in-memory result at float32 (and that result rounded at float16). The work folder is removed
-when the output is in place.
+Each plane's sums over its views (2.5D) or each flip's probabilities (3D) go to their own float32
+zarr array in a work folder beside the output (``<output>.partial/``, not ``TMPDIR``), one block
+of slices at a time; a block is written whole and then recorded in ``state.json`` (replaced
+atomically), so a block is either done or done again: re-running the same command after a kill
+or a full disk skips the finished blocks. The state carries a key of everything that decides the
+result (the input's shape, dtype and file, the slabs or windows, TTA, batch size, the
+normalisation window and a hash of the network's weights); a different run discards the old
+work. When every block is done, the arrays are added in the in-memory path's order and divided
+by their number, chunk by chunk, into the output: an OME-Zarr image (level 0 and a pyramid) in
+the input's geometry (2.5D: bit-identical to the in-memory result at float32, and that result
+rounded at float16; 3D: equal to float rounding). The work folder is removed when the output is
+in place.
 """
 from __future__ import annotations
 
