@@ -106,9 +106,14 @@ class SliceSequenceClassifier(nn.Module):
         self.sequence_head = nn.Linear(2 * hidden_size, out_channels)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slice_logits, sequence_logits)`` of ``x``: the forward of both heads, whatever
+        ``forward`` returns (see :class:`SliceLogits`). Written for TorchScript too."""
         if x.ndim != 5:
-            raise SlabError(f"input: expected (B, N, C, H, W), got shape {tuple(x.shape)}")
-        b, n = x.shape[:2]
+            raise SlabError("input: expected (B, N, C, H, W), got " + str(x.ndim) + " dimensions")
+        b, n = x.shape[0], x.shape[1]
         embedded = self.encoder(x.flatten(0, 1)).reshape(b, n, -1)
         states, _ = self.lstm(embedded)
         states = self.dropout(states)
@@ -118,3 +123,22 @@ class SliceSequenceClassifier(nn.Module):
         if self.out_channels == 1:
             slice_logits = slice_logits.squeeze(-1)
         return slice_logits, sequence_logits
+
+
+class SliceLogits(SliceSequenceClassifier):
+    """The classifier giving one tensor, the per-slice logits ``(B, N)`` (``(B, N, L)``): what
+    MONAI's ``verify_net_in_out``, ``ckpt_export`` (TorchScript) and ``onnx_export`` expect of a
+    bundle's ``network_def``. Same parameters and state dict as :class:`SliceSequenceClassifier`,
+    so a classifier's weights load into it unchanged."""
+
+    @classmethod
+    def of(cls, classifier: SliceSequenceClassifier) -> "SliceLogits":
+        """``classifier`` itself (same modules, same parameters), now giving the slice logits."""
+        if not isinstance(classifier, SliceSequenceClassifier):
+            raise SlabError(f"network: expected the sequence classifier, got {type(classifier).__name__}")
+        classifier.__class__ = cls
+        return classifier  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        slice_logits, _ = self.logits(x)
+        return slice_logits

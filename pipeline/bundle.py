@@ -34,20 +34,6 @@ _NIFTI = re.compile(r"\.nii(\.gz)?$")
 # Where things are
 
 
-def bundle_root(name: str) -> str:
-    """The bundle directory: the working directory when it is a bundle (holds
-    ``configs/metadata.json``), else ``bundles/<name>`` of this installation.
-
-    So ``python -m monai.bundle run --config_file configs/inference.json`` works from the bundle
-    folder and ``--config_file bundles/<name>/configs/inference.json`` from the repository root;
-    ``--bundle_root DIR`` overrides both.
-    """
-    here = Path.cwd()
-    if (here / "configs" / "metadata.json").is_file():
-        return str(here)
-    return str(BUNDLES_DIR / name)
-
-
 def require_files(root, files: Sequence[str] = ("configs/inference.json", "models/model.pt")) -> Path:
     """``root`` as a Path when every one of ``files`` (relative to it) exists, else a SlabError
     naming the first missing path."""
@@ -237,27 +223,55 @@ def check_inputs(predictor, images: Sequence, labels: Sequence | None = None) ->
                                 f"{tuple(info[0][1:])}")
 
 
-def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
-                  prob_name: str | None = None, per_channel: bool = False) -> list[dict]:
-    """:func:`slab.pipeline.inference.predict_file` on every input: ``output_dir/<output_name>`` (the
-    cleaned mask, the input's affine: a label map for several labels, or one channel per label
-    with ``per_channel``) and optionally the probabilities ``<prob_name>``.
-    Names may hold ``{stem}``, the input's name without its extension."""
-    from slab.pipeline.inference import predict_file
+def image_dataset(inputs):
+    """A bundle's ``dataset`` (MONAI's InferProperties): a ``monai.data.Dataset`` of
+    ``{"image": path}``, one item per input file (or slice-stack folder)."""
+    from monai.data import Dataset
 
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    names = [output_name.format(stem=_stem(p)) for p in inputs]
-    if len(set(names)) != len(names):
-        raise SlabError(f"output_name: {output_name!r} gives the same file for several inputs; use {{stem}}")
+    return Dataset(data=[{"image": str(path)} for path in inputs])
+
+
+def segmentation_evaluator(predictor, dataset, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
+                           prob_name: str | None = None, per_channel: bool = False, handlers=None):
+    """A bundle's ``evaluator``: a :class:`slab.pipeline.inference.engine.FileEvaluator` that writes
+    ``output_dir/<output_name>`` for every image of ``dataset`` with
+    :func:`slab.pipeline.inference.predict_file` (the cleaned mask on the input's geometry: a
+    label map for several labels, or one channel per label with ``per_channel``) and optionally
+    the probabilities ``<prob_name>``. Names may hold ``{stem}``, the input's name without its
+    extension. Every input's header is checked before the first is predicted."""
+    from slab.pipeline.inference import predict_file
+    from slab.pipeline.inference.engine import FileEvaluator
+
     out = Path(output_dir)
-    check_inputs(predictor, inputs)
-    written = []
-    for path, name in zip(inputs, names):
+
+    def check(paths):
+        names = [output_name.format(stem=_stem(p)) for p in paths]
+        if len(set(names)) != len(names):
+            raise SlabError(f"output_name: {output_name!r} gives the same file for several inputs; use {{stem}}")
+        check_inputs(predictor, paths)
+
+    def predict(path):
         prob = None if prob_name is None else out / prob_name.format(stem=_stem(path))
-        written.append({"image": str(path), **{k: str(v) for k, v in
-                                               predict_file(path, out / name, predictor, prob_path=prob,
-                                                            per_channel=per_channel).items()}})
-    return written
+        written = predict_file(path, out / output_name.format(stem=_stem(path)), predictor, prob_path=prob,
+                               per_channel=per_channel)
+        return {"image": str(path), **{k: str(v) for k, v in written.items()}}
+
+    return FileEvaluator(dataset, predict, network=predictor.model, check=check, handlers=handlers,
+                         device=predictor.device)
+
+
+def run_evaluator(evaluator):
+    """Run a bundle's ``evaluator`` (``run: ["@inference"]``); returns what it wrote."""
+    return evaluator.run()
+
+
+def run_inference(predictor, inputs: Sequence, output_dir, *, output_name: str = "{stem}_mask.nii.gz",
+                  prob_name: str | None = None, per_channel: bool = False) -> list[dict]:
+    """Predict every input as a bundle's ``evaluator`` does (:func:`segmentation_evaluator`);
+    returns ``[{"image", "mask", ...}]``, what was written for each."""
+    return segmentation_evaluator(predictor, image_dataset(inputs), output_dir, output_name=output_name,
+                                  prob_name=prob_name, per_channel=per_channel).run()
 
 
 def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerances: Sequence[float] = (0.0, 1.0),
@@ -348,37 +362,51 @@ def _json_default(value):
     return str(value)
 
 
+def classification_evaluator(network, inferer, dataset, output_dir, *, csv_name: str = "predictions.csv",
+                              handlers=None):
+    """A bundle's ``evaluator`` for the slice-sequence classifier: each study of ``dataset`` is
+    loaded and scored by ``inferer`` (a :class:`slab.pipeline.inference.engine.SequenceInferer`)
+    with ``network``; after the last, ``output_dir/<csv_name>`` is written with the rows
+    ``image,probability,max_slice_probability`` (the sequence head's probability, the largest
+    per-slice probability). Returns the CSV's path when run."""
+    from slab.pipeline.inference.engine import FileEvaluator
+    from slab.transforms.io import atomic_write, load_volume, volume_info
+
+    def check(paths):
+        for path in paths:
+            volume_info(path)  # every header readable before the first study is scored
+
+    def predict(path):
+        scores = inferer(load_volume(path)[None], network)
+        return {"image": str(path), "probability": float(scores["probability"].max()),
+                "max_slice_probability": float(scores["slice_probabilities"].max())}
+
+    def finish(written):
+        target = Path(output_dir) / csv_name
+        rows = ["image,probability,max_slice_probability"]
+        rows += [f"{w['image']},{w['probability']:.6f},{w['max_slice_probability']:.6f}" for w in written]
+        with atomic_write(target) as tmp:
+            tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        return str(target)
+
+    return FileEvaluator(dataset, predict, network=network, check=check, finish=finish, handlers=handlers,
+                         device=inferer.options["device"])
+
+
 def run_classification(network_config: Mapping, weights, inputs: Sequence, output_dir, *, offsets=(-1, 0, 1),
                        normalize: Mapping | None = None, plane: str = "xy", n_slabs: int = 15,
                        image_size: Sequence[int] = (128, 128), device=None, amp: bool = True,
                        csv_name: str = "predictions.csv") -> str:
-    """Score whole studies with the slice-sequence classifier and write ``output_dir/<csv_name>``.
-
-    Each input volume is loaded, percentile-normalised (``normalize``) and scored by
-    :func:`slab.pipeline.inference.predict_sequences` as an unlabelled study: one sequence of ``n_slabs``
-    slabs evenly over its slices along ``plane``. Rows ``image,probability,max_slice_probability``
-    hold the sequence head's probability and the largest per-slice probability.
-    """
+    """Score whole studies with the slice-sequence classifier (``network_config`` with
+    ``weights``) and write ``output_dir/<csv_name>``, as the bundle's ``evaluator`` does
+    (:func:`classification_evaluator`, :class:`~slab.pipeline.inference.engine.SequenceInferer`)."""
     from slab.networks import load_weights
-    from slab.pipeline.inference import predict_sequences
-    from slab.transforms.intensity import make_normalize
-    from slab.transforms.io import atomic_write, load_volume
+    from slab.pipeline.inference.engine import SequenceInferer
 
-    classifier = load_weights(network(network_config), weights)
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    rows = ["image,probability,max_slice_probability"]
-    for path in inputs:
-        image = load_volume(path)
-        if normalize is not None:
-            image = make_normalize(normalize)(image)
-        (scores,) = predict_sequences(classifier, image, n_slabs=n_slabs, offsets=offsets, plane=plane,
-                                      size=image_size, device=device, amp=amp).values()
-        rows.append(f"{path},{float(np.max(scores['probability'])):.6f},"
-                    f"{float(np.max(scores['slice_probabilities'])):.6f}")
-    target = Path(output_dir) / csv_name
-    with atomic_write(target) as tmp:
-        tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return str(target)
+    inferer = SequenceInferer(offsets=offsets, normalize=normalize, plane=plane, n_slabs=n_slabs,
+                              image_size=image_size, device=device, amp=amp)
+    return classification_evaluator(load_weights(network(network_config), weights), inferer, image_dataset(inputs),
+                                    output_dir, csv_name=csv_name).run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,25 +423,17 @@ def network(config: Mapping) -> nn.Module:
 
 
 
-class SliceLogits(nn.Module):
-    """:class:`slab.networks.SliceSequenceClassifier` giving one tensor, the per-slice logits
-    ``(B, N)``: what MONAI's ``verify_net_in_out`` and TorchScript export expect of a bundle's
-    ``network_def``. The state dict is the classifier's own (keys under ``net.`` are not used:
-    the wrapper registers the classifier's modules directly)."""
+def SliceLogits(config: Mapping) -> nn.Module:  # noqa: N802 - the configs' component name
+    """The bundle's sequence classifier (:func:`network` of ``config``) as
+    :class:`slab.networks.sequence.SliceLogits`: one tensor out, the per-slice logits ``(B, N)``,
+    which is what MONAI's ``verify_net_in_out``, TorchScript (``ckpt_export``) and ONNX
+    (``onnx_export``) expect of a bundle's ``network_def``. The state dict is the classifier's."""
+    from slab.networks.sequence import SliceLogits as Logits
 
-    def __init__(self, config: Mapping):
-        super().__init__()
-        classifier = network(config)
-        for name, module in classifier.named_children():
-            self.add_module(name, module)
-        self._forward = type(classifier).forward
-        self.out_channels = classifier.out_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slice_logits, _ = self._forward(self, x)
-        return slice_logits
+    return Logits.of(network(config))
 
 
-__all__ = ["REPO_ROOT", "BUNDLES_DIR", "DATA_DIR", "bundle_root", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
-           "export_training", "run_inference", "run_evaluation", "run_classification",
+__all__ = ["REPO_ROOT", "BUNDLES_DIR", "DATA_DIR", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
+           "export_training", "image_dataset", "segmentation_evaluator", "classification_evaluator", "run_evaluator",
+           "run_inference", "run_evaluation", "run_classification",
            "predictor_settings", "network", "SliceLogits"]

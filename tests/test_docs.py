@@ -81,7 +81,7 @@ def _fire_value(text: str):
 
 def _bundle_name(config_file) -> str | None:
     files = config_file if isinstance(config_file, list) else [config_file]
-    match = re.search(r"bundles/([^/]+)/configs", str(files[0]))
+    match = re.search(r"bundles/([^/]+)/configs", Path(files[0]).resolve().as_posix())
     return match[1] if match else None
 
 
@@ -111,10 +111,8 @@ def run_bundle_command(words: list[str]) -> None:
         if name == "spine_cls_2p5d" and not any(c.endswith("train.json") for c in configs):
             kwargs.update({"classifier#n_slabs": 4, "classifier#image_size": [32, 32]})
         scripts.run(meta_file=str(Path(configs[0]).parent / "metadata.json"), **kwargs)
-    elif verb == "verify_net_in_out":
-        scripts.verify_net_in_out(*positional, **kwargs)
-    elif verb == "ckpt_export":
-        scripts.ckpt_export(*positional, **kwargs)
+    elif verb in ("verify_metadata", "verify_net_in_out", "ckpt_export", "onnx_export"):
+        getattr(scripts, verb)(*positional, **kwargs)
     else:
         raise AssertionError(f"no runner for monai.bundle {verb}")
 
@@ -175,11 +173,18 @@ def _brats(root: Path) -> None:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     work = tmp_path_factory.mktemp("docs")
-    shutil.copytree(BUNDLES_DIR, work / "bundles")
+    shutil.copytree(BUNDLES_DIR, work / "bundles")  # each document copies it again (cd into it, ../..)
     _sennet(work / "blood-vessel-segmentation")
     _uwmgi(work / "uw-madison-gi-tract-image-segmentation")
     _brats(work)
     return work
+
+
+def _inside(work: Path, folder: Path) -> Path:
+    """A folder a document changes into, which must lie in its working folder."""
+    folder = folder.resolve()
+    assert folder.is_dir() and folder.is_relative_to(work.resolve()), folder
+    return folder
 
 
 def readme_config() -> dict:
@@ -198,7 +203,9 @@ def test_the_readme_training_config_is_valid_as_written():
 def test_every_documented_command_runs(doc, workdir, monkeypatch, capsys):
     work = workdir / f"doc{DOCS.index(doc)}"
     work.mkdir(exist_ok=True)
-    for name in ("bundles", "blood-vessel-segmentation", "uw-madison-gi-tract-image-segmentation", "brats2020",
+    if not (work / "bundles").exists():  # a copy, not a link: `cd bundles/X` then `../..` is this folder
+        shutil.copytree(workdir / "bundles", work / "bundles")
+    for name in ("blood-vessel-segmentation", "uw-madison-gi-tract-image-segmentation", "brats2020",
                  "BraTS20_Validation_001"):
         if not (work / name).exists():
             (work / name).symlink_to(workdir / name)
@@ -209,9 +216,17 @@ def test_every_documented_command_runs(doc, workdir, monkeypatch, capsys):
     commands = documented(REPO_ROOT / doc)
     assert commands, doc
     for command in commands:
-        words = _words(command)
+        subshell = re.fullmatch(r"\(cd (\S+) && (.*)\)", command)  # (cd X && command): that one command in X
+        words = _words(subshell[2] if subshell else command)
         if words[0] in NOT_RUN:
             continue
+        if words[0] == "cd":  # as a shell: the commands after it run there, until the next cd
+            assert len(words) == 2, command
+            monkeypatch.chdir(_inside(work, Path.cwd() / words[1]))
+            continue
+        here = Path.cwd()
+        if subshell:
+            monkeypatch.chdir(_inside(work, here / subshell[1]))
         if words[0] == "slab":
             if words[1] == "cv":
                 words += ["--config", "tiny_cv.json", "--device", "cpu"]
@@ -220,7 +235,9 @@ def test_every_documented_command_runs(doc, workdir, monkeypatch, capsys):
             run_bundle_command(words)
         else:
             raise AssertionError(f"{doc}: no way to run {command!r}; add it to tests/test_docs.py")
+        monkeypatch.chdir(here)
     capsys.readouterr()
+    assert Path.cwd() == work.resolve(), f"{doc} leaves its reader in {Path.cwd()}, not where it started"
     if doc == "README.md":
         # The post-processing shown works on the example it is shown with (the shipped bundle's
         # probabilities of that phantom): a clean mask, not a volume of foreground.

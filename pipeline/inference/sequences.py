@@ -50,7 +50,8 @@ def score_sequences(model: nn.Module, sequences: Sequence[torch.Tensor], *, batc
             x = torch.stack([torch.as_tensor(s) for s in sequences[start:start + batch_size]])
             x = x.to(device, non_blocking=True).float()
             with autocast(device, dtype):
-                slice_logits, sequence_logits = model(x)
+                # both heads, also of a bundle's network_def (SliceLogits, whose forward gives one)
+                slice_logits, sequence_logits = model.logits(x) if hasattr(model, "logits") else model(x)
             sequence_probs.append(sequence_logits.float().sigmoid().cpu())
             slice_probs.append(slice_logits.float().sigmoid().cpu())
     if not sequence_probs:
