@@ -3,13 +3,15 @@ and score the exported weights on phantoms that training never saw: the training
 scores each bundle's docs quote come from one run of this script.
 
     python benchmarks/bundle_training.py [--bundles vessel_2p5d gi_tract_2p5d brats_3d spine_cls_2p5d]
-        [--out /tmp/bundle_training]
+        [--out /tmp/bundle_training] [--ship]
 
 Segmentation bundles are scored through their own inference settings (``Predictor.from_bundle``
 with the exported weights and the thresholds recorded on validation) on two held-out phantoms
 (seeds 200, 201): surface dice at 0 and 1 mm, Dice, precision, recall. The classification
 bundle reports its validation AUC and log loss from training (two validation studies).
-Nothing is written into the repository.
+Nothing is written into the repository, unless ``--ship``: then each bundle's exported
+``model.pt`` and ``model.json`` are copied into ``bundles/<name>/models/`` (the shipped weights)
+and its held-out scores into ``eval_metrics`` of its ``configs/metadata.json``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=BUNDLES)
     parser.add_argument("--out", default="/tmp/bundle_training")
+    parser.add_argument("--ship", action="store_true", help="copy the weights and scores into the bundles")
     args = parser.parse_args()
     import torch
 
@@ -52,6 +55,9 @@ def main() -> None:
             row.update({"validation": f"AUC {best['val_auc']:.3f}, log loss {best['val_log_loss']:.3f} "
                                       "(2 validation studies)"})
             rows.append(row)
+            if args.ship:
+                ship(bundle, result, {"val_auc": round(best["val_auc"], 4), "val_log_loss": round(best["val_log_loss"], 4),
+                                      "note": "validation studies (seeds 100, 101) of train.json, best epoch"})
             continue
         phantom = train["phantom"]
         labels = train["datalist"].get("labels")
@@ -69,10 +75,31 @@ def main() -> None:
                         encoding="utf-8"))["threshold"])})
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.ship:
+            ship(bundle, result, {"surface_dice_0": round(mean["surface_dice"]["0.0"], 4),
+                                  "surface_dice_1mm": round(mean["surface_dice"]["1.0"], 4),
+                                  "dice": round(mean["dice"], 4), "precision": round(mean["precision"], 4),
+                                  "recall": round(mean["recall"], 4),
+                                  "note": f"held-out phantoms (seeds {', '.join(map(str, HELD_OUT))}) through "
+                                          "inference.json's settings, benchmarks/bundle_training.py"})
     columns = list(dict.fromkeys(k for row in rows for k in row))
     print(f"\nBundles trained with their own train.json (CPU, {torch.get_num_threads()} threads), scored on "
           f"held-out phantoms (seeds {', '.join(map(str, HELD_OUT))})\n")
     print_table(columns, "l" + "r" * (len(columns) - 1), [[row.get(c, "") for c in columns] for row in rows])
+
+
+def ship(bundle: Path, result: dict, metrics: dict) -> None:
+    """Copy a training's exported weights and summary into ``bundle/models`` and ``metrics`` into
+    ``eval_metrics`` of its metadata."""
+    import shutil
+
+    exported = Path(result["exported"])
+    for source in (exported, exported.with_suffix(".json")):
+        shutil.copyfile(source, bundle / "models" / source.name)
+    meta_path = bundle / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["eval_metrics"] = metrics
+    meta_path.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
