@@ -13,7 +13,7 @@ $(STAMP): setup.cfg setup.py pyproject.toml constraints.txt transforms/_fill.c
 	$(PY) -m pip install --quiet --upgrade pip
 	@# a venv made before the rename holds the old `slab` distribution and its import mappings
 	$(PY) -m pip uninstall --quiet --yes slab 2>/dev/null || true
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bundle]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bundle,dicom]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,7 +26,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "" tests
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bundle,bench]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bundle,dicom,bench]'
 	for b in benchmarks/bench_*.py; do [ $$b = benchmarks/bench_outofcore.py ] || $(PY) $$b || exit 1; done
 
 # A 6 GiB volume under a 1.5 GiB memory cgroup (root; about 35 minutes on 2 cores).

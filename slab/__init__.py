@@ -37,7 +37,8 @@ _API = {
     "render_hits": "slab.pipeline.evaluation.render", "export_mesh": "slab.pipeline.evaluation.render",
     "cross_sections": "slab.pipeline.evaluation.sections",
     # volumes, transforms, networks
-    "load_volume": "slab.transforms.io", "save_volume": "slab.transforms.io", "postprocess": "slab.transforms.post",
+    "load_volume": "slab.transforms.io", "save_volume": "slab.transforms.io",
+    "write_dicom_seg": "slab.transforms.dicom_seg", "postprocess": "slab.transforms.post",
     "PercentileNormalize": "slab.transforms.intensity", "build_network": "networks", "load_weights": "networks",
 }
 __all__ = sorted(_API)

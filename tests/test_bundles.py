@@ -385,8 +385,34 @@ def test_tracking_handlers_attach_to_the_trainer_and_the_evaluator(tmp_path):
                            output_dir=str(tmp_path / "run"), device="cpu",
                            **{"training#epochs": 2, "training#progress": False}, **TINY["vessel_2p5d"])
     steps = [out for kind, out in Recorder.seen["trainer"] if kind == "iteration"]
-    assert len(steps) == 2 * 2 and all(np.isfinite(s["loss"]) for s in steps)
+    assert len(steps) == 2 * 2 and all(np.isfinite(s[0]["loss"]) for s in steps)  # decollated, as MONAI's
     epochs = [m for kind, m in Recorder.seen["trainer"] if kind == "epoch"]
     assert [m["train_loss"] for m in epochs] == [row["train_loss"] for row in result["history"]]
     validated = [m for kind, m in Recorder.seen["validator"] if kind == "epoch"]
     assert validated and validated[-1]["surface_dice_0"] == result["history"][-1]["val_surface_dice_0"]
+
+
+def test_mlflow_tracking_of_a_bundle_training(tmp_path):
+    """`python -m monai.bundle run --config_file configs/train.json --tracking mlflow` with MONAI's
+    own MLflow settings: the run in MLflow's store holds every step's loss, each epoch's
+    training loss and the validation metrics, equal to the run's own history."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    (result,) = run_bundle(BUNDLES_DIR / "vessel_2p5d", ("train.json",), tracking="mlflow", output_dir=str(out),
+                           device="cpu", **{"training#epochs": 2, "training#progress": False}, **TINY["vessel_2p5d"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlruns.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "monai_experiment"]
+    [run] = client.search_runs([experiment.experiment_id])
+    history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+               for key in ("train_loss", "val_surface_dice_0", "dice")}
+    rows = result["history"]
+    epochs = [(row["epoch"], row["train_loss"]) for row in rows]
+    steps = [point for point in history["train_loss"] if point not in epochs]
+    assert len(steps) == 2 * 2 and sorted(s for s, _ in steps) == [1, 2, 3, 4]  # every optimizer step
+    for epoch, loss in epochs:  # an epoch's loss is the mean of its steps
+        assert loss == pytest.approx(np.mean([v for s, v in steps if (s - 1) // 2 == epoch - 1]), rel=1e-6)
+    assert history["val_surface_dice_0"] == [(2, pytest.approx(rows[-1]["val_surface_dice_0"]))]
+    assert history["dice"][-1] == (2, pytest.approx(rows[-1]["val_dice"]))  # the evaluator's own metrics
+    assert run.data.params["max_epochs"] == "2"

@@ -111,6 +111,11 @@ def run_bundle_command(words: list[str]) -> None:
         if name == "spine_cls_2p5d" and not any(c.endswith("train.json") for c in configs):
             kwargs.update({"classifier#n_slabs": 4, "classifier#image_size": [32, 32]})
         scripts.run(meta_file=str(Path(configs[0]).parent / "metadata.json"), **kwargs)
+        if kwargs.get("tracking") == "mlflow":  # MONAI's MLflow settings: a SQLite store in output_dir
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=f"sqlite:///{Path(kwargs['output_dir']).resolve() / 'mlruns.db'}")
+            assert any(client.search_runs([e.experiment_id]) for e in client.search_experiments()), words
     elif verb in ("verify_metadata", "verify_net_in_out", "ckpt_export", "onnx_export"):
         getattr(scripts, verb)(*positional, **kwargs)
     else:

@@ -67,6 +67,14 @@ def check_dicom_series(directory: Path, headers) -> None:
                         "split the series into evenly spaced parts")
 
 
+def dicom_files(directory: Path) -> list[str]:
+    """The files of the one DICOM series in ``directory``, checked as :func:`read_dicom` checks
+    them, in the order of slab's z axis (GDCM's order: position along the slice normal)."""
+    files = _series_files(directory)
+    check_dicom_series(directory, _dicom_headers(directory, files))
+    return files
+
+
 def _stored_dtype(header) -> np.dtype | None:
     """The dtype that holds the rescaled values of a 16-bit series (slope 1, integer intercept)."""
     try:

@@ -33,8 +33,9 @@ def add_arguments(parser) -> None:
                         help="a volume file, a slice or DICOM directory, several files (channels of one volume), "
                              "a case folder (holding images/) or a directory of volumes")
     parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
-                        help="mask: .nii[.gz], .nrrd, .nhdr, .mha, .mhd, or a directory (slice stack, 0/255; "
-                             "one result per volume when INPUT is a directory of volumes)")
+                        help="mask: .nii[.gz], .nrrd, .nhdr, .mha, .mhd, .seg.nrrd, .zarr, .h5, .tif, .dcm (a DICOM "
+                             "SEG of a DICOM series INPUT, one segment per label), or a directory (slice stack, "
+                             "0/255; one result per volume when INPUT is a directory of volumes)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--bundle", metavar="DIR", help="bundle with configs/inference.json and models/model.pt")
     source.add_argument("--model", metavar="MODEL",
@@ -200,6 +201,7 @@ def _batch_key(network_config: dict) -> str:
 def _jobs(args, collection: bool, cases) -> list[tuple]:
     """``(case, output, prob, preview)`` for every case, every output name checked."""
     from slab.pipeline.data.cases import stem
+    from slab.transforms.dicom_seg import is_dicom_seg
     from slab.transforms.io import output_format
 
     if not collection:
@@ -212,7 +214,7 @@ def _jobs(args, collection: bool, cases) -> list[tuple]:
     if args.id_prefix:
         raise SlabError("--id-prefix: INPUT is a directory of volumes; each case's name is its id prefix")
     for flag, value in (("-o", args.output), ("--prob", args.prob)):
-        if value and output_format(value) != "stack":
+        if value and (is_dicom_seg(value) or output_format(value) != "stack"):
             raise SlabError(f"{flag}: INPUT is a directory of volumes, so {value} must be a directory name")
     return [(case, Path(args.output) / case.output_name, Path(args.prob) / case.output_name if args.prob else None,
              Path(args.preview) / f"{stem(Path(case.output_name))}.png" if args.preview else None) for case in cases]
@@ -241,16 +243,17 @@ def _run(args) -> int:
 
     collection, cases = find_cases(args.input)
     jobs = _jobs(args, collection, cases)
+    for case, output, prob, _ in jobs:  # every output name (a DICOM SEG: its series), before the model
+        check_mask_layout(output, args.per_channel, case.source)
+        if prob is not None:
+            output_format(prob)
     predictor = _predictor(args)
     # Under torchrun: a directory of volumes is shared out by volume; one volume by block, when
     # it is predicted out of core into a chunked output (else rank 0 predicts it).
     info = init_distributed(args.device or "cpu")
     shard = info if info.enabled and not collection else None
-    # Every output name and every input's header and channels, before anything is written.
-    for case, output, prob, _ in jobs:
-        output_format(output)
-        if prob is not None:
-            output_format(prob)
+    # Every input's header and channels, before anything is written.
+    for case, _, _, _ in jobs:
         predictor.check_input(volume_info(case.source), case.source)
     statistics = {}
     with temp_dir("predict") as tmp:

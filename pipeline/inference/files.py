@@ -11,20 +11,29 @@ import numpy as np
 import torch
 
 from slab.pipeline.inference.predictor import Predictor
+from slab.transforms.dicom_seg import check_dicom_seg, is_dicom_seg, write_dicom_seg
 from slab.transforms.errors import SlabError, SlabWarning
 from slab.transforms.io import LazyVolume, load_volume, output_format, save_volume
 from slab.transforms.labelmap import segment_metadata, to_label_map
 from slab.transforms.rle import write_rle_csv
 
 
-def check_mask_layout(output_path, per_channel: bool) -> bool:
-    """Whether ``output_path`` is a 3D Slicer ``.seg.nrrd``; SlabError when it is and one channel
-    per label is asked for (a ``.seg.nrrd`` is written as one label map)."""
-    segmentation = str(output_path).lower().endswith(".seg.nrrd")
-    if segmentation and per_channel:
+def check_mask_layout(output_path, per_channel: bool, source=None) -> str:
+    """How the mask at ``output_path`` is written: ``"dicom-seg"`` (a ``.dcm`` name: a DICOM SEG
+    of the DICOM series ``source``, checked by :func:`~slab.transforms.dicom_seg.check_dicom_seg`
+    when ``source`` is given), ``"seg.nrrd"`` (3D Slicer's segmentation: one label map, so not with
+    ``per_channel``) or ``"volume"`` (any other name :func:`output_format` accepts); else SlabError."""
+    if is_dicom_seg(output_path):
+        if source is not None:
+            check_dicom_seg(output_path, source)
+        return "dicom-seg"
+    output_format(output_path)
+    if not str(output_path).lower().endswith(".seg.nrrd"):
+        return "volume"
+    if per_channel:
         raise SlabError(f"--per-channel: a .seg.nrrd ({output_path}) is written as one label map; "
                         "drop --per-channel or give a .nii.gz name for one channel per label")
-    return segmentation
+    return "seg.nrrd"
 
 
 def _open(path, predictor: Predictor):
@@ -63,7 +72,9 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     A multi-label mask is written as one label map (``predictor.label_map``: uint8, label ``i``
     has value ``values[i]``; a ``.seg.nrrd`` name adds 3D Slicer's segment names, colours and
     values); ``per_channel`` writes one 0/1 channel per label instead (overlapping labels, e.g.
-    BraTS regions, kept apart). Output names are checked before anything is
+    BraTS regions, kept apart). A ``.dcm`` name, when the input is a DICOM series directory, is a
+    DICOM SEG with one segment per label referencing the input's instances
+    (:func:`~slab.transforms.dicom_seg.write_dicom_seg`). Output names are checked before anything is
     read; every file is written atomically. With ``statistics``, the result also holds each
     label's statistics (:func:`slab.pipeline.evaluation.statistics.label_statistics`: volume in mm³,
     components, centroid, the input's intensities inside it).
@@ -81,8 +92,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for; and
     ``statistics`` (a dict) with ``statistics``.
     """
-    output_format(output_path)
-    segmentation = check_mask_layout(output_path, per_channel)
+    layout = check_mask_layout(output_path, per_channel, input_path)
     if prob_path is not None:
         output_format(prob_path)
     if rle_csv is not None and not (id_prefix or row_ids):
@@ -90,7 +100,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     main = shard is None or not shard.enabled or shard.is_main
     volume = _open(input_path, predictor)
     # chunked outputs of a volume that does not fit: zarr all the way, resumable after a kill
-    out_of_core = output_format(output_path) in ("zarr", "hdf5", "tiff") and getattr(predictor, "out_of_core", None) \
+    out_of_core = layout == "volume" and output_format(output_path) in ("zarr", "hdf5", "tiff") and getattr(predictor, "out_of_core", None) \
         and predictor.out_of_core(volume)
     if shard is not None and shard.enabled:  # every rank takes rank 0's decision (free memory differs)
         from slab.pipeline.training.distributed import gather_objects
@@ -100,14 +110,21 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
             volume = load_volume(input_path, lazy=True)
     if out_of_core:
         return _predict_out_of_core(volume, output_path, predictor, prob_path, rle_csv, id_prefix, row_ids,
-                                    statistics, per_channel, segmentation, shard, preview)
+                                    statistics, per_channel, layout == "seg.nrrd", shard, preview)
     if not main:
         return {}
     probs = predictor(volume)
     mask = predictor.postprocess(probs)
     affine = np.asarray(volume.affine)
     meta = dict(getattr(volume, "meta", {}))
-    written = {"mask": _save_mask(mask, output_path, predictor, affine, meta, per_channel, segmentation)}
+    if layout == "dicom-seg":  # one segment per label, on the instances of the input series
+        from slab import __version__
+
+        written = {"mask": write_dicom_seg(np.asarray(mask), input_path, output_path, predictor.label_names(),
+                                           version=__version__)}
+    else:
+        written = {"mask": _save_mask(mask, output_path, predictor, affine, meta, per_channel,
+                                      layout == "seg.nrrd")}
     if prob_path is not None:
         if probs.dtype != torch.float32 and output_format(prob_path) != "stack":
             probs = probs.float()  # NIfTI and ITK files have no float16

@@ -35,6 +35,7 @@ from slab.pipeline.device import amp_dtype, autocast
 from slab.pipeline.training.config import LOWER_IS_BETTER, config_error
 from slab.pipeline.training.distributed import DistInfo, all_reduce_mean, barrier, dist_env, rank_batch
 from slab.pipeline.training.logs import RunLog, epoch_line, progress_bar
+from slab.pipeline.training.report import PICTURES, save_pictures, write_report
 from slab.pipeline.training.state import derive_seed, rng_states, save_epoch_state, seeded, set_rng_states
 from slab.pipeline.training.task import TrainTask
 from slab.transforms.errors import SlabError, SlabWarning
@@ -314,11 +315,14 @@ class SlabTrainer(SupervisedTrainer):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         self.scheduler.step()
-        return {"loss": float(loss.detach()), "images": self.task.batch_images(batch)}
+        # MONAI's decollated form (a list of dicts), which the handlers of a bundle's tracking
+        # settings read with from_engine(["loss"], first=True)
+        return [{"loss": float(loss.detach()), "images": self.task.batch_images(batch)}]
 
     def _after_step(self, engine) -> None:
-        self.losses.append(self.state.output["loss"])
-        self.images += self.state.output["images"] * self.info.world_size
+        output = self.state.output[0]
+        self.losses.append(output["loss"])
+        self.images += output["images"] * self.info.world_size
         elapsed = time.perf_counter() - self.started
         self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", img_s=f"{self.images / max(elapsed, 1e-9):.1f}")
         self.bar.update()
@@ -332,7 +336,8 @@ class SlabTrainer(SupervisedTrainer):
         train_loss = all_reduce_mean([float(np.mean(self.losses)) if self.losses else float("nan")], self.info)[0]
         row = {"epoch": epoch, "lr": self.lr, "train_loss": train_loss,
                "images_per_s": self.images / max(elapsed, 1e-9), "epoch_s": elapsed}
-        if self.evaluator is not None and (epoch % cfg["val_every"] == 0 or epoch == cfg["epochs"]):
+        validated = self.evaluator is not None and (epoch % cfg["val_every"] == 0 or epoch == cfg["epochs"])
+        if validated:
             metrics = self.evaluator.evaluate(epoch)
             row.update({f"val_{k}" if not k.startswith("val_") and k != "threshold" else k: v
                         for k, v in metrics.items()})
@@ -353,8 +358,22 @@ class SlabTrainer(SupervisedTrainer):
                 "best": self.best, "history": self.history, "rng": rng_states(),
             }
             save_epoch_state(self.out, checkpoint, checkpoint if improved else None)
+            if validated:
+                self._draw_best(epoch, improved)
             self.log.epoch(self.history, epoch * self.state.epoch_length)
+            write_report(self.out, cfg, self.history, self.best)
         barrier(self.info)
+
+    def _draw_best(self, epoch: int, improved: bool) -> None:
+        """At a new best, the report's pictures of the first validation volumes (rank 0)."""
+        folder = self.out / PICTURES if improved and self.cfg["report_volumes"] else None
+        try:
+            drawn = self.task.report_pictures(folder, self.threshold)
+        except SlabError as err:  # a picture is never worth the run
+            warnings.warn(SlabWarning(f"report.html: no pictures of epoch {epoch} ({err})"), stacklevel=2)
+            return
+        if folder is not None:
+            save_pictures(self.out, drawn, epoch)
 
     # -- running ------------------------------------------------------------------------------
 

@@ -14,6 +14,9 @@ warm-up, validates on whole volumes with the inference engine, and writes to ``o
 ``log.csv``         one row per epoch (rewritten whole, so a resumed run keeps one clean table)
 ``curves.png``      loss and metric curves
 ``tensorboard/``    the same scalars for TensorBoard
+``report.html``     one self-contained page: summary, curves, the epoch table (best marked),
+                    sections of the first ``report_volumes`` validation volumes at the best epoch
+                    (their PNGs in ``report/``), the configuration
 
 Determinism and checkpoints: :mod:`slab.pipeline.training.state`. The loop itself runs on MONAI's
 engines: :mod:`slab.pipeline.training.engine`.

@@ -3,6 +3,7 @@ config and the data, batches padded to the network's sizes, whole-volume validat
 inference engines and thresholds swept per label."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -71,9 +72,10 @@ def truth_masks(label: np.ndarray, fmt: str, n_labels: int) -> np.ndarray:
     return (label > 0).astype(np.uint8)
 
 
-def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndarray, tuple[float, float, float]]:
-    """``(image float32 (C, X, Y, Z) normalised, label (C', X, Y, Z), spacing)`` of a datalist item;
-    image and label must share shape and geometry."""
+def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndarray, tuple[float, float, float],
+                                                        np.ndarray]:
+    """``(image float32 (C, X, Y, Z) normalised, label (C', X, Y, Z), spacing, affine)`` of a
+    datalist item; image and label must share shape and geometry."""
     from slab.transforms.intensity import make_normalize
     from slab.transforms.io import check_same_geometry, load_volume
 
@@ -83,12 +85,13 @@ def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndar
     label = load_volume(item["label"])
     check_same_geometry(image, label, names=[str(item["image"]), str(item["label"])])
     spacing = tuple(float(s) for s in image.meta["spacing"])
+    affine = np.asarray(image.affine, dtype=np.float64)
     if normalize is not None:
         image = make_normalize(normalize)(image)
     array = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if not torch.isfinite(array).all():
         raise SlabError(f"{item['image']}: NaN or Inf intensities; normalise or clean the volume first")
-    return array, np.asarray(label), spacing
+    return array, np.asarray(label), spacing, affine
 
 
 class SegValidation:
@@ -109,10 +112,13 @@ class SegValidation:
         self.cfg, self.predict = cfg, predict
         tol = cfg["val"]["tolerance_mm"]
         self.tolerances = [0.0] if tol == 0 else [0.0, tol]
-        self.volumes = []
+        self.volumes, self.affines = [], {}
         for index, item in shard_items(list(enumerate(self.items)), info.rank, info.world_size):
-            image, label, spacing = load_pair(item, cfg["normalize"])
+            image, label, spacing, self.affines[index] = load_pair(item, cfg["normalize"])
             self.volumes.append((index, image, truth_masks(label, fmt, n_labels), spacing))
+        # the probabilities of this epoch's first volumes, for the report's pictures
+        self.drawn = cfg["report_volumes"] if info.is_main else 0
+        self.probabilities: dict[int, np.ndarray] = {}
 
     def indices(self) -> list[int]:
         return list(range(len(self.volumes)))
@@ -123,6 +129,8 @@ class SegValidation:
 
         index, image, truth, spacing = self.volumes[k]
         prob = self.predict(model, image, device)
+        if k < self.drawn:
+            self.probabilities[k] = prob.astype(np.float16)
         sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances,
                                 cldice=self.cfg["val"]["cldice"])
         return (index, sweep["thresholds"], [
@@ -131,6 +139,30 @@ class SegValidation:
              **({"cldice": c["cldice"]} if "cldice" in c else {})}
             for c in sweep["classes"]
         ])
+
+    def pictures(self, folder: Path | None, threshold, names: list[str]) -> list[tuple[str, Path]]:
+        """Sections of the kept volumes, prediction at ``threshold`` (one per label, or a list)
+        against truth, one PNG per volume and label (:func:`~slab.pipeline.evaluation.sections.cross_sections`);
+        the kept probabilities are let go (only dropped when ``folder`` is None)."""
+        from slab.pipeline.evaluation.sections import cross_sections
+
+        kept, self.probabilities = self.probabilities, {}
+        if folder is None:
+            return []
+        thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else None
+        drawn = []
+        for k, prob in sorted(kept.items()):
+            index, image, truth, spacing = self.volumes[k]
+            item = self.items[index]
+            case = str(item.get("id") or item.get("case") or Path(str(item["image"])).name)
+            for c in range(prob.shape[0]):
+                t = float(thresholds[c] if thresholds else threshold)
+                name = names[c] if c < len(names) else f"label {c + 1}"
+                png = folder / f"val{index}_{c}.png"
+                cross_sections(image[0].numpy(), prob[c] > t, truth[c], png, spacing=spacing,
+                               title=f"{case}: {name}, threshold {t:g}", affine=self.affines[index])
+                drawn.append((f"{case}: {name}", png))
+        return drawn
 
     def summarize(self, parts: list, info: DistInfo) -> dict:
         from slab.pipeline.training.distributed import gather_objects
@@ -281,6 +313,9 @@ class _SegmentationTask(TrainTask):
     def summarize_validation(self, parts, info):
         return self.validation.summarize(parts, info)
 
+    def report_pictures(self, folder: Path, threshold) -> list[tuple[str, Path]]:
+        return self.validation.pictures(folder, threshold, self.label_names or []) if self.validation else []
+
 
 class _PadCollate:
     """Batch samples of different sizes: zero-pad images and labels to the largest, rounded up
@@ -373,7 +408,7 @@ class Segmentation3DTask(_SegmentationTask):
                         f"{self.min_size}", cfg["patch_size"])
         self.volumes = []
         for item in self.train_items:
-            image, label, _ = load_pair(item, cfg["normalize"])
+            image, label, _, _ = load_pair(item, cfg["normalize"])
             self.check_channels(str(item["image"]), image.shape[0], label.shape[0])
             target = torch.as_tensor(self.label_transform(label))
             self.volumes.append(prepare({"image": image, "label": target}))

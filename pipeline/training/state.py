@@ -27,7 +27,7 @@ from slab.transforms.errors import SlabError
 
 # What a run directory holds (outputs that must not overwrite an input such as the datalist);
 # last.pt, best.pt and state are links into states/.
-RUN_FILES = ("config.json", "network.json", "states", "log.csv", "curves.png", "tensorboard")
+RUN_FILES = ("config.json", "network.json", "states", "log.csv", "curves.png", "tensorboard", "report.html", "report")
 
 
 def derive_seed(*parts: int) -> int:

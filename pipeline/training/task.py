@@ -52,6 +52,11 @@ class TrainTask:
         tasks ``slab predict`` does not take."""
         return None
 
+    def report_pictures(self, folder, threshold) -> list:
+        """``(caption, PNG)`` pictures of this validation's predictions at ``threshold``, drawn
+        into ``folder`` for the run's report (rank 0); none by default."""
+        return []
+
     def summarize_validation(self, parts: list, info: DistInfo) -> dict:
         """The metrics of every process's ``parts`` (a collective: every rank calls it, the same
         dict comes back on each); ``threshold`` among them where one is chosen."""
