@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slab.networks import build_network, save_weights
-from slab.pipeline.cli import main
 from slab.pipeline.data.adapters import brats_label
 from slab.pipeline.inference import Predictor, predict_file
 from slab.transforms.errors import SlabError, SlabWarning
@@ -142,12 +141,41 @@ def test_overlaps_warn_unless_the_order_is_declared(tmp_path):
     assert np.unique(np.asarray(load_volume(tmp_path / "c.nii.gz"))).tolist() == [5]
 
 
-def test_cli_per_channel_onto_seg_nrrd_is_refused_before_reading(tmp_path, capsys):
-    image, _ = _oblique(tmp_path)
-    _predictor(tmp_path)
-    code = main(["predict", "-i", str(image), "-o", str(tmp_path / "x.seg.nrrd"), "--per-channel",
-                 "--network", str(tmp_path / "net.json"), "--weights", str(tmp_path / "missing.pt")])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--per-channel" in err[0] and ".seg.nrrd" in err[0]
-    assert not (tmp_path / "x.seg.nrrd").exists()
+def test_overlapping_labels_open_in_slicer_as_layers(tmp_path):
+    """--per-channel onto a .seg.nrrd: BraTS-style nested regions kept apart in Slicer's layers
+    (kinds "list domain domain domain"), each segment's voxels exactly its channel, as slicerio
+    (Slicer's reader), pynrrd and slab itself read them back."""
+    slicerio = pytest.importorskip("slicerio")
+    nrrd = pytest.importorskip("nrrd")
+    image, affine = _oblique(tmp_path)
+    everything = {"threshold": [0.0, 0.5, 0.55]}  # the first label covers every voxel: overlaps
+    predictor = _predictor(tmp_path, labels=["wt", "tc", "et"], label_map={"values": [2, 1, 4]},
+                           postprocess=everything)
+    channels = tmp_path / "channels.nii.gz"
+    predict_file(image, channels, predictor, per_channel=True)
+    out = tmp_path / "regions.seg.nrrd"
+    predict_file(image, out, predictor, per_channel=True)
+    mask = np.asarray(load_volume(channels))
+    assert mask[0].all() and (mask[1:].sum(0) > 0).any()
+    header = nrrd.read_header(str(out))
+    assert header["kinds"][0] == "list" and header["encoding"] == "gzip"
+    segmentation = slicerio.read_segmentation(str(out))
+    voxels = segmentation["voxels"]
+    assert voxels.ndim == 4
+    for c, segment in enumerate(segmentation["segments"]):
+        assert (segment["name"], segment["labelValue"]) == (["wt", "tc", "et"][c], [2, 1, 4][c])
+        np.testing.assert_array_equal(slicerio.segment_mask(segmentation, segment), mask[c] > 0)
+    assert segmentation["segments"][0]["layer"] == 0 and segmentation["segments"][1]["layer"] == 1
+    lps = np.diag([-1.0, -1.0, 1.0])
+    np.testing.assert_allclose(np.asarray(header["space directions"])[1:].T, lps @ affine[:3, :3], atol=1e-6)
+    back = load_volume(out)  # slab reads its own layers back: one channel per layer
+    assert back.shape[0] == voxels.shape[0]
+    np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-6)
+    # labels that never overlap share one layer: a plain 3D label map
+    from slab.transforms.labelmap import to_layers
+
+    apart = np.zeros((3, 4, 4, 4), np.uint8)
+    apart[0, 0], apart[1, 1], apart[2, 2] = 1, 1, 1
+    layers, placed = to_layers(apart, (3, 7, 9))
+    assert layers.shape == (1, 4, 4, 4) and placed == [0, 0, 0]
+    assert set(np.unique(layers).tolist()) == {0, 3, 7, 9}

@@ -144,12 +144,15 @@ def _start_predict(tmp_path: Path, model) -> tuple[subprocess.Popen, Path, Path]
     env = {**os.environ, "TMPDIR": str(private), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "slab.pipeline.cli", "predict", "-i", str(source), "-o", str(out), "--tta", "flips",
                "--memory-budget", "0.001"] + model
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    # the child takes SIGINT as Python's default (KeyboardInterrupt) whatever this process does with it
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline = time.monotonic() + 120
-    while not any(private.iterdir()):  # the on-disk accumulators are being written
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.05)
-    time.sleep(0.5)
+    while not list(private.glob("slab-infer-*/sum.npy")):  # the on-disk accumulators are being written
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert process.poll() is None, ("finished before the signal", process.communicate())
     return process, private, out
 
 

@@ -185,6 +185,37 @@ def test_seeded_fill_long_and_dense_fills(rng):
                                       exact_hysteresis(noise, 0.4, 0.999, connectivity))
 
 
+def _random_walk(rng, shape, steps, connectivity):
+    """A path of ``steps`` moves between ``connectivity``-neighbours, turning back on every axis."""
+    moves = [np.array(m) for m in np.ndindex(3, 3, 3) if m != (1, 1, 1)]
+    moves = [m - 1 for m in moves if np.abs(m - 1).sum() <= {6: 1, 18: 2, 26: 3}[connectivity]]
+    grid, at = np.zeros(shape, np.float32), np.array(shape) // 2
+    for _ in range(steps):
+        at = np.clip(at + moves[rng.integers(len(moves))], 0, np.array(shape) - 1)
+        grid[tuple(at)] = 0.6
+    grid[tuple(at)] = 0.95  # seeded at its end, somewhere in the middle of memory
+    return grid
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_seeded_fill_of_paths_that_turn_back_in_every_direction(rng, connectivity):
+    """The fill's forward and backward passes cannot see a path that turns back twice; the
+    scanline spread from what the backward pass fills must: a 3D comb (down z, across y, up z,
+    ...) seeded in its middle, and random walks of each connectivity's moves, equal to labelling."""
+    comb = np.zeros((20, 21, 9), np.float32)
+    for i, y in enumerate(range(0, 21, 2)):
+        comb[:, y, 4] = 0.6  # a tooth along z
+        comb[0 if i % 2 else -1, y:y + 3, 4] = 0.6  # joined to the next tooth at alternating ends
+    comb[10, 10, 4] = 0.95
+    out = HysteresisFill(0.5, 0.9, connectivity)(comb)
+    assert out.sum() == (comb > 0.5).sum()  # one path, all of it reached from its middle
+    for steps in (50, 400, 3000):
+        walk = _random_walk(rng, (17, 23, 19), steps, connectivity)
+        walk = np.maximum(walk, (rng.random(walk.shape) > 0.9) * np.float32(0.6))  # with unseeded clutter
+        np.testing.assert_array_equal(HysteresisFill(0.5, 0.9, connectivity)(walk),
+                                      exact_hysteresis(walk, 0.5, 0.9, connectivity))
+
+
 def test_hysteresis_without_the_compiled_fill(rng, monkeypatch):
     p = smooth_map(rng, (9, 14, 11))
     expected = HysteresisFill(0.4, 0.6, 26)(p)

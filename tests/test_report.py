@@ -70,18 +70,18 @@ def test_report_holds_the_run_and_the_best_checkpoints_pictures(cases, tmp_path)
     from slab.networks import build_network, load_weights
 
     out = tmp_path / "run"
-    result = train(cases, _config(epochs=3, report_volumes=1), out, device="cpu")
+    result = train(cases, _config(epochs=2, report_volumes=1), out, device="cpu")
     page = _page(out / "report.html")
     assert page.headings[0] == "slab training run run"
     summary, epochs = page.tables[0], page.tables[1]
     facts = {row["cells"][0]: row["cells"][1] for row in summary}
-    assert facts["task"] == "segmentation_2p5d" and facts["epochs"] == "3 of 3" and facts["network"] == "unet"
+    assert facts["task"] == "segmentation_2p5d" and facts["epochs"] == "2 of 2" and facts["network"] == "unet"
     best = load_checkpoint(out / "best.pt")
     assert facts["best"].startswith(f"surface_dice_0 {result['best']['value']:.4g} at epoch {result['best']['epoch']}")
 
     header, rows = epochs[0]["cells"], epochs[1:]
     assert header[:3] == ["epoch", "train_loss", "images_per_s"] and "val_dice" in header and "lr" not in header
-    assert len(rows) == 3 == len(result["history"])
+    assert len(rows) == 2 == len(result["history"])
     for row, history in zip(rows, result["history"]):
         values = dict(zip(header, row["cells"]))
         assert values["epoch"] == str(history["epoch"])

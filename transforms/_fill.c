@@ -7,11 +7,14 @@
  *           against the threshold as given: the caller rounds it)
  *   connectivity: 6, 18 or 26
  *
- * Every seed starts a fill through fillable voxels, which become 2. The fill reads and writes
- * the one-byte state only (a fifth of the memory traffic of testing the values again). Scanline filling: a span (a run of fillable voxels along X) is filled at once and
- * pushed; popping it scans the neighbouring rows over the span's range (one voxel wider where the
- * connectivity links diagonally along X), so the work is proportional to the filled voxels plus
- * one pass over the volume for the seeds, and the stack holds spans, not voxels.
+ * Fillable voxels connected to a seed become 2; the fill reads and writes the one-byte state
+ * (a fifth of the memory traffic of testing the values again) and reads the values only to find
+ * seeds. It works on runs (maximal spans of fillable voxels along X): a forward and a backward
+ * pass over the rows in memory order fill every run that a seed or an already filled neighbour
+ * row reaches, and a scanline fill (spans on a stack) spreads from what the backward pass fills
+ * into the paths that turn back (see DEFINE_FILL). Rows are searched with memchr, runs measured
+ * eight bytes at a time and filled with memset, so a dense map costs little more than two
+ * sequential passes; the stack holds spans, not voxels.
  *
  * Part of slab; the same licence as the rest of the repository (Apache-2.0).
  */
@@ -19,6 +22,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     Py_ssize_t z, y, x0, x1;
@@ -54,44 +58,125 @@ static const Row ROWS_18[] = {{-1, -1, 0}, {-1, 1, 0}, {1, -1, 0}, {1, 1, 0},
                               {-1, 0, 1}, {1, 0, 1}, {0, -1, 1}, {0, 1, 1}};
 static const Row ROWS_26[] = {{-1, -1, 1}, {-1, 1, 1}, {1, -1, 1}, {1, 1, 1},
                               {-1, 0, 1}, {1, 0, 1}, {0, -1, 1}, {0, 1, 1}};
+/* The rows before a row in memory order (dz < 0, or dz == 0 and dy < 0), and those after. */
+static const Row BEFORE_6[] = {{-1, 0, 0}, {0, -1, 0}};
+static const Row AFTER_6[] = {{1, 0, 0}, {0, 1, 0}};
+static const Row BEFORE_18[] = {{-1, -1, 0}, {-1, 1, 0}, {-1, 0, 1}, {0, -1, 1}};
+static const Row AFTER_18[] = {{1, 1, 0}, {1, -1, 0}, {1, 0, 1}, {0, 1, 1}};
+static const Row BEFORE_26[] = {{-1, -1, 1}, {-1, 1, 1}, {-1, 0, 1}, {0, -1, 1}};
+static const Row AFTER_26[] = {{1, 1, 1}, {1, -1, 1}, {1, 0, 1}, {0, 1, 1}};
 
 /* state: 1 = fillable (> low), 0 = not; filled voxels become 2. */
-#define FILLABLE(k) (row[k] == 1)
+#define ONES 0x0101010101010101ULL
+
+/* The last index of the run of fillable voxels that starts at k (row[k] == 1), up to nx - 1:
+ * eight bytes at a time while they are all fillable. */
+static inline Py_ssize_t run_end(const uint8_t *row, Py_ssize_t k, Py_ssize_t nx) {
+    Py_ssize_t b = k + 1;
+    uint64_t word;
+    while (b + 8 <= nx) {
+        memcpy(&word, row + b, 8);
+        if (word != ONES) break;
+        b += 8;
+    }
+    while (b < nx && row[b] == 1) ++b;
+    return b - 1;
+}
+
+/* The first fillable voxel of row[k..hi], or -1: memchr skips filled and empty voxels many
+ * bytes at a time (dense maps are mostly rows already filled). */
+static inline Py_ssize_t next_fillable(const uint8_t *row, Py_ssize_t k, Py_ssize_t hi) {
+    if (k > hi) return -1;
+    const uint8_t *p = (const uint8_t *)memchr(row + k, 1, (size_t)(hi - k + 1));
+    return p ? (Py_ssize_t)(p - row) : -1;
+}
+
+/* Whether row[k..b] of the rows `rows` around (z, y) (each widened by its `widen`) holds a
+ * filled voxel. */
+static inline int touches(const uint8_t *state, Py_ssize_t z, Py_ssize_t y, Py_ssize_t k, Py_ssize_t b,
+                          Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx, const Row *rows, int nrows) {
+    for (int r = 0; r < nrows; ++r) {
+        const Py_ssize_t zz = z + rows[r].dz, yy = y + rows[r].dy;
+        if (zz < 0 || zz >= nz || yy < 0 || yy >= ny) continue;
+        Py_ssize_t lo = k - rows[r].widen, hi = b + rows[r].widen;
+        if (lo < 0) lo = 0;
+        if (hi >= nx) hi = nx - 1;
+        if (memchr(state + (zz * ny + yy) * nx + lo, 2, (size_t)(hi - lo + 1))) return 1;
+    }
+    return 0;
+}
+
+/* Fill every fillable run of the rows `rows` around span s that it reaches, pushing each. */
+static inline int spread(Stack *stack, uint8_t *state, Span s, Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx,
+                         const Row *rows, int nrows) {
+    for (int r = 0; r < nrows; ++r) {
+        const Py_ssize_t zz = s.z + rows[r].dz, yy = s.y + rows[r].dy;
+        if (zz < 0 || zz >= nz || yy < 0 || yy >= ny) continue;
+        uint8_t *row = state + (zz * ny + yy) * nx;
+        Py_ssize_t lo = s.x0 - rows[r].widen, hi = s.x1 + rows[r].widen;
+        if (lo < 0) lo = 0;
+        if (hi >= nx) hi = nx - 1;
+        for (Py_ssize_t k = next_fillable(row, lo, hi); k >= 0; k = next_fillable(row, k, hi)) {
+            Py_ssize_t left = k;
+            if (k == lo) /* past lo only; inside, row[k - 1] was scanned */
+                while (left > 0 && row[left - 1] == 1) --left;
+            Py_ssize_t right = run_end(row, k, nx);
+            memset(row + left, 2, (size_t)(right - left + 1));
+            if (push(stack, zz, yy, left, right)) return -1;
+            k = right + 2; /* row[right + 1] is not fillable */
+        }
+    }
+    return 0;
+}
+
+/* Three steps, each exact, together the flood fill (Vincent's hybrid reconstruction, on runs):
+ * 1. forward, rows in memory order: a run of fillable voxels is filled when it holds a seed or
+ *    touches a filled voxel in a row before it (those rows are final for this pass);
+ * 2. backward, rows in reverse order: a run still fillable is filled when it touches a filled
+ *    voxel in a row after it;
+ * 3. a run filled in step 2 may reach, through rows after it that step 2 has passed, runs that
+ *    neither pass could see (a path that turns back twice): from it, a scanline fill spreads to
+ *    the rows after it, and everything that fill reaches spreads to every neighbouring row.
+ * A reachable run left unfilled would have a filled neighbour on its path filled in one of the
+ * steps, and that step fills it: the rows before a run are final when step 1 reaches it, the
+ * rows after it when step 2 does, and step 3 spreads everything else. Steps 1 and 2 read memory
+ * in order; step 3 walks only the paths that turn back. */
 #define DEFINE_FILL(NAME, TYPE)                                                                   \
     static int NAME(const TYPE *v, uint8_t *state, Py_ssize_t nz, Py_ssize_t ny, Py_ssize_t nx,    \
-                    TYPE high, const Row *rows, int nrows) {                                       \
+                    TYPE high, const Row *all, int nall, const Row *before, const Row *after,      \
+                    int nhalf) {                                                                   \
         Stack stack = {NULL, 0, 0};                                                                \
-        const Py_ssize_t plane = ny * nx, n = nz * plane;                                          \
-        for (Py_ssize_t i = 0; i < n; ++i) {                                                       \
-            if (state[i] != 1 || !(v[i] > high)) continue;                                         \
-            Py_ssize_t z = i / plane, y = (i / nx) % ny, x = i % nx;                               \
-            uint8_t *row = state + (i - x);                                                        \
-            Py_ssize_t a = x, b = x;                                                               \
-            while (a > 0 && FILLABLE(a - 1)) --a;                                                  \
-            while (b + 1 < nx && FILLABLE(b + 1)) ++b;                                             \
-            for (Py_ssize_t k = a; k <= b; ++k) row[k] = 2;                                        \
-            if (push(&stack, z, y, a, b)) goto fail;                                               \
-            while (stack.size) {                                                                   \
-                Span s = stack.data[--stack.size];                                                 \
-                for (int r = 0; r < nrows; ++r) {                                                  \
-                    const Py_ssize_t zz = s.z + rows[r].dz, yy = s.y + rows[r].dy;                 \
-                    if (zz < 0 || zz >= nz || yy < 0 || yy >= ny) continue;                        \
-                    row = state + zz * plane + yy * nx;                                            \
-                    Py_ssize_t lo = s.x0 - rows[r].widen, hi = s.x1 + rows[r].widen;               \
-                    if (lo < 0) lo = 0;                                                            \
-                    if (hi >= nx) hi = nx - 1;                                                     \
-                    for (Py_ssize_t k = lo; k <= hi; ++k) {                                        \
-                        if (!FILLABLE(k)) continue;                                                \
-                        Py_ssize_t left = k, right = k;                                            \
-                        while (left > 0 && FILLABLE(left - 1)) --left;                             \
-                        while (right + 1 < nx && FILLABLE(right + 1)) ++right;                     \
-                        for (Py_ssize_t m = left; m <= right; ++m) row[m] = 2;                     \
-                        if (push(&stack, zz, yy, left, right)) goto fail;                          \
-                        k = right + 1;                                                             \
-                    }                                                                              \
+        for (Py_ssize_t z = 0; z < nz; ++z)                                                        \
+            for (Py_ssize_t y = 0; y < ny; ++y) {                                                  \
+                uint8_t *row = state + (z * ny + y) * nx;                                          \
+                const TYPE *values = v + (z * ny + y) * nx;                                        \
+                for (Py_ssize_t k = next_fillable(row, 0, nx - 1); k >= 0;                         \
+                     k = next_fillable(row, k, nx - 1)) {                                          \
+                    const Py_ssize_t b = run_end(row, k, nx);                                      \
+                    int fill = touches(state, z, y, k, b, nz, ny, nx, before, nhalf);              \
+                    for (Py_ssize_t m = k; !fill && m <= b; ++m) fill = values[m] > high;          \
+                    if (fill) memset(row + k, 2, (size_t)(b - k + 1));                             \
+                    k = b + 2;                                                                     \
                 }                                                                                  \
             }                                                                                      \
-        }                                                                                          \
+        for (Py_ssize_t z = nz - 1; z >= 0; --z)                                                   \
+            for (Py_ssize_t y = ny - 1; y >= 0; --y) {                                             \
+                uint8_t *row = state + (z * ny + y) * nx;                                          \
+                for (Py_ssize_t k = next_fillable(row, 0, nx - 1); k >= 0;                         \
+                     k = next_fillable(row, k, nx - 1)) {                                          \
+                    const Py_ssize_t b = run_end(row, k, nx);                                      \
+                    if (touches(state, z, y, k, b, nz, ny, nx, after, nhalf)) {                    \
+                        memset(row + k, 2, (size_t)(b - k + 1));                                   \
+                        Span first = {z, y, k, b};                                                 \
+                        if (spread(&stack, state, first, nz, ny, nx, after, nhalf)) goto fail;     \
+                        while (stack.size)                                                         \
+                            if (spread(&stack, state, stack.data[--stack.size], nz, ny, nx, all,   \
+                                       nall))                                                      \
+                                goto fail;                                                         \
+                    }                                                                              \
+                    k = b + 2;                                                                     \
+                }                                                                                  \
+            }                                                                                      \
         free(stack.data);                                                                          \
         return 0;                                                                                  \
     fail:                                                                                          \
@@ -108,6 +193,8 @@ static PyObject *fill(PyObject *self, PyObject *args) {
     int connectivity;
     if (!PyArg_ParseTuple(args, "OOdi", &values_obj, &out_obj, &high, &connectivity)) return NULL;
     const Row *rows = connectivity == 6 ? ROWS_6 : connectivity == 18 ? ROWS_18 : connectivity == 26 ? ROWS_26 : NULL;
+    const Row *before = connectivity == 6 ? BEFORE_6 : connectivity == 18 ? BEFORE_18 : BEFORE_26;
+    const Row *after = connectivity == 6 ? AFTER_6 : connectivity == 18 ? AFTER_18 : AFTER_26;
     const int nrows = connectivity == 6 ? 4 : 8;
     if (!rows) {
         PyErr_SetString(PyExc_ValueError, "connectivity: expected 6, 18 or 26");
@@ -134,9 +221,10 @@ static PyObject *fill(PyObject *self, PyObject *args) {
         int failed;
         Py_BEGIN_ALLOW_THREADS
         if (is32)
-            failed = fill_float32((const float *)values.buf, (uint8_t *)out.buf, nz, ny, nx, (float)high, rows, nrows);
+            failed = fill_float32((const float *)values.buf, (uint8_t *)out.buf, nz, ny, nx, (float)high, rows, nrows, before, after,
+                                  nrows / 2);
         else
-            failed = fill_float64((const double *)values.buf, (uint8_t *)out.buf, nz, ny, nx, high, rows, nrows);
+            failed = fill_float64((const double *)values.buf, (uint8_t *)out.buf, nz, ny, nx, high, rows, nrows, before, after, nrows / 2);
         Py_END_ALLOW_THREADS
         if (failed) {
             PyErr_NoMemory();

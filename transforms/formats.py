@@ -344,6 +344,17 @@ def write_itk(array: np.ndarray, affine: np.ndarray, path: Path, fields: dict | 
                 sitk.WriteImage(image, str(tmp), True)  # compressed, as .nii.gz is
         except RuntimeError as err:
             raise SlabError(f"{path}: cannot write {array.dtype} as {suffix_of(path)} ({one_line(err)})") from None
+        if array.shape[0] > 1 and fields and "Segmentation_MasterRepresentation" in fields:
+            _layers_kind(tmp)
+
+
+def _layers_kind(nrrd: Path) -> None:
+    """A segmentation's layers as 3D Slicer writes and reads them: the first axis of kind
+    ``list`` (ITK writes ``vector``, which Slicer's reader refuses)."""
+    data = nrrd.read_bytes()
+    end = data.index(b"\n\n")  # the header ends at the first blank line; the data follows
+    header = data[:end].replace(b"\nkinds: vector domain domain domain", b"\nkinds: list domain domain domain", 1)
+    nrrd.write_bytes(header + data[end:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -204,9 +204,10 @@ def _exact_threshold(x: np.ndarray, threshold: float) -> tuple[np.ndarray, float
 
 def seeded_fill(x: np.ndarray, low: float, high: float, connectivity: int) -> np.ndarray:
     """Hysteresis by seeded flood fill in compiled code: the voxels ``> low`` connected to a
-    voxel ``> high``, as uint8. Work is proportional to the filled voxels plus one scan for the
-    seeds (no labelling of every component), memory is the output alone (plus a float copy of
-    an integer volume), and the GIL is released.
+    voxel ``> high``, as uint8. Two sequential passes over the rows of the one-byte state and a
+    scanline fill of the paths that turn back (``transforms/_fill.c``; no labelling of every
+    component), memory the output and a stack of spans (plus a float copy of an integer
+    volume), and the GIL is released.
     A Fortran-ordered volume is filled transposed (connectivity is symmetric), not copied."""
     flip = x.flags.f_contiguous and not x.flags.c_contiguous
     if flip:

@@ -70,7 +70,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--per-channel", action="store_true",
                         help="write a multi-label mask as one 0/1 channel per label (overlapping labels, e.g. BraTS "
                              "regions) instead of one label map (label i = value i+1, or the model's label_map); "
-                             "an output named *.seg.nrrd opens in 3D Slicer with the label names")
+                             "an output named *.seg.nrrd opens in 3D Slicer with the label names (with --per-channel: "
+                             "overlapping labels in separate layers)")
     parser.add_argument("--preview", metavar="PNG",
                         help="also draw the prediction in 3D over the image's section (each label its colour, "
                              "no ground truth needed); a directory of PNGs when INPUT is a directory of volumes")

@@ -14,7 +14,7 @@ from slab.pipeline.inference.predictor import Predictor
 from slab.transforms.dicom_seg import check_dicom_seg, is_dicom_seg, write_dicom_seg
 from slab.transforms.errors import SlabError, SlabWarning
 from slab.transforms.io import LazyVolume, load_volume, output_format, save_volume
-from slab.transforms.labelmap import segment_metadata, to_label_map
+from slab.transforms.labelmap import segment_metadata, to_label_map, to_layers
 from slab.transforms.rle import write_rle_csv
 
 
@@ -28,12 +28,7 @@ def check_mask_layout(output_path, per_channel: bool, source=None) -> str:
             check_dicom_seg(output_path, source)
         return "dicom-seg"
     output_format(output_path)
-    if not str(output_path).lower().endswith(".seg.nrrd"):
-        return "volume"
-    if per_channel:
-        raise SlabError(f"--per-channel: a .seg.nrrd ({output_path}) is written as one label map; "
-                        "drop --per-channel or give a .nii.gz name for one channel per label")
-    return "seg.nrrd"
+    return "seg.nrrd" if str(output_path).lower().endswith(".seg.nrrd") else "volume"
 
 
 def _open(path, predictor: Predictor):
@@ -208,6 +203,10 @@ def _save_mask(mask, output_path, predictor: Predictor, affine, meta, per_channe
     """The mask as a label map (multi-label, unless ``per_channel``), with Slicer's segment
     fields for a ``.seg.nrrd``."""
     values, order = predictor.label_map["values"], predictor.label_map["order"]
+    if segmentation and per_channel:  # overlapping labels kept apart, in Slicer's layers
+        layers, placed = to_layers(np.asarray(mask), values)
+        fields = segment_metadata(predictor.label_names(), values, layers=placed)
+        return save_volume(layers, output_path, affine=affine, meta=meta, labels=True, fields=fields)
     fields = segment_metadata(predictor.label_names(), values) if segmentation else None
     if per_channel or (mask.shape[0] == 1 and values == (1,)):
         return save_volume(mask, output_path, affine=affine, meta=meta, mask=True, fields=fields)
