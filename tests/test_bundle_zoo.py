@@ -261,3 +261,30 @@ def test_a_copied_bundle_runs_from_its_own_folder_with_its_own_weights(tmp_path,
         cause = cause.__cause__
     assert str(cause).startswith("models/model.pt: no such weights file")
     assert not (tmp_path / "none").exists()
+
+
+# The model zoo's README template (docs/readme_template.md), its sections in its order.
+TEMPLATE = ("### **Authors**", "### **Tags**", "## **Model Description**", "## **Data**", "#### **Preprocessing**",
+            "## **Performance**", "## **Additional Usage Steps**", "## **System Configuration**",
+            "## **Limitations**", "## **References**")
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_docs_follow_the_zoo_readme_template(name):
+    """Each bundle's docs/README.md has the template's sections in order, each with text, and its
+    references and authors are the metadata's."""
+    text = (BUNDLES_DIR / name / "docs" / "README.md").read_text(encoding="utf-8")
+    lines, fence, headings = text.splitlines(), False, []
+    for number, line in enumerate(lines):
+        fence = fence != line.startswith("```")
+        if not fence and line.startswith("#"):
+            headings.append((line, number))
+    found = [h for h, _ in headings if h in TEMPLATE]
+    assert found == list(TEMPLATE)
+    for (heading, start), (_, end) in zip(headings, headings[1:] + [("", len(lines))]):
+        if heading in TEMPLATE and heading not in ("## **Performance**", "## **Additional Usage Steps**"):
+            assert any(line.strip() for line in lines[start + 1:end]), heading
+    meta = json.loads((BUNDLES_DIR / name / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    references = text.split("## **References**", 1)[1]
+    assert all(reference in references for reference in meta["references"])
+    assert meta["authors"] in text.split("### **Tags**", 1)[0]

@@ -369,7 +369,7 @@ class SlabTrainer(SupervisedTrainer):
         folder = self.out / PICTURES if improved and self.cfg["report_volumes"] else None
         try:
             drawn = self.task.report_pictures(folder, self.threshold)
-        except SlabError as err:  # a picture is never worth the run
+        except (SlabError, ValueError, RuntimeError) as err:  # a picture is never worth the run
             warnings.warn(SlabWarning(f"report.html: no pictures of epoch {epoch} ({err})"), stacklevel=2)
             return
         if folder is not None:
