@@ -21,8 +21,8 @@ from slab.transforms.rle import write_rle_csv
 def check_mask_layout(output_path, per_channel: bool, source=None) -> str:
     """How the mask at ``output_path`` is written: ``"dicom-seg"`` (a ``.dcm`` name: a DICOM SEG
     of the DICOM series ``source``, checked by :func:`~slab.transforms.dicom_seg.check_dicom_seg`
-    when ``source`` is given), ``"seg.nrrd"`` (3D Slicer's segmentation: one label map, so not with
-    ``per_channel``) or ``"volume"`` (any other name :func:`output_format` accepts); else SlabError."""
+    when ``source`` is given), ``"seg.nrrd"`` (3D Slicer's segmentation: one label map, or with ``per_channel``
+    one layer per group of labels that do not overlap) or ``"volume"`` (any other name :func:`output_format` accepts); else SlabError."""
     if is_dicom_seg(output_path):
         if source is not None:
             check_dicom_seg(output_path, source)
@@ -95,8 +95,8 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     main = shard is None or not shard.enabled or shard.is_main
     volume = _open(input_path, predictor)
     # chunked outputs of a volume that does not fit: zarr all the way, resumable after a kill
-    out_of_core = layout == "volume" and output_format(output_path) in ("zarr", "hdf5", "tiff") and getattr(predictor, "out_of_core", None) \
-        and predictor.out_of_core(volume)
+    out_of_core = (layout == "volume" and output_format(output_path) in ("zarr", "hdf5", "tiff")
+                   and getattr(predictor, "out_of_core", None) and predictor.out_of_core(volume))
     if shard is not None and shard.enabled:  # every rank takes rank 0's decision (free memory differs)
         from slab.pipeline.training.distributed import gather_objects
 
