@@ -84,7 +84,8 @@ def test_dicom_seg_of_an_oblique_series_references_every_slice(tmp_path):
         for c in range(3):
             np.testing.assert_array_equal(frames[:, :, c], mask[c, :, :, z].T)
     # each frame lies where its source slice lies
-    source = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f).ImagePositionPatient for f in dicom_files(series)}
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom_files(series)]
+    source = {h.SOPInstanceUID: h.ImagePositionPatient for h in headers}
     for group in raw.PerFrameFunctionalGroupsSequence:
         uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         position = group.PlanePositionSequence[0].ImagePositionPatient

@@ -67,12 +67,19 @@ def check_dicom_series(directory: Path, headers) -> None:
                         "split the series into evenly spaced parts")
 
 
-def dicom_files(directory: Path) -> list[str]:
-    """The files of the one DICOM series in ``directory``, checked as :func:`read_dicom` checks
-    them, in the order of slab's z axis (GDCM's order: position along the slice normal)."""
+def dicom_series(directory: Path) -> tuple[list[str], list]:
+    """``(files, headers)`` of the one DICOM series in ``directory``, checked as
+    :func:`read_dicom` checks them, in the order of slab's z axis (GDCM's order: position along
+    the slice normal); headers without pixel data."""
     files = _series_files(directory)
-    check_dicom_series(directory, _dicom_headers(directory, files))
-    return files
+    headers = _dicom_headers(directory, files)
+    check_dicom_series(directory, headers)
+    return files, headers
+
+
+def dicom_files(directory: Path) -> list[str]:
+    """The files of :func:`dicom_series`."""
+    return dicom_series(directory)[0]
 
 
 def _stored_dtype(header) -> np.dtype | None:
@@ -96,9 +103,7 @@ def _stored_dtype(header) -> np.dtype | None:
 
 
 def read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    files = _series_files(directory)
-    headers = _dicom_headers(directory, files)
-    check_dicom_series(directory, headers)
+    files, headers = dicom_series(directory)
     try:
         rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     except (AttributeError, TypeError, ValueError):

@@ -54,12 +54,10 @@ def check_dicom_seg(output_path, source) -> None:
         import highdicom  # noqa: F401
     except ImportError:
         raise SlabError(f"-o {output}: writing DICOM SEG needs highdicom (pip install 'slab-seg[dicom]')") from None
-    import pydicom
+    from slab.transforms.dicom import dicom_series
 
-    from slab.transforms.dicom import dicom_files
-
-    first = dicom_files(Path(source))[0]  # one readable, evenly spaced series, else its own line
-    header = pydicom.dcmread(first, stop_before_pixels=True, force=True)
+    files, headers = dicom_series(Path(source))  # one readable, evenly spaced series, else its own line
+    first, header = files[0], headers[0]
     missing = [key for key in _REFERENCED if not str(header.get(key, "") or "").strip()]
     if missing:
         raise SlabError(f"{first}: no {', '.join(missing)}; a DICOM SEG must reference the series' study, frame of "
@@ -97,16 +95,14 @@ def write_dicom_seg(mask, source, path, names: Sequence[str], *, version: str = 
     frame ``z`` of segment ``c`` is ``mask[c, :, :, z].T`` on the instance of slice ``z``.
     """
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
-    from slab.transforms.dicom import dicom_files
+    from slab.transforms.dicom import dicom_series
     from slab.transforms.formats import one_line
     from slab.transforms.outputs import atomic_write
 
     source = Path(source)
-    files = dicom_files(source)
-    datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    _, datasets = dicom_series(source)  # each header read once, in slab's z order
     mask = np.asarray(mask)
     channels, columns, rows, depth = mask.shape
     if (depth, rows, columns) != (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)):
