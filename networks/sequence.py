@@ -18,19 +18,26 @@ DENSENETS = ("densenet121", "densenet169", "densenet201", "densenet264")
 BACKBONES = EFFICIENTNETS + RESNETS + DENSENETS
 
 
-def build_encoder(backbone: str, in_channels: int) -> tuple[nn.Module, int]:
+def build_encoder(backbone: str, in_channels: int, widen_factor: float = 1.0) -> tuple[nn.Module, int]:
     """A randomly initialised MONAI 2D classifier turned into a feature extractor.
 
-    Returns the encoder, mapping ``(B, in_channels, H, W)`` to ``(B, F)`` globally pooled
-    features, and ``F``.
+    ``widen_factor`` scales a ResNet's stage widths (MONAI's own option: 0.25 gives 16..128
+    channels, about 1/16 of the weights). Returns the encoder, mapping ``(B, in_channels, H, W)``
+    to ``(B, F)`` globally pooled features, and ``F``.
     """
+    if isinstance(widen_factor, bool) or not isinstance(widen_factor, (int, float)) or not (
+            0 < widen_factor <= 8 and int(64 * widen_factor) >= 1):
+        raise SlabError(f"widen_factor: expected a number in (0, 8] giving at least one channel, got {widen_factor!r}")
+    if widen_factor != 1 and backbone not in RESNETS:
+        raise SlabError(f"widen_factor: scales the ResNet backbones ({', '.join(RESNETS)}), not {backbone!r}")
     if backbone in EFFICIENTNETS:
         encoder = nets.EfficientNetBN(backbone, pretrained=False, spatial_dims=2, in_channels=in_channels)
         features = encoder._fc.in_features
         encoder._fc = nn.Identity()
     elif backbone in RESNETS:
         encoder = getattr(nets, backbone)(
-            pretrained=False, spatial_dims=2, n_input_channels=in_channels, feed_forward=False
+            pretrained=False, spatial_dims=2, n_input_channels=in_channels, feed_forward=False,
+            widen_factor=float(widen_factor),
         )
         features = encoder.in_planes  # channels of the last stage, which the forward pools
     elif backbone in DENSENETS:
@@ -62,6 +69,8 @@ class SliceSequenceClassifier(nn.Module):
         Dropout between LSTM layers and before the heads.
     spatial_dims : int
         Must be 2: each slab is a 2D image; accepted so that ``build_network`` can pass it.
+    widen_factor : float
+        ResNet backbones only: their stage widths times this (MONAI's ``widen_factor``).
 
     Forward
     -------
@@ -86,12 +95,13 @@ class SliceSequenceClassifier(nn.Module):
         num_layers: int = 2,
         dropout: float = 0.1,
         spatial_dims: int = 2,
+        widen_factor: float = 1.0,
     ) -> None:
         super().__init__()
         if spatial_dims != 2:
             raise SlabError(f"spatial_dims: the sequence classifier encodes 2D slabs, got {spatial_dims}")
         self.out_channels = out_channels
-        self.encoder, features = build_encoder(backbone, in_channels)
+        self.encoder, features = build_encoder(backbone, in_channels, widen_factor)
         self.lstm = nn.LSTM(
             features,
             hidden_size,

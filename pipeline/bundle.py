@@ -116,7 +116,7 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
                      train_seeds: Sequence[int] = (1, 2, 3, 4), val_seeds: Sequence[int] = (100,),
                      spacing: Sequence[float] = (1.0, 1.0, 1.0), labels: Sequence[str] | None = None,
                      label_format: str = "channels", targets: Mapping[str, Sequence[int]] | None = None,
-                     image_format: str = "nifti") -> str:
+                     image_format: str = "nifti", fractures: bool = False) -> str:
     """Write phantoms (:func:`slab.pipeline.data.phantom.write_phantom`) and a Decathlon datalist over them.
 
     Phantoms are written once per ``(kind, shape, seed, spacing)`` under ``out_dir`` and reused.
@@ -124,7 +124,9 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
     :func:`slab.pipeline.data.adapters.brats_label`, as the BraTS adapter does. ``label_format="values"``
     turns a multi-channel label into one channel of values ``1..L`` (for the slice-sequence
     classifier's targets); ``targets`` then gives, per label name, one 0/1 per case in seed
-    order (train seeds, then validation seeds). ``image_format="png"`` stores each image as a
+    order (train seeds, then validation seeds). ``fractures=True`` (kind ``organs``) draws a
+    crack through organ ``i`` of every case whose target ``labels[i]`` is 1, so the targets can
+    be learnt from the image. ``image_format="png"`` stores each image as a
     stack of 16-bit PNG slices (``image/0000.png``...), as UW-Madison scans come.
 
     Returns
@@ -140,15 +142,22 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
     shape = [int(s) for s in shape]
     tag = f"{kind}_{'x'.join(map(str, shape))}_sp{'x'.join(f'{float(s):g}' for s in spacing)}"
     seeds = [int(s) for s in train_seeds] + [int(s) for s in val_seeds]
+    for name, values in (targets or {}).items():
+        if len(values) < len(seeds):
+            raise SlabError(f"targets: {name} has {len(values)} values for {len(seeds)} cases (train seeds, then "
+                            "validation seeds)")
+    if fractures and (kind != "organs" or not targets or not labels or set(targets) - set(labels)):
+        raise SlabError("fractures: draw cracks for targets of kind organs; give labels and targets by label name")
     items = []
     for n, seed in enumerate(seeds):
-        case = out / tag / f"seed{seed}"
+        cracked = [i for i, name in enumerate(labels or ()) if fractures and name in targets and int(targets[name][n])]
+        case = out / tag / (f"seed{seed}" + (f"_fractures{''.join(map(str, cracked))}" if cracked else ""))
         if image_format not in ("nifti", "png"):
             raise SlabError(f"image_format: expected nifti or png, got {image_format!r}")
         paths = {"image": case / ("image.nii.gz" if image_format == "nifti" else "image_png"),
                  "label": case / f"label_{label_format}.nii.gz"}
         if not paths["label"].is_file() or not paths["image"].exists():
-            _, label_path = write_phantom(case, shape=shape, seed=seed, kind=kind, spacing=spacing)
+            _, label_path = write_phantom(case, shape=shape, seed=seed, kind=kind, spacing=spacing, fractures=cracked)
             label = load_volume(label_path)
             array = np.asarray(label)
             if kind == "tumour":

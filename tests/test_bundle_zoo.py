@@ -18,8 +18,6 @@ from slab.pipeline.bundle import BUNDLES_DIR, run_bundle
 from slab.transforms.io import load_volume, save_volume
 
 BUNDLES = ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")
-# The bundles that ship weights; spine_cls_2p5d's phantom training measures no skill (its docs say so).
-WEIGHTED = ("vessel_2p5d", "gi_tract_2p5d", "brats_3d")
 SCHEMA = BUNDLES_DIR / "metadata_schema.json"
 # Small settings for running inference on a tiny volume (the shipped networks, the shipped weights).
 QUICK = {
@@ -55,9 +53,9 @@ def test_zoo_directory_and_metadata_schema(name, tmp_path):
     for required in ("LICENSE", "configs/metadata.json", "configs/inference.json", "configs/logging.conf",
                      "docs/README.md"):
         assert (root / required).is_file(), required
-    assert (root / "models" / "model.pt").is_file() == (name in WEIGHTED)
-    if name in WEIGHTED:  # the thresholds chosen on validation travel with the weights
-        assert "threshold" in json.loads((root / "models" / "model.json").read_text(encoding="utf-8"))
+    assert (root / "models" / "model.pt").is_file()  # every bundle ships weights
+    # the thresholds chosen on validation travel with the weights
+    assert "threshold" in json.loads((root / "models" / "model.json").read_text(encoding="utf-8"))
     meta = json.loads(Path(meta_file).read_text(encoding="utf-8"))
     assert meta["version"] in meta["changelog"]
     schema = tmp_path / "schema.json"
@@ -104,11 +102,6 @@ def test_inference_properties_and_a_tracked_run(name, tmp_path):
     data = tmp_path / "data"
     _volume(data, CHANNELS[name])
     quick = dict(QUICK[name])
-    if name not in WEIGHTED:  # the initial weights, as the zoo's checks make them
-        parser = ConfigParser()
-        parser.read_config(str(root / "configs" / "inference.json"))
-        quick["weights"] = str(tmp_path / "model.pt")
-        torch.save(parser.get_parsed_content("network_def").state_dict(), quick["weights"])
     workflow = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), logging_file=False,
                               meta_file=str(root / "configs" / "metadata.json"), workflow_type="infer",
                               bundle_root=str(root), dataset_dir=str(data), image_glob="*.nii.gz",
@@ -181,8 +174,7 @@ def _documented_converter_kwargs(root: Path) -> dict:
 
 @pytest.mark.parametrize("name", BUNDLES)
 def test_torchscript_and_onnx_exports_of_the_shipped_weights(name, tmp_path):
-    """``ckpt_export`` and ``onnx_export`` (MONAI's) of every bundle's models/model.pt (a bundle
-    without weights: its initial weights, as the zoo's verify_bundle.py makes them); the
+    """``ckpt_export`` and ``onnx_export`` (MONAI's) of every bundle's models/model.pt; the
     TorchScript module and the ONNX graph (run by onnxruntime), fed another size than the export's,
     give the network's output."""
     root, meta_file, config_file = _files(name)
@@ -191,9 +183,6 @@ def test_torchscript_and_onnx_exports_of_the_shipped_weights(name, tmp_path):
     parser.read_meta(meta_file)
     net = parser.get_parsed_content("network_def").eval()
     weights = root / "models" / "model.pt"
-    if name not in WEIGHTED:
-        weights = tmp_path / "model.pt"
-        torch.save(net.state_dict(), weights)
     net.load_state_dict(torch.load(weights, weights_only=True))
     x = _example(name, parser)
     with torch.no_grad():

@@ -331,7 +331,8 @@ def test_spine_training_whose_validation_auc_is_undefined_falls_back_to_the_loss
                                                            "C3": [1, 1, 0, 0]}}
     with pytest.warns(SlabWarning, match="val.metric auc is undefined at epoch 1 .* chosen by val_loss"):
         (result,) = run_bundle(BUNDLES_DIR / "spine_cls_2p5d", ("train.json",), output_dir=str(tmp_path / "run"),
-                               device="cpu", **{"training#epochs": 2, "training#progress": False}, **tiny)
+                               device="cpu", **{"training#epochs": 2, "training#progress": False,
+                                                "training#val#metric": "auc"}, **tiny)
     assert result["best"]["fallback"] == "val_loss" and result["best"]["epoch"] in (1, 2)
     assert Path(result["exported"]).is_file()
     losses = [row["val_loss"] for row in result["history"]]

@@ -401,7 +401,7 @@ def test_out_of_core_predict_resumes_after_a_kill(tmp_path, rng, monkeypatch):
     state = json.loads((work / "state.json").read_text())
     assert sum(len(v) for v in state["done"].values()) == 3 and not (tmp_path / "mask.zarr").exists()
     blocks = []
-    monkeypatch.setattr(store.PlaneStore, "put", lambda self, *a, put=store.PlaneStore.put: (blocks.append(a[:3:2]),
+    monkeypatch.setattr(store.PlaneStore, "put", lambda self, *a, put=store.PlaneStore.put: (blocks.append((a[0], store.block_id(a[1]))),
                                                                                              put(self, *a)))
     assert main(args) == 0
     total = sum(-(-n // 4) for n in data.shape)  # blocks of one batch (4 slices) per plane

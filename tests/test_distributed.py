@@ -146,10 +146,10 @@ import json, os, sys
 from slab.pipeline.inference import store
 from slab.pipeline.cli import main
 put = store.PlaneStore.put
-def logged(self, plane, axis, start, sums):
-    put(self, plane, axis, start, sums)
+def logged(self, plane, corner, sums):
+    put(self, plane, corner, sums)
     with open(os.path.join(sys.argv[1], f"blocks-{os.environ['RANK']}.txt"), "a") as f:
-        f.write(f"{plane} {start}\\n")
+        f.write(f"{plane} {store.block_id(corner)}\\n")
 store.PlaneStore.put = logged
 sys.exit(main(sys.argv[2:]))
 """

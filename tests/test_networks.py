@@ -191,3 +191,14 @@ def test_arbitrary_pickles_are_refused(tmp_path):
     torch.save({"model": _tiny_unet()}, tmp_path / "pickled.pt")  # a whole module, not weights
     with pytest.raises(SlabError, match="pickled.pt: not a torch weights file"):
         load_weights(_tiny_unet(), tmp_path / "pickled.pt")
+
+
+def test_sequence_classifier_widen_factor_scales_the_resnet():
+    full = SliceSequenceClassifier(in_channels=3, backbone="resnet10", hidden_size=8)
+    narrow = SliceSequenceClassifier(in_channels=3, backbone="resnet10", hidden_size=8, widen_factor=0.25)
+    encoder = [sum(p.numel() for p in n.encoder.parameters()) for n in (full, narrow)]
+    assert 12 < encoder[0] / encoder[1] < 20  # about 1/16: widths times 1/4, weights times 1/16
+    assert narrow.lstm.input_size == 128 and narrow(torch.zeros(1, 4, 3, 32, 32))[0].shape == (1, 4)
+    for bad, backbone in ((0, "resnet10"), (0.001, "resnet10"), (True, "resnet10"), (0.5, "efficientnet-b0")):
+        with pytest.raises(SlabError, match="widen_factor"):
+            SliceSequenceClassifier(in_channels=3, backbone=backbone, widen_factor=bad)

@@ -68,3 +68,27 @@ def test_cli(tmp_path, capsys):
 def test_bad_arguments(kwargs):
     with pytest.raises(SlabError):
         make_phantom(**{"shape": (8, 8, 8), **kwargs})
+
+
+def test_fractures_crack_the_chosen_organs_only():
+    """A fracture darkens a plane through the organ (every axial slice of it), inside that organ
+    only; the label and every other voxel are those of the phantom without it."""
+    from scipy import ndimage
+
+    plain = make_phantom((40, 36, 30), seed=4, kind="organs")
+    cracked = make_phantom((40, 36, 30), seed=4, kind="organs", fractures=[2, 0])
+    assert np.array_equal(plain.label.numpy(), cracked.label.numpy())
+    changed = plain.image.numpy()[0] != cracked.image.numpy()[0]
+    labels = plain.label.numpy().astype(bool)
+    assert changed.any() and not (changed & ~(labels[0] | labels[2])).any()
+    for organ in (0, 2):
+        crack = changed & labels[organ]
+        slices = np.flatnonzero(labels[organ].any(axis=(0, 1)))
+        assert set(np.flatnonzero(crack.any(axis=(0, 1)))) >= set(slices[1:-1])  # seen in the organ's slices
+        assert cracked.image.numpy()[0][crack].mean() < 0.6 * plain.image.numpy()[0][crack].mean()  # dark
+        assert ndimage.label(crack, structure=np.ones((3, 3, 3)))[1] <= 2  # one plane (cut at most by the edge)
+    again = make_phantom((40, 36, 30), seed=4, kind="organs", fractures=(0, 2))
+    assert np.array_equal(again.image.numpy(), cracked.image.numpy())
+    for bad, kind in (([3], "organs"), (["x"], "organs"), ([0], "vessels")):
+        with pytest.raises(SlabError, match="fractures"):
+            make_phantom((16, 16, 16), kind=kind, fractures=bad)

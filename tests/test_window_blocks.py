@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 
 from slab.pipeline.cli import main
 from slab.pipeline.inference.window import predict_3d
-from slab.pipeline.inference.window_blocks import WindowGrid, scan_interval, slices_per_block
+from slab.pipeline.inference.window_blocks import WindowGrid, block_tile, scan_interval
 from slab.transforms.intensity import PercentileNormalize
 from slab.transforms.io import load_volume, save_volume
 from slab.transforms.post import postprocess
@@ -28,13 +28,13 @@ def _net(channels=2, labels=2, seed=0):
 
 
 def _blocks(monkeypatch):
-    """Record every block the store is given: (array, start)."""
+    """Record every block the store is given: (array, corner)."""
     from slab.pipeline.inference import store
 
     seen = []
     put = store.PlaneStore.put
-    monkeypatch.setattr(store.PlaneStore, "put", lambda self, p, axis, start, sums: (seen.append((p, start)),
-                                                                                     put(self, p, axis, start, sums)))
+    monkeypatch.setattr(store.PlaneStore, "put", lambda self, p, corner, sums: (seen.append((p, tuple(corner))),
+                                                                                put(self, p, corner, sums)))
     return seen
 
 
@@ -84,8 +84,9 @@ def test_blocks_cover_the_volume_and_resume_after_an_interruption(tmp_path, monk
     x = torch.randn(1, 10, 9, 40, generator=torch.Generator().manual_seed(1))
     options = dict(roi_size=(8, 8, 8), overlap=0.5, tta="flips", sw_batch_size=2, device="cpu",
                    out_path=tmp_path / "p.zarr", memory_budget=30_000)
-    step = slices_per_block(30_000, (1, 10, 9, 40), (8, 8, 8), 1, 1, 4, 2)
-    assert 1 <= step < 20  # several blocks per flip
+    tile = block_tile(30_000, (1, 10, 9, 40), (8, 8, 8), 1, 1, 4, 2)
+    assert tile[:2] == (10, 9) and 8 <= tile[2] < 20  # whole slices, several blocks per flip
+    step = tile[2]
     put, calls = store.PlaneStore.put, []
 
     def interrupted(self, *args):
@@ -103,10 +104,64 @@ def test_blocks_cover_the_volume_and_resume_after_an_interruption(tmp_path, monk
     seen = _blocks(monkeypatch)
     got = predict_3d(net, x, **options)
     blocks = 8 * -(-40 // step)  # eight flips, each cut into blocks of `step` slices
-    assert len(seen) == blocks - 5 and not set(seen) & {(a[0], a[2]) for a in calls}
+    assert len(seen) == blocks - 5 and not set(seen) & {(a[0], tuple(a[1])) for a in calls}
     expected = predict_3d(net, x, roi_size=(8, 8, 8), overlap=0.5, tta="flips", sw_batch_size=2, device="cpu")
     np.testing.assert_array_equal(got.load().numpy(), expected.numpy().astype(np.float16))
     assert not (tmp_path / "p.zarr.partial").exists()
+
+
+def test_blocks_cut_in_x_and_y_when_whole_slices_do_not_fit(tmp_path, monkeypatch):
+    """A budget below the ROI's depth of whole slices gives boxes cut in x, y and z (never
+    smaller than the ROI), which cover the volume once per flip, are resumable by corner, and
+    give MONAI's whole-volume result."""
+    import itertools
+
+    from slab.pipeline.inference import store
+    from slab.pipeline.inference.window_blocks import axis_forwards, block_bytes
+
+    shape, roi = (1, 37, 29, 23), (8, 6, 8)
+    whole = block_bytes((37, 29, 8), shape, roi, 1, 2, 4, 3)
+    tile = block_tile(whole // 2, shape, roi, 1, 2, 4, 3)
+    assert tile[0] < 37 and tile[1] < 29 and all(t >= r for t, r in zip(tile, roi))
+    assert block_bytes(tile, shape, roi, 1, 2, 4, 3) <= whole // 2
+    # the fewest windows of any block shape within the budget (every size of every axis tried)
+    for budget in (whole, whole // 2, whole // 4):
+        chosen = block_tile(budget, shape, roi, 1, 2, 4, 3)
+        fewest = min(np.prod([axis_forwards(n, r, 0.5, t) for n, r, t in zip(shape[1:], roi, sizes)])
+                     for sizes in itertools.product(*[range(r, n + 1) for n, r in zip(shape[1:], roi)])
+                     if block_bytes(sizes, shape, roi, 1, 2, 4, 3) <= budget)
+        assert np.prod([axis_forwards(n, r, 0.5, t) for n, r, t in zip(shape[1:], roi, chosen)]) == fewest
+    # a budget below the smallest block takes the ROI-sized box; whole slices of one ROI are
+    # taken when they cost no more than that (the ROI spans the slice)
+    assert block_tile(1, shape, roi, 1, 2, 4, 3) == roi
+    assert block_tile(1, (1, 8, 6, 40), roi, 1, 2, 4, 3) == (8, 6, 8)
+    net = _net(channels=1, labels=2, seed=3)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    options = dict(roi_size=roi, overlap=0.5, mode="gaussian", tta="flips", sw_batch_size=3, device="cpu")
+    expected = predict_3d(net, x, **options).numpy()
+    put, calls = store.PlaneStore.put, []
+
+    def interrupted(self, *args):
+        put(self, *args)
+        calls.append((args[0], tuple(args[1]), tuple(args[2].shape)))
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.PlaneStore, "put", interrupted)
+    out = dict(out_path=tmp_path / "p.zarr", out_dtype="float32", memory_budget=whole // 2)
+    with pytest.raises(KeyboardInterrupt):
+        predict_3d(net, x, **options, **out)
+    monkeypatch.setattr(store.PlaneStore, "put", lambda self, *a: (calls.append((a[0], tuple(a[1]),
+                                                                                tuple(a[2].shape))), put(self, *a)))
+    got = predict_3d(net, x, **options, **out).load().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+    boxes = store.tile_boxes(shape[1:], tile)
+    assert len(boxes) > 3 and sorted(calls) == sorted((p, tuple(a for a, _ in box), (2,) + tuple(b - a for a, b in box))
+                                                      for p in range(8) for box in boxes)  # each block once
+    covered = np.zeros(shape[1:], dtype=int)
+    for box in boxes:
+        covered[tuple(slice(a, b) for a, b in box)] += 1
+    assert (covered == 1).all()
 
 
 def _unet3d(tmp_path):

@@ -138,7 +138,8 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
     else:
         raise SlabError(f"{path}: unsupported format {suffix or '(no suffix)'!r}; expected {EXPECTED}")
     if lazy:
-        raise SlabError(f"{path}: lazy loading reads slice directories and NIfTI files; load this one eagerly")
+        raise NotLazyError(f"{path}: lazy loading reads zarr, HDF5, TIFF, slice directories and NIfTI files; "
+                           "load this one eagerly")
     data, affine, extra = reader(path)
     return metatensor(data, affine, str(path), spacing, extra)
 
@@ -200,11 +201,25 @@ def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
     return tuple(volume.shape), volume.dtype, volume.affine
 
 
+class NotLazyError(SlabError):
+    """``load_volume(..., lazy=True)`` of a source whose format is only read whole (NRRD, MHA,
+    DICOM, a list of channel files)."""
+
+
+def open_volume(src, spacing: Sequence[float] | None = None):
+    """A LazyVolume where the format reads lazily (zarr, HDF5, TIFF, slice stacks, NIfTI), else
+    the loaded volume: what a reader of parts of many volumes (training that streams) opens."""
+    try:
+        return load_volume(src, lazy=True, spacing=spacing)
+    except NotLazyError:
+        return load_volume(src, spacing=spacing)
+
+
 def _load_channels(sources, spacing, lazy: bool, workers: int | None) -> MetaTensor:
     if not sources:
         raise SlabError("source: an empty list of files")
     if lazy:
-        raise SlabError(f"{sources[0]}: lazy loading takes one file or directory, not a list")
+        raise NotLazyError(f"{sources[0]}: lazy loading takes one file or directory, not a list")
     volumes = [load_volume(source, spacing=spacing, workers=workers) for source in sources]
     check_same_geometry(*volumes, names=[str(s) for s in sources])
     # (C, Z, Y, X) order keeps x fastest in each channel, like a single loaded volume.
@@ -448,7 +463,7 @@ class SaveVolumed(MapTransform):
         return d
 
 
-__all__ = ["load_volume", "volume_info", "save_volume", "output_format", "check_same_geometry", "atomic_write",
+__all__ = ["load_volume", "open_volume", "NotLazyError", "volume_info", "save_volume", "output_format", "check_same_geometry", "atomic_write",
            "LazyVolume", "LoadVolume", "LoadVolumed", "SaveVolume", "SaveVolumed", "keep_locale", "natural_key",
            "NIFTI_SUFFIXES", "ITK_SUFFIXES", "SLICE_SUFFIXES", "VOLUME_SUFFIXES", "SLICE_FORMATS", "PNG_DTYPES",
            "LPS_TO_RAS", "EXPECTED"]

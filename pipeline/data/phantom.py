@@ -9,6 +9,9 @@ Three kinds, each a ``(image, label)`` pair of MetaTensors with affine ``diag(sp
   sparse annotations do.
 - ``organs`` — an MRI-like uint16 body ``(1, X, Y, Z)`` holding three blob organs of different
   brightness; multi-label ``(3, X, Y, Z)`` uint8 (one channel per organ, overlaps allowed).
+  ``fractures`` names organs (0, 1, 2) crossed by a dark crack, a plane through the organ's
+  centroid containing the z axis (so every axial slice through the organ shows it): what a
+  slice-sequence classifier can learn to find, as the cervical-spine recipe finds fractures.
 - ``tumour`` — a BraTS-like uint16 brain ``(4, X, Y, Z)`` with flair, t1, t1ce and t2 contrasts
   and a single-channel label with BraTS values {0, 1, 2, 4} (1 necrotic core, 2 oedema,
   4 enhancing rim). Converting it to tumour-core / whole-tumour / enhancing channels is the
@@ -236,7 +239,21 @@ def _separated_centres(rng, shape, count: int, low: float, high: float, min_dist
     return centres
 
 
-def _organs(rng, shape):
+def _crack(organ: np.ndarray, seed: int, index: int) -> np.ndarray:
+    """The voxels of ``organ`` within a crack: a slab about ``2 + min(shape) / 64`` voxels thick
+    around a plane through its centroid whose normal lies in xy, at an angle drawn from
+    ``(seed, index)`` (the phantom's own generator is left untouched, so a fracture changes
+    nothing else)."""
+    if not organ.any():
+        return organ
+    angle = np.random.default_rng([seed, 1009, index]).uniform(0.0, np.pi)
+    centre = np.argwhere(organ).mean(axis=0)
+    x, y = np.ogrid[:organ.shape[0], :organ.shape[1]]
+    distance = np.abs((x - centre[0]) * np.cos(angle) + (y - centre[1]) * np.sin(angle))
+    return organ & (distance <= 1.0 + min(organ.shape) / 128)[:, :, None]
+
+
+def _organs(rng, shape, seed: int = 0, fractures=()):
     size = np.asarray(shape, dtype=np.float64)
     body = _blob(rng, shape, size / 2 - 0.5, size * 0.45, 0.04)
     centres = _separated_centres(rng, shape, 3, 0.3, 0.7, 0.25)
@@ -248,6 +265,8 @@ def _organs(rng, shape):
         organ = _blob(rng, shape, centre, radii, 0.12) & body
         labels.append(organ)
         signal[organ] = level + 0.03 * rng.standard_normal(int(organ.sum()), dtype=np.float32)
+    for index in fractures:
+        signal[_crack(labels[index], seed, index)] = 0.2  # darker than the body around the organs
     drift = 1.0 + 0.12 * _smooth_field(rng, shape, waves=4, max_cycles=1.0)
     image = signal * drift + rng.normal(0.0, 0.025, shape).astype(np.float32)
     return _to_uint16(image * 30000 + 1000)[None], np.stack(labels).astype(np.uint8)
@@ -306,8 +325,19 @@ def _tumour(rng, shape):
 # Public API
 
 
+def _check_fractures(fractures, kind: str) -> tuple[int, ...]:
+    if fractures is None or (isinstance(fractures, (list, tuple)) and not fractures):
+        return ()
+    if kind != "organs":
+        raise SlabError(f"fractures: cracks are drawn in kind organs, not {kind}")
+    if not isinstance(fractures, (list, tuple)) or not all(
+            isinstance(f, (int, np.integer)) and not isinstance(f, bool) and 0 <= f < 3 for f in fractures):
+        raise SlabError(f"fractures: expected organ indices 0, 1 or 2, got {fractures!r}")
+    return tuple(sorted({int(f) for f in fractures}))
+
+
 def make_phantom(shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kind: str = "vessels",
-                 sparse: bool = False) -> Phantom:
+                 sparse: bool = False, fractures=()) -> Phantom:
     """Build a phantom volume and its label.
 
     Parameters
@@ -317,6 +347,7 @@ def make_phantom(shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kin
     spacing : voxel size (sx, sy, sz) in mm; the affine is ``diag(sx, sy, sz, 1)``
     kind : ``"vessels"``, ``"organs"`` or ``"tumour"`` (see the module docstring)
     sparse : vessels only: leave the one-voxel-radius vessels out of the label
+    fractures : organs only: the organs (0, 1, 2) a dark crack crosses; the label is unchanged
 
     Returns
     -------
@@ -339,11 +370,12 @@ def make_phantom(shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kin
     check_memory(int(np.prod(shape, dtype=object)) * BYTES_PER_VOXEL[kind], f"shape {'x'.join(map(str, shape))}")
     if sparse and kind != "vessels":
         raise SlabError(f"sparse: sparse annotation applies to kind vessels, not {kind}")
+    fractures = _check_fractures(fractures, kind)
     rng = np.random.default_rng(seed)
     if kind == "vessels":
         image, label = _vessels(rng, shape, bool(sparse))
     elif kind == "organs":
-        image, label = _organs(rng, shape)
+        image, label = _organs(rng, shape, seed, fractures)
     else:
         image, label = _tumour(rng, shape)
     source = f"phantom:{kind}:seed={seed}"
@@ -351,7 +383,7 @@ def make_phantom(shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kin
 
 
 def write_phantom(out_dir, shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0, 1.0), kind: str = "vessels",
-                  sparse: bool = False) -> tuple[Path, Path]:
+                  sparse: bool = False, fractures=()) -> tuple[Path, Path]:
     """Write ``OUT_DIR/image.nii.gz`` and ``OUT_DIR/label.nii.gz`` (affine from ``spacing``).
 
     Arguments as :func:`make_phantom`; bad arguments write nothing. Files are written
@@ -359,7 +391,7 @@ def write_phantom(out_dir, shape=(64, 64, 64), seed: int = 0, spacing=(1.0, 1.0,
     """
     from slab.transforms.io import save_volume
 
-    phantom = make_phantom(shape, seed, spacing, kind, sparse)
+    phantom = make_phantom(shape, seed, spacing, kind, sparse, fractures)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SlabError(f"{out}: exists and is not a directory")

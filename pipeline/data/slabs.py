@@ -6,6 +6,14 @@ probability ``positive_fraction`` a slice whose label has foreground, otherwise 
 (any slice when every slice has foreground) — then the slab of ``offsets`` around it, an
 optional crop to ``patch_size`` (centred on a foreground pixel for positive draws) and optional
 augmentation. Volumes are loaded, checked and normalised once, when the dataset is built.
+
+With ``stream=True`` no volume is held: each is opened lazily (zarr, HDF5, TIFF, slice stacks,
+NIfTI; other formats are loaded), its normalisation window is computed once by reading it in
+blocks (:meth:`~slab.transforms.intensity.PercentileNormalize.block_transform`), the label's
+per-slice foreground flags once in blocks of slices, and a sample reads only the label slice it
+is drawn on and the slab's window of the image, normalising those voxels: the same samples as in
+memory, bit for bit, for a dataset larger than RAM. A ``label_transform`` then runs on the parts
+read, so it must be voxel-wise (as BraTS values to channels is).
 """
 from __future__ import annotations
 
@@ -30,6 +38,16 @@ def _load(value, name: str):
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return value
     raise SlabError(f"{name}: expected a file path or a (C, X, Y, Z) array, got {type(value).__name__}")
+
+
+def _open(value, name: str):
+    """A path (or list of paths) opened lazily where its format allows (else loaded), or an
+    in-memory array / tensor as it is."""
+    from slab.transforms.io import open_volume
+
+    if isinstance(value, (str, Path)):
+        return open_volume(value)
+    return _load(value, name)
 
 
 def _numpy(volume) -> np.ndarray:
@@ -77,6 +95,8 @@ class SlabDataset(torch.utils.data.Dataset):
         (e.g. BraTS values to channels); its result's ``> 0`` marks foreground.
     seed : base seed; sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``.
     cache_dtype : ``float32`` or ``float16`` storage of normalised images (samples are float32).
+    stream : read every sample's voxels from the volumes on disk instead of holding them (see
+        the module docs); ``images`` and ``labels`` then hold the opened volumes.
 
     Each sample is ``{"image": float32 (C*k, H, W), "label": float32 (L, H, W) (or the
     label_transform's dtype), "case": int, "plane": str, "slice": int, "positive": bool}``; the
@@ -86,7 +106,8 @@ class SlabDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[Mapping], offsets=(-1, 0, 1), planes: Sequence[str] = ("xy", "zx", "zy"),
                  samples_per_epoch: int = 1000, positive_fraction: float = 0.5, patch_size=None,
                  normalize: PercentileNormalize | ZScoreNormalize | Mapping | None = None, augment: Callable | None = None,
-                 label_transform: Callable | None = None, seed: int = 0, cache_dtype: str = "float32"):
+                 label_transform: Callable | None = None, seed: int = 0, cache_dtype: str = "float32",
+                 stream: bool = False):
         self.offsets = check_offsets(offsets)
         planes = [planes] if isinstance(planes, str) else list(planes)
         if not planes:
@@ -111,12 +132,17 @@ class SlabDataset(torch.utils.data.Dataset):
         if cache_dtype not in ("float32", "float16"):
             raise SlabError(f"cache_dtype: expected float32 or float16, got {cache_dtype!r}")
         self.epoch = 0
+        self.stream = bool(stream)
+        self.cache_dtype = np.dtype(cache_dtype)
+        self.label_transform = label_transform
+        self.sources: list = []  # streamed: each volume's SlabSource
         self.keep_label_dtype = label_transform is not None
         if not items:
             raise SlabError("items: no training volumes")
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.names: list[str] = []
+        self.label_channels: list[int] = []  # targets per volume, after the label transform
         # foreground flag of every slice, per volume and plane: {plane: bool (n_slices,)}
         self.slice_has_label: list[dict[str, np.ndarray]] = []
         for i, item in enumerate(items):
@@ -131,7 +157,8 @@ class SlabDataset(torch.utils.data.Dataset):
             raise SlabError(f"items[{i}]: expected 'image' and 'label'")
         names = [str(item["image"]) if isinstance(item["image"], (str, Path, list, tuple)) else f"items[{i}] image",
                  str(item["label"]) if isinstance(item["label"], (str, Path)) else f"items[{i}] label"]
-        image, label = _load(item["image"], names[0]), _load(item["label"], names[1])
+        opener = _open if self.stream else _load
+        image, label = opener(item["image"], names[0]), opener(item["label"], names[1])
         for volume, name in zip((image, label), names):
             if len(volume.shape) != 4:
                 raise SlabError(f"{name}: expected a (C, X, Y, Z) volume, got shape {tuple(volume.shape)}")
@@ -140,6 +167,9 @@ class SlabDataset(torch.utils.data.Dataset):
         elif tuple(image.shape[1:]) != tuple(label.shape[1:]):
             raise SlabError(f"{names[1]}: spatial shape {tuple(label.shape[1:])} does not match {names[0]} "
                             f"{tuple(image.shape[1:])}")
+        if self.stream:
+            self._add_streamed(image, label, names, label_transform)
+            return
         if self.normalize is not None:
             image = self.normalize(image)
         image = _numpy(image)
@@ -162,6 +192,19 @@ class SlabDataset(torch.utils.data.Dataset):
         self.labels.append(label)
         self.names.append(names[0])
         self.slice_has_label.append(flags)
+        self.label_channels.append(int(label.shape[0]))
+
+    def _add_streamed(self, image, label, names, label_transform) -> None:
+        """A volume read per sample (:class:`slab.pipeline.data.stream.SlabSource`)."""
+        from slab.pipeline.data.stream import SlabSource
+
+        source = SlabSource(image, label, self.planes, self.normalize, label_transform, names, self.cache_dtype)
+        self.sources.append(source)
+        self.images.append(image)
+        self.labels.append(label)
+        self.names.append(names[0])
+        self.slice_has_label.append(source.flags)
+        self.label_channels.append(int(source.channels))
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -202,17 +245,33 @@ class SlabDataset(torch.utils.data.Dataset):
         volume, plane, slice_index, positive, rng = self.draw(index, epoch)
         axis = PLANE_AXIS[plane]
         image_volume, label_volume = self.images[volume], self.labels[volume]
-        label_slice = label_volume[(slice(None),) * (axis + 1) + (slice_index,)]  # (L, A, B) view
         window, pads = (slice(None), slice(None)), (0, 0)
-        if self.patch_size is not None:
-            window, pads = self._window(label_slice, positive, rng)
-        label = label_slice[(slice(None), *window)]
+        if self.stream:  # the label's row counts find a positive centre; only the window is read
+            source = self.sources[volume]
+            if self.patch_size is not None:
+                centre = source.positive_centre(plane, slice_index, rng) if positive else None
+                spatial = [n for a, n in enumerate(image_volume.shape[1:]) if a != axis]
+                window, pads = self._window(spatial, centre, rng)
+            label = source.label_window(plane, slice_index, window)
+        else:
+            label_slice = label_volume[(slice(None),) * (axis + 1) + (slice_index,)]  # (L, A, B) view
+            if self.patch_size is not None:
+                centre = None
+                if positive:
+                    pixels = np.argwhere(np.any(label_slice > 0, axis=0))
+                    if len(pixels):
+                        centre = pixels[int(rng.integers(len(pixels)))]
+                window, pads = self._window(label_slice.shape[1:], centre, rng)
+            label = label_slice[(slice(None), *window)]
         indices = slab_indices(slice_index, image_volume.shape[axis + 1], self.offsets)
-        where = [slice(None)] * 4
-        where[axis + 1] = indices
-        others = [a for a in (1, 2, 3) if a != axis + 1]
-        where[others[0]], where[others[1]] = window
-        image = np.moveaxis(image_volume[tuple(where)], axis + 1, 1)  # (C, k, h, w)
+        if self.stream:
+            image = self.sources[volume].slab(axis, indices, window)
+        else:
+            where = [slice(None)] * 4
+            where[axis + 1] = indices
+            others = [a for a in (1, 2, 3) if a != axis + 1]
+            where[others[0]], where[others[1]] = window
+            image = np.moveaxis(image_volume[tuple(where)], axis + 1, 1)  # (C, k, h, w)
         image = image.reshape(-1, *image.shape[2:]).astype(np.float32)
         if self.patch_size is not None and image.shape[1:] != self.patch_size:
             image, label = _pad_to(image, self.patch_size, pads), _pad_to(label, self.patch_size, pads)
@@ -227,17 +286,13 @@ class SlabDataset(torch.utils.data.Dataset):
         out.update(case=volume, plane=plane, slice=slice_index, positive=positive)
         return out
 
-    def _window(self, label_slice: np.ndarray, positive: bool, rng: np.random.Generator):
-        """``((rows, cols), (pad_rows, pad_cols))``: the crop of a slice and the padding that
-        centres it in ``patch_size``; a positive draw centres on one of its foreground pixels."""
-        centre = None
-        if positive:
-            pixels = np.argwhere(np.any(label_slice > 0, axis=0))
-            if len(pixels):
-                centre = pixels[int(rng.integers(len(pixels)))]
+    def _window(self, shape, centre, rng: np.random.Generator):
+        """``((rows, cols), (pad_rows, pad_cols))``: the crop of a slice of ``shape`` and the padding
+        that centres it in ``patch_size``; a positive draw centres on ``centre``, one of its
+        foreground pixels."""
         window, pads = [], []
         for axis in range(2):
-            start, pad = _crop_window(label_slice.shape[axis + 1], self.patch_size[axis],
+            start, pad = _crop_window(int(shape[axis]), self.patch_size[axis],
                                       None if centre is None else int(centre[axis]), rng)
             window.append(slice(start, start + self.patch_size[axis]))
             pads.append(pad)

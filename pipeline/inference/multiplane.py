@@ -136,11 +136,17 @@ def _predict_slices(forward, block, plane, offset_sets, views, size, batch_size,
 def _read_block(volume, axis: int, start: int, stop: int, preprocess: Callable, name: str) -> torch.Tensor:
     """Slices ``start:stop`` along spatial ``axis`` (of a plain tensor, numpy array or
     LazyVolume) as a float32 tensor, checked for NaN and Inf."""
+    box = [(0, int(n)) for n in volume.shape[1:]]
+    box[axis] = (start, stop)
+    return read_box(volume, box, preprocess, name)
+
+
+def read_box(volume, box, preprocess: Callable, name: str) -> torch.Tensor:
+    """The voxels of ``box = ((x0, x1), (y0, y1), (z0, z1))`` of a plain tensor, numpy array or
+    LazyVolume, through ``preprocess``, as a float32 tensor checked for NaN and Inf."""
     raw = volume
-    if isinstance(volume, LazyVolume) or (start, stop) != (0, volume.shape[axis + 1]):
-        index = [slice(None)] * 4
-        index[axis + 1] = slice(start, stop)
-        raw = volume[tuple(index)]
+    if isinstance(volume, LazyVolume) or any((a, b) != (0, n) for (a, b), n in zip(box, volume.shape[1:])):
+        raw = volume[(slice(None),) + tuple(slice(a, b) for a, b in box)]
     block = preprocess(torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw)
     block = block.as_tensor() if isinstance(block, MetaTensor) else block
     check_finite(block, name)
@@ -324,15 +330,21 @@ def _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_s
     itemsize = np.dtype(volume.dtype).itemsize if isinstance(volume, LazyVolume) else 4
     k = len(offset_sets[0])
     axes = [PLANE_AXIS[p] for p in planes]
-    steps = [_slices_per_block(budget, shape, axis, labels, itemsize, batch_size, k, halo) for axis in axes]
+    tiles = []  # whole slices, a number of them along each plane's axis
+    for axis in axes:
+        tile = list(shape[1:])
+        tile[axis] = _slices_per_block(budget, shape, axis, labels, itemsize, batch_size, k, halo)
+        tiles.append(tile)
 
-    def compute(p, start, stop):
+    def compute(p, box):
+        start, stop = box[axes[p]]
         return _block_sums(forward, volume, planes[p], start, stop, halo, offset_sets, views, size, batch_size,
                            labels, preprocess, name, bar)
 
-    return predict_blocks(forward.model, volume, out_path, (labels,) + shape[1:], axes, steps,
+    return predict_blocks(forward.model, volume, out_path, (labels,) + shape[1:], tiles,
                           {**settings, "planes": list(planes), "batch_size": batch_size, "labels": labels},
-                          compute, count, out_dtype, bar, budget, shard)
+                          compute, count, out_dtype, bar, budget, shard,
+                          units=lambda p, box: box[axes[p]][1] - box[axes[p]][0])
 
 
 def _predict_on_disk(forward, volume, planes, offset_sets, views, size, batch_size, labels, count, preprocess,

@@ -101,8 +101,9 @@ def finished(out_path, key: str) -> bool:
 
 class PlaneStore:
     """The per-plane float32 sums of one run in ``folder`` and the blocks already done: one
-    array per plane (2.5D) or flip (3D), cut into blocks of ``steps[p]`` slices along spatial
-    axis ``axes[p]``.
+    array per plane (2.5D) or flip (3D), cut into blocks of ``tiles[p]`` voxels along the spatial
+    axes (2.5D: whole slices, a number of them along the plane's axis; 3D: boxes). A block is
+    known by its corner, ``"x,y,z"``.
 
     Under ``torchrun`` (``info`` of several ranks, the process group joined) the ranks share the
     folder: rank 0 prepares it, each rank records its own blocks in ``state-<rank>.json``, and the
@@ -110,7 +111,7 @@ class PlaneStore:
     number of processes). Blocks write disjoint zarr chunks, so ranks never write the same file.
     """
 
-    def __init__(self, folder: Path, key: str, shape, axes, steps, info=None):
+    def __init__(self, folder: Path, key: str, shape, tiles, info=None):
         import zarr
 
         from slab.pipeline.training.distributed import DistInfo, barrier
@@ -132,15 +133,15 @@ class PlaneStore:
         barrier(self.info)
         states = [state for state in self._read_states() if state.get("key") == key]
         ACTIVE.add(self.folder)
-        self.done = {str(p): set() for p in range(len(axes))}
+        self.done = {str(p): set() for p in range(len(tiles))}
         for state in states:
             for p, starts in state["done"].items():
                 self.done.setdefault(p, set()).update(starts)
         self.mine = {p: set() for p in self.done}
         self.arrays = []
-        for p, (axis, step) in enumerate(zip(axes, steps)):
-            chunks = [self.shape[0]] + [min(WORK_CHUNK, n) for n in self.shape[1:]]
-            chunks[axis + 1] = min(step, self.shape[axis + 1])
+        for p, tile in enumerate(tiles):
+            # a block's own chunks: the tile along the axes it cuts, so that ranks never share one
+            chunks = [self.shape[0]] + [t if t < n else min(WORK_CHUNK, n) for t, n in zip(tile, self.shape[1:])]
             path = self.folder / f"plane{p}.zarr"
             try:
                 if self.info.is_main and not (path.exists() and self.done[str(p)]):
@@ -178,27 +179,26 @@ class PlaneStore:
             raise _os_error(self.folder / self.state_name, err) from None
 
     def all_done(self, blocks) -> bool:
-        """Whether every ``(plane index, start)`` of ``blocks`` is recorded by some rank."""
+        """Whether every ``(plane index, box)`` of ``blocks`` is recorded by some rank."""
         done = {}
         for state in self._read_states():
             if state.get("key") == self.key:
                 for p, starts in state["done"].items():
                     done.setdefault(p, set()).update(starts)
-        return all(start in done.get(str(p), ()) for p, start in blocks)
+        return all(block_id(c for c, _ in box) in done.get(str(p), ()) for p, box in blocks)
 
-    def is_done(self, plane_index: int, start: int) -> bool:
-        return start in self.done[str(plane_index)]
+    def is_done(self, plane_index: int, corner) -> bool:
+        return block_id(corner) in self.done[str(plane_index)]
 
-    def put(self, plane_index: int, axis: int, start: int, sums: torch.Tensor) -> None:
-        """Store the sums of the slices ``start:`` along spatial ``axis``, then record the block."""
-        region = [slice(None)] * 4
-        region[axis + 1] = slice(start, start + sums.shape[axis + 1])
+    def put(self, plane_index: int, corner, sums: torch.Tensor) -> None:
+        """Store the sums of the block at spatial ``corner`` (its size is theirs), then record it."""
+        region = (slice(None),) + tuple(slice(c, c + n) for c, n in zip(corner, sums.shape[1:]))
         try:
-            self.arrays[plane_index][tuple(region)] = sums.numpy()
+            self.arrays[plane_index][region] = sums.numpy()
         except OSError as err:
             raise _os_error(self.folder, err) from None
-        self.done[str(plane_index)].add(start)
-        self.mine[str(plane_index)].add(start)
+        self.done[str(plane_index)].add(block_id(corner))
+        self.mine[str(plane_index)].add(block_id(corner))
         self._write_state()
 
     def finish(self, out_path, affine, count: int, out_dtype: str, block_bytes: int = 64 << 20) -> None:
@@ -215,17 +215,32 @@ class PlaneStore:
         ACTIVE.discard(self.folder)
 
 
-def predict_blocks(model, volume, out_path, store_shape, axes, steps, settings: dict, compute, count: int,
-                   out_dtype: str, bar, budget: int, shard=None):
+def block_id(corner) -> str:
+    """How the state files name the block at spatial ``corner``: ``"x,y,z"``."""
+    return ",".join(str(int(c)) for c in corner)
+
+
+def tile_boxes(shape, tile) -> list[tuple[tuple[int, int], ...]]:
+    """The blocks of ``tile`` voxels (x, y, z) covering a volume of spatial ``shape``, as
+    ``((x0, x1), (y0, y1), (z0, z1))`` boxes, z slowest (x fastest)."""
+    import itertools
+
+    ranges = [[(a, min(n, a + t)) for a in range(0, n, t)] for n, t in zip(shape, tile)]
+    return [(x, y, z) for z, y, x in itertools.product(ranges[2], ranges[1], ranges[0])]
+
+
+def predict_blocks(model, volume, out_path, store_shape, tiles, settings: dict, compute, count: int,
+                   out_dtype: str, bar, budget: int, shard=None, units=None):
     """Out-of-core prediction of ``volume`` into the OME-Zarr ``out_path``, resumable, shared by
     the ranks of ``shard``: the loop both engines run.
 
-    Array ``p`` of the work store is cut into blocks of ``steps[p]`` slices along spatial axis
-    ``axes[p]``; ``compute(p, start, stop)`` gives a block's float32 sums (and moves ``bar``).
-    Finished blocks (of this run: :func:`run_key` of the network, the input and ``settings``)
-    are skipped; rank ``r`` of ``world_size`` computes every ``world_size``-th block; rank 0
-    adds the arrays in order, divides by ``count`` and writes ``out_path``. Every rank returns
-    the result as a lazy volume.
+    Array ``p`` of the work store is cut into blocks of ``tiles[p]`` voxels (x, y, z; a 2.5D
+    plane's are whole slices, a 3D flip's boxes); ``compute(p, box)`` gives the float32 sums of
+    the block ``box = ((x0, x1), (y0, y1), (z0, z1))`` (and moves ``bar``; a skipped block moves
+    it ``units(p, box)``). Finished blocks (of this run: :func:`run_key` of the network, the input
+    and ``settings``) are skipped; rank ``r`` of ``world_size`` computes every ``world_size``-th
+    block; rank 0 adds the arrays in order, divides by ``count`` and writes ``out_path``. Every
+    rank returns the result as a lazy volume.
     """
     from slab.pipeline.training.distributed import barrier
     from slab.transforms.io import load_volume
@@ -235,19 +250,20 @@ def predict_blocks(model, volume, out_path, store_shape, axes, steps, settings: 
     affine = getattr(volume, "affine", None)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     source = getattr(volume, "meta", {}).get("filename_or_obj")
-    key = run_key(model, shape, volume.dtype, source, {**settings, "steps": list(steps), "out_dtype": out_dtype,
-                                                       "store": list(store_shape)})
+    tiles = [tuple(int(t) for t in tile) for tile in tiles]
+    key = run_key(model, shape, volume.dtype, source, {**settings, "tiles": [list(t) for t in tiles],
+                                                       "out_dtype": out_dtype, "store": list(store_shape)})
     if finished(out_path, key):  # the same run finished before (e.g. killed while post-processing)
         bar.update(bar.total - bar.n)
         return load_volume(out_path, lazy=True)
-    store = PlaneStore(work_dir(out_path), key, store_shape, axes, steps, info)
-    blocks = [(p, start) for p, axis in enumerate(axes) for start in range(0, store_shape[axis + 1], steps[p])]
-    for index, (p, start) in enumerate(blocks):
-        stop = min(store_shape[axes[p] + 1], start + steps[p])
-        if store.is_done(p, start) or index % info.world_size != info.rank:  # done, or another rank's
-            bar.update(stop - start)
+    store = PlaneStore(work_dir(out_path), key, store_shape, tiles, info)
+    blocks = [(p, box) for p, tile in enumerate(tiles) for box in tile_boxes(store_shape[1:], tile)]
+    for index, (p, box) in enumerate(blocks):
+        corner = [a for a, _ in box]
+        if store.is_done(p, corner) or index % info.world_size != info.rank:  # done, or another rank's
+            bar.update(units(p, box) if units else 0)
             continue
-        store.put(p, axes[p], start, compute(p, start, stop))
+        store.put(p, corner, compute(p, box))
     barrier(info)
     if info.is_main:
         if not store.all_done(blocks):

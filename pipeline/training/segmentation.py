@@ -104,7 +104,8 @@ class SegValidation:
     """
 
     def __init__(self, items: list[dict], cfg: dict, fmt: str, n_labels: int,
-                 predict: Callable[[nn.Module, torch.Tensor, torch.device], np.ndarray], info: DistInfo) -> None:
+                 predict: Callable[[nn.Module, torch.Tensor, torch.device], np.ndarray], info: DistInfo,
+                 channels: int | None = None) -> None:
         from slab.pipeline.training.distributed import shard_items
 
         limit = cfg["val"]["max_volumes"]
@@ -112,13 +113,35 @@ class SegValidation:
         self.cfg, self.predict = cfg, predict
         tol = cfg["val"]["tolerance_mm"]
         self.tolerances = [0.0] if tol == 0 else [0.0, tol]
-        self.volumes, self.affines = [], {}
+        self.volumes, self.affines, self.fmt, self.n_labels, self.channels = [], {}, fmt, n_labels, channels
+        # streaming training keeps no validation volume: each is loaded when it is validated (its
+        # image channels checked from the header now, its labels when loaded)
+        self.stream = bool(cfg.get("stream"))
         for index, item in shard_items(list(enumerate(self.items)), info.rank, info.world_size):
-            image, label, spacing, self.affines[index] = load_pair(item, cfg["normalize"])
-            self.volumes.append((index, image, truth_masks(label, fmt, n_labels), spacing))
+            if self.stream:
+                images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+                self._check(sum(volume_channels(p, "image") for p in images), None)
+            self.volumes.append((index, None, None, None) if self.stream else self._load(index, item))
         # the probabilities of this epoch's first volumes, for the report's pictures
         self.drawn = cfg["report_volumes"] if info.is_main else 0
         self.probabilities: dict[int, np.ndarray] = {}
+
+    def _check(self, channels: int, labels: int | None) -> None:
+        if (self.channels is not None and channels != self.channels) or (labels is not None and labels != self.n_labels):
+            raise SlabError(f"validation volumes: {channels} image channels / {'?' if labels is None else labels} labels; "
+                            f"training has "
+                            f"{self.channels} / {self.n_labels}")
+
+    def _load(self, index: int, item: dict) -> tuple:
+        image, label, spacing, self.affines[index] = load_pair(item, self.cfg["normalize"])
+        truth = truth_masks(label, self.fmt, self.n_labels)
+        self._check(image.shape[0], truth.shape[0])
+        return index, image, truth, spacing
+
+    def volume(self, k: int) -> tuple:
+        """``(index, image, truth, spacing)`` of this process's ``k``-th volume (loaded now when streaming)."""
+        index, image, truth, spacing = self.volumes[k]
+        return self._load(index, self.items[index]) if image is None else (index, image, truth, spacing)
 
     def indices(self) -> list[int]:
         return list(range(len(self.volumes)))
@@ -127,7 +150,7 @@ class SegValidation:
         """``(index, thresholds, per-label curves)`` of this process's ``k``-th volume."""
         from slab.pipeline.evaluation.metrics import threshold_sweep
 
-        index, image, truth, spacing = self.volumes[k]
+        index, image, truth, spacing = self.volume(k)
         prob = self.predict(model, image, device)
         if k < self.drawn:
             self.probabilities[k] = prob.astype(np.float16)
@@ -152,7 +175,7 @@ class SegValidation:
         thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else None
         drawn = []
         for k, prob in sorted(kept.items()):
-            index, image, truth, spacing = self.volumes[k]
+            index, image, truth, spacing = self.volume(k)
             item = self.items[index]
             case = str(item.get("id") or item.get("case") or Path(str(item["image"])).name)
             for c in range(prob.shape[0]):
@@ -265,11 +288,8 @@ class _SegmentationTask(TrainTask):
     def start_validation(self) -> None:
         """Load (this rank's share of) the validation volumes; after the training data checks."""
         if self.val_items:
-            self.validation = SegValidation(self.val_items, self.cfg, self.fmt, self.n_labels, self.predict, self.info)
-            for _, image, truth, _ in self.validation.volumes:
-                if image.shape[0] != self.image_channels or truth.shape[0] != self.n_labels:
-                    raise SlabError(f"validation volumes: {image.shape[0]} image channels / {truth.shape[0]} labels; "
-                                    f"training has {self.image_channels} / {self.n_labels}")
+            self.validation = SegValidation(self.val_items, self.cfg, self.fmt, self.n_labels, self.predict, self.info,
+                                            self.image_channels)
 
     def in_channels(self) -> int:
         raise NotImplementedError
@@ -365,12 +385,12 @@ class Segmentation2p5DTask(_SegmentationTask):
         self.dataset = SlabDataset(
             self.train_items, offsets=cfg["offsets"], planes=cfg["planes"], samples_per_epoch=self.n_samples,
             positive_fraction=cfg["positive_fraction"], patch_size=cfg["patch_size"], normalize=cfg["normalize"],
-            augment=augment, label_transform=self.label_transform, seed=cfg["seed"],
+            augment=augment, label_transform=self.label_transform, seed=cfg["seed"], stream=cfg["stream"],
         )
-        targets = self.dataset.labels[0].shape[0]
-        for name, image, label in zip(self.dataset.names, self.dataset.images, self.dataset.labels):
-            if image.shape[0] != self.image_channels or label.shape[0] != targets:
-                raise SlabError(f"{name}: {image.shape[0]} image channels / {label.shape[0]} label targets; the first "
+        targets = self.dataset.label_channels[0]
+        for name, image, labels in zip(self.dataset.names, self.dataset.images, self.dataset.label_channels):
+            if image.shape[0] != self.image_channels or labels != targets:
+                raise SlabError(f"{name}: {image.shape[0]} image channels / {labels} label targets; the first "
                                 f"training item has {self.image_channels} / {targets}")
         self.collate = _PadCollate(self.divisor, self.min_size)
         self.start_validation()
@@ -393,7 +413,8 @@ class Segmentation2p5DTask(_SegmentationTask):
 
 class Segmentation3DTask(_SegmentationTask):
     """3D patches: ``RandCropByPosNegLabeld`` (pos/neg balance ``pos_neg``) from volumes held in
-    memory, then RandFlipd (each axis), RandRotate90d (xy, square patches only),
+    memory (with ``stream``, the same draw from volumes read in parts:
+    :class:`slab.pipeline.data.patches.StreamedPatches`), then RandFlipd (each axis), RandRotate90d (xy, square patches only),
     RandScaleIntensityd and RandShiftIntensityd (``AUGMENT_3D``)."""
 
     spatial_dims = 3
@@ -407,13 +428,36 @@ class Segmentation3DTask(_SegmentationTask):
             raise config_error("patch_size", f"multiples of the network's divisor {self.divisor}, each at least "
                         f"{self.min_size}", cfg["patch_size"])
         self.volumes = []
-        for item in self.train_items:
-            image, label, _, _ = load_pair(item, cfg["normalize"])
-            self.check_channels(str(item["image"]), image.shape[0], label.shape[0])
-            target = torch.as_tensor(self.label_transform(label))
-            self.volumes.append(prepare({"image": image, "label": target}))
-        self.transform = self._augmentation()
+        if cfg["stream"]:
+            self._stream()
+        else:
+            for item in self.train_items:
+                image, label, _, _ = load_pair(item, cfg["normalize"])
+                self.check_channels(str(item["image"]), image.shape[0], label.shape[0])
+                target = torch.as_tensor(self.label_transform(label))
+                self.volumes.append(prepare({"image": image, "label": target}))
+            self.transform = self._augmentation()
         self.start_validation()
+
+    def _stream(self) -> None:
+        """The training volumes opened, not loaded (:mod:`slab.pipeline.data.patches`)."""
+        from monai.transforms import Compose
+
+        from slab.pipeline.data.patches import StreamedPatches, StreamedVolume
+        from slab.transforms.intensity import make_normalize
+        from slab.transforms.io import check_same_geometry, open_volume
+
+        normalize = make_normalize(self.cfg["normalize"])
+        for item in self.train_items:
+            names = [str(item["image"]), str(item["label"])]
+            image, label = open_volume(item["image"]), open_volume(item["label"])
+            check_same_geometry(image, label, names=names)
+            self.check_channels(names[0], image.shape[0], label.shape[0])
+            block = None if normalize is None else normalize.block_transform(image, names[0])
+            self.volumes.append(StreamedVolume(image, label, self.cfg["patch_size"], block, self.label_transform,
+                                               names[0]))
+        augment = self._augmentation().transforms[1:]  # all but the crop, which the volumes do
+        self.patches = StreamedPatches(self.volumes, self.cfg["pos_neg"], Compose(augment) if augment else None)
 
     def in_channels(self) -> int:
         return self.image_channels
@@ -439,6 +483,8 @@ class Segmentation3DTask(_SegmentationTask):
         # every volume equally often: a permutation per round of len(volumes) samples
         n = len(self.volumes)
         order = np.random.default_rng([self.cfg["seed"], epoch, index // n]).permutation(n)
+        if self.cfg["stream"]:
+            return self.patches.sample(int(order[index % n]), np.random.default_rng([self.cfg["seed"], epoch, index]))
         volume = self.volumes[order[index % n]]
         patch = self.transform(volume)[0]  # RandCropByPosNegLabeld gives a list of num_samples=1
         return {k: torch.as_tensor(patch[k]).as_subclass(torch.Tensor) for k in ("image", "label")}
