@@ -39,11 +39,12 @@ ZARR_SUFFIXES = (".zarr",)  # a directory
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 TIFF_SUFFIXES = (".tif", ".tiff")  # one page is a slice of a stack, several a volume
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + HDF5_SUFFIXES  # files that are always volumes
-STEM_SUFFIXES = VOLUME_SUFFIXES + ZARR_SUFFIXES + TIFF_SUFFIXES  # what a case name drops
+N5_SUFFIXES = (".n5",)  # a directory
+STEM_SUFFIXES = VOLUME_SUFFIXES + ZARR_SUFFIXES + N5_SUFFIXES + TIFF_SUFFIXES  # what a case name drops
 PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 JP2_DTYPES = PNG_DTYPES + (np.dtype(np.int8), np.dtype(np.int16))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
-EXPECTED = ("a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, multi-page .tif or .h5 file, a .zarr store (OME-Zarr), a DICOM "
+EXPECTED = ("a .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd, multi-page .tif or .h5 file, a .zarr store (OME-Zarr) or .n5 container, a DICOM "
             "directory or a directory of .png/.tif/.jp2 slices")
 # UW-Madison GI tract scans: slice_<number>_<width>_<height>_<sx>_<sy>.png; slices are 3 mm apart.
 UWMGI_SCAN = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d*)?)_(\d+(?:\.\d*)?)\.png$")

@@ -1,5 +1,5 @@
 """Volume I/O: NIfTI, NRRD/MHA/MHD, DICOM series, 2D slice stacks (PNG, TIFF, JPEG 2000), zarr /
-OME-Zarr, HDF5 and multi-page TIFF to and from MetaTensors.
+OME-Zarr, N5, HDF5 and multi-page TIFF to and from MetaTensors.
 
 A loaded volume is a MONAI ``MetaTensor`` of shape ``(C, X, Y, Z)`` in the file's own dtype
 (no upcasting), with ``.affine`` the voxel-to-world matrix in RAS and ``meta["spacing"]`` the
@@ -11,8 +11,8 @@ keep x fastest in memory, as on disk, so nothing is copied to reorder axes: a sl
 decoded straight into one preallocated buffer.
 
 Headers are checked before anything is allocated (:mod:`slab.transforms.headers`); the formats
-themselves live in :mod:`slab.transforms.formats` and :mod:`slab.transforms.chunked` (zarr, HDF5,
-multi-page TIFF: read lazily, written block by block), lazy volumes in :mod:`slab.transforms.lazy`. Every file
+themselves live in :mod:`slab.transforms.formats`, :mod:`slab.transforms.chunked` (zarr, HDF5,
+multi-page TIFF: read lazily, written block by block) and :mod:`slab.transforms.n5`, lazy volumes in :mod:`slab.transforms.lazy`. Every file
 is written through :func:`~slab.transforms.outputs.atomic_write`; bad input raises a one-line
 :class:`~slab.transforms.errors.SlabError` that names the file.
 """
@@ -67,6 +67,7 @@ from slab.transforms.chunked import (
     write_zarr,
 )
 from slab.transforms.dicom import read_dicom
+from slab.transforms.n5 import N5_SUFFIXES, is_n5_container, open_n5, split_n5, write_n5
 from slab.transforms.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor
 from slab.transforms.outputs import atomic_write
 
@@ -81,12 +82,13 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
         directory, a directory of 2D ``.png``/``.tif``/``.jp2`` slices (natural sort order,
         decoded in parallel), a multi-page ``.tif`` (one page per z; OME-TIFF or ImageJ voxel
         size), a ``.zarr`` store (an array, a group of one array, or an OME-Zarr image: level 0,
-        or a level by its path, ``image.zarr/2``) or an HDF5 file (``scan.h5``, its one 3D/4D
+        or a level by its path, ``image.zarr/2``), an N5 container (``scan.n5``, its one dataset,
+        or ``scan.n5/setup0/timepoint0/s0``) or an HDF5 file (``scan.h5``, its one 3D/4D
         dataset, or ``scan.h5/group/name``). zarr, HDF5 and TIFF arrays are ``(Z, Y, X)`` or
         ``(C, Z, Y, X)`` (or the axes OME metadata names). A list loads each entry as channels of
         one volume; geometry must agree.
     lazy : bool
-        Return a :class:`LazyVolume` that reads on demand (slice stacks, NIfTI, zarr, HDF5, TIFF).
+        Return a :class:`LazyVolume` that reads on demand (slice stacks, NIfTI, zarr, N5, HDF5, TIFF).
     spacing : (sx, sy, sz), optional
         Voxel size in mm. Sets a slice stack's spacing (else 1, or what UW-Madison file names
         say); for other formats it replaces the file's voxel size, keeping orientation and origin.
@@ -138,17 +140,19 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
     else:
         raise SlabError(f"{path}: unsupported format {suffix or '(no suffix)'!r}; expected {EXPECTED}")
     if lazy:
-        raise NotLazyError(f"{path}: lazy loading reads zarr, HDF5, TIFF, slice directories and NIfTI files; "
+        raise NotLazyError(f"{path}: lazy loading reads zarr, N5, HDF5, TIFF, slice directories and NIfTI files; "
                            "load this one eagerly")
     data, affine, extra = reader(path)
     return metatensor(data, affine, str(path), spacing, extra)
 
 
 def _open_container(path: Path, spacing):
-    """A zarr, HDF5 or TIFF volume (a :class:`~slab.transforms.chunked.ArrayVolume`), or None for
+    """A zarr, N5, HDF5 or TIFF volume (a :class:`~slab.transforms.chunked.ArrayVolume`), or None for
     other paths."""
     if is_zarr(path):
         return open_zarr(path, spacing)
+    if split_n5(path) is not None:
+        return open_n5(path, spacing)
     hdf5 = split_hdf5(path)
     if hdf5 is not None and (hdf5[0].is_file() or hdf5[1] is not None):
         return open_hdf5(path, spacing)
@@ -201,13 +205,17 @@ def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
     return tuple(volume.shape), volume.dtype, volume.affine
 
 
+# Output formats written block by block from a lazy volume (what out-of-core results go to).
+CHUNKED_OUTPUTS = ("zarr", "n5", "hdf5", "tiff")
+
+
 class NotLazyError(SlabError):
     """``load_volume(..., lazy=True)`` of a source whose format is only read whole (NRRD, MHA,
     DICOM, a list of channel files)."""
 
 
 def open_volume(src, spacing: Sequence[float] | None = None):
-    """A LazyVolume where the format reads lazily (zarr, HDF5, TIFF, slice stacks, NIfTI), else
+    """A LazyVolume where the format reads lazily (zarr, N5, HDF5, TIFF, slice stacks, NIfTI), else
     the loaded volume: what a reader of parts of many volumes (training that streams) opens."""
     try:
         return load_volume(src, lazy=True, spacing=spacing)
@@ -268,7 +276,7 @@ def output_format(path) -> str:
     ``"tiff"`` or ``"stack"``.
 
     A ``.nii``/``.nii.gz`` name is NIfTI, ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` SimpleITK,
-    ``.zarr`` an OME-Zarr image, ``.h5``/``.hdf5`` HDF5, ``.tif``/``.tiff`` a multi-page
+    ``.zarr`` an OME-Zarr image, ``.n5`` an N5 container, ``.h5``/``.hdf5`` HDF5, ``.tif``/``.tiff`` a multi-page
     OME-TIFF, an existing directory or a name without suffix a slice stack; anything else is a
     SlabError, as is a target that cannot be replaced (a directory where a file goes, a
     directory holding other files where a stack goes, a directory that is not a zarr store
@@ -282,6 +290,12 @@ def output_format(path) -> str:
         if path.is_dir() and any(path.iterdir()) and not is_zarr(path, metadata=True):
             raise SlabError(f"{path}: exists and is not a zarr store; not replacing it")
         return "zarr"
+    if suffix in N5_SUFFIXES:
+        if path.is_file():
+            raise SlabError(f"{path}: exists and is a file; an N5 container is a directory")
+        if path.is_dir() and any(path.iterdir()) and not is_n5_container(path):
+            raise SlabError(f"{path}: exists and is not an N5 container; not replacing it")
+        return "n5"
     if suffix in HDF5_SUFFIXES + TIFF_SUFFIXES:
         if path.is_dir():
             raise SlabError(f"{path}: exists and is a directory; not replacing it with a file")
@@ -296,7 +310,7 @@ def output_format(path) -> str:
     if suffix in SLICE_SUFFIXES:
         raise SlabError(f"{path}: a slice stack is written to a directory; give a directory name")
     raise SlabError(f"{path}: unsupported output format {suffix!r}; expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
-                    ".zarr, .h5, .tif or a directory")
+                    ".zarr, .n5, .h5, .tif or a directory")
 
 
 def _as_numpy(data, affine, meta, dtype, lazy_ok: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -368,12 +382,14 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
     """
     path = Path(dst)
     kind = output_format(path)
-    array, affine, meta = _as_numpy(data, affine, meta, dtype, lazy_ok=kind in ("zarr", "hdf5", "tiff"))
-    if kind in ("zarr", "hdf5", "tiff"):
+    array, affine, meta = _as_numpy(data, affine, meta, dtype, lazy_ok=kind in CHUNKED_OUTPUTS)
+    if kind in CHUNKED_OUTPUTS:
         if array.dtype == np.bool_:
             array = array.astype(np.uint8)
         if kind == "zarr":
             write_zarr(array, affine, path, labels=mask or labels)
+        elif kind == "n5":
+            write_n5(array, affine, path)
         elif kind == "hdf5":
             write_hdf5(array, affine, path)
         else:
@@ -463,7 +479,7 @@ class SaveVolumed(MapTransform):
         return d
 
 
-__all__ = ["load_volume", "open_volume", "NotLazyError", "volume_info", "save_volume", "output_format", "check_same_geometry", "atomic_write",
+__all__ = ["load_volume", "open_volume", "NotLazyError", "CHUNKED_OUTPUTS", "volume_info", "save_volume", "output_format", "check_same_geometry", "atomic_write",
            "LazyVolume", "LoadVolume", "LoadVolumed", "SaveVolume", "SaveVolumed", "keep_locale", "natural_key",
            "NIFTI_SUFFIXES", "ITK_SUFFIXES", "SLICE_SUFFIXES", "VOLUME_SUFFIXES", "SLICE_FORMATS", "PNG_DTYPES",
            "LPS_TO_RAS", "EXPECTED"]

@@ -7,18 +7,19 @@ from slab.pipeline.cli.arguments import positive_float
 from slab.transforms.checks import SLICE_FORMATS
 from slab.transforms.errors import SlabError
 
-HELP = ("Convert a volume between NIfTI, NRRD/MHA/MHD, OME-Zarr/zarr, HDF5, multi-page TIFF, DICOM (input) and 2D "
-        "slice stacks (a directory of .tif/.png/.jp2); zarr, HDF5 and TIFF are read and written block by block.")
+HELP = ("Convert a volume between NIfTI, NRRD/MHA/MHD, OME-Zarr/zarr, N5, HDF5, multi-page TIFF, DICOM (input) and 2D "
+        "slice stacks (a directory of .tif/.png/.jp2); zarr, N5, HDF5 and TIFF are read and written block by block.")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("src", metavar="SRC", nargs="+",
                         help="a .nii[.gz], .nrrd, .nhdr, .mha, .mhd, multi-page .tif or .h5 file (scan.h5/DATASET for "
-                             "one of several datasets), a .zarr store (an OME-Zarr level: image.zarr/2), a DICOM "
+                             "one of several datasets), a .zarr store (an OME-Zarr level: image.zarr/2), an .n5 container "
+                             "(scan.n5/DATASET), a DICOM "
                              "directory or a slice directory; several files are the channels of one volume")
     parser.add_argument("dst", metavar="DST",
                         help="a .nii[.gz], .nrrd, .nhdr, .mha, .mhd, .tif (OME-TIFF) or .h5 file, a .zarr store "
-                             "(OME-Zarr 0.4 with a pyramid), or a directory for a slice stack")
+                             "(OME-Zarr 0.4 with a pyramid), an .n5 container, or a directory for a slice stack")
     parser.add_argument("--spacing", nargs=3, type=positive_float, metavar=("X", "Y", "Z"),
                         help="voxel size in mm; sets a slice stack's spacing, replaces a file's")
     parser.add_argument("--slice-format", choices=SLICE_FORMATS, default="tif",
@@ -33,12 +34,12 @@ def paths(args) -> tuple[dict, dict]:
 def run(args) -> int:
     import numpy as np
 
-    from slab.transforms.io import load_volume, output_format, save_volume
+    from slab.transforms.io import CHUNKED_OUTPUTS, load_volume, output_format, save_volume
 
     kind = output_format(args.dst)  # a bad DST fails before anything is read
     source = args.src[0] if len(args.src) == 1 else args.src
     # .nii.gz is read whole: a lazy gzip read would decompress the file again for every block
-    streamed = kind in ("zarr", "hdf5", "tiff") and len(args.src) == 1 and not args.src[0].lower().endswith(".gz")
+    streamed = kind in CHUNKED_OUTPUTS and len(args.src) == 1 and not args.src[0].lower().endswith(".gz")
     volume = None
     if streamed:  # a lazy source goes to a chunked target block by block, never whole in memory
         try:

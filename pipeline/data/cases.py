@@ -94,11 +94,12 @@ def multipage_tiff(path: Path) -> bool:
 
 
 def folder_kind(folder: Path) -> str:
-    """``"zarr"`` (a store), ``"stack"`` (slices), ``"dicom"`` (a series), ``"case"`` (holds
+    """``"zarr"`` (a zarr store or N5 container), ``"stack"`` (slices), ``"dicom"`` (a series), ``"case"`` (holds
     ``images/``) or ``"collection"`` (also a folder of multi-page TIFF volumes)."""
     from slab.transforms.chunked import is_zarr
+    from slab.transforms.n5 import is_n5
 
-    if is_zarr(folder):
+    if is_zarr(folder) or is_n5(folder):
         return "zarr"
     entries = _visible(folder)
     files = [p for p in entries if p.is_file()]

@@ -13,7 +13,7 @@ import torch
 from slab.pipeline.inference.predictor import Predictor
 from slab.transforms.dicom_seg import check_dicom_seg, is_dicom_seg, write_dicom_seg
 from slab.transforms.errors import SlabError, SlabWarning
-from slab.transforms.io import LazyVolume, load_volume, output_format, save_volume
+from slab.transforms.io import CHUNKED_OUTPUTS, LazyVolume, load_volume, output_format, save_volume
 from slab.transforms.labelmap import segment_metadata, to_label_map, to_layers
 from slab.transforms.rle import write_rle_csv
 
@@ -95,7 +95,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     main = shard is None or not shard.enabled or shard.is_main
     volume = _open(input_path, predictor)
     # chunked outputs of a volume that does not fit: zarr all the way, resumable after a kill
-    out_of_core = (layout == "volume" and output_format(output_path) in ("zarr", "hdf5", "tiff")
+    out_of_core = (layout == "volume" and output_format(output_path) in CHUNKED_OUTPUTS
                    and getattr(predictor, "out_of_core", None) and predictor.out_of_core(volume))
     if shard is not None and shard.enabled:  # every rank takes rank 0's decision (free memory differs)
         from slab.pipeline.training.distributed import gather_objects
@@ -183,7 +183,7 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
                                    labels=not single, fields=fields)}
     if prob_path is not None:
         written["prob"] = Path(prob_path) if not own_store else save_volume(
-            probs if output_format(prob_path) in ("zarr", "hdf5", "tiff") else probs.load().float(), prob_path,
+            probs if output_format(prob_path) in CHUNKED_OUTPUTS else probs.load().float(), prob_path,
             affine=affine, meta=dict(volume.meta))
     if rle_csv is not None:
         full = np.asarray(mask.load())
