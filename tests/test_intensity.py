@@ -118,6 +118,52 @@ def test_lazy_volume_streams_without_loading(rng, tmp_path, monkeypatch):
     np.testing.assert_array_equal([low[0], high[0]], np.percentile(x, [3, 97]))
 
 
+@settings(max_examples=30, deadline=None)
+@given(dtype=st.sampled_from([np.float16, np.float32, np.float64, np.int32, np.uint32, np.int64]),
+       shape=st.tuples(st.integers(1, 2), st.integers(1, 9), st.integers(1, 8), st.integers(1, 7)),
+       q=st.lists(st.floats(0, 100), min_size=1, max_size=4), seed=st.integers(0, 2 ** 16),
+       duplicates=st.booleans())
+def test_lazy_floats_and_wide_integers_by_radix_selection(dtype, shape, q, seed, duplicates):
+    """Floats (negative, zero, repeated values) and integers wider than 16 bits of a lazy zarr
+    volume: the percentiles np.percentile gives, per channel and pooled, never loading it."""
+    import tempfile
+    from pathlib import Path
+
+    from slab.transforms.io import load_volume, save_volume
+    from slab.transforms.lazy import LazyVolume
+
+    rng = np.random.default_rng(seed)
+    scale = 1e4 if np.dtype(dtype).kind == "f" else 2 ** 20
+    x = (rng.standard_normal(shape) * scale).astype(dtype) if np.dtype(dtype).kind != "u" else \
+        rng.integers(0, 2 ** 31, shape).astype(dtype)
+    if duplicates:
+        x.reshape(-1)[: x.size // 2] = x.reshape(-1)[0]
+    with tempfile.TemporaryDirectory() as folder:
+        save_volume(x, Path(folder) / "v.zarr", affine=np.eye(4))
+        lazy = load_volume(Path(folder) / "v.zarr", lazy=True)
+        loaded = LazyVolume.load
+        LazyVolume.load = lambda *a, **k: pytest.fail("loaded the whole lazy volume")
+        try:
+            np.testing.assert_array_equal(volume_percentiles(lazy, q), volume_percentiles(x, q))
+            np.testing.assert_array_equal(volume_percentiles(lazy, q), np.percentile(x, q))
+            low, high = PercentileNormalize(lower=1, upper=99).percentiles(lazy)
+        finally:
+            LazyVolume.load = loaded
+    expected = PercentileNormalize(lower=1, upper=99).percentiles(x)
+    np.testing.assert_array_equal(low, expected[0])
+    np.testing.assert_array_equal(high, expected[1])
+
+
+def test_lazy_float_with_nan_is_refused(tmp_path):
+    from slab.transforms.io import load_volume, save_volume
+
+    x = np.ones((1, 4, 4, 4), np.float32)
+    x[0, 1, 2, 3] = np.nan
+    save_volume(x, tmp_path / "v.zarr", affine=np.eye(4))
+    with pytest.raises(SlabError, match="v.zarr.*NaN or Inf"):
+        volume_percentiles(load_volume(tmp_path / "v.zarr", lazy=True), [1, 99])
+
+
 def test_zscore_against_numpy_per_channel_and_lazily(tmp_path):
     from slab.transforms.intensity import ZScoreNormalize
     from slab.transforms.io import load_volume, save_volume

@@ -4,7 +4,8 @@
 without sorting: integer volumes of up to 16 bits are counted into a histogram (``np.bincount``
 over chunks of the flattened volume, so no full-size temporary is made) and the two order
 statistics around each percentile are read from its cumulative sum; float volumes use
-``np.partition`` on the requested ranks only.
+``np.partition`` on the requested ranks only, and lazy float (or wide integer) volumes radix
+selection in blocks (:mod:`slab.transforms.radix`), never loading them.
 
 :class:`PercentileNormalize` maps each channel's low percentile to 0 and high percentile to 1
 over the whole volume (not per slice), clips below 0 and clips (or softly compresses) above 1;
@@ -161,6 +162,18 @@ def _lazy_counts(volume, name: str) -> tuple[np.ndarray, int, np.dtype] | None:
     return counts, offset, out_dtype
 
 
+def _lazy_select(volume, q1: np.ndarray, name: str, channel: int | None) -> np.ndarray | None:
+    """Percentiles ``q1`` of a LazyVolume of floats or wide integers (one channel, or all), by
+    radix selection in blocks (:mod:`slab.transforms.radix`); None for other dtypes."""
+    from slab.transforms import radix
+
+    if radix.key_dtype(volume.dtype) is None:
+        return None
+    previous, following, gamma = _ranks(radix.count(volume, channel), q1)
+    values = radix.select(volume, np.concatenate([previous, following]), name, channel)
+    return _lerp(values[: q1.size], values[q1.size:], gamma).astype(np.float64)
+
+
 def volume_percentiles(x, q, mask=None, *, name: str = "volume"):
     """Exact percentiles of a whole volume, identical to ``np.percentile(x[mask], q)``.
 
@@ -196,10 +209,15 @@ def volume_percentiles(x, q, mask=None, *, name: str = "volume"):
         return float(result[0]) if qa.ndim == 0 else np.asarray(result, dtype=np.float64).reshape(qa.shape)
 
     if mask is None and _is_lazy(x):
+        if name == "volume":  # a lazy volume knows its file
+            name = str(getattr(x, "meta", {}).get("filename_or_obj") or name)
         found = _lazy_counts(x, name)
         if found is not None:
             counts, offset, dtype = found
             return shaped(_from_counts(counts.sum(axis=0), offset, dtype, q1, name))
+        selected = _lazy_select(x, q1, name, None)
+        if selected is not None:
+            return shaped(selected)
     array = _to_numpy(x)
     # Order does not matter to a percentile: flatten in memory order so that a volume loaded
     # x-fastest (Fortran order) is not copied; the mask is flattened the same way.
@@ -321,7 +339,8 @@ class PercentileNormalize(Transform):
     def percentiles(self, img, mask=None, name: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """The ``(low, high)`` values used for ``img``: arrays of length C (or 1 when not channel-wise).
 
-        A LazyVolume of integers (up to 16 bits) is read once in blocks of slices, never whole.
+        A LazyVolume is never read whole: integers of up to 16 bits are counted in one pass of
+        blocks of slices, floats and wider integers selected in 1-4 passes (radix selection).
         """
         if self.low is not None:  # a fixed window (dataset statistics): nothing to compute
             return _per_channel(self.low, img, name), _per_channel(self.high, img, name)
@@ -334,6 +353,11 @@ class PercentileNormalize(Transform):
                     counts = counts.sum(axis=0, keepdims=True)
                 pairs = np.asarray([_from_counts(c, offset, dtype, q, f"{name} channel {i}")
                                     for i, c in enumerate(counts)])
+                return pairs[:, 0], pairs[:, 1]
+            channels = range(int(img.shape[0])) if self.channel_wise else [None]
+            pairs = [_lazy_select(img, q, name if c is None else f"{name} channel {c}", c) for c in channels]
+            if pairs[0] is not None:
+                pairs = np.asarray(pairs)
                 return pairs[:, 0], pairs[:, 1]
         array = _to_numpy(img)
         if array.ndim < 2:
