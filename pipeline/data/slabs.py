@@ -7,13 +7,13 @@ probability ``positive_fraction`` a slice whose label has foreground, otherwise 
 optional crop to ``patch_size`` (centred on a foreground pixel for positive draws) and optional
 augmentation. Volumes are loaded, checked and normalised once, when the dataset is built.
 
-With ``stream=True`` no volume is held: each is opened lazily (zarr, HDF5, TIFF, slice stacks,
-NIfTI; other formats are loaded), its normalisation window is computed once by reading it in
-blocks (:meth:`~slab.transforms.intensity.PercentileNormalize.block_transform`), the label's
-per-slice foreground flags once in blocks of slices, and a sample reads only the label slice it
-is drawn on and the slab's window of the image, normalising those voxels: the same samples as in
-memory, bit for bit, for a dataset larger than RAM. A ``label_transform`` then runs on the parts
-read, so it must be voxel-wise (as BraTS values to channels is).
+With ``stream=True`` no volume is held: each is opened lazily (zarr, N5, HDF5, TIFF, slice
+stacks, NIfTI; other formats are loaded) as a :class:`slab.pipeline.data.stream.SlabSource`: its
+normalisation window computed once in blocks, the label's foreground counted once per row of
+every slice, and a sample reads one label row (to centre a positive draw), the label window and
+the slab's window of the image, normalising those voxels: the same samples as in memory, bit for
+bit, for a dataset larger than RAM. A ``label_transform`` then runs on the parts read, so it must
+be voxel-wise (as BraTS values to channels is).
 """
 from __future__ import annotations
 

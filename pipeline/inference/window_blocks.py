@@ -7,10 +7,11 @@ own grid, mirrored back), but never holds the volume: the output is cut into blo
 block reads the input under every window that reaches into it, predicts those windows, adds
 their weighted logits and importance, divides, takes the sigmoid and keeps its own voxels.
 A block is the shape that predicts the fewest windows within the memory budget
-(:func:`block_tile`): a run of whole z slices when the ROI's depth of slices fits, else a box cut
-in x and y too, so that a 2048 x 2048 slice does not need ``roi_z`` slices of work in memory. Blocks are independent (a window that straddles two blocks
-is predicted by both: about ``roi / block`` more forwards per cut axis at 50 % overlap), so they
-are resumable and shared by ``torchrun`` ranks like the 2.5D blocks
+(:func:`block_tile`): often a run of whole z slices when they fit, and a box cut in x and y too
+when they do not, so that a 2048 x 2048 slice does not need ``roi_z`` slices of work in memory.
+Blocks are independent (a window that straddles two blocks is predicted by both: about
+``roi / block`` more forwards per cut axis at 50 % overlap), so they are resumable and shared by
+``torchrun`` ranks like the 2.5D blocks
 (:func:`slab.pipeline.inference.store.predict_blocks`). One flip is one work array; the flips
 are averaged in the in-memory order when the store is finished.
 """
@@ -27,6 +28,8 @@ from slab.transforms.io import LazyVolume
 
 # MONAI's default Gaussian width (sliding_window_inference's sigma_scale).
 SIGMA_SCALE = 0.125
+# Block sizes tried per axis when choosing a block shape.
+CANDIDATES = 48
 
 
 def scan_interval(image_size, roi, overlap: float) -> tuple[int, ...]:
@@ -130,14 +133,16 @@ def block_tile(budget: int, shape, roi, channels: int, labels: int, itemsize: in
     within ``budget`` bytes of work (:func:`block_bytes`); among equals, the largest. Sizes are
     the whole axis or multiples of the window step, never below the ROI (where the axis is not):
     thinner blocks would predict each window up to ``roi`` times over per axis (measured: 48x the
-    forwards at one slice per block), so a budget below one ROI-sized block is raised to it. A
-    budget that holds the ROI's depth of whole slices gets whole slices (a block cut only in z),
-    the blocks of a smaller one are cut in x and y too."""
+    forwards at one slice per block), so a budget below one ROI-sized block is raised to it.
+    Whole slices (a block cut only in z) win where they fit and the volume is deep; under a
+    smaller budget the blocks are cut in x and y too. At most ``CANDIDATES`` sizes per axis are
+    tried (spread geometrically on a long axis)."""
     spatial = [int(n) for n in shape[1:]]
     candidates, forwards = [], []
     for n, r in zip(spatial, roi):
         step = scan_interval((max(n, r),), (r,), overlap)[0]
-        sizes = sorted({n} | {k * step for k in range(1, n // step + 1) if r <= k * step < n})
+        multiples = np.unique(np.geomspace(1, max(1, n // step), CANDIDATES).astype(int))
+        sizes = sorted({n} | {int(k) * step for k in multiples if r <= k * step < n})
         candidates.append(np.asarray(sizes))
         forwards.append(np.asarray([axis_forwards(n, r, overlap, t) for t in sizes], dtype=np.float64))
     grid = np.meshgrid(*candidates, indexing="ij")

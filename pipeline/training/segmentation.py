@@ -128,8 +128,8 @@ class SegValidation:
 
     def _check(self, channels: int, labels: int | None) -> None:
         if (self.channels is not None and channels != self.channels) or (labels is not None and labels != self.n_labels):
-            raise SlabError(f"validation volumes: {channels} image channels / {'?' if labels is None else labels} labels; "
-                            f"training has "
+            seen = "?" if labels is None else labels
+            raise SlabError(f"validation volumes: {channels} image channels / {seen} labels; training has "
                             f"{self.channels} / {self.n_labels}")
 
     def _load(self, index: int, item: dict) -> tuple:
