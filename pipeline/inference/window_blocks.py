@@ -163,6 +163,7 @@ def predict_3d_blocks(forward, volume, *, roi, overlap: float, mode: str, flip_s
                       budget: int, out_path, out_dtype: str, settings: dict, bar, shard=None):
     """3D sliding-window probabilities of ``volume`` into the OME-Zarr ``out_path``, block by
     block, resumable (see the module docs); the result as a lazy volume."""
+    from slab.pipeline.inference.forward import fits_on
     from slab.pipeline.inference.multiplane import read_box
     from slab.pipeline.inference.store import predict_blocks
 
@@ -177,7 +178,9 @@ def predict_3d_blocks(forward, volume, *, roi, overlap: float, mode: str, flip_s
     grids = [WindowGrid(shape[1:], roi, overlap, tuple(d - 2 for d in dims)) for dims in flip_sets]
     importance = compute_importance_map(tuple(roi), mode=mode, sigma_scale=SIGMA_SCALE, device="cpu",
                                         dtype=torch.float32)
-    where = torch.device("cpu")
+    # a block's sums stay on the network's device where they fit (as the in-memory path keeps the volume)
+    work = block_bytes(tile, shape, roi, shape[0], labels, itemsize, settings["sw_batch_size"])
+    where = forward.device if fits_on(forward.device, work) else torch.device("cpu")
 
     def read(box):
         return read_box(volume, box, preprocess, name)
