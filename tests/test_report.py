@@ -66,7 +66,7 @@ def cases(tmp_path_factory):
 def test_report_holds_the_run_and_the_best_checkpoints_pictures(cases, tmp_path):
     from slab.pipeline.evaluation.sections import cross_sections
     from slab.pipeline.inference import predict_2p5d
-    from slab.pipeline.training.segmentation import load_pair
+    from slab.pipeline.training.validation import load_pair
     from slab.networks import build_network, load_weights
 
     out = tmp_path / "run"

@@ -148,18 +148,27 @@ def test_streaming_refuses_what_it_cannot_read_in_parts(tmp_path):
         SlabDataset(float_items, samples_per_epoch=2, stream=True, normalize=None).sample(0, 0)
 
 
-def test_training_that_streams_gives_the_same_run(tmp_path):
-    """``stream: true`` in the training config: the same losses and validation as in memory."""
+def test_training_that_streams_gives_the_same_run(tmp_path, monkeypatch):
+    """``stream: true`` in the training config: the same losses and validation as in memory, the
+    validation volumes predicted out of core (never loaded) into stores in the run folder."""
+    from slab.pipeline.inference import store
     from slab.pipeline.training import train
     from test_train import TINY
+
+    stores, predict_blocks = [], store.predict_blocks
+    monkeypatch.setattr(store, "predict_blocks", lambda model, volume, out_path, *a, **k: (
+        stores.append(Path(out_path)), predict_blocks(model, volume, out_path, *a, **k))[1])
 
     datalist = _datalist(tmp_path, (16, 15, 13))
     cfg = {**json.loads(json.dumps(TINY)), "patch_size": [16, 16], "epochs": 1}
     runs = [train(datalist, {**cfg, "stream": stream, "num_workers": workers}, tmp_path / f"run{stream}{workers}",
                   device="cpu") for stream, workers in ((False, 0), (True, 0), (True, 2))]
+    assert "val_surface_dice_0" in runs[0]["history"][0]
+    assert len(stores) >= 2 and all(p.parent.parent.name.startswith("runTrue") for p in stores)
     for run in runs[1:]:  # also read by DataLoader worker processes (zarr opened before the fork)
-        for a, b in zip(runs[0]["history"], run["history"]):
+        for a, b in zip(runs[0]["history"], run["history"]):  # validation predicted out of core: the same scores
             assert {k: v for k, v in a.items() if "_s" not in k} == {k: v for k, v in b.items() if "_s" not in k}
+    assert not list(tmp_path.glob("runTrue*/.validation-*"))  # the validation stores are removed
 
 
 def _volume_3d(tmp_path, shape=(7, 40, 5)):

@@ -145,4 +145,48 @@ class SlabSource:
         return np.concatenate([parts[i] for i in wanted], axis=1)
 
 
-__all__ = ["COUNT_BLOCK_BYTES", "SlabSource", "label_part", "normalised", "read_part"]
+
+
+
+class TruthVolume:
+    """Binary ``(L, X, Y, Z)`` masks of a lazily read label volume, made from each part read by
+    ``convert`` (voxel-wise: label values or channels to masks), for the streaming metrics."""
+
+    ndim = 4
+
+    def __init__(self, label, convert: Callable, labels: int):
+        self.label, self.convert = label, convert
+        self.shape = (int(labels),) + tuple(int(n) for n in label.shape[1:])
+        self.dtype = np.dtype(np.uint8)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        return self.convert(read_part(self.label, (slice(None),) + tuple(index[1:])))[index[0]]
+
+
+def open_validation(item: dict, convert: Callable, labels: int):
+    """``(image, truth, spacing, affine)`` of a validation item opened lazily (:class:`TruthVolume`
+    over its label), or None where its format is read whole (then it is loaded as in memory)."""
+    from slab.transforms.io import check_same_geometry, open_volume
+    from slab.transforms.lazy import LazyVolume
+
+    if isinstance(item["image"], list):
+        return None
+    image, label = open_volume(item["image"]), open_volume(item["label"])
+    if not isinstance(image, LazyVolume) or not isinstance(label, LazyVolume):
+        return None
+    check_same_geometry(image, label, names=[str(item["image"]), str(item["label"])])
+    spacing = tuple(float(s) for s in image.meta["spacing"])
+    return image, TruthVolume(label, convert, labels), spacing, np.asarray(image.affine, dtype=np.float64)
+
+
+def streamed_prediction(cfg: dict, image, out_path) -> dict:
+    """The inference arguments that predict a lazy validation volume out of core into
+    ``out_path``: float32 probabilities, normalised block by block with the volume's window."""
+    from slab.transforms.intensity import make_normalize
+
+    normalize = make_normalize(cfg["normalize"])
+    return {"out_path": out_path, "out_dtype": "float32",
+            "preprocess": None if normalize is None else normalize.block_transform(image, str(image.meta["filename_or_obj"]))}
+__all__ = ["COUNT_BLOCK_BYTES", "SlabSource", "TruthVolume", "label_part", "normalised", "open_validation", "read_part",
+           "streamed_prediction"]

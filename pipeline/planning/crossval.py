@@ -189,7 +189,7 @@ class _Cases:
         self._truth = {}
 
     def truth(self, item: dict) -> np.ndarray:
-        from slab.pipeline.training.segmentation import truth_masks
+        from slab.pipeline.training.validation import truth_masks
         from slab.transforms.io import load_volume
 
         name = item["case"]

@@ -5,7 +5,8 @@ from slab.pipeline.training.config import DEFAULTS, SCHEMA, describe_config, rea
 from slab.pipeline.training.engine import SlabEvaluator, SlabTrainer, warmup_cosine
 from slab.pipeline.training.loop import build_trainer, inference_network, train
 from slab.pipeline.training.losses import DiceCE, build_loss
-from slab.pipeline.training.segmentation import split_items, summarize_sweeps
+from slab.pipeline.training.segmentation import split_items
+from slab.pipeline.training.validation import summarize_sweeps
 from slab.pipeline.training.state import RUN_FILES, derive_seed, load_checkpoint, save_checkpoint, seeded
 
 __all__ = ["train", "validate_config", "describe_config", "read_config", "DEFAULTS", "SCHEMA", "load_checkpoint",

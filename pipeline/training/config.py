@@ -176,9 +176,10 @@ SCHEMA: dict[str, Any] = {
                "shift_intensity 0.1, intensity_prob 0.5 (AUGMENT_3D); null: no augmentation"),
     "num_workers": _s(0, _int(0), "DataLoader worker processes"),
     "stream": _s(False, _bool, "read training samples from the volumes on disk (zarr, HDF5, TIFF, slice stacks, "
-                 "NIfTI read lazily; other formats loaded) instead of holding the volumes: 2.5D the same slabs bit "
-                 "for bit, 3D the same draw of patches as RandCropByPosNegLabeld; validation volumes loaded one at a "
-                 "time when validated (classification holds only its slab sequences either way)"),
+                 "N5, NIfTI read lazily; other formats loaded) instead of holding the volumes: 2.5D the same slabs bit "
+                 "for bit, 3D the same draw of patches as RandCropByPosNegLabeld; validation volumes predicted out of "
+                 "core into the run folder and scored streaming, no report pictures (classification holds only its "
+                 "slab sequences either way)"),
     "seed": _s(0, _int(0, 2**31 - 1), "seed of every random draw"),
     "amp": _s(True, _bool, "mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); CPU: fp32"),
     "val_every": _s(1, _int(1), "validate every N epochs (and after the last)"),

@@ -243,6 +243,8 @@ class SlabTrainer(SupervisedTrainer):
             raise config_error("batch_size", f"at most the {task.n_samples} training samples per epoch",
                                cfg["batch_size"])
         self.task, self.cfg, self.out, self.info = task, cfg, Path(out), info
+        if getattr(task, "validation", None) is not None:  # streamed validation stores its work in the run
+            task.validation.work = self.out
         model = task.model.to(device)
         self.dtype = amp_dtype(device, cfg["amp"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])

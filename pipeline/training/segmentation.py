@@ -4,16 +4,16 @@ inference engines and thresholds swept per label."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from slab.pipeline.training.config import SEG_METRICS, config_error
+from slab.pipeline.training.config import config_error
 from slab.pipeline.training.distributed import DistInfo
 from slab.pipeline.training.losses import build_training_loss
 from slab.pipeline.training.task import TrainTask
+from slab.pipeline.training.validation import SegValidation, load_pair, volume_channels
 from slab.transforms.checks import read_json_object
 from slab.transforms.errors import SlabError
 
@@ -65,158 +65,6 @@ def seg_target(label: np.ndarray, fmt: str, n_labels: int, loss: str) -> np.ndar
     return (label > 0).astype(np.float32)
 
 
-def truth_masks(label: np.ndarray, fmt: str, n_labels: int) -> np.ndarray:
-    """Binary ``(L, X, Y, Z)`` masks (uint8) of a label volume, one channel per label."""
-    if fmt == "values":
-        return np.stack([label[0] == i + 1 for i in range(n_labels)]).astype(np.uint8)
-    return (label > 0).astype(np.uint8)
-
-
-def load_pair(item: dict, normalize: dict | None) -> tuple[torch.Tensor, np.ndarray, tuple[float, float, float],
-                                                        np.ndarray]:
-    """``(image float32 (C, X, Y, Z) normalised, label (C', X, Y, Z), spacing, affine)`` of a
-    datalist item; image and label must share shape and geometry."""
-    from slab.transforms.intensity import make_normalize
-    from slab.transforms.io import check_same_geometry, load_volume
-
-    image = load_volume(item["image"])
-    if "label" not in item:
-        raise SlabError(f"{item['image']}: datalist item without a label")
-    label = load_volume(item["label"])
-    check_same_geometry(image, label, names=[str(item["image"]), str(item["label"])])
-    spacing = tuple(float(s) for s in image.meta["spacing"])
-    affine = np.asarray(image.affine, dtype=np.float64)
-    if normalize is not None:
-        image = make_normalize(normalize)(image)
-    array = torch.as_tensor(np.asarray(image, dtype=np.float32))
-    if not torch.isfinite(array).all():
-        raise SlabError(f"{item['image']}: NaN or Inf intensities; normalise or clean the volume first")
-    return array, np.asarray(label), spacing, affine
-
-
-class SegValidation:
-    """Whole validation volumes through the inference engine; surface dice at tolerance 0 and at
-    ``val.tolerance_mm``, Dice, each swept over ``val.thresholds``.
-
-    The threshold of each label is the one maximising the mean (over volumes) of the chosen
-    metric; the reported metrics are means over volumes and labels at those thresholds.
-    Volumes are sharded over ranks and the curves gathered.
-    """
-
-    def __init__(self, items: list[dict], cfg: dict, fmt: str, n_labels: int,
-                 predict: Callable[[nn.Module, torch.Tensor, torch.device], np.ndarray], info: DistInfo,
-                 channels: int | None = None) -> None:
-        from slab.pipeline.training.distributed import shard_items
-
-        limit = cfg["val"]["max_volumes"]
-        self.items = items[:limit] if limit else items
-        self.cfg, self.predict = cfg, predict
-        tol = cfg["val"]["tolerance_mm"]
-        self.tolerances = [0.0] if tol == 0 else [0.0, tol]
-        self.volumes, self.affines, self.fmt, self.n_labels, self.channels = [], {}, fmt, n_labels, channels
-        # streaming training keeps no validation volume: each is loaded when it is validated (its
-        # image channels checked from the header now, its labels when loaded)
-        self.stream = bool(cfg.get("stream"))
-        for index, item in shard_items(list(enumerate(self.items)), info.rank, info.world_size):
-            if self.stream:
-                images = item["image"] if isinstance(item["image"], list) else [item["image"]]
-                self._check(sum(volume_channels(p, "image") for p in images), None)
-            self.volumes.append((index, None, None, None) if self.stream else self._load(index, item))
-        # the probabilities of this epoch's first volumes, for the report's pictures
-        self.drawn = cfg["report_volumes"] if info.is_main else 0
-        self.probabilities: dict[int, np.ndarray] = {}
-
-    def _check(self, channels: int, labels: int | None) -> None:
-        if (self.channels is not None and channels != self.channels) or (labels is not None and labels != self.n_labels):
-            seen = "?" if labels is None else labels
-            raise SlabError(f"validation volumes: {channels} image channels / {seen} labels; training has "
-                            f"{self.channels} / {self.n_labels}")
-
-    def _load(self, index: int, item: dict) -> tuple:
-        image, label, spacing, self.affines[index] = load_pair(item, self.cfg["normalize"])
-        truth = truth_masks(label, self.fmt, self.n_labels)
-        self._check(image.shape[0], truth.shape[0])
-        return index, image, truth, spacing
-
-    def volume(self, k: int) -> tuple:
-        """``(index, image, truth, spacing)`` of this process's ``k``-th volume (loaded now when streaming)."""
-        index, image, truth, spacing = self.volumes[k]
-        return self._load(index, self.items[index]) if image is None else (index, image, truth, spacing)
-
-    def indices(self) -> list[int]:
-        return list(range(len(self.volumes)))
-
-    def curves(self, model: nn.Module, device: torch.device, k: int) -> tuple:
-        """``(index, thresholds, per-label curves)`` of this process's ``k``-th volume."""
-        from slab.pipeline.evaluation.metrics import threshold_sweep
-
-        index, image, truth, spacing = self.volume(k)
-        prob = self.predict(model, image, device)
-        if k < self.drawn:
-            self.probabilities[k] = prob.astype(np.float16)
-        sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances,
-                                cldice=self.cfg["val"]["cldice"])
-        return (index, sweep["thresholds"], [
-            {"dice": c["dice"], "surface_dice_0": c["surface_dice"][str(0.0)],
-             "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))],
-             **({"cldice": c["cldice"]} if "cldice" in c else {})}
-            for c in sweep["classes"]
-        ])
-
-    def pictures(self, folder: Path | None, threshold, names: list[str]) -> list[tuple[str, Path]]:
-        """Sections of the kept volumes, prediction at ``threshold`` (one per label, or a list)
-        against truth, one PNG per volume and label (:func:`~slab.pipeline.evaluation.sections.cross_sections`);
-        the kept probabilities are let go (only dropped when ``folder`` is None)."""
-        from slab.pipeline.evaluation.sections import cross_sections
-
-        kept, self.probabilities = self.probabilities, {}
-        if folder is None:
-            return []
-        thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else None
-        drawn = []
-        for k, prob in sorted(kept.items()):
-            index, image, truth, spacing = self.volume(k)
-            item = self.items[index]
-            case = str(item.get("id") or item.get("case") or Path(str(item["image"])).name)
-            for c in range(prob.shape[0]):
-                t = float(thresholds[c] if thresholds else threshold)
-                name = names[c] if c < len(names) else f"label {c + 1}"
-                png = folder / f"val{index}_{c}.png"
-                cross_sections(image[0].numpy(), prob[c] > t, truth[c], png, spacing=spacing,
-                               title=f"{case}: {name}, threshold {t:g}", affine=self.affines[index])
-                drawn.append((f"{case}: {name}", png))
-        return drawn
-
-    def summarize(self, parts: list, info: DistInfo) -> dict:
-        from slab.pipeline.training.distributed import gather_objects
-
-        gathered = sorted((c for part in gather_objects(parts, info) for c in part), key=lambda c: c[0])
-        return summarize_sweeps(gathered, self.cfg["val"]["metric"])
-
-
-def summarize_sweeps(curves: list, metric: str) -> dict:
-    """Per-label thresholds maximising ``metric`` (mean over volumes) and the metrics there."""
-    thresholds = curves[0][1]
-    n_labels = len(curves[0][2])
-    keys = [k for k in SEG_METRICS if k in curves[0][2][0]]
-    chosen, scores = [], {k: [] for k in keys}
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for c in range(n_labels):
-                means = {k: np.nanmean(np.array([v[2][c][k] for v in curves], np.float64), axis=0) for k in keys}
-                curve = means[metric]
-                best = int(np.nanargmax(curve)) if not np.isnan(curve).all() else len(thresholds) // 2
-                chosen.append(float(thresholds[best]))
-                for k in keys:
-                    scores[k].append(float(means[k][best]))
-            out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for k, v in scores.items()}
-    out["threshold"] = chosen[0] if n_labels == 1 else chosen
-    return out
-
-
 def network_args(cfg: dict, spatial_dims: int, in_channels: int, out_channels: int) -> dict:
     """The ``build_network`` arguments: the config's, with dims and channels from the data."""
     net = dict(cfg["network"])
@@ -239,19 +87,6 @@ def build_model(net: dict) -> nn.Module:
         return build_network(net["name"], net["spatial_dims"], net["in_channels"], net["out_channels"], **network_options(net))
     except SlabError as err:
         raise SlabError(f"config {err}") from None
-
-
-def volume_channels(path, name: str) -> int:
-    """Channels of a volume file, from its header where the format allows."""
-    from slab.transforms.io import load_volume
-
-    try:
-        volume = load_volume(path, lazy=True)
-    except SlabError:
-        volume = load_volume(path)
-    if len(volume.shape) != 4:
-        raise SlabError(f"{path}: expected a (C, X, Y, Z) {name}, got shape {tuple(volume.shape)}")
-    return int(volume.shape[0])
 
 
 class _SegmentationTask(TrainTask):
@@ -309,7 +144,9 @@ class _SegmentationTask(TrainTask):
                 f"item has {self.image_channels} / {self.label_channels}"
             )
 
-    def predict(self, model: nn.Module, image: torch.Tensor, device: torch.device) -> np.ndarray:
+    def predict(self, model: nn.Module, image: torch.Tensor, device: torch.device, **streamed) -> np.ndarray:
+        """Validation probabilities of ``image``; with ``streamed`` (out_path, out_dtype,
+        preprocess) a lazy volume predicted out of core, returned lazily."""
         raise NotImplementedError
 
     def loss(self, model, batch, device):
@@ -401,14 +238,14 @@ class Segmentation2p5DTask(_SegmentationTask):
     def sample(self, index: int, epoch: int):
         return self.dataset.sample(index, epoch)
 
-    def predict(self, model, image, device):
+    def predict(self, model, image, device, **streamed):
         from slab.pipeline.inference import predict_2p5d
 
         val = self.cfg["val"]
         prob = predict_2p5d(model, image, planes=val["planes"] or self.cfg["planes"], offsets=self.cfg["offsets"],
                             tta=val["tta"], batch_size=val["batch_size"], device=device, amp=self.cfg["amp"],
-                            divisor=self.divisor, min_size=self.min_size)
-        return np.asarray(prob)
+                            divisor=self.divisor, min_size=self.min_size, **streamed)
+        return prob if streamed else np.asarray(prob)
 
 
 class Segmentation3DTask(_SegmentationTask):
@@ -489,11 +326,11 @@ class Segmentation3DTask(_SegmentationTask):
         patch = self.transform(volume)[0]  # RandCropByPosNegLabeld gives a list of num_samples=1
         return {k: torch.as_tensor(patch[k]).as_subclass(torch.Tensor) for k in ("image", "label")}
 
-    def predict(self, model, image, device):
+    def predict(self, model, image, device, **streamed):
         from slab.pipeline.inference import predict_3d
 
         val = self.cfg["val"]
         prob = predict_3d(model, image, roi_size=self.cfg["patch_size"], overlap=val["overlap"], tta=val["tta"],
-                          sw_batch_size=val["batch_size"], device=device, amp=self.cfg["amp"])
-        return np.asarray(prob)
+                          sw_batch_size=val["batch_size"], device=device, amp=self.cfg["amp"], **streamed)
+        return prob if streamed else np.asarray(prob)
 
