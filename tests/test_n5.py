@@ -103,6 +103,8 @@ def test_datasets_inside_a_container_missing_blocks_and_resolution(tmp_path):
     _ts_write(root / "setup1" / "timepoint0" / "s0", data, (4, 4, 4), {"type": "raw"})
     with pytest.raises(SlabError, match="2 datasets .*setup0/timepoint0/s0, setup1/timepoint0/s0"):
         load_volume(root)
+    save_volume(data.transpose()[None], root / "notes.nii.gz", affine=np.eye(4))  # a file kept in the folder
+    np.testing.assert_array_equal(load_volume(root / "notes.nii.gz").numpy()[0], data.transpose())
 
 
 def _raw_dataset(path, dims=(4, 3, 2), block=(4, 3, 2), dtype="uint8", compression="raw"):

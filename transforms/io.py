@@ -151,7 +151,7 @@ def _open_container(path: Path, spacing):
     other paths."""
     if is_zarr(path):
         return open_zarr(path, spacing)
-    if split_n5(path) is not None:
+    if split_n5(path) is not None and not path.is_file():  # a file kept inside an .n5 folder is itself
         return open_n5(path, spacing)
     hdf5 = split_hdf5(path)
     if hdf5 is not None and (hdf5[0].is_file() or hdf5[1] is not None):
