@@ -199,7 +199,7 @@ def test_streamed_3d_patches_draw_as_monai_crops(tmp_path):
     norm = PercentileNormalize(1, 99)
     volume = StreamedVolume(load_volume(image_path, lazy=True), load_volume(label_path, lazy=True), (8, 8, 8),
                             norm.block_transform(load_volume(image_path, lazy=True)), None, "scan")
-    assert volume.padded == (8, 40, 8) and volume.before == (0, 0, 1) and int(volume.fg.sum()) == 5
+    assert volume.padded == (8, 40, 8) and volume.before == (0, 0, 1) and volume.fg == 5
     pad = SpatialPad((8, 8, 8))
     padded_image = pad(norm(load_volume(image_path))).numpy()
     padded_label = pad(torch.from_numpy(label)).numpy()

@@ -44,17 +44,20 @@ class StreamedVolume:
         self.padded = tuple(max(n, p) for n, p in zip(self.shape, self.patch))
         self.before = tuple((p - n) // 2 for n, p in zip(self.shape, self.padded))  # SpatialPad's symmetric split
         grid = tuple(-(-n // BLOCK) for n in self.shape)
-        self.fg = np.zeros(grid, dtype=np.int64)
-        self.channels = None
+        fg = np.zeros(grid, dtype=np.int64)
         for z in range(0, self.shape[2], BLOCK):
             block = self.label_part(((0, self.shape[0]), (0, self.shape[1]), (z, min(self.shape[2], z + BLOCK))))
-            self.channels = block.shape[0]
-            foreground = np.zeros((grid[0] * BLOCK, grid[1] * BLOCK, BLOCK), dtype=np.int32)
+            foreground = np.zeros((grid[0] * BLOCK, grid[1] * BLOCK, BLOCK), dtype=bool)
             foreground[:self.shape[0], :self.shape[1], :block.shape[3]] = np.any(block > 0, axis=0)
-            self.fg[:, :, z // BLOCK] = foreground.reshape(grid[0], BLOCK, grid[1], BLOCK, BLOCK).sum(axis=(1, 3, 4))
+            fg[:, :, z // BLOCK] = foreground.reshape(grid[0], BLOCK, grid[1], BLOCK, BLOCK).sum(axis=(1, 3, 4),
+                                                                                                 dtype=np.int64)
         sizes = [np.diff(np.minimum(np.arange(g + 1) * BLOCK, n)) for g, n in zip(grid, self.shape)]
-        self.voxels = sizes[0][:, None, None] * sizes[1][None, :, None] * sizes[2][None, None, :]
+        voxels = sizes[0][:, None, None] * sizes[1][None, :, None] * sizes[2][None, None, :]
+        self.grid = grid
+        # cumulative voxel counts of each kind over the cubes (C order), and the padding's voxels
+        self.cumulative = {True: np.cumsum(fg.ravel()), False: np.cumsum((voxels - fg).ravel())}
         self.padding = int(np.prod(self.padded)) - int(np.prod(self.shape))  # padded voxels: background
+        self.fg, self.bg = int(self.cumulative[True][-1]), int(self.cumulative[False][-1]) + self.padding
 
     def label_part(self, box) -> np.ndarray:
         return label_part(self.label, _index(box), self.label_transform, self.name)
@@ -64,16 +67,14 @@ class StreamedVolume:
 
     def centre(self, positive: bool, rng: np.random.Generator) -> tuple[int, ...]:
         """A voxel (padded coordinates) drawn uniformly from the foreground or the background."""
-        counts = self.fg if positive else self.voxels - self.fg
-        total = int(counts.sum()) + (0 if positive else self.padding)
-        pick = int(rng.integers(total))
-        if pick >= int(counts.sum()):  # a padded voxel: uniform over the padding
+        flat = self.cumulative[positive]
+        pick = int(rng.integers(self.fg if positive else self.bg))
+        if pick >= int(flat[-1]):  # a padded voxel: uniform over the padding
             while True:
                 voxel = tuple(int(rng.integers(p)) for p in self.padded)
                 if any(not b <= v < b + n for v, b, n in zip(voxel, self.before, self.shape)):
                     return voxel
-        flat = np.cumsum(counts.ravel())
-        cube = np.unravel_index(int(np.searchsorted(flat, pick, side="right")), counts.shape)
+        cube = np.unravel_index(int(np.searchsorted(flat, pick, side="right")), self.grid)
         box = [(c * BLOCK, min(n, (c + 1) * BLOCK)) for c, n in zip(cube, self.shape)]
         mask = np.any(self.label_part(box) > 0, axis=0)
         voxels = np.argwhere(mask if positive else ~mask)
@@ -107,9 +108,7 @@ class StreamedPatches:
 
     def sample(self, index: int, rng: np.random.Generator) -> dict:
         volume = self.volumes[index]
-        fg = int(volume.fg.sum())
-        bg = int((volume.voxels - volume.fg).sum()) + volume.padding
-        positive = bool(rng.random() < self.ratio) if fg and bg else bool(fg)
+        positive = bool(rng.random() < self.ratio) if volume.fg and volume.bg else bool(volume.fg)
         patch = volume.crop(volume.centre(positive, rng))
         out = {"image": torch.from_numpy(patch["image"]), "label": torch.from_numpy(patch["label"])}
         if self.augment is not None:

@@ -145,9 +145,6 @@ class SlabSource:
         return np.concatenate([parts[i] for i in wanted], axis=1)
 
 
-
-
-
 class TruthVolume:
     """Binary ``(L, X, Y, Z)`` masks of a lazily read label volume, made from each part read by
     ``convert`` (voxel-wise: label values or channels to masks), for the streaming metrics."""
