@@ -125,6 +125,90 @@ def test_label_summary_against_cc3d_and_tubularity():
     assert label_summary(vessels, (1.0, 1.0, 1.0))["tubular"]
 
 
+def _mni152(name: str) -> np.ndarray:
+    """nilearn's MNI152 2009a tissue probability map ``name`` (gm, wm) at 2 mm, from its wheel."""
+    from nilearn import datasets
+
+    path = Path(datasets.__file__).parent / "data" / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
+    a = np.asarray(nib.load(path).dataobj, np.float32) / 255.0
+    s = [n // 2 * 2 for n in a.shape]
+    return a[:s[0], :s[1], :s[2]].reshape(s[0] // 2, 2, s[1] // 2, 2, s[2] // 2, 2).mean(axis=(1, 3, 5))
+
+
+def test_tissue_sheets_are_not_tubular_vessels_are():
+    """White matter (one big sheet, 7-15 % of the volume) used to pass as tubular (its skeleton
+    thins to curves with few junctions); it holds twice what tubes along that skeleton hold."""
+    wm, gm = _mni152("wm") > 0.5, _mni152("gm") > 0.5
+    for tissue in (wm, wm[:, :60], gm[:, :60]):
+        summary = label_summary(tissue, (2.0, 2.0, 2.0))
+        assert not summary["tubular"], summary["radius"]
+    white = label_summary(wm, (2.0, 2.0, 2.0))["radius"]
+    assert white["skeleton_branching"] <= 0.25 and white["tube_fill"] > 1.9  # it fails on the fill alone
+    x, y, z = np.ogrid[:64, :64, :64]
+    for r in (1, 2, 3):  # straight and curved tubes stay tubular
+        straight = np.broadcast_to(((x - 32) ** 2 + (y - 32) ** 2 <= r * r) & (z > 4) & (z < 60), (64,) * 3)
+        torus = (np.sqrt((x - 32.0) ** 2 + (y - 32.0) ** 2) - 20) ** 2 + (z - 32.0) ** 2 <= r * r
+        for tube in (straight, torus):
+            summary = label_summary(np.ascontiguousarray(tube), (1.0, 1.0, 1.0))
+            assert summary["tubular"] and summary["radius"]["tube_fill"] < 1.4
+    from slab.pipeline.data.phantom import make_phantom
+
+    tree = np.asarray(make_phantom((96, 96, 96), seed=1, kind="vessels").label)[0] > 0
+    assert label_summary(tree, (1.0, 1.0, 1.0))["tubular"]
+    organs = np.asarray(make_phantom((64, 64, 64), seed=0, kind="organs").label) > 0
+    assert not any(label_summary(o, (1.0, 1.0, 1.0))["tubular"] for o in organs)
+
+
+def test_case_ids_are_unique_and_stable():
+    from slab.pipeline.data.datalist import case_ids
+    from slab.transforms.errors import SlabError
+
+    folders = [{"image": f"/d/case{i}/image.nii.gz", "label": f"/d/case{i}/label.nii.gz"} for i in range(3)]
+    assert case_ids(folders) == ["case0", "case1", "case2"]
+    assert case_ids([{"image": "/d/a/x/scan.nii.gz"}, {"image": "/d/b/x/scan.nii.gz"},
+                     {"image": "/d/b/x/other.nii.gz"}]) == ["a_x", "b_x", "other"]
+    # a datalist 'case' groups items (days of one patient); ids stay unique within it
+    assert case_ids([{"image": "/d/s1.nii.gz", "case": "c1"}, {"image": "/d/s2.nii.gz", "case": "c1"},
+                     {"image": "/d/s3.nii.gz", "case": "c2"}]) == ["c1_s1", "c1_s2", "c2"]
+    assert case_ids([{"image": ["/d/x_0000.nii.gz", "/d/x_0001.nii.gz"]}, {"image": "/d/y_0000.nii.gz"}]) == ["x", "y"]
+    assert case_ids([{"image": "/d/x.nii.gz", "id": "y"}, {"image": "/d/y.nii.gz"}]) == ["y", "d_y"]
+    assert case_ids(list(reversed(folders))) == ["case2", "case1", "case0"]  # a name does not depend on order
+    with pytest.raises(SlabError, match="share the id 'x'"):
+        case_ids([{"image": "/d/a.nii.gz", "id": "x"}, {"image": "/d/b.nii.gz", "id": "x"}])
+    with pytest.raises(SlabError, match="names the same image"):
+        case_ids([{"image": "/d/a.nii.gz"}, {"image": "/d/a.nii.gz"}])
+
+
+def test_validation_entries_keep_their_own_fold(tmp_path):
+    """A datalist's ``validation`` list is never dealt into training: it becomes one fold of its
+    own, and training that fold trains on the training list and validates on the validation list."""
+    from slab.pipeline.planning.crossval import plan_datalist
+
+    items = []
+    for i in range(5):
+        for name in ("image", "label"):
+            (tmp_path / f"c{i}").mkdir(exist_ok=True)
+            (tmp_path / f"c{i}" / f"{name}.nii.gz").write_bytes(b"")
+        items.append({"image": f"c{i}/image.nii.gz", "label": f"c{i}/label.nii.gz"})
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": items[:4], "validation": items[4:]}))
+    fp = {"cases": [{"case": f"c{i}"} for i in range(5)]}
+    data = plan_datalist(path, fp, n_folds=3)
+    fold = {i["case"]: i["fold"] for i in data["training"]}
+    assert data["validation_fold"] == 2 and fold["c4"] == 2
+    assert sorted(fold[f"c{i}"] for i in range(4)) == [0, 0, 1, 1]
+    from slab.pipeline.data.datalist import load_datalist
+
+    train, val = load_datalist(data, fold=2)
+    assert [i["case"] for i in val] == ["c4"] and sorted(i["case"] for i in train) == ["c0", "c1", "c2", "c3"]
+    # a datalist with folds of its own keeps them; its unfolded validation items get one more
+    for k, item in enumerate(items[:4]):
+        item["fold"] = k % 2
+    path.write_text(json.dumps({"training": items[:4], "validation": items[4:]}))
+    data = plan_datalist(path, fp, n_folds=3)
+    assert data["validation_fold"] == 2 and [i["fold"] for i in data["training"]] == [0, 1, 0, 1, 2]
+
+
 def test_fingerprint_of_phantoms_against_numpy(tmp_path):
     datalist = write_datalist(tmp_path, n=3, shape=(21, 19, 13))
     fp, problems = fingerprint(datalist)
@@ -211,13 +295,26 @@ def test_baseline_window_finds_the_intensity_band():
     assert d == pytest.approx(dice, rel=1e-9)
 
 
+CV_SHAPES = [(20, 18, 12), (21, 18, 12), (20, 19, 12), (20, 18, 13)]
+
+
 @pytest.fixture(scope="module")
 def cv_plan(tmp_path_factory):
     """A tiny plan cross-validated end to end: 4 cases, 2 folds, 2d and 3d, one epoch each."""
+    from slab.pipeline.data.phantom import write_phantom
+
     root = tmp_path_factory.mktemp("cv")
-    datalist = write_datalist(root, n=4, shape=(20, 18, 12))
+    # one folder per case, each holding image.nii.gz and label.nii.gz (as slab phantom writes
+    # them), no ids and no folds: the plan must name the cases by their folders; each case has
+    # its own shape, so a prediction that is not its own cannot pass unnoticed
+    items = []
+    for i, shape in enumerate(CV_SHAPES):
+        image, label = write_phantom(root / f"case{i}", shape=shape, seed=i, kind="vessels")
+        items.append({"image": str(image), "label": str(label)})
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"training": items}), encoding="utf-8")
     plan = root / "plan"
-    assert main(["plan", str(datalist), "-o", str(plan), "--device", "cpu", "--epochs", "1",
+    assert main(["plan", str(datalist), "-o", str(plan), "--device", "cpu", "--epochs", "1", "--folds", "2",
                  "--configurations", "2d,3d"]) == 0
     overrides = root / "over.json"
     overrides.write_text(json.dumps({"samples_per_epoch": 8, "batch_size": 4, "network": TINY_UNET,
@@ -238,8 +335,25 @@ def test_cv_writes_table_postprocessing_and_model(cv_plan, capsys):
     assert post["postprocess"] == model["postprocess"] and len(post["steps"]) == 1
     result = json.loads((plan / "cv" / "table.json").read_text())
     assert result["final"]["score"] >= result["rows"][result["best"]]["tuned"]["score"] - 1e-9
-    # every out-of-fold case predicted once, from its own fold's model
+    # every out-of-fold case predicted once, from its own fold's model, into its own file
     assert sorted(p.stem for p in (plan / "cv" / "2d").glob("*.npy")) == ["case0", "case1", "case2", "case3"]
+    data = json.loads((plan / "datalist.json").read_text())
+    from slab.pipeline.inference.model import load_model
+    from slab.transforms.io import load_volume
+
+    for fold in (0, 1):
+        record = json.loads((plan / "cv" / "2d" / f"fold_{fold}.json").read_text())
+        held = [i for i in data["training"] if i["fold"] == fold]
+        assert record["cases"] == [i["case"] for i in held] and len(held) == 2
+        model = load_model(plan / "runs" / "2d" / f"fold_{fold}", device="cpu", tta="none")
+        for item in held:
+            case = int(item["case"].removeprefix("case"))
+            assert Path(item["image"]).parent.name == item["case"]
+            saved = np.load(plan / "cv" / "2d" / f"{item['case']}.npy")
+            assert saved.shape[1:] == CV_SHAPES[case]
+            np.testing.assert_allclose(saved, model(load_volume(item["image"])).numpy(), atol=1e-6)
+    per_case = [result["rows"]["2d"]["at_0.5"]["labels"]["label_1"]["dice"]["std"]]
+    assert per_case[0] > 0  # four different cases, four different scores
     # resumable as a whole: a second run trains nothing
     stamp = (plan / "runs" / "2d" / "fold_0" / "best.pt").resolve().stat().st_mtime_ns
     assert main(["cv", str(plan), "--config", str(overrides), "--device", "cpu"]) == 0

@@ -8,6 +8,7 @@ case lands on both sides.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def _item_problem(item, split: str, i: int) -> str | None:
     fold = item.get("fold", 0)
     if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
         return f"{where} 'fold' is {fold!r}; expected an integer >= 0"
-    if "case" in item and not isinstance(item["case"], (str, int)) or isinstance(item.get("case"), bool):
-        return f"{where} 'case' is {item['case']!r}; expected a name"
+    for key in ("case", "id"):
+        if key in item and (not isinstance(item[key], (str, int)) or isinstance(item[key], bool)
+                            or not str(item[key]).strip() or "/" in str(item[key])):
+            return f"{where} '{key}' is {item[key]!r}; expected a name (no '/')"
     if "targets" in item and not (isinstance(item["targets"], Mapping) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in item["targets"].values())):
         return f"{where} 'targets' is {item['targets']!r}; expected an object of 0/1 values"
@@ -69,6 +72,74 @@ def check_datalist(data, name: str) -> None:
         raise SlabError(f"{name}: 'labels' is {labels!r}; expected a list of names")
     if not isinstance(data.get("label_format", "channels"), str):
         raise SlabError(f"{name}: 'label_format' must be channels or values")
+
+
+def _image_parts(item: Mapping) -> list[str]:
+    """The image's path as parts, its file name without the volume suffix (nnU-Net's channel
+    suffix ``_0000`` dropped): ``a/case1/image.nii.gz`` -> ``["a", "case1", "image"]``."""
+    from slab.pipeline.data.cases import stem
+
+    image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+    path = Path(str(image))
+    name = stem(path)
+    name = re.sub(r"_\d{4}$", "", name) if isinstance(item["image"], list) or re.search(r"_\d{4}$", name) else name
+    return [part for part in path.parent.parts if part not in ("/", "")] + [name]
+
+
+def case_ids(items) -> list[str]:
+    """A unique, stable id for every item: its ``id``; else its ``case`` (the group folds keep
+    together) where no other item shares it; else the image's name, made unique by as many of
+    its folders as it takes (``case1/image.nii.gz`` and ``case2/image.nii.gz`` are ``case1`` and
+    ``case2``; ``a/x/scan.nii.gz`` and ``b/x/scan.nii.gz`` are ``a_x_scan`` and ``b_x_scan``;
+    items of one ``case`` become ``{case}_{name}``).
+
+    Out-of-fold predictions, fold records and tables are keyed by these ids, so two items never
+    share one. Two items that give the same ``id``, or the same image, are a SlabError.
+    """
+    items = list(items)
+    explicit = [str(i["id"]) if i.get("id") is not None else None for i in items]
+    seen: dict[str, int] = {}
+    for index, value in enumerate(explicit):
+        if value is not None:
+            if value in seen:
+                raise SlabError(f"datalist: items {seen[value]} and {index} share the id {value!r}; ids must be unique")
+            seen[value] = index
+    groups: dict[str, int] = {}
+    for item in items:
+        if "case" in item:
+            groups[str(item["case"])] = groups.get(str(item["case"]), 0) + 1
+    parts = [_image_parts(i) for i in items]
+    base = [e if e is not None else str(i["case"]) if "case" in i and groups[str(i["case"])] == 1 else None
+            for e, i in zip(explicit, items)]
+    taken = {b for b in base if b is not None}
+    pending = [k for k, b in enumerate(base) if b is None]
+    depth = 1
+    while pending:
+        names = {}
+        # one file name in every folder (case1/image.nii.gz, case2/image.nii.gz): the folders name the cases
+        shared = depth > 1 and len(pending) > 1 and len({parts[k][-1] for k in pending}) == 1
+        for k in pending:
+            tail = parts[k][-depth:-1] if shared else parts[k][-depth:]
+            case = str(items[k]["case"]) if "case" in items[k] else None
+            prefix = [case] if case is not None and not "_".join(tail).startswith(case) else []
+            names[k] = re.sub(r"[^\w.-]+", "_", "_".join(prefix + tail))
+        counts: dict[str, int] = {}
+        for name in names.values():
+            counts[name] = counts.get(name, 0) + 1
+        left = []
+        for k in pending:
+            if counts[names[k]] == 1 and names[k] not in taken:
+                base[k] = names[k]
+                taken.add(names[k])
+            elif depth >= len(parts[k]):
+                others = [j for j in pending if j != k and names[j] == names[k]]
+                raise SlabError(f"datalist: item {k} ({items[k]['image']}) has no id of its own"
+                                + (f"; item {others[0]} names the same image" if others else "")
+                                + "; give each item a unique 'id'")
+            else:
+                left.append(k)
+        pending, depth = left, depth + 1
+    return base
 
 
 def _resolve(value, base: Path | None, name: str, datalist_name: str = ""):
@@ -167,4 +238,4 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
 
 
 
-__all__ = ["PATH_KEYS", "check_datalist", "datalist_paths", "load_datalist"]
+__all__ = ["PATH_KEYS", "case_ids", "check_datalist", "datalist_paths", "load_datalist"]

@@ -39,29 +39,56 @@ def _write_json(path: Path, data) -> None:
 
 
 def plan_datalist(datalist, fp: dict, n_folds: int = 5) -> dict:
-    """The plan's datalist: every good case (training), absolute paths, and folds: the datalist's
-    own where it has two or more, else cases dealt round-robin by name into ``min(n_folds,
-    cases)`` folds."""
-    from slab.pipeline.data.datalist import load_datalist
+    """The plan's datalist: every good case, absolute paths, a unique ``case`` id each
+    (:func:`slab.pipeline.data.datalist.case_ids`) and folds.
+
+    Folds: the datalist's own where its items carry two or more. Otherwise the ``training``
+    items are dealt round-robin into ``min(n_folds, groups)`` folds, by group (items sharing a
+    datalist ``case`` stay in one fold), and the ``validation`` items, when there are any, form
+    one fold of their own after those: they are never dealt into the training folds, and
+    ``--fold`` of that fold trains on the training items and validates on the user's
+    validation items (``validation_fold`` in the result).
+    """
+    from slab.pipeline.data.datalist import case_ids, load_datalist
 
     data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
     train_items, val_items = load_datalist(datalist, fold=None)
     good = {c["case"] for c in fp["cases"]}
-    from slab.pipeline.planning.fingerprint import case_name
 
     def absolute(value):
         return [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
 
-    items = [dict(i, case=case_name(i), image=absolute(i["image"]), label=absolute(i["label"]))
-             for i in list(train_items) + list(val_items) if case_name(i) in good]
-    folds = sorted({int(i.get("fold", 0)) for i in items})
+    every = list(train_items) + list(val_items)
+    ids = case_ids(every)
+    items = [dict(i, case=name, group=str(i.get("case", name)), image=absolute(i["image"]),
+                  label=absolute(i["label"]), split="validation" if k >= len(train_items) else "training")
+             for k, (i, name) in enumerate(zip(every, ids)) if name in good]
+    folds = sorted({int(i["fold"]) for i in items if "fold" in i})
+    validation_fold = None
     if len(folds) < 2:
-        k = max(1, min(n_folds, len(items)))
-        for index, item in enumerate(sorted(items, key=lambda i: i["case"])):
-            item["fold"] = index % k
-        folds = list(range(k))
+        training = [i for i in items if i["split"] == "training"]
+        held = [i for i in items if i["split"] == "validation"]
+        groups = sorted({i["group"] for i in training})
+        k = max(1, min(n_folds - (1 if held else 0), len(groups)))
+        fold_of = {g: index % k for index, g in enumerate(groups)}
+        for item in training:
+            item["fold"] = fold_of[item["group"]]
+        for item in held:
+            item["fold"] = k
+        validation_fold = k if held else None
+    else:
+        unfolded = [i for i in items if "fold" not in i]
+        for item in unfolded:
+            item["fold"] = max(folds) + 1 if item["split"] == "validation" else 0
+        if any(i["split"] == "validation" for i in unfolded):
+            validation_fold = max(folds) + 1
+    folds = sorted({int(i["fold"]) for i in items})
+    for item in items:
+        item.pop("split")
     out = {key: data[key] for key in ("labels", "label_format", "modality", "name") if key in data}
     out.update(n_folds=max(folds) + 1, training=items, validation=[])
+    if validation_fold is not None:
+        out["validation_fold"] = validation_fold
     return out
 
 
@@ -81,6 +108,8 @@ def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_fo
     out = Path(out)
     data = plan_datalist(datalist, fp, n_folds)
     plans["folds"] = sorted({int(item["fold"]) for item in data["training"]})
+    if "validation_fold" in data:
+        plans["validation_fold"] = data["validation_fold"]
     _write_json(out / "fingerprint.json", fp)
     _write_json(out / "plans.json", plans)
     _write_json(out / "datalist.json", data)

@@ -10,8 +10,13 @@ Cases are read one at a time (image and label; nothing is held once its case is 
 - labels: voxel fraction, connected components (26-connectivity, ``cc3d``) and their sizes,
   and a radius estimate: the Euclidean distance transform on the label's skeleton, median and
   5th percentile, in voxels and mm. A label is *tubular* when its skeleton is at least
-  ``TUBULAR_RATIO`` median diameters long and curve-like (few branch voxels): vessels, not
-  organs (a short skeleton) nor thin sheets such as the cortex (a mesh of junctions).
+  ``TUBULAR_RATIO`` median diameters long, curve-like (few branch voxels) and the label is
+  what tubes around that skeleton hold: its voxels at most ``TUBE_FILL`` times the volume of
+  a tube of the local radius along every skeleton voxel. Vessels pass (0.8-1.4 for straight,
+  curved and branching tubes of radius 1-8 and the vessel phantoms); organs fail on length
+  (9-20 times their skeleton's tubes), thin sheets such as the cortex on branching (a mesh of
+  junctions), and thick sheets such as the MNI152 white matter (7-15 % of the volume, a
+  skeleton of curves with few junctions) on the fill: 2.1 times its skeleton's tubes.
 
 :func:`check_case` finds everything wrong with one case (unreadable files, image vs label
 geometry, label values, channel counts, NaN/Inf) without stopping at the first problem, so
@@ -31,18 +36,7 @@ SAMPLES_PER_CASE = 10_000
 PERCENTILES = (0.5, 50.0, 99.5)
 TUBULAR_RATIO = 8.0
 CURVE_BRANCHING = 0.25
-
-
-def case_name(item: dict) -> str:
-    """A case's name: its ``case`` field, else its image file's name without extensions."""
-    if "case" in item:
-        return str(item["case"])
-    image = item["image"][0] if isinstance(item["image"], list) else item["image"]
-    name = Path(image).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".npy", ".npz", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)].removesuffix("_0000")
-    return name
+TUBE_FILL = 1.6
 
 
 def _orientation(affine) -> str:
@@ -62,14 +56,16 @@ def radius_estimate(mask: np.ndarray, spacing) -> dict:
     """Local radius of a binary mask on its skeleton (``skimage`` 3D skeletonisation): the
     distance from each skeleton voxel's centre to the nearest background voxel's centre, less
     half a voxel (to the boundary between them); median and 5th percentile, in voxels and mm,
-    and the skeleton's length in voxels."""
+    the skeleton's length in voxels, the share of its voxels with three or more skeleton
+    neighbours (``skeleton_branching``) and ``tube_fill``: the mask's voxels over the volume of
+    tubes of the local radius (the distance transform at each skeleton voxel) along it."""
     from scipy import ndimage
 
     from slab.pipeline.evaluation.skeleton import skeleton
 
     if not mask.any():
         return {"median_vox": 0.0, "p5_vox": 0.0, "median_mm": 0.0, "p5_mm": 0.0, "skeleton_voxels": 0,
-                "skeleton_branching": 0.0}
+                "skeleton_branching": 0.0, "tube_fill": 0.0}
     padded = np.pad(mask, 1)
     centre = skeleton(padded)
     edt = ndimage.distance_transform_edt(padded)
@@ -81,15 +77,19 @@ def radius_estimate(mask: np.ndarray, spacing) -> dict:
     neighbours = ndimage.convolve(centre.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant")[centre] - 1
     return {"median_vox": float(np.median(values)), "p5_vox": float(np.percentile(values, 5)),
             "median_mm": float(np.median(values_mm)), "p5_mm": float(np.percentile(values_mm, 5)),
-            "skeleton_voxels": int(centre.sum()), "skeleton_branching": float((neighbours >= 3).mean())}
+            "skeleton_voxels": int(centre.sum()), "skeleton_branching": float((neighbours >= 3).mean()),
+            "tube_fill": float(mask.sum() / max(np.pi * float(np.sum(edt[centre] ** 2)), 1e-12))}
 
 
-def is_tubular(length_vox: int, radius_vox: float, branching: float = 0.0) -> bool:
-    """Whether a skeleton ``length_vox`` long is at least ``TUBULAR_RATIO`` local diameters long
-    and curve-like: at most ``CURVE_BRANCHING`` of its voxels have three or more skeleton
-    neighbours (a vessel tree: a few branch points; a thin sheet such as the cortex thins to
-    a mesh of curves, most voxels junctions)."""
-    return radius_vox > 0 and length_vox >= TUBULAR_RATIO * 2 * radius_vox and branching <= CURVE_BRANCHING
+def is_tubular(length_vox: int, radius_vox: float, branching: float = 0.0, fill: float = 1.0) -> bool:
+    """Whether a skeleton ``length_vox`` long is at least ``TUBULAR_RATIO`` local diameters long,
+    curve-like (at most ``CURVE_BRANCHING`` of its voxels have three or more skeleton neighbours:
+    a vessel tree has a few branch points; a thin sheet such as the cortex thins to a mesh of
+    curves, most voxels junctions) and the label is the tubes around it (``fill``, the label's
+    voxels over its skeleton's tube volume, at most ``TUBE_FILL``: a thick sheet holds far more
+    than the tubes along the curves it thins to)."""
+    return (radius_vox > 0 and length_vox >= TUBULAR_RATIO * 2 * radius_vox and branching <= CURVE_BRANCHING
+            and fill <= TUBE_FILL)
 
 
 def label_summary(mask: np.ndarray, spacing) -> dict:
@@ -109,7 +109,7 @@ def label_summary(mask: np.ndarray, spacing) -> dict:
         out.update(components=0, smallest=0, median_size=0.0, largest=0)
     out["radius"] = radius_estimate(mask, spacing)
     out["tubular"] = is_tubular(out["radius"]["skeleton_voxels"], out["radius"]["median_vox"],
-                                out["radius"]["skeleton_branching"])
+                                out["radius"]["skeleton_branching"], out["radius"]["tube_fill"])
     return out
 
 
@@ -211,8 +211,9 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
     cases, problems, samples = [], [], []
     expected = None
     n_labels = None
-    for index, item in enumerate(items):
-        name = case_name(item)
+    from slab.pipeline.data.datalist import case_ids
+
+    for index, (item, name) in enumerate(zip(items, case_ids(items))):
         if progress is not None:
             progress(index, len(items), name)
         found, volumes = check_case(item, fmt, declared, expected)
@@ -230,7 +231,7 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
         stats, sample = intensity_summary(array, foreground, rng)
         samples.append(sample)
         cases.append({
-            "case": name, "image": item["image"], "label": item["label"], "fold": int(item.get("fold", 0)),
+            "case": name, "group": str(item.get("case", name)), "image": item["image"], "label": item["label"], "fold": int(item.get("fold", 0)),
             "shape": [int(s) for s in array.shape[1:]], "channels": int(array.shape[0]), "spacing": spacing,
             "orientation": _orientation(image.affine), "dtype": str(array.dtype),
             "anisotropy": max(spacing) / min(spacing), "foreground_voxels": int(foreground.sum()),
