@@ -15,6 +15,8 @@ MAX_JSON_BYTES = 64 << 20
 # Choices shared by the engines and the command line (kept here so that `slab --help` need not
 # import the engines).
 PLANES = ("xy", "zx", "zy")
+# probability thresholds swept on validation: fine near the usual optima, not capped at 0.9
+THRESHOLD_LEVELS = (0.02,) + tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.98,)
 MODES = ("2.5d", "3d")
 TTA_MODES = ("none", "flips", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # inference arithmetic (slab.pipeline.device.amp_dtype)

@@ -628,6 +628,32 @@ def make_postprocess(options: Mapping | None):
         raise SlabError(f"postprocess: {err}".replace("__init__() ", "")) from None
 
 
+def argmax_masks(prob) -> np.ndarray:
+    """One-hot ``(L, X, Y, Z)`` uint8 masks of exclusive classes from their probabilities
+    ``(L, X, Y, Z)`` (the background's is what is left, ``1 - sum``): each voxel goes to the most
+    probable of background and labels (background wins a tie), so no voxel is in two labels.
+
+    Example
+    -------
+    >>> p = np.array([[0.6, 0.3, 0.2], [0.3, 0.4, 0.2]], np.float32).reshape(2, 3, 1, 1)
+    >>> argmax_masks(p)[:, :, 0, 0].tolist()  # background 0.1, 0.3, 0.6
+    [[1, 0, 0], [0, 1, 0]]
+    """
+    a = _numpy(prob)
+    if a.ndim != 4:
+        raise SlabError(f"input: expected (L, X, Y, Z) class probabilities, got shape {a.shape}")
+    _check_no_nan(a, "input")
+    out = np.zeros(a.shape, np.uint8)
+    step = max(1, (1 << 24) // max(1, int(np.prod(a.shape[:3]))))
+    for z in range(0, a.shape[3], step):  # a slab of slices at a time: no float copy of the volume
+        part = np.asarray(a[..., z:z + step], dtype=np.float32)
+        scores = np.concatenate([1.0 - part.sum(axis=0, keepdims=True), part])
+        winner = scores.argmax(axis=0)
+        for c in range(a.shape[0]):
+            out[c, ..., z:z + step] = winner == c + 1
+    return out
+
+
 def _is_sequence(value) -> bool:
     return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
 

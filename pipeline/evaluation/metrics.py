@@ -27,7 +27,7 @@ from slab.pipeline.evaluation.surface import (
     sweep_curves,
     tolerance_key,
 )
-from slab.transforms.checks import check_spacing
+from slab.transforms.checks import THRESHOLD_LEVELS, check_spacing
 from slab.transforms.errors import SlabError
 
 __all__ = [
@@ -35,6 +35,8 @@ __all__ = [
     "overlap_metrics",
     "evaluate",
     "threshold_sweep",
+    "choose_threshold",
+    "THRESHOLD_LEVELS",
     "plot_sweep",
     "SurfaceDiceMetric",
     "OverlapMetric",
@@ -209,6 +211,55 @@ def threshold_sweep(prob, truth, thresholds, spacing=(1.0, 1.0, 1.0), tolerance=
     sweep["best"] = {"metric": name, "threshold": float(levels[best]), "value": float(scores[best])}
     sweep["classes"] = classes
     return sweep
+
+
+PLATEAU = 0.005
+
+
+def choose_threshold(thresholds, scores, plateau: float = PLATEAU) -> tuple[float, dict]:
+    """The threshold to keep from a sweep: the centre of its flat optimum, not its sharpest peak.
+
+    The *plateau* is the run of consecutive thresholds around the best score whose scores lie
+    within ``plateau`` of it (a tie is a plateau of its own); the threshold chosen is that run's
+    middle (the lower middle of an even run). A flat optimum is where a threshold chosen on
+    validation cases still holds on others; the edge of a plateau, or a lone peak, is where the
+    next case's optimum has moved away.
+
+    Returns ``(threshold, info)``: ``info`` holds the plateau's ends, the best score and
+    threshold, and the scores 0.1 below and above the choice (NaN off the sweep), to report how
+    sensitive the choice is.
+
+    Example
+    -------
+    >>> choose_threshold([0.3, 0.4, 0.5, 0.6, 0.7], [0.80, 0.899, 0.9, 0.898, 0.70])[0]
+    0.5
+    >>> choose_threshold([0.3, 0.4, 0.5, 0.6, 0.7], [0.80, 0.90, 0.90, 0.90, 0.901])[0]  # flat 0.4-0.7
+    0.5
+    """
+    t = np.asarray(thresholds, dtype=np.float64)
+    v = np.asarray(scores, dtype=np.float64)
+    if t.size == 0:
+        raise SlabError("thresholds: nothing to choose from")
+    if np.isnan(v).all():
+        middle = t[len(t) // 2]
+        return float(middle), {"plateau": [float(middle), float(middle)], "best": float("nan"),
+                               "best_threshold": float(middle), "below": float("nan"), "above": float("nan")}
+    best = int(np.nanargmax(v))
+    good = np.nan_to_num(v, nan=-np.inf) >= v[best] - plateau
+    lo = hi = best
+    while lo > 0 and good[lo - 1]:
+        lo -= 1
+    while hi < len(t) - 1 and good[hi + 1]:
+        hi += 1
+    chosen = float(t[(lo + hi) // 2])
+
+    valid = ~np.isnan(v)
+
+    def at(x):  # interpolated between swept thresholds, the end's score beyond the sweep
+        return float(np.interp(x, t[valid], v[valid]))
+
+    return chosen, {"plateau": [float(t[lo]), float(t[hi])], "best": float(v[best]), "best_threshold": float(t[best]),
+                    "score": at(chosen), "below": at(round(chosen - 0.1, 6)), "above": at(round(chosen + 0.1, 6))}
 
 
 def plot_sweep(sweep: dict, png) -> None:

@@ -72,9 +72,27 @@ def as_float(block) -> torch.Tensor:
     return torch.as_tensor(block).to(torch.float32)
 
 
+ACTIVATIONS = ("sigmoid", "softmax")
+
+
+def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """Probabilities of ``(B, L, ...)`` logits, in place where it can: ``sigmoid``, each label
+    on its own (overlapping labels, regions), or ``softmax`` over exclusive classes, the
+    background logit fixed at 0 (the parametrisation :class:`slab.pipeline.training.losses.DiceCE`
+    trains): ``p_i = exp(l_i) / (1 + sum_j exp(l_j))``, the background's probability what is left.
+    With one label both are the same sigmoid."""
+    if activation == "sigmoid" or logits.shape[1] == 1:
+        return logits.sigmoid_()
+    if activation != "softmax":
+        raise SlabError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    background = torch.zeros_like(logits[:, :1])
+    return torch.softmax(torch.cat([background, logits], dim=1), dim=1)[:, 1:]
+
+
 class Forward:
     """``model`` in eval mode on ``device``: autocast to ``amp``'s dtype (:func:`amp_dtype`),
-    channels_last on CUDA, float32 logits out.
+    channels_last on CUDA, float32 logits out; ``activation`` (:func:`activate`) names how its
+    logits become probabilities, for the engines that blend logits or probabilities.
 
     ``compile``: run the model through ``torch.compile``; where compiling fails (no C++
     compiler, an unsupported layer) the first call falls back to the model as it is, silently
@@ -83,7 +101,10 @@ class Forward:
     shape on a CPU (once per plane and batch size), repaid on large volumes only.
     """
 
-    def __init__(self, model: nn.Module, device, amp, compile: bool = False):
+    def __init__(self, model: nn.Module, device, amp, compile: bool = False, activation: str = "sigmoid"):
+        if activation not in ACTIVATIONS:
+            raise SlabError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
         self.device = resolve_device(device)
         self.cuda = self.device.type == "cuda"
         self.model = model.to(self.device).eval()

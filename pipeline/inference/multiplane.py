@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from slab.networks import padded_size
 from slab.pipeline.inference.forward import (
     Forward,
+    activate,
     as_float,
     check_choice,
     check_finite,
@@ -78,7 +79,8 @@ def _views(tta: str) -> list[tuple[bool, tuple[int, ...]]]:
 
 
 def _predict_view(forward: Forward, slabs: torch.Tensor, view, size) -> torch.Tensor:
-    """Sigmoid of the network on one view of ``slabs``, mapped back: ``(B, L, H, W)``.
+    """Probabilities of the network (:func:`~slab.pipeline.inference.forward.activate`) on one view
+    of ``slabs``, mapped back: ``(B, L, H, W)``.
     ``size`` is ``(divisor, min_size)``: each image is padded to both and cropped back."""
     transpose, dims = view
     x = slabs.transpose(-2, -1) if transpose else slabs
@@ -87,7 +89,7 @@ def _predict_view(forward: Forward, slabs: torch.Tensor, view, size) -> torch.Te
     y = unpad(forward(x), pads)
     y = y.flip(dims) if dims else y
     y = y.transpose(-2, -1) if transpose else y
-    return y.sigmoid_()
+    return activate(y, forward.activation)
 
 
 def slab_groups(block: torch.Tensor, plane: str, offset_sets, batch_size: int, start: int, stop: int):
@@ -172,7 +174,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
                  batch_size: int = 8, device=None, amp: bool | str = True, divisor=None, min_size=None,
                  memory_budget: int | None = None, out_path=None, out_dtype: str = "float16",
                  preprocess: Callable | None = None, progress: bool = False, compile: bool = False,
-                 shard=None) -> torch.Tensor:
+                 shard=None, activation: str = "sigmoid") -> torch.Tensor:
     """Multi-plane 2.5D inference, averaged over planes and test-time augmentations.
 
     Parameters
@@ -191,6 +193,8 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
         or a precision, ``"fp32"``, ``"bf16"`` (CUDA, or a CPU with bfloat16 instructions),
         ``"fp16"`` (CUDA): see :func:`slab.pipeline.device.amp_dtype`.
     compile : run the network through ``torch.compile`` (falls back to eager where it fails).
+    activation : ``"sigmoid"`` (labels on their own) or ``"softmax"`` (exclusive classes, the
+        background logit 0): :func:`slab.pipeline.inference.forward.activate`.
     divisor : int, optional
         The network's input size multiple (``slab.networks.network_divisor``); images are padded up
         to it and cropped back.
@@ -242,7 +246,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
     preprocess = preprocess or as_float
     source = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
-    forward = Forward(model, device, amp, compile)
+    forward = Forward(model, device, amp, compile, activation)
     divisor = 1 if divisor is None else check_positive("divisor", divisor)
     min_size = (1 if divisor == 1 else 2 * divisor) if min_size is None else check_positive("min_size", min_size)
     size = (divisor, min_size)
@@ -269,7 +273,8 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
                 return _predict_to_store(forward, volume, planes, offset_sets, views, size, batch_size, labels,
                                          count, preprocess, name, bar, budget or DEFAULT_MEMORY_BUDGET, out_path,
                                          out_dtype, {"offsets": list(offsets), "tta": tta, "divisor": divisor,
-                                                     "min_size": min_size, "amp": str(amp), "preprocess": preprocess},
+                                                     "min_size": min_size, "amp": str(amp), "preprocess": preprocess,
+                                                     "activation": activation},
                                          shard)
             else:
                 probs = _predict_on_disk(forward, source, planes, offset_sets, views, size, batch_size, labels,

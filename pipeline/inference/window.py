@@ -15,8 +15,8 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from slab.pipeline.inference.forward import (Forward, as_float, check_choice, check_finite, check_positive, fits_on,
-                                        volume_meta)
+from slab.pipeline.inference.forward import (Forward, activate, as_float, check_choice, check_finite, check_positive,
+                                             fits_on, volume_meta)
 from slab.transforms.checks import TTA_MODES_3D
 from slab.transforms.errors import SlabError
 from slab.transforms.io import LazyVolume
@@ -32,8 +32,9 @@ def _flip_sets(tta: str) -> list[tuple[int, ...]]:
 def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode: str = "gaussian",
                tta: str = "none", sw_batch_size: int = 4, device=None, amp: bool | str = True,
                progress: bool = False, compile: bool = False, out_path=None, out_dtype: str = "float16",
-               memory_budget: int | None = None, preprocess=None, shard=None) -> torch.Tensor:
-    """3D sliding-window inference (MONAI), sigmoid, optional flip TTA.
+               memory_budget: int | None = None, preprocess=None, shard=None,
+               activation: str = "sigmoid") -> torch.Tensor:
+    """3D sliding-window inference (MONAI), sigmoid (or ``activation``), optional flip TTA.
 
     Parameters
     ----------
@@ -45,7 +46,7 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
         (``"gaussian"`` or ``"constant"``).
     tta : ``"none"`` or ``"flips"``: the mean probability over the 8 axis flips, flipped back.
     sw_batch_size : windows per forward pass.
-    device, amp, progress, compile : as in :func:`predict_2p5d`.
+    device, amp, progress, compile, activation : as in :func:`predict_2p5d`.
     out_path : a ``.zarr`` to predict into out of core (an OME-Zarr of ``out_dtype``, in the
         input's geometry): blocks of z slices within ``memory_budget`` bytes (default 1 GiB),
         each block's windows read, predicted and blended on their own, resumable after a kill
@@ -77,10 +78,10 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
     if out_path is not None:
         return _predict_3d_to_store(model, volume, roi, overlap, mode, tta, sw_batch_size, device, amp, progress,
-                                    compile, out_path, out_dtype, memory_budget, preprocess, shard)
+                                    compile, out_path, out_dtype, memory_budget, preprocess, shard, activation)
     source = volume.load() if isinstance(volume, LazyVolume) else volume
     name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
-    forward = Forward(model, device, amp, compile)
+    forward = Forward(model, device, amp, compile, activation)
     with torch.inference_mode():
         x = as_float(source.as_tensor() if isinstance(source, MetaTensor) else source)
         check_finite(x, name)
@@ -92,7 +93,7 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
             y = sliding_window_inference(x.flip(dims) if dims else x, [int(r) for r in roi], sw_batch_size, forward,
                                          overlap=overlap, mode=mode, sw_device=forward.device, device=where,
                                          progress=progress and len(flips) == 1)
-            y = y.sigmoid_()
+            y = activate(y, forward.activation)
             y = y.flip(dims) if dims else y
             total = y if total is None else total.add_(y)
         if len(flips) > 1:
@@ -103,7 +104,7 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
 
 
 def _predict_3d_to_store(model, volume, roi, overlap, mode, tta, sw_batch_size, device, amp, progress, compile,
-                         out_path, out_dtype, memory_budget, preprocess, shard):
+                         out_path, out_dtype, memory_budget, preprocess, shard, activation="sigmoid"):
     from slab.pipeline.inference.multiplane import DEFAULT_MEMORY_BUDGET, OUT_DTYPES
     from slab.pipeline.inference.window_blocks import predict_3d_blocks
 
@@ -114,7 +115,7 @@ def _predict_3d_to_store(model, volume, roi, overlap, mode, tta, sw_batch_size, 
         memory_budget = check_positive("memory_budget", memory_budget)
     preprocess = preprocess or as_float
     name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
-    forward = Forward(model, device, amp, compile)
+    forward = Forward(model, device, amp, compile, activation)
     flips = _flip_sets(tta)
     settings = {"tta": tta, "sw_batch_size": sw_batch_size, "amp": str(amp), "preprocess": preprocess}
     with torch.inference_mode(), tqdm(total=int(volume.shape[3]) * len(flips), disable=not progress, desc="3D",

@@ -5,7 +5,8 @@
 sums, the padding of an input smaller than the ROI; with ``tta="flips"`` each flipped volume's
 own grid, mirrored back), but never holds the volume: the output is cut into blocks, and a
 block reads the input under every window that reaches into it, predicts those windows, adds
-their weighted logits and importance, divides, takes the sigmoid and keeps its own voxels.
+their weighted logits and importance, divides, takes the activation (sigmoid, or softmax over
+exclusive classes) and keeps its own voxels.
 A block is the shape that predicts the fewest windows within the memory budget
 (:func:`block_tile`): often a run of whole z slices when they fit, and a box cut in x and y too
 when they do not, so that a 2048 x 2048 slice does not need ``roi_z`` slices of work in memory.
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
+from slab.pipeline.inference.forward import activate
 from slab.transforms.errors import SlabError
 from slab.transforms.io import LazyVolume
 
@@ -72,7 +74,7 @@ def block_probabilities(forward, grid: WindowGrid, box, read: Callable, importan
                         labels: int, sw_batch_size: int, where) -> torch.Tensor:
     """The float32 ``(L, x1 - x0, y1 - y0, z1 - z0)`` probabilities of ``box = ((x0, x1), (y0,
     y1), (z0, z1))`` under ``grid``'s windows: their logits weighted by ``importance``, summed in
-    MONAI's order, divided by the summed importance, then the sigmoid. ``read(box)`` gives the
+    MONAI's order, divided by the summed importance, then the activation (sigmoid or softmax). ``read(box)`` gives the
     normalised ``(C, ...)`` input of a box."""
     starts = grid.starts[grid.reaching(box)]
     roi, pad = np.asarray(grid.roi), np.asarray(grid.pad)
@@ -102,7 +104,7 @@ def block_probabilities(forward, grid: WindowGrid, box, read: Callable, importan
     for region in regions:
         count[region] += weight
     keep = (slice(None),) + tuple(slice(int(a + p - o), int(b + p - o)) for (a, b), p, o in zip(box, pad, lo))
-    return (total[keep] / count[keep]).sigmoid_().cpu()
+    return activate((total[keep] / count[keep])[None], forward.activation)[0].cpu()
 
 
 def block_bytes(tile, shape, roi, channels: int, labels: int, itemsize: int, sw_batch_size: int) -> int:

@@ -340,13 +340,15 @@ def choose_candidate(rows: dict) -> str:
 
 
 def choose_thresholds(cases: _Cases, combo, n_labels: int, tubular) -> list[float]:
-    """Per label, the level of ``LEVELS`` with the best mean target over the cases."""
+    """Per label, the level of ``LEVELS`` at the centre of the flat optimum of the mean target
+    over the cases (:func:`~slab.pipeline.evaluation.metrics.choose_threshold`)."""
+    from slab.pipeline.evaluation.metrics import choose_threshold
     from slab.pipeline.planning.selection import _sweep
 
     out = []
     for label in range(n_labels):
         sweep = _sweep(lambda: cases(combo), label, cases.spacing_of, tubular[label])
-        out.append(max(LEVELS, key=lambda t: (sweep[t], -abs(t - 0.5))))
+        out.append(choose_threshold(LEVELS, [sweep[t] for t in LEVELS])[0])
     return out
 
 

@@ -6,7 +6,10 @@ otherwise (the plan's choice); a candidate's score is the mean over cases (NaN, 
 skipped) of the mean over labels. Every post-processing step is tried on top of the steps
 already kept and kept only if it raises the cross-validated score:
 
-1. the threshold (a sweep of ``LEVELS``), then a hysteresis pair around it;
+1. the threshold (a sweep of ``LEVELS``, the centre of its flat optimum:
+   :func:`~slab.pipeline.evaluation.metrics.choose_threshold`), then a hysteresis pair around it,
+   kept only where it beats the threshold by more than that optimum's flatness
+   (``PLATEAU``), the narrowest of the pairs within it;
 2. removal of components smaller than a size (fractions of the smallest true object);
 3. keeping the largest k components;
 4. filling enclosed holes.
@@ -21,10 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from slab.pipeline.evaluation.surface import nan_mean, tolerance_key
+from slab.transforms.checks import THRESHOLD_LEVELS
 
 
-LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+LEVELS = THRESHOLD_LEVELS
 BASELINE_BINS = 48
+HYSTERESIS_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.98)
 
 
 def case_scores(mask: np.ndarray, truth: np.ndarray, spacing, tolerance: float, tubular) -> list[dict]:
@@ -121,22 +126,27 @@ def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tu
     score, kept or not], "score_before", "score_after"}`` (scores: the target at threshold 0.5
     and after every kept step).
     """
+    from slab.pipeline.evaluation.metrics import PLATEAU, choose_threshold
+
     chosen, steps = [], []
     for label in range(n_labels):
         score = lambda options: _label_score(cases, label, options, spacing_of, tolerance, tubular[label])  # noqa: E731
         log = []
         sweep = _sweep(cases, label, spacing_of, tubular[label])
         base = sweep[0.5]
-        threshold = max(LEVELS, key=lambda t: (sweep[t], -abs(t - 0.5)))
+        threshold, info = choose_threshold(LEVELS, [sweep[t] for t in LEVELS])
         current, best = {"threshold": threshold}, sweep[threshold]
-        log.append({"step": "threshold", "value": threshold, "score": best, "gain": best - base, "kept": True})
-        for low, high in [(lo, threshold) for lo in LEVELS if lo < threshold] + \
-                          [(threshold, hi) for hi in LEVELS if hi > threshold]:
-            value = score({"hysteresis": [low, high]})
-            if value > best + 1e-9:
-                log.append({"step": "hysteresis", "value": [low, high], "score": value, "gain": value - best,
-                            "kept": True})
-                current, best = {"hysteresis": [low, high]}, value
+        log.append({"step": "threshold", "value": threshold, "score": best, "gain": best - base, "kept": True,
+                    "plateau": info["plateau"], "score_pm0.1": [info["below"], info["above"]]})
+        pairs = {(low, high): score({"hysteresis": [low, high]})
+                 for low, high in [(lo, threshold) for lo in HYSTERESIS_LEVELS if lo < threshold]
+                 + [(threshold, hi) for hi in HYSTERESIS_LEVELS if hi > threshold]}
+        top = max(pairs.values(), default=-np.inf)
+        if top > best + PLATEAU:
+            low, high = min((p for p, v in pairs.items() if v >= top - PLATEAU), key=lambda p: (p[1] - p[0], p))
+            log.append({"step": "hysteresis", "value": [low, high], "score": pairs[(low, high)],
+                        "gain": pairs[(low, high)] - best, "kept": True})
+            current, best = {"hysteresis": [low, high]}, pairs[(low, high)]
         candidates = sorted({max(2, int(smallest[label] * f)) for f in (0.25, 0.5, 1.0)} | {10, 50, 200})
         for key, values in (("min_size", candidates), ("keep_largest", [1, 2, 3]), ("fill_holes", ["3d"])):
             trial = {v: score({**current, key: v}) for v in values}

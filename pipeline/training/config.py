@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from slab.transforms.checks import PLANES, read_json_object
+from slab.transforms.checks import PLANES, THRESHOLD_LEVELS, read_json_object
 from slab.transforms.errors import SlabError
 
 
@@ -109,6 +109,13 @@ def _choice(options: Sequence[str]):
     return check
 
 
+def _optional_choice(options: Sequence[str]):
+    def check(v, name):
+        return None if v is None else _choice(options)(v, name)
+
+    return check
+
+
 def _list(item, min_len=1, length=None, optional=False, unique=False, what="values"):
     def check(v, name):
         if v is None and optional:
@@ -166,6 +173,10 @@ SCHEMA: dict[str, Any] = {
     "loss": _s("dice_bce", _choice(LOSSES),
                "dice_bce: Dice + BCE on sigmoid outputs (multi-label); dice_ce: Dice + CE on the softmax over "
                "(background logit 0, one logit per class) for exclusive classes (see DiceCE)"),
+    "output_bias": _s("prior", _optional_choice(("prior",)),
+                      "prior: the network starts at the training samples' foreground prior (the output layer's bias "
+                      "set to its logit, measured on samples drawn as training draws them), not at probability 0.5 "
+                      "(see slab.pipeline.training.prior); null: the network's own initialisation"),
     "shape_loss": {
         "surface_dice": _s(0.0, float_check(0), "weight of 1 - soft surface dice at tolerance 0 (2D contours for 2.5D "
                            "slabs, 3D surfaces for 3D patches), added to loss"),
@@ -194,9 +205,10 @@ SCHEMA: dict[str, Any] = {
         "metric": _s("surface_dice_0", _choice(SEG_METRICS + CLS_METRICS + ("val_loss",)),
                      "best-checkpoint metric: surface_dice_0 | surface_dice_tol | dice | cldice (segmentation), "
                      "auc | log_loss | val_loss (classification)"),
-        "thresholds": _s([round(0.1 * i, 1) for i in range(1, 10)],
+        "thresholds": _s(list(THRESHOLD_LEVELS),
                          _list(float_check(0, 1, open_lo=True, open_hi=True), what="numbers in (0, 1)"),
-                         "probability thresholds swept on validation; the best is stored with the checkpoint"),
+                         "probability thresholds swept on validation: 0.02, 0.05, 0.1 ... 0.95, 0.98; the centre of "
+                         "the flat optimum (scores within 0.005 of the best) is stored with the checkpoint"),
         "batch_size": _s(16, _int(1), "inference batch (slabs or 3D windows)"),
         "overlap": _s(0.25, float_check(0, 1, open_hi=True), "3D sliding-window overlap"),
         "max_volumes": _s(None, _int(1, optional=True), "validate on at most this many volumes; null: all"),

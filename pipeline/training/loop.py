@@ -136,6 +136,20 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainT
     return Segmentation2p5DTask(datalist, cfg, fold, info)
 
 
+def _start_at_prior(task: TrainTask, cfg: dict) -> None:
+    """The network's output bias at the logit of its training samples' foreground prior
+    (:mod:`slab.pipeline.training.prior`), from samples of an epoch training never draws."""
+    from slab.pipeline.training.engine import _Samples
+    from slab.pipeline.training.prior import SAMPLES, init_output_bias
+
+    samples = _Samples(task, cfg["seed"])
+    drawn = [samples[(PRIOR_EPOCH, i)] for i in range(SAMPLES)]
+    task.output_bias = init_output_bias(task.model, task.collate(drawn), task.n_labels, cfg["loss"] == "dice_ce")
+
+
+PRIOR_EPOCH = 2**31 - 1  # never an epoch of training: the prior's samples leave training's draws alone
+
+
 def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = False, device=None,
                   info: DistInfo | None = None, max_epochs: int | None = None, train_handlers=None,
                   val_handlers=None, inferer=None) -> SlabTrainer:
@@ -155,6 +169,8 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     state = _resume_state(out, cfg, resume)
     seed_everything(cfg["seed"])  # the model's initial weights
     task = _build_task(datalist, cfg, fold, info)
+    if state is None and cfg["task"] != "classification" and cfg["output_bias"] == "prior":
+        _start_at_prior(task, cfg)
     if info.is_main:
         from slab.transforms.io import atomic_write
 

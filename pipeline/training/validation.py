@@ -144,12 +144,24 @@ class SegValidation:
                 self.probabilities[k] = prob.astype(np.float16)
             sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances,
                                     cldice=self.cfg["val"]["cldice"])
+            ece = self._calibration(prob, truth, image)
         return (index, sweep["thresholds"], [
             {"dice": c["dice"], "surface_dice_0": c["surface_dice"][str(0.0)],
              "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))],
-             **({"cldice": c["cldice"]} if "cldice" in c else {})}
-            for c in sweep["classes"]
+             **({"cldice": c["cldice"]} if "cldice" in c else {}), **({"ece": ece[i]} if ece else {})}
+            for i, c in enumerate(sweep["classes"])
         ])
+
+    @staticmethod
+    def _calibration(prob, truth, image) -> list[float] | None:
+        """Per label, the expected calibration error over the body (an in-memory volume only:
+        a streamed one is not read whole for it)."""
+        from slab.pipeline.evaluation.calibration import calibration
+        from slab.transforms.lazy import LazyVolume
+
+        if isinstance(image, LazyVolume) or not isinstance(prob, np.ndarray):
+            return None
+        return [c["ece"] for c in calibration(prob, truth, np.asarray(image))]
 
     def pictures(self, folder: Path | None, threshold, names: list[str]) -> list[tuple[str, Path]]:
         """Sections of the kept volumes, prediction at ``threshold`` (one per label, or a list)
@@ -183,11 +195,18 @@ class SegValidation:
 
 
 def summarize_sweeps(curves: list, metric: str) -> dict:
-    """Per-label thresholds maximising ``metric`` (mean over volumes) and the metrics there."""
+    """Per-label thresholds of ``metric`` (mean over volumes; the centre of its flat optimum,
+    :func:`~slab.pipeline.evaluation.metrics.choose_threshold`) and the metrics there; ``<metric>_at_0.5``
+    (the metric at 0.5, where 0.5 was swept) and ``<metric>_pm0.1`` (the worse of the metric 0.1
+    below and above the choice) say what the choice gains and how sharp it is; ``ece`` is the
+    mean expected calibration error over the body, where the curves carry one."""
+    from slab.pipeline.evaluation.metrics import choose_threshold
+
     thresholds = curves[0][1]
     n_labels = len(curves[0][2])
     keys = [k for k in SEG_METRICS if k in curves[0][2][0]]
     chosen, scores = [], {k: [] for k in keys}
+    at_half, sharp, ece = [], [], []
     with np.errstate(all="ignore"):
         import warnings
 
@@ -195,12 +214,21 @@ def summarize_sweeps(curves: list, metric: str) -> dict:
             warnings.simplefilter("ignore", RuntimeWarning)
             for c in range(n_labels):
                 means = {k: np.nanmean(np.array([v[2][c][k] for v in curves], np.float64), axis=0) for k in keys}
-                curve = means[metric]
-                best = int(np.nanargmax(curve)) if not np.isnan(curve).all() else len(thresholds) // 2
+                threshold, info = choose_threshold(thresholds, means[metric])
+                best = int(np.argmin(np.abs(np.asarray(thresholds, np.float64) - threshold)))
                 chosen.append(float(thresholds[best]))
                 for k in keys:
                     scores[k].append(float(means[k][best]))
+                half = np.flatnonzero(np.isclose(np.asarray(thresholds, np.float64), 0.5))
+                at_half.append(float(means[metric][half[0]]) if half.size else float("nan"))
+                sharp.append(float(np.nanmin([info["below"], info["above"]])))
+                ece += [v[2][c]["ece"] for v in curves if "ece" in v[2][c]]
             out = {k: float(np.nanmean(v)) if not np.isnan(v).all() else float("nan") for k, v in scores.items()}
+            if metric in SEG_METRICS:
+                out[f"{metric}_at_0.5"] = float(np.nanmean(at_half)) if not np.isnan(at_half).all() else float("nan")
+                out[f"{metric}_pm0.1"] = float(np.nanmean(sharp)) if not np.isnan(sharp).all() else float("nan")
+            if ece:
+                out["ece"] = float(np.nanmean(ece)) if not np.isnan(ece).all() else float("nan")
     out["threshold"] = chosen[0] if n_labels == 1 else chosen
     return out
 

@@ -1,0 +1,265 @@
+"""Do a model's probabilities mean what they say, on data it was not tuned on?
+
+Real MRI (nilearn's MNI152 2009a T1 template and its tissue maps, at 2 mm) split into blocks
+along y: a training block, a validation block (the datalist's ``validation`` list: the plan keeps
+it a fold of its own) and a held-out test block; and the vessel phantoms (two training, one
+validation, one test volume). Each task is planned by ``slab plan``; each configuration is
+trained on the training block and validated on the validation block with the plan's own recipe,
+its schedule cut to fit 2 cores; the test block is then predicted and scored:
+
+* the probability the model gives the test block's air (T1 < 5; median and 10th percentile);
+* the expected calibration error over the body (:mod:`slab.pipeline.evaluation.calibration`);
+* Dice at 0.5, at the threshold chosen on validation, and at the test block's own best threshold
+  (a sweep of 0.05 ... 0.95), and that best threshold;
+* false positives on the test block's first and last slices of each axis (the cut faces);
+* the intensity window baseline (the best window on the training block, scored on the test block).
+
+    python benchmarks/bench_calibration.py [--tasks gm,tissue,vessels] [--configurations 2d,2p5d,3d]
+        [--epochs 6] [--samples-2d 640] [--samples-3d 24] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+BLOCKS = {"train": (0, 52), "validation": (52, 84), "test": (84, 116)}
+LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
+
+
+def mni152(names) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The 2 mm T1 (0-255) and tissue probability maps ``names`` of nilearn's MNI152 2009a."""
+    import nibabel as nib
+    from nilearn import datasets
+
+    data = Path(datasets.__file__).parent / "data"
+
+    def down(name):
+        img = nib.load(data / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
+        a = np.asarray(img.dataobj, dtype=np.float32)
+        s = [n // 2 * 2 for n in a.shape]
+        a = a[:s[0], :s[1], :s[2]].reshape(s[0] // 2, 2, s[1] // 2, 2, s[2] // 2, 2).mean(axis=(1, 3, 5))
+        return a, img.affine
+
+    t1, affine = down("t1")
+    affine = np.array(affine, dtype=np.float64)
+    affine[:3, :3] *= 2
+    return t1, [down(n)[0] / 255.0 for n in names], affine
+
+
+def mni_task(root: Path, kind: str) -> Path:
+    """``gm``: grey matter ``gm > 0.5`` (one label); ``tissue``: background / grey / white matter
+    as one label map (values 1, 2: the larger of the two maps where it passes 0.5)."""
+    import nibabel as nib
+
+    t1, (gm, wm), affine = mni152(["gm", "wm"])
+    if kind == "gm":
+        label = (gm > 0.5).astype(np.uint8)
+        extra = {"labels": ["grey_matter"]}
+    else:
+        label = np.zeros(t1.shape, np.uint8)
+        label[(gm > 0.5) & (gm >= wm)] = 1
+        label[(wm > 0.5) & (wm > gm)] = 2
+        extra = {"labels": ["grey_matter", "white_matter"], "label_format": "values"}
+    items = {}
+    for split, (y0, y1) in BLOCKS.items():
+        shift = np.eye(4)
+        shift[1, 3] = y0
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.round(t1[:, y0:y1]).astype(np.int16), affine @ shift), folder / "image.nii.gz")
+        nib.save(nib.Nifti1Image(label[:, y0:y1], affine @ shift), folder / "label.nii.gz")
+        items[split] = {"image": f"{split}/image.nii.gz", "label": f"{split}/label.nii.gz"}
+    return _datalist(root, items, extra)
+
+
+def vessel_task(root: Path, size: int = 48) -> Path:
+    from slab.pipeline.data.phantom import write_phantom
+
+    items = {}
+    for seed, split in enumerate(("train", "train2", "validation", "test")):
+        write_phantom(root / split, shape=(size,) * 3, seed=seed, kind="vessels")
+        items[split] = {"image": f"{split}/image.nii.gz", "label": f"{split}/label.nii.gz"}
+    return _datalist(root, items, {"labels": ["vessel"]})
+
+
+def _datalist(root: Path, items: dict, extra: dict) -> Path:
+    training = [v for k, v in items.items() if k.startswith("train")]
+    data = {"training": training, "validation": [items["validation"]], "test": [items["test"]], **extra}
+    path = root / "datalist.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def shorten(plan_dir: Path, epochs: int, samples: dict) -> None:
+    path = plan_dir / "plans.json"
+    plans = json.loads(path.read_text(encoding="utf-8"))
+    for plan in plans["configurations"].values():
+        cfg = plan["config"]
+        cfg["epochs"] = epochs
+        cfg["warmup_epochs"] = min(1.0, epochs / 4)
+        dims = 3 if cfg["task"] == "segmentation_3d" else 2
+        cfg["samples_per_epoch"] = max(cfg["batch_size"], samples[dims] // cfg["batch_size"] * cfg["batch_size"])
+        cfg["val_every"] = 2
+        cfg["progress"] = False
+        cfg["report_volumes"] = 0
+    path.write_text(json.dumps(plans, indent=2), encoding="utf-8")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else float("nan")
+
+
+def masks_of(prob: np.ndarray, threshold, exclusive: bool) -> np.ndarray:
+    """``(L, X, Y, Z)`` masks: argmax over (background, labels) for exclusive models, else
+    per-label thresholds."""
+    if exclusive:
+        from slab.transforms.post import argmax_masks
+
+        return argmax_masks(prob).astype(bool)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64).reshape(-1), (prob.shape[0],))
+    return np.stack([prob[c] > t[c] for c in range(prob.shape[0])])
+
+
+def score(model, image, truth: np.ndarray, air: np.ndarray, exclusive: bool) -> dict:
+    from slab.pipeline.evaluation.calibration import calibration
+
+    prob = np.asarray(model(image), dtype=np.float32)
+    curves = calibration(prob, truth, np.asarray(image))
+    chosen = model.postprocess.binarise.threshold if hasattr(model.postprocess, "binarise") and \
+        model.postprocess.binarise is not None and hasattr(model.postprocess.binarise, "threshold") else 0.5
+    at_half = masks_of(prob, 0.5, exclusive)
+    at_chosen = masks_of(prob, chosen, exclusive)
+    out = {"labels": []}
+    for c in range(prob.shape[0]):
+        sweep = {t: dice(prob[c] > t, truth[c] > 0) for t in LEVELS}
+        best = max(sweep, key=sweep.get)
+        mask = at_half[c]
+        faces = sum(int((mask & ~(truth[c] > 0)).take(i, axis=a).sum()) for a in range(3) for i in (0, -1))
+        out["labels"].append({
+            "air_median": float(np.median(prob[c][air])), "air_p10": float(np.percentile(prob[c][air], 10)),
+            "ece_body": curves[c]["ece"], "brier_body": curves[c]["brier"],
+            "dice_0.5": dice(at_half[c], truth[c] > 0), "dice_chosen": dice(at_chosen[c], truth[c] > 0),
+            "chosen": float(np.ravel([chosen])[min(c, np.size(chosen) - 1)]) if not exclusive else "argmax",
+            "best_threshold": best, "dice_best": sweep[best],
+            "dice_best_pm0.1": [sweep.get(round(best - 0.1, 2), float("nan")), sweep.get(round(best + 0.1, 2), float("nan"))],
+            "fp_faces": faces, "fp": int((mask & ~(truth[c] > 0)).sum()),
+        })
+    return out
+
+
+def window_baseline(train_image, train_truth, test_image, test_truth) -> list[float]:
+    from slab.pipeline.planning.selection import best_window, bin_edges, window_histograms, window_mask
+
+    edges = [bin_edges(train_image[c].reshape(-1)) for c in range(train_image.shape[0])]
+    hist = [window_histograms(train_image, train_truth, edges)]
+    windows = [best_window(hist, lab) for lab in range(train_truth.shape[0])]
+    mask = window_mask(test_image, edges, windows) > 0
+    return [dice(mask[c], test_truth[c] > 0) for c in range(test_truth.shape[0])]
+
+
+def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
+    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.planning.crossval import train_fold, write_plan
+    from slab.pipeline.training.validation import truth_masks
+    from slab.transforms.io import load_volume
+
+    fp, plans = write_plan(datalist, plan_dir, device="cpu", configurations=args.configurations.split(","))
+    fold = plans["validation_fold"]
+    shorten(plan_dir, args.epochs, {2: args.samples_2d, 3: args.samples_3d})
+    plans = json.loads((plan_dir / "plans.json").read_text())
+    data = json.loads(datalist.read_text())
+    root = datalist.parent
+    fmt = data.get("label_format", "channels")
+    n_labels = len(data["labels"])
+    test_image = load_volume(root / data["test"][0]["image"])
+    test_truth = truth_masks(np.asarray(load_volume(root / data["test"][0]["label"])), fmt, n_labels)
+    raw = np.asarray(test_image)[0]
+    air = raw < 5 if name != "vessels" else raw < np.percentile(raw, 5)
+    result = {"plan": {c: {"loss": p["config"].get("loss", "dice_bce"), "metric": p["config"]["val"]["metric"]}
+                       for c, p in plans["configurations"].items()},
+              "tubular": plans.get("tubular"), "configurations": {}}
+    for configuration in args.configurations.split(","):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        train_fold(plan_dir, configuration, fold, resume=False)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        run = plan_dir / "runs" / configuration / f"fold_{fold}"
+        model = load_model(run, device="cpu")
+        exclusive = getattr(model, "exclusive", False)
+        scores = score(model, test_image, test_truth, air, exclusive)
+        scores["train_wall_s"] = time.perf_counter() - start
+        scores["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
+        result["configurations"][configuration] = scores
+        print(f"  {name} {configuration}: " + json.dumps(scores), flush=True)
+    train = json.loads((plan_dir / "datalist.json").read_text())["training"]
+    first = next(i for i in train if int(i["fold"]) != fold)
+    from slab.transforms.intensity import make_normalize
+
+    norm = make_normalize(json.loads((run / "config.json").read_text())["normalize"])
+    train_image = np.asarray(norm(load_volume(first["image"])) if norm else load_volume(first["image"]), np.float32)
+    train_truth = truth_masks(np.asarray(load_volume(first["label"])), fmt, n_labels)
+    test_norm = np.asarray(norm(test_image) if norm else test_image, np.float32)
+    result["window"] = window_baseline(train_image, train_truth, test_norm, test_truth)
+    return result
+
+
+def table(results: dict) -> str:
+    lines = ["| task | configuration | loss | label | air median p | air p10 | ECE body | Dice @0.5 | Dice @chosen "
+             "(chosen) | best threshold | Dice @best | Dice @best±0.1 | FP on faces / all | window Dice | train CPU s |",
+             "|" + "---|" * 15]
+    for task, result in results.items():
+        for configuration, scores in result["configurations"].items():
+            for c, s in enumerate(scores["labels"]):
+                chosen = s["chosen"] if isinstance(s["chosen"], str) else f"{s['chosen']:g}"
+                lines.append(
+                    f"| {task} | {configuration} | {result['plan'][configuration]['loss']} | {c + 1} | "
+                    f"{s['air_median']:.3f} | {s['air_p10']:.3f} | {s['ece_body']:.3f} | {s['dice_0.5']:.3f} | "
+                    f"{s['dice_chosen']:.3f} ({chosen}) | {s['best_threshold']:g} | {s['dice_best']:.3f} | "
+                    f"{s['dice_best_pm0.1'][0]:.3f} / {s['dice_best_pm0.1'][1]:.3f} | {s['fp_faces']} / {s['fp']} | "
+                    f"{result['window'][c]:.3f} | {scores['train_cpu_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="gm,tissue,vessels")
+    parser.add_argument("--configurations", default="2d,2p5d,3d")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--samples-2d", type=int, default=640)
+    parser.add_argument("--samples-3d", type=int, default=24)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    import torch
+
+    from slab.pipeline.cli import quiet_libraries
+
+    quiet_libraries()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.epochs} epochs x "
+          f"{args.samples_2d} slabs / {args.samples_3d} patches", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for task in args.tasks.split(","):
+            datalist = vessel_task(root / task) if task == "vessels" else mni_task(root / task, task)
+            results[task] = run_task(task, datalist, root / task / "plan", args)
+    print()
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
