@@ -520,3 +520,85 @@ def test_an_exported_run_keeps_its_threshold(cv_plan, tmp_path, monkeypatch):
     assert main(["install", str(tmp_path / "run.zip"), "--name", "one"]) == 0
     installed = load_model("one", device="cpu")
     assert installed.postprocess.binarise.threshold == pytest.approx(load_checkpoint(run / "best.pt")["threshold"])
+
+
+def test_the_plan_reads_exclusive_classes_from_the_labels():
+    fp = _fp((1, 1, 1))
+    fp["labels"] = fp["labels"] * 2
+    fp["label_format"] = "values"
+    assert planning.label_outputs(fp)[0] == "dice_ce"
+    fp["label_format"] = "channels"
+    fp["cases"] = [dict(c, overlap_voxels=0) for c in fp["cases"]]
+    loss, reason = planning.label_outputs(fp)
+    assert loss == "dice_ce" and "never overlap" in reason
+    fp["cases"][1]["overlap_voxels"] = 12
+    loss, reason = planning.label_outputs(fp)
+    assert loss == "dice_bce" and "12 voxels" in reason and "1 of 2 cases" in reason
+    assert planning.label_outputs(_fp((1, 1, 1)))[0] == "dice_bce"  # one label
+
+
+def test_exclusive_classes_train_a_softmax_and_predict_by_argmax(tmp_path, capsys):
+    """A label map of three organs: planned as exclusive classes (dice_ce), cross-validated on
+    argmax masks, and predicted as a softmax whose argmax puts no voxel in two labels."""
+    from slab.pipeline.data.phantom import make_phantom
+    from slab.pipeline.inference.model import load_model
+    from slab.transforms.io import load_volume
+
+    items = []
+    for i in range(4):
+        phantom = make_phantom((24, 22, 16), seed=i, kind="organs")
+        values = np.zeros((24, 22, 16), np.int16)
+        for c, channel in enumerate(np.asarray(phantom.label)):
+            values[channel > 0] = c + 1
+        (tmp_path / f"c{i}").mkdir()
+        nib.save(nib.Nifti1Image(np.asarray(phantom.image)[0], np.eye(4)), tmp_path / f"c{i}" / "image.nii.gz")
+        nib.save(nib.Nifti1Image(values, np.eye(4)), tmp_path / f"c{i}" / "label.nii.gz")
+        items.append({"image": f"c{i}/image.nii.gz", "label": f"c{i}/label.nii.gz"})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": items, "labels": ["a", "b", "c"], "label_format": "values"}))
+    plan = tmp_path / "plan"
+    assert main(["plan", str(datalist), "-o", str(plan), "--device", "cpu", "--epochs", "1", "--folds", "2",
+                 "--configurations", "2d"]) == 0
+    plans = json.loads((plan / "plans.json").read_text())
+    assert plans["configurations"]["2d"]["config"]["loss"] == "dice_ce"
+    assert "exclusive" in plans["configurations"]["2d"]["reasons"]["loss"]
+    overrides = tmp_path / "over.json"
+    overrides.write_text(json.dumps({"samples_per_epoch": 8, "batch_size": 4, "network": TINY_UNET,
+                                     "progress": False}))
+    assert main(["cv", str(plan), "--config", str(overrides), "--device", "cpu", "--threads", "1"]) == 0
+    model_file = json.loads((plan / "model.json").read_text())
+    assert model_file["postprocess"]["argmax"] is True
+    assert all("threshold" not in o for o in model_file["postprocess"]["labels"])
+    assert "| 2d | argmax (ECE" in (plan / "cv" / "table.md").read_text()
+    model = load_model(plan, device="cpu")
+    assert model.exclusive
+    image = load_volume(tmp_path / "c0" / "image.nii.gz")
+    prob = np.asarray(model(image))
+    assert prob.shape == (3, 24, 22, 16) and prob.min() >= 0 and prob.sum(axis=0).max() <= 1 + 1e-5
+    # the softmax with the background logit 0, against the network's logits of one slab
+    member = model.first
+    from slab.pipeline.inference import predict_2p5d
+
+    logits_model = member.model
+    single = predict_2p5d(member.model, member.normalize(image), planes=["xy"], offsets=member.offsets, tta="none",
+                          device="cpu", divisor=member.divisor, min_size=member.min_size, activation="softmax")
+    with torch.no_grad():
+        from slab.transforms.slab import pad_to_divisor
+
+        x = torch.as_tensor(np.asarray(member.normalize(image)))[:, :, :, 5][None]
+        x, pads = pad_to_divisor(x, member.divisor, min_size=member.min_size)
+        y = logits_model.eval()(x)[0][:, pads[0][0]:pads[0][0] + 24, pads[1][0]:pads[1][0] + 22]
+        expected = torch.softmax(torch.cat([torch.zeros_like(y[:1]), y]), dim=0)[1:]
+    np.testing.assert_allclose(np.asarray(single)[:, :, :, 5], expected.numpy(), atol=1e-5)
+    out = tmp_path / "mask.nii.gz"
+    capsys.readouterr()
+    assert main(["predict", "-i", str(tmp_path / "c0" / "image.nii.gz"), "-o", str(out), "--model", str(plan),
+                 "--device", "cpu", "--quiet"]) == 0
+    assert "more than one label" not in capsys.readouterr().err
+    mask = np.asarray(nib.load(out).dataobj)
+    assert set(np.unique(mask)) <= {0, 1, 2, 3}
+    from slab.transforms.post import argmax_masks
+
+    chosen = np.asarray(model.postprocess(prob))
+    assert chosen.sum(axis=0).max() <= 1 and (chosen <= argmax_masks(prob)).all()  # argmax, then clean-up
+    np.testing.assert_array_equal(mask, (chosen * np.arange(1, 4)[:, None, None, None]).sum(axis=0))

@@ -21,7 +21,8 @@ import numpy as np
 from slab.transforms.checks import cc3d_connectivity
 from slab.transforms.errors import SlabError
 from slab.transforms.lazy import LazyVolume
-from slab.transforms.post import _check_connectivity, _check_values, _hysteresis_pairs, _per_channel, greater_than
+from slab.transforms.post import (_check_connectivity, _check_values, _hysteresis_pairs, _per_channel, argmax_masks,
+                                  greater_than)
 
 # bytes per voxel of one slab: probabilities (up to float32), two masks, labels and cc3d's own
 _BYTES_PER_VOXEL = 4 + 2 + 8 + 8
@@ -69,7 +70,8 @@ class BlockwisePostprocess:
     ----------
     probs : the probabilities (e.g. a LazyVolume over a zarr store).
     options : :func:`slab.transforms.post.postprocess` arguments: ``threshold`` (one value or one
-        per channel), ``hysteresis`` (a pair or one per channel), ``min_size``,
+        per channel), ``hysteresis`` (a pair or one per channel), or ``argmax`` (exclusive
+        classes, :func:`~slab.transforms.post.argmax_masks`), ``min_size``,
         ``connectivity``; ``keep_largest`` and ``fill_holes`` are refused.
     memory_budget : bytes for one slab's working arrays.
     """
@@ -77,6 +79,7 @@ class BlockwisePostprocess:
     def __init__(self, probs, options: Mapping, memory_budget: int = 1 << 30):
         self.probs, self.shape = probs, tuple(int(s) for s in probs.shape)
         labels = self.shape[0]
+        self.argmax = bool(dict(options or {}).get("argmax"))
         self.low, self.high, self.min_size, self.connectivity = self.settings(options, labels)
         plane = self.shape[1] * self.shape[2]
         self.depth = max(1, min(self.shape[3], int(memory_budget) // max(1, plane * _BYTES_PER_VOXEL)))
@@ -91,6 +94,9 @@ class BlockwisePostprocess:
         ``options`` (shared, or ``{"labels": [...]}`` per label); SlabError for steps that need
         the whole mask. Called before a prediction starts, so that a refusal costs nothing."""
         options = dict(options or {})
+        if options.pop("argmax", False):  # exclusive classes: the argmax binarises, slab by slab
+            options = {"labels": [{**o, "threshold": 0.5} for o in options["labels"]]} if "labels" in options \
+                else {**options, "threshold": 0.5}
         if "labels" in options:  # per-label settings (e.g. chosen by cross-validation)
             per_label = [{"threshold": 0.5, **o} for o in options["labels"]]
             if len(per_label) != labels:
@@ -119,6 +125,8 @@ class BlockwisePostprocess:
 
     def _slab(self, c: int, z0: int, z1: int):
         """``(low mask, seed mask or None)`` of channel ``c``, slices ``z0:z1``."""
+        if self.argmax:  # the voxels whose most probable class is c
+            return argmax_masks(np.asarray(self.probs[:, :, :, z0:z1]))[c].astype(bool), None
         p = np.asarray(self.probs[c, :, :, z0:z1])
         if np.isnan(p).any():
             raise SlabError("probabilities: NaN values; expected probabilities in [0, 1]")

@@ -594,38 +594,68 @@ class PerLabelPostprocess(Transform):
         return _like(out, x)
 
 
+class ArgmaxPostprocess(Transform):
+    """Exclusive classes: each voxel to its most probable class (:func:`argmax_masks`), then the
+    ``inner`` chain (components, holes: :class:`Postprocess` or :class:`PerLabelPostprocess`
+    with no threshold) on the masks. No voxel is ever in two labels."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, x, roi=None):
+        masks = argmax_masks(x if roi is None else MaskToROI()(x, roi))
+        return _like(np.asarray(self.inner(masks)), x)
+
+
 def merge_postprocess(chosen: Mapping | None, given: Mapping | None) -> dict:
     """Post-processing settings ``given`` (e.g. on the command line) over ``chosen`` (a model's):
-    a given ``threshold`` or ``hysteresis`` replaces the chosen binarisation; per-label settings
-    (``{"labels": [...]}``) take the given values in every label."""
+    a given ``threshold`` or ``hysteresis`` replaces the chosen binarisation (an exclusive
+    model's ``argmax`` too); per-label settings (``{"labels": [...]}``) take the given values in
+    every label."""
     chosen, given = dict(chosen or {}), dict(given or {})
+    binarises = "threshold" in given or "hysteresis" in given
+    argmax = chosen.pop("argmax", False) and not binarises and given.get("argmax", True)
+    given.pop("argmax", None)
 
     def merge(options: dict) -> dict:
         options = dict(options)
-        if "threshold" in given or "hysteresis" in given:
+        if binarises:
             options.pop("threshold", None)
             options.pop("hysteresis", None)
         return {**options, **given}
 
-    if "labels" in chosen:
-        return {"labels": [merge(o) for o in chosen["labels"]]}
-    return merge(chosen)
+    out = {"labels": [merge(o) for o in chosen["labels"]]} if "labels" in chosen else merge(chosen)
+    return {"argmax": True, **out} if argmax else out
 
 
 def make_postprocess(options: Mapping | None):
     """:class:`Postprocess` (default ``threshold`` 0.5) or, for ``{"labels": [...]}``,
-    :class:`PerLabelPostprocess`; unknown settings are one-line SlabErrors."""
+    :class:`PerLabelPostprocess`; with ``"argmax": true`` (exclusive classes), the masks of
+    :func:`argmax_masks` through the same chain without a threshold (:class:`ArgmaxPostprocess`).
+    Unknown settings are one-line SlabErrors."""
     if options is not None and not isinstance(options, Mapping):
         raise SlabError(f"postprocess: expected an object of settings, got {options!r}")
     options = dict(options or {})
+    argmax = options.pop("argmax", False)
+    if not isinstance(argmax, bool):
+        raise SlabError(f"postprocess argmax: expected true or false, got {argmax!r}")
+    if argmax and any(key in o for o in options.get("labels", [options]) for key in ("threshold", "hysteresis")):
+        raise SlabError("postprocess: argmax (exclusive classes) binarises by itself; give no threshold or hysteresis "
+                        "with it")
+    default = {"threshold": None} if argmax else {"threshold": 0.5}
     try:
         if "labels" in options:
             if set(options) != {"labels"}:
                 raise SlabError(f"postprocess: 'labels' (per-label settings) goes alone, got {sorted(options)}")
-            return PerLabelPostprocess([{"threshold": 0.5, **o} for o in options["labels"]])
-        return Postprocess(**{"threshold": 0.5, **options})
+            if not _is_sequence(options["labels"]) or not all(isinstance(o, Mapping) for o in options["labels"]):
+                raise SlabError(f"postprocess labels: expected one object of settings per label, "
+                                f"got {options['labels']!r}")
+            chain = PerLabelPostprocess([{**default, **o} for o in options["labels"]])
+        else:
+            chain = Postprocess(**{**default, **options})
     except TypeError as err:
         raise SlabError(f"postprocess: {err}".replace("__init__() ", "")) from None
+    return ArgmaxPostprocess(chain) if argmax else chain
 
 
 def argmax_masks(prob) -> np.ndarray:

@@ -41,9 +41,12 @@ def inference_network(cfg: dict, network: Mapping, label_names=None) -> dict:
 
 def inference_spec(cfg: dict, network: Mapping, label_names=None, threshold=0.5) -> dict:
     """Everything :class:`Predictor` needs to predict as the run validated: JSON data, stored in
-    every checkpoint as ``"inference"``."""
+    every checkpoint as ``"inference"``. A run trained on exclusive classes (``dice_ce``) predicts
+    a softmax and masks by argmax; others a sigmoid per label and the validation's threshold."""
+    exclusive = cfg.get("loss") == "dice_ce"
     return {"network": inference_network(cfg, network, label_names), "normalize": cfg["normalize"],
-            "tta": cfg["val"]["tta"], "postprocess": {"threshold": threshold}}
+            "tta": cfg["val"]["tta"], "activation": "softmax" if exclusive else "sigmoid",
+            "postprocess": {"argmax": True} if exclusive else {"threshold": threshold}}
 
 
 def _checkpoint(path: Path) -> dict:
@@ -113,6 +116,14 @@ def read_model_file(path) -> dict:
             raise SlabError(f"{path}: member checkpoint {m['checkpoint']} not found")
     if not isinstance(data.get("postprocess", {}), dict):
         raise SlabError(f"{path}: 'postprocess' must be an object")
+    from slab.pipeline.inference.predictor import check_probability_thresholds
+    from slab.transforms.post import make_postprocess
+
+    try:
+        make_postprocess(data.get("postprocess") or {})
+        check_probability_thresholds(data.get("postprocess") or {})
+    except SlabError as err:
+        raise SlabError(f"{path}: {err}") from None
     return data
 
 
@@ -176,12 +187,18 @@ class Ensemble:
         self.overrides = overrides
         # The first member, built now: it checks the settings and answers the questions about inputs.
         self.first = self._member(0)
-        outputs = {(s["network"].get("out_channels"), tuple(s["network"].get("labels") or ())) for s in self.specs}
+        outputs = {(s["network"].get("out_channels"), tuple(s["network"].get("labels") or ()),
+                    s.get("activation", "sigmoid")) for s in self.specs}
         if len(outputs) > 1:
-            raise SlabError(f"ensemble: its members predict different labels ({sorted(outputs)})")
+            raise SlabError(f"ensemble: its members predict different labels or activations ({sorted(outputs)})")
         self.postprocess = make_postprocess(self.postprocess_options)
         self.memory_budget = self.first.memory_budget
         self.out_channels = self.first.out_channels
+        self.activation = self.first.activation
+
+    @property
+    def exclusive(self) -> bool:
+        return self.first.exclusive
 
     def _member(self, index: int):
         from slab.pipeline.inference.predictor import Predictor

@@ -12,7 +12,7 @@ import torch
 
 from slab.networks import build_network, load_weights, network_divisor, network_min_size
 from slab.pipeline.device import amp_dtype, resolve_device
-from slab.pipeline.inference.forward import as_float, check_choice, check_planes, check_positive
+from slab.pipeline.inference.forward import ACTIVATIONS, as_float, check_choice, check_planes, check_positive
 from slab.pipeline.inference.multiplane import predict_2p5d
 from slab.pipeline.inference.window import predict_3d
 from slab.transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
@@ -33,7 +33,7 @@ INFERENCE_KEYS = ("offsets", "planes", "roi_size", "labels", "label_map")
 
 # The keys of a bundle's configs/inference.json "slab" section (see Predictor.from_bundle).
 BUNDLE_KEYS = ("network", "labels", "label_map", "mode", "planes", "offsets", "tta", "normalize", "postprocess", "roi_size",
-               "overlap", "scales",
+               "overlap", "scales", "activation",
                "batch_size", "sw_batch_size")
 
 
@@ -57,7 +57,11 @@ class Predictor:
     postprocess : dict of ``slab.transforms.post.postprocess`` arguments (``threshold``,
         ``hysteresis``, ``min_size``, ``keep_largest``, ``fill_holes``, ``connectivity``);
         default ``{"threshold": 0.5}``. ``threshold`` may be one value per output channel
-        (``hysteresis`` one ``(low, high)`` pair per channel).
+        (``hysteresis`` one ``(low, high)`` pair per channel). With ``activation="softmax"`` the
+        default is ``{"argmax": true}``: each voxel to its most probable class.
+    activation : ``"sigmoid"`` (default: each label on its own, overlapping labels and regions)
+        or ``"softmax"`` (exclusive classes, the background logit 0, as ``dice_ce`` trains them;
+        :func:`slab.pipeline.inference.forward.activate`).
     device, amp, batch_size, memory_budget, progress, compile : see :func:`predict_2p5d`
         (``amp`` may be a precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``).
     roi_size, overlap, sw_batch_size : 3D settings (:func:`predict_3d`).
@@ -76,7 +80,7 @@ class Predictor:
                  tta: str = "none", normalize=DEFAULT_NORMALIZE, postprocess: Mapping | None = None, device=None,
                  amp: bool | str = True, batch_size: int = 8, memory_budget: int | None = None, roi_size=None,
                  overlap: float = 0.5, sw_batch_size: int = 4, progress: bool = False, labels=None, scales=(1.0,),
-                 compile: bool = False, label_map: Mapping | None = None):
+                 compile: bool = False, label_map: Mapping | None = None, activation: str = "sigmoid"):
         if not isinstance(network_config, Mapping):
             raise SlabError(f"network config: expected an object of build_network arguments, got {network_config!r}")
         config = dict(network_config)
@@ -115,10 +119,12 @@ class Predictor:
                                 f"each at least {self.min_size}, got {roi_size!r}")
         self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
         self.normalize = make_normalize(normalize)
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        if postprocess is None and self.activation == "softmax":
+            postprocess = {"argmax": True}
         self.postprocess = make_postprocess(postprocess)
         self.postprocess_options = dict(postprocess or {})  # for the out-of-core chain (slab.transforms.blockwise)
-        for options in (postprocess or {}).get("labels", [postprocess or {}]):
-            _check_probabilities(options)
+        check_probability_thresholds(postprocess or {})
         self.device = resolve_device(device)
         if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):
             raise SlabError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
@@ -193,7 +199,7 @@ class Predictor:
         (``threshold`` / ``hysteresis``) replaces the threshold chosen on validation."""
         if not isinstance(spec, Mapping) or not isinstance(spec.get("network"), Mapping):
             raise SlabError(f"{weights}: its inference spec has no network")
-        options = {k: spec[k] for k in ("normalize", "tta", "mode") if k in spec}
+        options = {k: spec[k] for k in ("normalize", "tta", "mode", "activation") if k in spec}
         options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
         options["postprocess"] = merge_postprocess(spec.get("postprocess"), overrides.get("postprocess"))
         where = weights if weights is not None else "inference spec"
@@ -202,6 +208,11 @@ class Predictor:
         except SlabError as err:
             message = str(err)
             raise SlabError(message if str(where) in message else f"{where}: {message}") from None
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether the labels are exclusive classes (a softmax; masks by argmax)."""
+        return self.activation == "softmax"
 
     def label_names(self) -> list[str]:
         """The name of every output channel (``label_1``... where the network config names none)."""
@@ -290,7 +301,8 @@ class Predictor:
             if channels != self.in_channels:
                 raise SlabError(f"image: {channels} channel(s); the network takes {self.in_channels}")
             options = dict(roi_size=self.roi_size, overlap=self.overlap, tta=self.tta, sw_batch_size=self.sw_batch_size,
-                           device=self.device, amp=self.amp, progress=self.progress, compile=self.compile)
+                           device=self.device, amp=self.amp, progress=self.progress, compile=self.compile,
+                           activation=self.activation)
             if out_path is not None:
                 return predict_3d(self.model, volume, out_path=out_path, memory_budget=self.memory_budget,
                                   preprocess=preprocess, shard=shard, **options)
@@ -298,7 +310,8 @@ class Predictor:
         return predict_2p5d(self.model, volume, planes=self.planes, offsets=self._offsets(channels), tta=self.tta,
                             batch_size=self.batch_size, device=self.device, amp=self.amp, divisor=self.divisor,
                             min_size=self.min_size, memory_budget=self.memory_budget, preprocess=preprocess,
-                            progress=self.progress, compile=self.compile, out_path=out_path, shard=shard)
+                            progress=self.progress, compile=self.compile, out_path=out_path, shard=shard,
+                            activation=self.activation)
 
     def fits_in_memory(self, volume) -> bool:
         """Whether ``volume`` can be predicted in memory within ``memory_budget`` (without one:
@@ -331,7 +344,8 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
         SlabError naming the file it came from.
     """
     options = dict(postprocess or {})
-    if weights is None or options.get("hysteresis") is not None or options.get("threshold", 0.5) is None:
+    if weights is None or options.get("hysteresis") is not None or options.get("threshold", 0.5) is None \
+            or options.get("argmax"):
         return options
     path = Path(weights)
     summary = path.with_suffix(".json")
@@ -355,13 +369,18 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
     return options
 
 
-def _check_probabilities(postprocess: Mapping) -> None:
-    """A predictor binarises probabilities: its thresholds (and hysteresis pairs) lie in [0, 1]."""
-    for key in ("threshold", "hysteresis"):
-        value = postprocess.get(key)
-        flat = np.ravel(np.asarray(value, dtype=object)).tolist() if value is not None else []
-        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= 1 for v in flat):
-            raise SlabError(f"postprocess {key}: {value!r}; probabilities are thresholded in [0, 1]")
+def check_probability_thresholds(postprocess: Mapping) -> None:
+    """A predictor binarises probabilities: every threshold (and hysteresis pair) of
+    ``postprocess`` (shared, or per label in ``labels``) lies in [0, 1]."""
+    per_label = postprocess.get("labels") if isinstance(postprocess.get("labels"), list) else [postprocess]
+    for options in per_label:
+        if not isinstance(options, Mapping):
+            continue  # make_postprocess names it
+        for key in ("threshold", "hysteresis"):
+            value = options.get(key)
+            flat = np.ravel(np.asarray(value, dtype=object)).tolist() if value is not None else []
+            if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= 1 for v in flat):
+                raise SlabError(f"postprocess {key}: {value!r}; probabilities are thresholded in [0, 1]")
 
 
 def _check_labels(labels, out_channels: int) -> tuple[str, ...] | None:

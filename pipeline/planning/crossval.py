@@ -211,8 +211,10 @@ def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[s
 class _Cases:
     """Out-of-fold cases of a candidate (configurations averaged) with their truths."""
 
-    def __init__(self, plan_dir: Path, items: list[dict], fmt: str, n_labels: int, configurations):
+    def __init__(self, plan_dir: Path, items: list[dict], fmt: str, n_labels: int, configurations,
+                 exclusive: bool = False):
         self.plan_dir, self.items, self.fmt, self.n_labels = plan_dir, items, fmt, n_labels
+        self.exclusive = exclusive  # exclusive classes: a case's "probabilities" are its argmax masks
         self.configurations = list(configurations)
         self.spacing = {}
         self._truth = {}
@@ -230,9 +232,11 @@ class _Cases:
 
     def prob(self, name: str, configurations=None) -> np.ndarray:
         from slab.pipeline.inference.model import mean_probabilities
+        from slab.transforms.post import argmax_masks
 
-        return mean_probabilities(np.load(self.plan_dir / "cv" / c / f"{name}.npy", mmap_mode="r")
+        mean = mean_probabilities(np.load(self.plan_dir / "cv" / c / f"{name}.npy", mmap_mode="r")
                                   for c in (configurations or self.configurations))
+        return argmax_masks(mean).astype(np.float32) if self.exclusive else mean
 
     def __call__(self, configurations=None):
         for item in self.items:
@@ -277,6 +281,21 @@ def _baseline(plan_dir: Path, items: list[dict], cases: _Cases, configuration: s
     return {"summary": summarize(scores, names) if scores else None, "windows": windows_by_fold}
 
 
+def _calibration(cases: _Cases, combo, items: list[dict]) -> dict:
+    """Per label, the reliability curve and ECE over the body of the candidate's out-of-fold
+    probabilities (the members' mean), pooled over cases."""
+    from slab.pipeline.evaluation.calibration import calibration, pooled
+    from slab.pipeline.inference.model import mean_probabilities
+    from slab.transforms.io import load_volume
+
+    curves = []
+    for item in items:
+        prob = mean_probabilities(np.load(cases.plan_dir / "cv" / c / f"{item['case']}.npy", mmap_mode="r")
+                                  for c in combo)
+        curves.append(calibration(prob, cases.truth(item), np.asarray(load_volume(item["image"]))))
+    return {"labels": [pooled([c[label] for c in curves]) for label in range(cases.n_labels)]}
+
+
 def _candidates(configurations: list[str]) -> list[tuple[str, ...]]:
     out = [(c,) for c in configurations]
     for r in range(2, len(configurations) + 1):
@@ -301,24 +320,32 @@ def evaluate_cv(plan_dir, configurations, folds) -> dict:
     names = plans["labels"]
     tubular = [n in plans["tubular"] for n in names]
     tolerance = float(plans["tolerance_mm"])
-    cases = _Cases(plan_dir, items, data.get("label_format", "channels"), len(names), configurations)
+    exclusive = any(p["config"].get("loss") == "dice_ce" for c, p in plans["configurations"].items()
+                    if c in configurations)
+    cases = _Cases(plan_dir, items, data.get("label_format", "channels"), len(names), configurations, exclusive)
     for item in items:
         cases.truth(item)
     rows = {}
     for combo in _candidates(list(configurations)):
         key = "+".join(combo)
         raw = _scores(cases, combo, {"threshold": 0.5}, tolerance, tubular)
-        sweep = choose_thresholds(cases, combo, len(names), tubular)
-        tuned = _scores(cases, combo, {"labels": [{"threshold": t} for t in sweep]}, tolerance, tubular)
+        sweep = [0.5] * len(names) if exclusive else choose_thresholds(cases, combo, len(names), tubular)
+        tuned = raw if exclusive else _scores(cases, combo, {"labels": [{"threshold": t} for t in sweep]}, tolerance,
+                                              tubular)
         rows[key] = {"configurations": list(combo), "at_0.5": summarize(raw, names),
-                     "thresholds": sweep, "tuned": summarize(tuned, names)}
+                     "thresholds": sweep, "tuned": summarize(tuned, names),
+                     "calibration": _calibration(cases, combo, items)}
     best = choose_candidate(rows)
     combo = tuple(rows[best]["configurations"])
     smallest = [lab["smallest_component"] for lab in fp["labels"]]
-    chosen = choose_postprocessing(lambda: cases(combo), len(names), cases.spacing_of, tolerance, tubular, smallest)
+    chosen = choose_postprocessing(lambda: cases(combo), len(names), cases.spacing_of, tolerance, tubular, smallest,
+                                   binarise=not exclusive)
     final = _scores(cases, combo, {"labels": chosen["labels"]}, tolerance, tubular)
+    if exclusive:  # the masks are the argmax of the probabilities; a model applies it first
+        chosen["labels"] = [{k: v for k, v in o.items() if k != "threshold"} for o in chosen["labels"]]
+        chosen["argmax"] = True
     baseline = _baseline(plan_dir, items, cases, configurations[0], folds, tolerance, tubular, names)
-    return {"rows": rows, "best": best, "postprocessing": chosen, "final": summarize(final, names),
+    return {"rows": rows, "best": best, "postprocessing": chosen, "final": summarize(final, names), "exclusive": exclusive,
             "baseline": baseline, "labels": names, "tubular": tubular, "tolerance_mm": tolerance,
             "folds": list(folds), "cases": len(items), "target_metric": plans["target_metric"]}
 
@@ -380,9 +407,15 @@ def table_markdown(result: dict, times: dict | None = None) -> str:
 
     for key, r in result["rows"].items():
         seconds = sum(times.get(c, 0.0) for c in r["configurations"]) if times else None
-        row(key, "threshold 0.5", r["at_0.5"], seconds)
+        ece = r.get("calibration")
+        ece = " (ECE " + ", ".join(f"{c['ece']:.3f}" for c in ece["labels"]) + ")" if ece else ""
+        if result.get("exclusive"):
+            row(key, "argmax" + ece, r["at_0.5"], seconds)
+            continue
+        row(key, "threshold 0.5" + ece, r["at_0.5"], seconds)
         row(key, "thresholds " + ",".join(f"{t:g}" for t in r["thresholds"]), r["tuned"])
-    chosen = "; ".join(json.dumps(o) for o in result["postprocessing"]["labels"])
+    chosen = ("argmax; " if result["postprocessing"].get("argmax") else "") + \
+        "; ".join(json.dumps(o) for o in result["postprocessing"]["labels"])
     row(f"**{result['best']}** (chosen)", chosen, result["final"])
     if result["baseline"]["summary"] is not None:
         row("baseline: intensity window", "window chosen per fold", result["baseline"]["summary"])
@@ -429,6 +462,8 @@ def run_cv(plan_dir, *, configurations=None, folds=None, device=None, overrides=
         tmp.write_text(markdown, encoding="utf-8")
     best = result["rows"][result["best"]]
     chosen = {"labels": result["postprocessing"]["labels"]}
+    if result["postprocessing"].get("argmax"):
+        chosen["argmax"] = True
     _write_json(plan_dir / "postprocessing.json", {
         "candidate": result["best"], "labels": result["labels"], "postprocess": chosen,
         "steps": result["postprocessing"]["steps"], "score_tuned_thresholds": best["tuned"]["score"],

@@ -228,6 +228,7 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
         spacing = [float(s) for s in image.meta["spacing"]]
         masks = label_masks(values, fmt, n_labels)
         foreground = np.logical_or.reduce(masks) if masks else np.zeros(array.shape[1:], bool)
+        overlap = int((np.sum(masks, axis=0, dtype=np.uint16) > 1).sum()) if len(masks) > 1 else 0
         stats, sample = intensity_summary(array, foreground, rng)
         samples.append(sample)
         cases.append({
@@ -235,6 +236,7 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
             "shape": [int(s) for s in array.shape[1:]], "channels": int(array.shape[0]), "spacing": spacing,
             "orientation": _orientation(image.affine), "dtype": str(array.dtype),
             "anisotropy": max(spacing) / min(spacing), "foreground_voxels": int(foreground.sum()),
+            "overlap_voxels": overlap,
             "intensity": stats, "labels": [label_summary(m, spacing) for m in masks],
         })
         del image, label, array, values, masks, foreground

@@ -22,6 +22,9 @@ decision with a one-line reason.
   percentiles otherwise (one case: nothing to compare).
 - **Schedule**: steps per epoch from the number of cases, epochs per device; augmentation
   stronger for small datasets.
+- **Loss and outputs**: exclusive classes (a label map of values, or binary channels that never
+  share a voxel) train a softmax with Dice + CE and predict by argmax; overlapping labels
+  (regions) a sigmoid each with Dice + BCE (:func:`label_outputs`).
 - **Metric**: surface dice at tolerance 0 where a label is tubular (vessels: the SenNet metric),
   Dice otherwise; the plan's tolerance is one voxel of the coarsest axis.
 """
@@ -79,6 +82,27 @@ def normalization(fp: dict) -> tuple[dict, str]:
                         "(a calibrated scale): a fixed window of the training cases' foreground 0.5-99.5 percentiles")
     return {"scheme": "zscore"}, (f"case foreground medians spread over {worst:.0%} of the dataset's range "
                                   "(MRI-like: scales differ by scan): each volume's own mean and std")
+
+
+def label_outputs(fp: dict) -> tuple[str, str]:
+    """``(loss, reason)``: exclusive classes train a softmax with Dice + CE (``dice_ce``) and
+    predict by argmax; labels that overlap (regions, per-channel masks that share voxels) keep a
+    sigmoid each (``dice_bce``). Decided from the labels themselves: a label map of values is
+    exclusive by construction; binary channels are exclusive when no case has a voxel in two of
+    them. One label: the two are the same sigmoid."""
+    n = len(fp["labels"])
+    if n == 1:
+        return "dice_bce", "one label: Dice + BCE on its sigmoid (a softmax against the background is the same)"
+    if fp.get("label_format") == "values":
+        return "dice_ce", (f"{n} classes in one label map (exclusive by construction): a softmax with Dice + CE, "
+                           "masks by argmax")
+    shared = [c for c in fp["cases"] if c.get("overlap_voxels", 0)]
+    if shared:
+        voxels = sum(c["overlap_voxels"] for c in shared)
+        return "dice_bce", (f"{n} label channels overlap ({voxels} voxels in two or more, in {len(shared)} of "
+                            f"{len(fp['cases'])} cases: regions): a sigmoid per label with Dice + BCE")
+    return "dice_ce", (f"{n} label channels never overlap (no voxel in two of them in {len(fp['cases'])} cases): "
+                       "exclusive classes, a softmax with Dice + CE, masks by argmax")
 
 
 def slab_geometry(fp: dict, k: int) -> tuple[list[str], list[int], str]:
@@ -236,6 +260,7 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
     cfg.update(schedule)
     reasons["samples_per_epoch"] = reasons["epochs"]
     cfg["normalize"], reasons["normalize"] = normalization(fp)
+    cfg["loss"], reasons["loss"] = label_outputs(fp)
     cfg["augment"], reasons["augment"] = _augment(fp, dims)
     tubular = [lab["name"] for lab in fp["labels"] if lab["tubular"]]
     tolerance = float(max(fp["median_spacing"]))
@@ -290,7 +315,7 @@ def describe(fp: dict, plans: dict) -> str:
         lines.append(f"{name}: {cfg['task']}{slab} patch {'x'.join(map(str, cfg['patch_size']))} "
                      f"UNet {cfg['network']['channels']} batch {cfg['batch_size']} "
                      f"{cfg['epochs']} epochs x {cfg['samples_per_epoch']} samples, normalize {cfg['normalize']['scheme']}")
-        for key in ("planes", "batch_size", "normalize"):
+        for key in ("planes", "batch_size", "normalize", "loss"):
             if key in plan["reasons"]:
                 lines.append(f"    {key}: {plan['reasons'][key]}")
     return "\n".join(lines)

@@ -109,7 +109,8 @@ def _sweep(cases, label: int, spacing_of, tubular) -> dict[float, float]:
     return {t: nan_mean([c[j] for c in curves]) for j, t in enumerate(LEVELS)}
 
 
-def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tubular, smallest) -> dict:
+def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tubular, smallest,
+                          binarise: bool = True) -> dict:
     """The post-processing of every label, chosen on out-of-fold probabilities.
 
     Parameters
@@ -119,6 +120,8 @@ def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tu
     spacing_of : ``name -> spacing``.
     tubular : per label, whether its target is surface dice at 0.
     smallest : per label, the smallest true component (voxels) of the fingerprint.
+    binarise : choose the threshold and a hysteresis pair; False for masks already (exclusive
+        classes' argmax): threshold 0.5, the component and hole steps only.
 
     Returns
     -------
@@ -132,6 +135,12 @@ def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tu
     for label in range(n_labels):
         score = lambda options: _label_score(cases, label, options, spacing_of, tolerance, tubular[label])  # noqa: E731
         log = []
+        if not binarise:
+            best = score({"threshold": 0.5})
+            current, base = {"threshold": 0.5}, best
+            log.append({"step": "argmax", "score": best, "kept": True})
+            _components(score, current, best, smallest[label], log, chosen, steps, label, base)
+            continue
         sweep = _sweep(cases, label, spacing_of, tubular[label])
         base = sweep[0.5]
         threshold, info = choose_threshold(LEVELS, [sweep[t] for t in LEVELS])
@@ -147,19 +156,26 @@ def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tu
             log.append({"step": "hysteresis", "value": [low, high], "score": pairs[(low, high)],
                         "gain": pairs[(low, high)] - best, "kept": True})
             current, best = {"hysteresis": [low, high]}, pairs[(low, high)]
-        candidates = sorted({max(2, int(smallest[label] * f)) for f in (0.25, 0.5, 1.0)} | {10, 50, 200})
-        for key, values in (("min_size", candidates), ("keep_largest", [1, 2, 3]), ("fill_holes", ["3d"])):
-            trial = {v: score({**current, key: v}) for v in values}
-            value = max(trial, key=trial.get)
-            gain = trial[value] - best
-            kept = gain > 1e-9
-            log.append({"step": key, "value": value, "score": trial[value], "gain": gain, "kept": kept,
-                        "tried": {str(k): v for k, v in trial.items()}})
-            if kept:
-                current, best = {**current, key: value}, trial[value]
-        chosen.append(current)
-        steps.append({"label": label, "score_at_0.5": base, "score": best, "steps": log})
+        _components(score, current, best, smallest[label], log, chosen, steps, label, base)
     return {"labels": chosen, "steps": steps}
+
+
+def _components(score, current: dict, best: float, smallest: int, log: list, chosen: list, steps: list, label: int,
+                base: float) -> None:
+    """The component and hole steps of one label on top of its binarisation, each kept only if it
+    raises the score; appends the label's settings to ``chosen`` and its log to ``steps``."""
+    candidates = sorted({max(2, int(smallest * f)) for f in (0.25, 0.5, 1.0)} | {10, 50, 200})
+    for key, values in (("min_size", candidates), ("keep_largest", [1, 2, 3]), ("fill_holes", ["3d"])):
+        trial = {v: score({**current, key: v}) for v in values}
+        value = max(trial, key=trial.get)
+        gain = trial[value] - best
+        kept = gain > 1e-9
+        log.append({"step": key, "value": value, "score": trial[value], "gain": gain, "kept": kept,
+                    "tried": {str(k): v for k, v in trial.items()}})
+        if kept:
+            current, best = {**current, key: value}, trial[value]
+    chosen.append(current)
+    steps.append({"label": label, "score_at_0.5": base, "score": best, "steps": log})
 
 
 def bin_edges(samples: np.ndarray) -> np.ndarray:

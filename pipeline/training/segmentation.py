@@ -119,6 +119,8 @@ class _SegmentationTask(TrainTask):
         self.validation = None
         self.val_items = val_items
         self.info = info
+        # exclusive classes (dice_ce) are a softmax with the background logit 0, masks by argmax
+        self.activation = "softmax" if cfg["loss"] == "dice_ce" else "sigmoid"
 
     def start_validation(self) -> None:
         """Load (this rank's share of) the validation volumes; after the training data checks."""
@@ -244,7 +246,7 @@ class Segmentation2p5DTask(_SegmentationTask):
         val = self.cfg["val"]
         prob = predict_2p5d(model, image, planes=val["planes"] or self.cfg["planes"], offsets=self.cfg["offsets"],
                             tta=val["tta"], batch_size=val["batch_size"], device=device, amp=self.cfg["amp"],
-                            divisor=self.divisor, min_size=self.min_size, **streamed)
+                            divisor=self.divisor, min_size=self.min_size, activation=self.activation, **streamed)
         return prob if streamed else np.asarray(prob)
 
 
@@ -331,6 +333,7 @@ class Segmentation3DTask(_SegmentationTask):
 
         val = self.cfg["val"]
         prob = predict_3d(model, image, roi_size=self.cfg["patch_size"], overlap=val["overlap"], tta=val["tta"],
-                          sw_batch_size=val["batch_size"], device=device, amp=self.cfg["amp"], **streamed)
+                          sw_batch_size=val["batch_size"], device=device, amp=self.cfg["amp"],
+                          activation=self.activation, **streamed)
         return prob if streamed else np.asarray(prob)
 

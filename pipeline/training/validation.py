@@ -83,6 +83,7 @@ class SegValidation:
         # predicted out of core into a store in ``work`` (the run folder; its image channels are
         # checked from the header now, its labels when opened), and draws no report pictures
         self.stream, self.work = bool(cfg.get("stream")), None
+        self.exclusive = cfg.get("loss") == "dice_ce"
         for index, item in shard_items(list(enumerate(self.items)), info.rank, info.world_size):
             if self.stream:
                 images = item["image"] if isinstance(item["image"], list) else [item["image"]]
@@ -140,9 +141,14 @@ class SegValidation:
         with tempfile.TemporaryDirectory(dir=self.work, prefix=".validation-") if lazy else contextlib.nullcontext() as tmp:
             extra = streamed_prediction(self.cfg, image, Path(tmp) / "prob.zarr") if lazy else {}
             prob = self.predict(model, image, device, **extra)
+            thresholds, scored = self.cfg["val"]["thresholds"], prob
+            if self.exclusive:  # exclusive classes are masks by argmax: nothing to sweep
+                from slab.transforms.post import argmax_masks
+
+                thresholds, scored = [0.5], argmax_masks(np.asarray(prob)).astype(np.float32)
             if k < self.drawn:
-                self.probabilities[k] = prob.astype(np.float16)
-            sweep = threshold_sweep(prob, truth, self.cfg["val"]["thresholds"], spacing, self.tolerances,
+                self.probabilities[k] = scored.astype(np.float16)
+            sweep = threshold_sweep(scored, truth, thresholds, spacing, self.tolerances,
                                     cldice=self.cfg["val"]["cldice"])
             ece = self._calibration(prob, truth, image)
         return (index, sweep["thresholds"], [
