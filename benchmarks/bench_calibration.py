@@ -176,7 +176,15 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     from slab.transforms.io import load_volume
 
     fp, plans = write_plan(datalist, plan_dir, device="cpu", configurations=args.configurations.split(","))
-    fold = plans["validation_fold"]
+    fold = plans.get("validation_fold")
+    if fold is None:  # a plan from before validation items kept a fold of their own: set it as it would be
+        path = plan_dir / "datalist.json"
+        planned = json.loads(path.read_text())
+        for item in planned["training"]:
+            item["fold"] = 1 if "/validation/" in str(item["image"]) else 0
+        planned["n_folds"] = 2
+        path.write_text(json.dumps(planned))
+        fold = 1
     shorten(plan_dir, args.epochs, {2: args.samples_2d, 3: args.samples_3d})
     plans = json.loads((plan_dir / "plans.json").read_text())
     data = json.loads(datalist.read_text())

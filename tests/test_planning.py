@@ -602,3 +602,30 @@ def test_exclusive_classes_train_a_softmax_and_predict_by_argmax(tmp_path, capsy
     chosen = np.asarray(model.postprocess(prob))
     assert chosen.sum(axis=0).max() <= 1 and (chosen <= argmax_masks(prob)).all()  # argmax, then clean-up
     np.testing.assert_array_equal(mask, (chosen * np.arange(1, 4)[:, None, None, None]).sum(axis=0))
+
+
+def test_the_plan_says_how_long_and_fits_a_budget():
+    fp = _fp((1, 1, 1), shape=(40, 36, 30))
+    fp["n_cases"] = 4
+    cfg = {"task": "segmentation_2p5d", "planes": ["xy", "zx"], "epochs": 10, "samples_per_epoch": 64,
+           "batch_size": 8, "val_every": 2, "val": {"tta": "flips", "planes": None}}
+    timing = {"step_s": 0.5, "forward_s_per_sample": 0.01}
+    # 2 folds: 2 held-out cases, (30 + 36) slices x 8 flips each, 5 validations
+    assert planning.validation_samples(fp, cfg, 2) == 2 * 8 * (30 + 36)
+    t = planning.expected_time(fp, cfg, timing, n_folds=2)
+    assert t["steps"] == 80 and t["train_min"] == pytest.approx(80 * 0.5 / 60, abs=0.01)
+    assert t["validation_min"] == pytest.approx(5 * 1056 * 0.01 / 60, abs=0.01)
+    three = {"task": "segmentation_3d", "patch_size": [24, 24, 24], "val": {"tta": "none", "overlap": 0.5}}
+    # windows: x (40-24)/12 -> 3, y (36-24)/12 -> 2, z (30-24)/12 -> 2
+    assert planning.validation_samples(fp, three, 1) == 3 * 2 * 2
+    for minutes in (0.5, 2.0):
+        fitted = dict(cfg)
+        planning.fit_budget(fp, fitted, timing, 2, minutes)
+        total = planning.expected_time(fp, fitted, timing, 2)["total_min"]
+        assert total <= minutes + 0.01 and fitted["epochs"] >= 1
+    small = dict(cfg)
+    reason = planning.fit_budget(fp, small, timing, 2, 0.05)  # less than one epoch
+    assert small["epochs"] == 1 and small["samples_per_epoch"] < 64 and "not one whole epoch" in reason
+    plan = planning.plan_configuration(fp, "2d", CPU, 1 << 30, minutes=1.0, n_folds=2)
+    assert plan["time"]["step_s"] > 0 and plan["time"]["total_min"] <= 1.0 + 1e-6
+    assert "--budget 1 min" in plan["reasons"]["epochs"]

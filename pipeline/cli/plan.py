@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--configurations", metavar="LIST", default="2d,2p5d,3d",
                         help="configurations to plan, from 2d, 2p5d, 3d (default: all)")
     parser.add_argument("--epochs", type=positive_int, metavar="N", help="epochs of every configuration")
+    parser.add_argument("--budget", type=positive_float, metavar="MINUTES",
+                        help="scale every configuration's schedule so that one training run (one fold) takes about "
+                             "this long on --device (from a timed training step); the plan prints each one's "
+                             "expected time either way")
     parser.add_argument("--folds", type=positive_int, default=5, metavar="K",
                         help="folds for a datalist without its own (default: 5, at most the number of cases)")
 
@@ -69,8 +73,11 @@ def run(args) -> int:
     from slab.pipeline.planning.plans import describe
 
     fp, plans = write_plan(args.datalist, args.out, device=args.device, memory_gib=args.memory, epochs=args.epochs,
-                           n_folds=args.folds, configurations=configurations(args.configurations))
+                           n_folds=args.folds, configurations=configurations(args.configurations),
+                           minutes=args.budget)
     print(describe(fp, plans))
     print(f"wrote {Path(args.out) / 'fingerprint.json'}, {Path(args.out) / 'plans.json'}, "
           f"{Path(args.out) / 'datalist.json'} ({len(plans['folds'])} folds)")
+    total = sum(p["time"]["total_min"] for p in plans["configurations"].values()) * len(plans["folds"])
+    print(f"expected time of slab cv over every configuration and fold: {total:.1f} min")
     return 0

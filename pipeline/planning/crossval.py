@@ -93,7 +93,7 @@ def plan_datalist(datalist, fp: dict, n_folds: int = 5) -> dict:
 
 
 def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_folds: int = 5,
-               configurations=None, progress=None) -> tuple[dict, dict]:
+               configurations=None, progress=None, minutes: float | None = None) -> tuple[dict, dict]:
     """Fingerprint, verify and plan ``datalist`` into ``out``; ``(fingerprint, plans)``.
     Bad cases are one SlabError listing every problem."""
     from slab.pipeline.planning.fingerprint import fingerprint
@@ -103,10 +103,11 @@ def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_fo
     if problems:
         raise SlabError(f"{len(problems)} problem(s) in the datalist's cases (slab plan --verify lists them): "
                         + "; ".join(problems))
-    plans = make_plans(fp, device=device, memory_gib=memory_gib, epochs=epochs,
-                       configurations=tuple(configurations or CONFIGURATIONS))
     out = Path(out)
     data = plan_datalist(datalist, fp, n_folds)
+    plans = make_plans(fp, device=device, memory_gib=memory_gib, epochs=epochs,
+                       configurations=tuple(configurations or CONFIGURATIONS), minutes=minutes,
+                       n_folds=len({int(item["fold"]) for item in data["training"]}))
     plans["folds"] = sorted({int(item["fold"]) for item in data["training"]})
     if "validation_fold" in data:
         plans["validation_fold"] = data["validation_fold"]
