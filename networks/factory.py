@@ -92,6 +92,9 @@ def _check(name, spatial_dims, options: dict[str, Any]) -> dict[str, Any]:
     if name == "unet":
         channels = options.get("channels", _NETWORKS[name][1]["channels"])
         strides = options.get("strides", _NETWORKS[name][1]["strides"])
+        if not isinstance(channels, (list, tuple)) or not isinstance(strides, (list, tuple)) or len(channels) < 2:
+            raise SlabError(f"network 'unet': option channels must list two or more levels and strides one per step "
+                            f"down, got channels {channels!r}, strides {strides!r}")
         if len(strides) != len(channels) - 1:
             raise SlabError(f"network 'unet': {len(strides)} strides for {len(channels)} channels; expected one "
                             "stride per down-sampling step (len(channels) - 1)")

@@ -147,6 +147,10 @@ def configure_threads(threads: int | None = None, workers: int = 0) -> int:
     n = default_threads(workers) if threads is None else int(threads)
     if n < 1:
         raise SlabError(f"--threads: expected a positive integer, got {threads!r}")
+    cores = available_cores()
+    if threads is not None and n > cores:
+        raise SlabError(f"--threads: {n} is more than the {cores} core(s) this process may use "
+                        "(its CPU affinity and cgroup quota); more threads than cores only slow torch down")
     torch.set_num_threads(n)
     return n
 

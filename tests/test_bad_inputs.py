@@ -661,6 +661,116 @@ CASES = {
 }
 
 
+# Round two: silent wrong results, unbounded work and tracebacks found by a hostile user
+
+
+def _nan_prob(d, w):
+    prob = np.asarray(nib.load(w / "prob.nii.gz").dataobj).copy()
+    prob[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(prob, AFFINE), d / "nan.nii.gz")
+    return ["errors", str(d / "nan.nii.gz"), str(w / "label.nii.gz"), "-o", str(d / "c.csv")]
+
+
+def _plan_datalist(d, w, label: str, extra: dict | None = None, image: str | None = None):
+    item = {"image": image or str(w / "image.nii.gz"), "label": label}
+    (d / "dl.json").write_text(json.dumps({"training": [item, dict(item, id="b")], **(extra or {})}), encoding="utf-8")
+    return ["plan", str(d / "dl.json"), "-o", str(d / "plan"), "--device", "cpu"]
+
+
+def _label_0_255(d, w):
+    values = np.arange(12 * 10 * 8).reshape(12, 10, 8) % 256
+    nib.save(nib.Nifti1Image(values.astype(np.uint8), AFFINE), d / "grey.nii.gz")
+    return _plan_datalist(d, w, str(d / "grey.nii.gz"))
+
+
+def _duplicate_ids(d, w):
+    item = {"image": str(w / "image.nii.gz"), "label": str(w / "label.nii.gz"), "id": "x"}
+    (d / "dl.json").write_text(json.dumps({"training": [item, item]}), encoding="utf-8")
+    return ["plan", str(d / "dl.json"), "-o", str(d / "plan"), "--device", "cpu"]
+
+
+def _plan_dir(d, edit) -> Path:
+    plan = d / "plan"
+    plan.mkdir()
+    config = {"task": "segmentation_2p5d", "epochs": 1, "network": {"name": "unet", "channels": [4, 8],
+                                                                    "strides": [2]}}
+    plans = {"configurations": {"2d": {"config": config, "reasons": {}}}, "folds": [0, 1], "labels": ["a"],
+             "tubular": [], "tolerance_mm": 1.0, "target_metric": "dice"}
+    edit(plans)
+    (plan / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
+    (plan / "fingerprint.json").write_text("{}", encoding="utf-8")
+    item = {"image": str(d.parent / "image.nii.gz"), "label": str(d.parent / "label.nii.gz"), "fold": 0}
+    (plan / "datalist.json").write_text(json.dumps({"training": [item, dict(item, fold=1)]}), encoding="utf-8")
+    return plan
+
+
+def _cv_plan(edit):
+    def build(d, w):
+        return ["cv", str(_plan_dir(d, edit)), "--device", "cpu"]
+    return build
+
+
+def _model_dir(postprocess):
+    def build(d, w):
+        model = d / "model"
+        model.mkdir()
+        shutil.copy(w / "net.pt", model / "m.pt")
+        (model / "model.json").write_text(json.dumps({"members": [{"checkpoint": "m.pt"}], "postprocess": postprocess}),
+                                          encoding="utf-8")
+        return ["predict", "-i", str(w / "image.nii.gz"), "-o", str(d / "o.nii.gz"), "--model", str(model),
+                "--device", "cpu"]
+    return build
+
+
+def _doctored(state):
+    def build(d, w):
+        torch.save(state, d / "doctored.pt")
+        return ["predict", "-i", str(w / "image.nii.gz"), "-o", str(d / "o.nii.gz"), "--model", str(d / "doctored.pt"),
+                "--device", "cpu"]
+    return build
+
+
+ROUND_TWO = {
+    "predict:threads-10000": (_argv("predict", "-i", "{w}/image.nii.gz", "-o", "{d}/o.nii.gz", *IMAGE_ARGS,
+                                    "--threads", "10000"), "--threads"),
+    "train:threads-10000": (_argv("train", "--datalist", "{w}/datalist.json", "--config", "{w}/config.json", "--out",
+                                  "{d}/run", "--threads", "10000"), "--threads"),
+    "errors:truth-not-binary": (_argv("errors", "{w}/label.nii.gz", "{w}/image.nii.gz", "-o", "{d}/c.csv"),
+                                "image.nii.gz"),
+    "errors:nan-prediction": (_nan_prob, "nan.nii.gz"),
+    "errors:sheet-jpg": (_argv("errors", "{w}/prob.nii.gz", "{w}/label.nii.gz", "-o", "{d}/c.csv", "--sheet",
+                               "{d}/s.jpg"), "s.jpg"),
+    "errors:no-cluster-to-draw": (_argv("errors", "{w}/label.nii.gz", "{w}/label.nii.gz", "-o", "{d}/c.csv",
+                                        "--sheet", "{d}/s.png"), "--sheet"),
+    "evaluate:plot-jpg": (_argv("evaluate", "{w}/prob.nii.gz", "{w}/label.nii.gz", "--sweep", "--plot",
+                                "{d}/p.jpg"), "p.jpg"),
+    "render:sections-jpg": (_argv("render", "{w}/label.nii.gz", "{w}/label.nii.gz", "-o", "{d}/h.png",
+                                  "--sections", "{d}/s.jpeg"), "s.jpeg"),
+    "plan:label-0-255": (_label_0_255, "distinct label values"),
+    "plan:image-as-label": (lambda d, w: _plan_datalist(d, w, str(w / "image.nii.gz")), "the image itself"),
+    "plan:duplicate-ids": (_duplicate_ids, "share the id"),
+    "cv:folds-a-string": (_cv_plan(lambda p: p.update(folds="all")), "'folds'"),
+    "cv:folds-mixed": (_cv_plan(lambda p: p.update(folds=[0, "1", 2])), "'folds'"),
+    "cv:configuration-a-string": (_cv_plan(lambda p: p["configurations"].update({"2d": "fast"})), "configurations.2d"),
+    "cv:config-bad-epochs": (_cv_plan(lambda p: p["configurations"]["2d"]["config"].update(epochs="many")),
+                             "epochs"),
+    "cv:labels-a-string": (_cv_plan(lambda p: p.update(labels="a")), "'labels'"),
+    "predict:model-threshold-7": (_model_dir({"threshold": 7}), "model.json"),
+    "predict:model-labels-threshold-negative": (_model_dir({"labels": [{"threshold": -1}]}), "model.json"),
+    "predict:model-postprocess-unknown": (_model_dir({"dilate": 3}), "model.json"),
+    "predict:model-argmax-with-threshold": (_model_dir({"argmax": True, "threshold": 0.5}), "model.json"),
+    "predict:checkpoint-network-a-string": (_doctored({"model": {}, "config": {}, "inference": {"network": "x"}}),
+                                            "doctored.pt"),
+    "predict:checkpoint-spec-a-list": (_doctored({"model": {}, "config": {}, "inference": [1]}), "doctored.pt"),
+    "predict:checkpoint-postprocess-a-string": (_doctored({"model": {}, "config": {}, "inference": {
+        "network": NET, "postprocess": "fill"}}), "doctored.pt"),
+    "predict:checkpoint-config-a-string": (_doctored({"model": {}, "config": "abc"}), "doctored.pt"),
+    "predict:checkpoint-no-network": (_doctored({"model": {}, "config": {"task": "segmentation_2p5d"}}),
+                                      "doctored.pt"),
+}
+CASES.update(ROUND_TWO)
+
+
 def _snapshot(*roots: Path) -> dict:
     found = {}
     for root in roots:

@@ -56,6 +56,14 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
+def png_path(text: str) -> str:
+    """A picture's output path: slab draws PNGs, so the name ends in ``.png`` (a ``.jpg`` given
+    PNG bytes opens as a broken JPEG)."""
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"expected a .png file name (slab writes PNG pictures), got {text!r}")
+    return text
+
+
 def fold_list(text: str) -> list[int]:
     """``0,2``: distinct fold numbers >= 0."""
     try:

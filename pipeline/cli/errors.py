@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slab.pipeline.cli.arguments import non_negative_int, positive_int, probability
+from slab.pipeline.cli.arguments import non_negative_int, png_path, positive_int, probability
 
 HELP = "rank false-positive and missed clusters of a prediction (CSV), and draw the top ones (PNG)"
 
@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threshold", type=probability, default=0.5, metavar="t",
                         help="a probability map is foreground where > t (default 0.5)")
     parser.add_argument("--image", metavar="IMAGE", help="image in the same geometry, drawn under the sections")
-    parser.add_argument("--sheet", metavar="SHEET.png", help="also draw the top clusters (3D crop + section each)")
+    parser.add_argument("--sheet", type=png_path, metavar="SHEET.png",
+                        help="also draw the top clusters (3D crop + section each; a PNG)")
     parser.add_argument("--top", type=positive_int, default=6, metavar="K", help="clusters on the sheet (default 6)")
     parser.add_argument("--channel", type=non_negative_int, default=0, metavar="C", help="label channel (default 0)")
 
@@ -31,9 +32,10 @@ def paths(args) -> tuple[dict, dict]:
 
 def run(args) -> int:
     from slab.pipeline.evaluation.errors import error_clusters, error_sheet, write_clusters_csv
-    from slab.pipeline.evaluation.readers import is_float
+    from slab.pipeline.evaluation.readers import binary_mask, finite_probabilities, is_float
     from slab.transforms.errors import SlabError
     from slab.transforms.io import check_same_geometry, load_volume
+    from slab.transforms.post import greater_than
 
     pred, truth = load_volume(args.pred), load_volume(args.truth)
     check_same_geometry(pred, truth, names=[args.pred, args.truth])
@@ -42,13 +44,16 @@ def run(args) -> int:
             raise SlabError(f"--channel: {name} has {volume.shape[0]} channel(s), no channel {args.channel}")
     prob = None
     p = np.asarray(pred)[args.channel]
-    if is_float(pred):
-        prob, p = p, p > args.threshold
+    if is_float(pred):  # checked as slab evaluate checks it: no NaN
+        prob = finite_probabilities(p, args.pred)
+        p = greater_than(p, args.threshold)
+    else:
+        p = binary_mask(p, args.pred)
     if args.prob:
         probs = load_volume(args.prob)
         check_same_geometry(probs, truth, names=[args.prob, args.truth])
-        prob = np.asarray(probs)[min(args.channel, probs.shape[0] - 1)]
-    t = np.asarray(truth)[args.channel] > 0
+        prob = finite_probabilities(np.asarray(probs)[min(args.channel, probs.shape[0] - 1)], args.prob)
+    t = binary_mask(np.asarray(truth)[args.channel], args.truth)
     spacing = tuple(float(s) for s in truth.meta["spacing"])
     clusters = error_clusters(p, t, prob, affine=np.asarray(truth.affine), spacing=spacing)
     image = None
@@ -56,6 +61,8 @@ def run(args) -> int:
         volume = load_volume(args.image)
         check_same_geometry(volume, truth, names=[args.image, args.truth])
         image = np.asarray(volume)[0]
+    if args.sheet and not clusters:  # refused before anything is written
+        raise SlabError(f"--sheet: {args.pred} and {args.truth} agree everywhere; there is no cluster to draw")
     write_clusters_csv(clusters, args.output)
     written = [args.output]
     if args.sheet:

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 
-from slab.pipeline.cli.arguments import non_negative_float, probability
+from slab.pipeline.cli.arguments import non_negative_float, png_path, probability
 from slab.transforms.errors import SlabError
 
 HELP = "Score a mask or probability map against the truth: dice, IoU, precision, recall, surface dice (JSON)."
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--radius-bins", action="store_true",
                         help="also centreline recall and precision per vessel radius (1, 2, 3-4, 5-8, >8 voxels)")
     parser.add_argument("--json", metavar="OUT", help="also write the JSON to OUT")
-    parser.add_argument("--plot", metavar="PNG", help="plot the sweep's curves to PNG (needs --sweep)")
+    parser.add_argument("--plot", type=png_path, metavar="PNG", help="plot the sweep's curves to PNG (needs --sweep)")
 
 
 def _open(path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slab.pipeline.cli.arguments import non_negative_float, non_negative_int, positive_int
+from slab.pipeline.cli.arguments import non_negative_float, non_negative_int, png_path, positive_int
 from slab.transforms.errors import SlabError
 
 HELP = "Render hits, false positives and misses of a prediction in 3D; cross sections and mesh export."
@@ -17,11 +17,11 @@ HELP = "Render hits, false positives and misses of a prediction in 3D; cross sec
 def add_arguments(parser) -> None:
     parser.add_argument("pred", metavar="PRED", help="predicted 0/1 mask, any format slab reads")
     parser.add_argument("truth", metavar="TRUTH", help="true 0/1 mask in PRED's geometry")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the 3D picture (PNG)")
+    parser.add_argument("-o", "--output", required=True, type=png_path, metavar="OUT.png", help="the 3D picture (PNG)")
     parser.add_argument("--views", type=positive_int, default=4, metavar="N", help="camera angles in the picture (default 4)")
     parser.add_argument("--image", metavar="IMAGE", help="image in the same geometry: grey floor in 3D, sections' background")
     parser.add_argument("--mesh", metavar="OUT.vtk|.ply|.glb", help="also write the surfaces as a mesh file")
-    parser.add_argument("--sections", metavar="OUT.png", help="also write axial, coronal and sagittal cross sections")
+    parser.add_argument("--sections", type=png_path, metavar="OUT.png", help="also write axial, coronal and sagittal cross sections")
     parser.add_argument("--channel", type=non_negative_int, metavar="C", help="label channel of multi-channel masks")
     parser.add_argument("--tolerance", type=non_negative_float, metavar="MM", help="also show surface dice at this tolerance (mm)")
     parser.add_argument("--size", type=positive_int, nargs=2, default=(1200, 900), metavar=("W", "H"),
@@ -40,12 +40,6 @@ def _load(path: str):
     return load_volume(path)
 
 
-def _png(path: str, option: str) -> str:
-    if Path(path).suffix.lower() != ".png":
-        raise SlabError(f"{option} {path}: expected a .png file name")
-    return path
-
-
 def paths(args) -> tuple[dict, dict]:
     return ({"PRED": args.pred, "TRUTH": args.truth, "--image": args.image},
             {"-o": args.output, "--sections": args.sections, "--mesh": args.mesh})
@@ -58,10 +52,7 @@ def run(args) -> int:
     from slab.pipeline.evaluation.sections import cross_sections
     from slab.transforms.io import check_same_geometry
 
-    # Output names are checked before anything is read.
-    _png(args.output, "-o")
-    if args.sections:
-        _png(args.sections, "--sections")
+    # Output names are checked before anything is read (the PNGs by their argument type).
     if args.mesh:
         mesh_path(args.mesh)
     pred, truth = _load(args.pred), _load(args.truth)

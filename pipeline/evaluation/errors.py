@@ -38,13 +38,16 @@ def error_clusters(pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None 
         labels, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=cc3d_connectivity(mask.shape, 26),
                                               return_N=True)
         stats = cc3d.statistics(labels)
+        # every cluster's summed probability in one pass (not a scan of the volume per cluster)
+        sums = np.bincount(labels.reshape(-1), weights=np.asarray(prob, dtype=np.float64).reshape(-1),
+                           minlength=int(n) + 1) if prob is not None else None
         for k in range(1, int(n) + 1):
             size = int(stats["voxel_counts"][k])
             if size == 0:
                 continue
             centroid = np.asarray(stats["centroids"][k], dtype=np.float64)
             box = stats["bounding_boxes"][k]
-            mean_p = float(prob[labels == k].mean()) if prob is not None else float("nan")
+            mean_p = float(sums[k] / size) if sums is not None else float("nan")
             world = affine @ np.append(centroid, 1.0)
             clusters.append({"kind": kind, "voxels": size, "volume_mm3": size * voxel_mm3, "mean_probability": mean_p,
                              "centroid_x": centroid[0], "centroid_y": centroid[1], "centroid_z": centroid[2],

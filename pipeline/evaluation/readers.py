@@ -90,29 +90,41 @@ class Reader:
         return self._part(lo, hi, self._finite)
 
     def _finite(self, data):
-        if is_float(data) and bool((torch.isnan(data) if isinstance(data, torch.Tensor) else np.isnan(data)).any()):
-            raise SlabError(f"{self.name}: NaN in the probability map")
-        return data
+        return finite_probabilities(data, self.name)
 
     def _binary(self, data):
-        """A block as 0/1 ``uint8``: 0/1 values (any dtype, bool), or integer 0/255 (stacks)."""
-        if isinstance(data, torch.Tensor):
-            if data.dtype == torch.bool:
-                return data.to(torch.uint8)
-            if data.numel() and not bool(((data == 0) | (data == 1)).all()):
-                if data.is_floating_point() or not bool(((data == 0) | (data == 1) | (data == 255)).all()):
-                    raise SlabError(f"{self.name}: expected a binary mask (0/1 or 0/255), found other values")
-                return (data != 0).to(torch.uint8)
+        return binary_mask(data, self.name)
+
+
+def finite_probabilities(data, name: str):
+    """``data`` unchanged, or a SlabError naming ``name`` when a probability map holds NaN. Every
+    command that reads a probability map (``evaluate``, ``errors``) checks it here."""
+    if is_float(data) and bool((torch.isnan(data) if isinstance(data, torch.Tensor) else np.isnan(data)).any()):
+        raise SlabError(f"{name}: NaN in the probability map")
+    return data
+
+
+def binary_mask(data, name: str):
+    """``data`` as 0/1 ``uint8``: 0/1 values (any dtype, bool), or integer 0/255 (stacks); a
+    SlabError naming ``name`` for anything else. Every command that reads a mask (``evaluate``,
+    ``errors``) checks it here."""
+    if isinstance(data, torch.Tensor):
+        if data.dtype == torch.bool:
             return data.to(torch.uint8)
-        if data.dtype == bool:
-            return data.view(np.uint8)
-        if data.size == 0:
-            return data.astype(np.uint8, copy=False)
-        if int(data.max()) <= 1 if data.dtype == np.uint8 else bool(((data == 0) | (data == 1)).all()):
-            return data.astype(np.uint8, copy=False)
-        if data.dtype.kind in "ui" and bool(((data == 0) | (data == 1) | (data == 255)).all()):
-            return (data != 0).view(np.uint8)
-        raise SlabError(f"{self.name}: expected a binary mask (0/1 or 0/255), found other values")
+        if data.numel() and not bool(((data == 0) | (data == 1)).all()):
+            if data.is_floating_point() or not bool(((data == 0) | (data == 1) | (data == 255)).all()):
+                raise SlabError(f"{name}: expected a binary mask (0/1 or 0/255), found other values")
+            return (data != 0).to(torch.uint8)
+        return data.to(torch.uint8)
+    if data.dtype == bool:
+        return data.view(np.uint8)
+    if data.size == 0:
+        return data.astype(np.uint8, copy=False)
+    if int(data.max()) <= 1 if data.dtype == np.uint8 else bool(((data == 0) | (data == 1)).all()):
+        return data.astype(np.uint8, copy=False)
+    if data.dtype.kind in "ui" and bool(((data == 0) | (data == 1) | (data == 255)).all()):
+        return (data != 0).view(np.uint8)
+    raise SlabError(f"{name}: expected a binary mask (0/1 or 0/255), found other values")
 
 
 def _shared_mapping(volume) -> tuple[mmap.mmap, int] | None:

@@ -62,16 +62,36 @@ def spec_of_checkpoint(path) -> dict:
     return spec_of_state(_checkpoint(Path(path)), path)
 
 
+SPEC_TYPES = {"network": (dict,), "normalize": (dict, type(None)), "tta": (str,), "mode": (str,),
+              "activation": (str,), "postprocess": (dict,)}
+
+
 def spec_of_state(state: dict, path) -> dict:
-    """:func:`spec_of_checkpoint` of a checkpoint already read (``path`` names it in errors)."""
+    """:func:`spec_of_checkpoint` of a checkpoint already read (``path`` names it in errors);
+    every part of a stored spec is checked for its type, so a doctored checkpoint is one line."""
+    if not isinstance(state, dict):
+        raise SlabError(f"{path}: expected a slab checkpoint (a dictionary), got {type(state).__name__}")
     spec = state.get("inference")
-    if isinstance(spec, dict):
+    if spec is not None:
+        if not isinstance(spec, dict):
+            raise SlabError(f"{path}: its inference spec is {type(spec).__name__}; expected an object")
+        for key, types in SPEC_TYPES.items():
+            if (key in spec or key == "network") and not isinstance(spec.get(key), types):
+                raise SlabError(f"{path}: inference spec '{key}' is {spec.get(key)!r:.80}; expected "
+                                + " or ".join("null" if t is type(None) else "an object" if t is dict else "a name"
+                                              for t in types))
         return spec
-    cfg = state["config"]
+    cfg, network = state.get("config"), state.get("network")
+    if not isinstance(cfg, dict) or not isinstance(network, dict):
+        raise SlabError(f"{path}: a checkpoint without an inference spec needs its 'config' and 'network' objects; "
+                        f"found {type(cfg).__name__} and {type(network).__name__}")
     if cfg.get("task") == "classification":
         raise SlabError(f"{path}: a classification checkpoint; slab predict takes segmentation models "
                         "(score sequences with the spine bundle)")
-    return inference_spec(cfg, state["network"], threshold=state.get("threshold", 0.5))
+    try:
+        return inference_spec(cfg, network, threshold=state.get("threshold", 0.5))
+    except (KeyError, TypeError) as err:
+        raise SlabError(f"{path}: its 'config' lacks what prediction needs ({err})") from None
 
 
 def models_home() -> Path:

@@ -124,9 +124,38 @@ def read_plan(plan_dir) -> tuple[dict, dict, Path]:
         raise SlabError(f"--plan: {plan_dir} holds no plans.json; make one with slab plan DATALIST -o {plan_dir}")
     plans = read_json_object(plan_dir / "plans.json", "plans")
     fp = read_json_object(plan_dir / "fingerprint.json", "fingerprint")
-    if not isinstance(plans.get("configurations"), dict):
-        raise SlabError(f"{plan_dir / 'plans.json'}: expected 'configurations'")
+    check_plans(plans, plan_dir / "plans.json")
     return plans, fp, plan_dir / "datalist.json"
+
+
+def check_plans(plans: dict, path) -> None:
+    """The whole of a (possibly hand-edited) ``plans.json`` checked before anything trains: each
+    configuration an object whose ``config`` is a valid training configuration, ``folds`` a list
+    of distinct fold numbers, ``labels`` / ``tubular`` lists of names, ``tolerance_mm`` a number.
+    A SlabError names the file and the first bad key."""
+    from slab.pipeline.training.config import validate_config
+
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict) or not configurations:
+        raise SlabError(f"{path}: expected 'configurations', an object of planned configurations")
+    for name, plan in configurations.items():
+        if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict):
+            raise SlabError(f"{path}: configurations.{name} must be an object with a 'config' object")
+        try:
+            validate_config(plan["config"])
+        except SlabError as err:
+            raise SlabError(f"{path}: configurations.{name}.{err}") from None
+    folds = plans.get("folds", [0])
+    if not isinstance(folds, list) or not folds or any(isinstance(f, bool) or not isinstance(f, int) or f < 0
+                                                       for f in folds) or len(set(folds)) != len(folds):
+        raise SlabError(f"{path}: 'folds' is {folds!r}; expected a list of distinct fold numbers >= 0")
+    for key in ("labels", "tubular"):
+        value = plans.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SlabError(f"{path}: '{key}' is {value!r}; expected a list of label names")
+    tolerance = plans.get("tolerance_mm", 1.0)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise SlabError(f"{path}: 'tolerance_mm' is {tolerance!r}; expected a number >= 0")
 
 
 def plan_config(plans: dict, configuration: str, overrides: dict | None = None) -> dict:

@@ -147,6 +147,9 @@ def check_case(item: dict, fmt: str, n_labels: int | None, expected: dict | None
         return [str(err)], None
     if "label" not in item:
         return [f"{image_name}: no label in the datalist"], None
+    images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+    if any(Path(str(i)).resolve() == Path(str(item["label"])).resolve() for i in images):
+        return [f"{item['label']}: the label is the image itself; expected a mask or label map"], None
     try:
         label = load_volume(item["label"])
     except SlabError as err:
@@ -163,6 +166,11 @@ def check_case(item: dict, fmt: str, n_labels: int | None, expected: dict | None
         problems.append(f"{item['label']}: non-integer label values (expected 0/1 masks or class numbers)")
     elif values.size and values.min() < 0:
         problems.append(f"{item['label']}: negative label values (min {values.min()})")
+    elif fmt == "channels" and values.size and values.max() > 1 and not np.isin(values, (0, 1, 255)).all():
+        found = np.unique(values)
+        problems.append(f"{item['label']}: {found.size} distinct label values ({', '.join(f'{v:g}' for v in found[:4])}"
+                        f"{', ...' if found.size > 4 else ''}); expected 0/1 (or 0/255) masks, one channel per label, "
+                        "or class numbers with \"label_format\": \"values\" and the \"labels\" naming them")
     if fmt == "values" and n_labels is not None and values.size and values.max() > n_labels:
         problems.append(f"{item['label']}: label value {int(values.max())} above the {n_labels} labels the "
                         "datalist names")
