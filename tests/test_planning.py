@@ -182,7 +182,7 @@ def test_case_ids_are_unique_and_stable():
 def test_validation_entries_keep_their_own_fold(tmp_path):
     """A datalist's ``validation`` list is never dealt into training: it becomes one fold of its
     own, and training that fold trains on the training list and validates on the validation list."""
-    from slab.pipeline.planning.crossval import plan_datalist
+    from slab.pipeline.planning.plandir import plan_datalist
 
     items = []
     for i in range(5):

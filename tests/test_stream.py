@@ -167,7 +167,10 @@ def test_training_that_streams_gives_the_same_run(tmp_path, monkeypatch):
     assert len(stores) >= 2 and all(p.parent.parent.name.startswith("runTrue") for p in stores)
     for run in runs[1:]:  # also read by DataLoader worker processes (zarr opened before the fork)
         for a, b in zip(runs[0]["history"], run["history"]):  # validation predicted out of core: the same scores
-            assert {k: v for k, v in a.items() if "_s" not in k} == {k: v for k, v in b.items() if "_s" not in k}
+            # (the calibration error over the body needs the whole volume: a streamed validation has none)
+            assert "val_ece" in a and "val_ece" not in b
+            assert {k: v for k, v in a.items() if "_s" not in k and k != "val_ece"} == \
+                {k: v for k, v in b.items() if "_s" not in k}
     assert not list(tmp_path.glob("runTrue*/.validation-*"))  # the validation stores are removed
 
 
