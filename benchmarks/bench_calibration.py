@@ -33,28 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mni import mni152, subject  # noqa: E402
+
 BLOCKS = {"train": (0, 52), "validation": (52, 84), "test": (84, 116)}
 LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
-
-
-def mni152(names) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """The 2 mm T1 (0-255) and tissue probability maps ``names`` of nilearn's MNI152 2009a."""
-    import nibabel as nib
-    from nilearn import datasets
-
-    data = Path(datasets.__file__).parent / "data"
-
-    def down(name):
-        img = nib.load(data / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz")
-        a = np.asarray(img.dataobj, dtype=np.float32)
-        s = [n // 2 * 2 for n in a.shape]
-        a = a[:s[0], :s[1], :s[2]].reshape(s[0] // 2, 2, s[1] // 2, 2, s[2] // 2, 2).mean(axis=(1, 3, 5))
-        return a, img.affine
-
-    t1, affine = down("t1")
-    affine = np.array(affine, dtype=np.float64)
-    affine[:3, :3] *= 2
-    return t1, [down(n)[0] / 255.0 for n in names], affine
 
 
 def mni_task(root: Path, kind: str) -> Path:
@@ -81,6 +64,29 @@ def mni_task(root: Path, kind: str) -> Path:
         nib.save(nib.Nifti1Image(label[:, y0:y1], affine @ shift), folder / "label.nii.gz")
         items[split] = {"image": f"{split}/image.nii.gz", "label": f"{split}/label.nii.gz"}
     return _datalist(root, items, extra)
+
+
+def subjects_task(root: Path, n_train: int = 6, n_val: int = 2, n_test: int = 4) -> Path:
+    """Grey matter of synthetic subjects of the template (:func:`mni.subject`: deformed, bias
+    field, gamma, noise), whole heads: ``n_train`` training, ``n_val`` validation and ``n_test``
+    test subjects, each its own seed."""
+    import nibabel as nib
+
+    t1, (gm,), affine = mni152(["gm"])
+    splits = {"train": range(n_train), "validation": range(100, 100 + n_val), "test": range(200, 200 + n_test)}
+    data = {"training": [], "validation": [], "test": [], "labels": ["grey_matter"]}
+    for split, seeds in splits.items():
+        for seed in seeds:
+            image, (grey,), _ = subject(t1, [gm], seed)
+            folder = root / f"{split}_{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), folder / "image.nii.gz")
+            nib.save(nib.Nifti1Image((grey > 0.5).astype(np.uint8), affine), folder / "label.nii.gz")
+            item = {"image": f"{folder.name}/image.nii.gz", "label": f"{folder.name}/label.nii.gz"}
+            data["training" if split == "train" else split].append(item)
+    path = root / "datalist.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
 
 
 def vessel_task(root: Path, size: int = 48) -> Path:
@@ -159,14 +165,41 @@ def score(model, image, truth: np.ndarray, air: np.ndarray, exclusive: bool) -> 
     return out
 
 
-def window_baseline(train_image, train_truth, test_image, test_truth) -> list[float]:
+def window_baseline(train_cases, test_cases) -> list[float]:
+    """Per label, the mean test Dice of the intensity window with the best mean Dice over the
+    training cases (``(normalised image, truth)`` pairs), as ``slab cv``'s baseline chooses it."""
     from slab.pipeline.planning.selection import best_window, bin_edges, window_histograms, window_mask
 
-    edges = [bin_edges(train_image[c].reshape(-1)) for c in range(train_image.shape[0])]
-    hist = [window_histograms(train_image, train_truth, edges)]
-    windows = [best_window(hist, lab) for lab in range(train_truth.shape[0])]
-    mask = window_mask(test_image, edges, windows) > 0
-    return [dice(mask[c], test_truth[c] > 0) for c in range(test_truth.shape[0])]
+    rng = np.random.default_rng(0)
+    channels = train_cases[0][0].shape[0]
+    edges = [bin_edges(np.concatenate([rng.choice(img[c].reshape(-1), min(img[c].size, 20000), replace=False)
+                                       for img, _ in train_cases])) for c in range(channels)]
+    hist = [window_histograms(img, truth, edges) for img, truth in train_cases]
+    windows = [best_window(hist, lab) for lab in range(train_cases[0][1].shape[0])]
+    dices = []
+    for img, truth in test_cases:
+        mask = window_mask(img, edges, windows) > 0
+        dices.append([dice(mask[c], truth[c] > 0) for c in range(truth.shape[0])])
+    return [float(np.mean(d)) for d in zip(*dices)]
+
+
+def mean_scores(per_case: list[dict]) -> dict:
+    """The test cases' scores averaged label by label (false positives summed)."""
+    out = {"labels": [], "cases": len(per_case)}
+    for c in range(len(per_case[0]["labels"])):
+        rows = [case["labels"][c] for case in per_case]
+        merged = {}
+        for key, value in rows[0].items():
+            if key in ("fp", "fp_faces"):
+                merged[key] = int(sum(r[key] for r in rows))
+            elif key == "dice_best_pm0.1":
+                merged[key] = [float(np.nanmean([r[key][i] for r in rows])) for i in range(2)]
+            elif isinstance(value, str):
+                merged[key] = value
+            else:
+                merged[key] = float(np.nanmean([r[key] for r in rows]))
+        out["labels"].append(merged)
+    return out
 
 
 def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
@@ -191,10 +224,12 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     root = datalist.parent
     fmt = data.get("label_format", "channels")
     n_labels = len(data["labels"])
-    test_image = load_volume(root / data["test"][0]["image"])
-    test_truth = truth_masks(np.asarray(load_volume(root / data["test"][0]["label"])), fmt, n_labels)
-    raw = np.asarray(test_image)[0]
-    air = raw < 5 if name != "vessels" else raw < np.percentile(raw, 5)
+    tests = []
+    for item in data["test"]:
+        image = load_volume(root / item["image"])
+        raw = np.asarray(image)[0]
+        air = raw < 5 if name != "vessels" else raw < np.percentile(raw, 5)
+        tests.append((image, truth_masks(np.asarray(load_volume(root / item["label"])), fmt, n_labels), air))
     result = {"plan": {c: {"loss": p["config"].get("loss", "dice_bce"), "metric": p["config"]["val"]["metric"]}
                        for c, p in plans["configurations"].items()},
               "tubular": plans.get("tubular"), "configurations": {}}
@@ -206,20 +241,22 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
         run = plan_dir / "runs" / configuration / f"fold_{fold}"
         model = load_model(run, device="cpu")
         exclusive = getattr(model, "exclusive", False)
-        scores = score(model, test_image, test_truth, air, exclusive)
+        scores = mean_scores([score(model, image, truth, air, exclusive) for image, truth, air in tests])
         scores["train_wall_s"] = time.perf_counter() - start
         scores["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
         result["configurations"][configuration] = scores
         print(f"  {name} {configuration}: " + json.dumps(scores), flush=True)
-    train = json.loads((plan_dir / "datalist.json").read_text())["training"]
-    first = next(i for i in train if int(i["fold"]) != fold)
+    train = [i for i in json.loads((plan_dir / "datalist.json").read_text())["training"] if int(i["fold"]) != fold]
     from slab.transforms.intensity import make_normalize
 
     norm = make_normalize(json.loads((run / "config.json").read_text())["normalize"])
-    train_image = np.asarray(norm(load_volume(first["image"])) if norm else load_volume(first["image"]), np.float32)
-    train_truth = truth_masks(np.asarray(load_volume(first["label"])), fmt, n_labels)
-    test_norm = np.asarray(norm(test_image) if norm else test_image, np.float32)
-    result["window"] = window_baseline(train_image, train_truth, test_norm, test_truth)
+
+    def normalised(image):
+        return np.asarray(norm(image) if norm else image, np.float32)
+
+    train_cases = [(normalised(load_volume(i["image"])), truth_masks(np.asarray(load_volume(i["label"])), fmt, n_labels))
+                   for i in train]
+    result["window"] = window_baseline(train_cases, [(normalised(image), truth) for image, truth, _ in tests])
     return result
 
 
@@ -242,7 +279,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="gm,tissue,vessels")
+    parser.add_argument("--tasks", default="gm,tissue,vessels,subjects")
     parser.add_argument("--configurations", default="2d,2p5d,3d")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--samples-2d", type=int, default=640)
@@ -261,7 +298,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for task in args.tasks.split(","):
-            datalist = vessel_task(root / task) if task == "vessels" else mni_task(root / task, task)
+            datalist = vessel_task(root / task) if task == "vessels" else subjects_task(root / task) \
+                if task == "subjects" else mni_task(root / task, task)
             results[task] = run_task(task, datalist, root / task / "plan", args)
     print()
     print(table(results))

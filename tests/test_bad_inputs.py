@@ -323,7 +323,122 @@ def _jp2_header(d: Path) -> Path:
     return folder
 
 
+def _zarr_v2(d: Path, name: str) -> Path:
+    import zarr
+
+    z = zarr.open_array(str(d / name), mode="w", shape=(8, 10, 12), chunks=(4, 10, 12), dtype="u2", zarr_format=2)
+    z[:] = 3
+    return d / name
+
+
+def _zarr_chunk_folder(d: Path) -> Path:
+    path = _zarr_v2(d, "folderchunk.zarr")
+    os.remove(path / "0.0.0")
+    os.mkdir(path / "0.0.0")  # zarr would read it as zeros
+    return path
+
+
+def _zarr_chunk_dev_zero(d: Path) -> Path:
+    path = _zarr_v2(d, "devzero.zarr")
+    os.remove(path / "0.0.0")
+    os.symlink("/dev/zero", path / "0.0.0")
+    return path
+
+
+def _zarr_chunk_sparse(d: Path) -> Path:
+    path = _zarr_v2(d, "sparse.zarr")
+    with open(path / "0.0.0", "r+b") as f:
+        f.truncate(2 << 30)  # 2 GiB, no disk used
+    return path
+
+
+def _n5_block_dev_zero(d: Path) -> Path:
+    path = d / "devzero.n5"
+    path.mkdir()
+    (path / "attributes.json").write_text(json.dumps({"n5": "2.5.0", "dimensions": [12, 10, 8], "blockSize": [12, 10, 4],
+                                                      "dataType": "uint16", "compression": {"type": "raw"}}))
+    (path / "0" / "0").mkdir(parents=True)
+    os.symlink("/dev/zero", path / "0" / "0" / "0")
+    return path
+
+
+def _ome_zarr_escape(d: Path) -> Path:
+    from monai.data import MetaTensor
+
+    from slab.transforms.io import save_volume
+
+    save_volume(MetaTensor(torch.ones(1, 6, 5, 4), affine=torch.eye(4)), d / "other.zarr")
+    shutil.copytree(d / "other.zarr", d / "escape.zarr")
+    attrs = json.loads((d / "escape.zarr" / ".zattrs").read_text())
+    attrs["multiscales"][0]["datasets"][0]["path"] = "../other.zarr/0"
+    (d / "escape.zarr" / ".zattrs").write_text(json.dumps(attrs))
+    return d / "escape.zarr"
+
+
+def _tiff_pages_differ(d: Path) -> Path:
+    import tifffile
+
+    with tifffile.TiffWriter(d / "pages.tif") as tif:
+        for z in range(4):
+            tif.write(np.zeros((8, 9 + z % 2), np.uint8))
+    return d / "pages.tif"
+
+
+def _tiff_imagej_count(d: Path) -> Path:
+    import tifffile
+
+    tifffile.imwrite(d / "count.tif", np.zeros((6, 8, 9), np.uint8), imagej=True, metadata={"axes": "ZYX"})
+    data = bytearray((d / "count.tif").read_bytes())
+    at = data.find(b"images=6")
+    data[at:at + 8] = b"images=3"  # the header claims half the pages
+    (d / "count.tif").write_bytes(bytes(data))
+    return d / "count.tif"
+
+
+def _tiff_spacing_text(d: Path) -> Path:
+    import tifffile
+
+    tifffile.imwrite(d / "spacing.tif", np.zeros((6, 8, 9), np.uint8), imagej=True,
+                     metadata={"axes": "ZYX", "spacing": "abc", "unit": "um"})
+    return d / "spacing.tif"
+
+
+def _tiff_negative_size(d: Path) -> Path:
+    import tifffile
+
+    tifffile.imwrite(d / "mirror.ome.tif", np.zeros((6, 8, 9), np.uint8), ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": -0.5})
+    return d / "mirror.ome.tif"
+
+
+def _ome_tiff_size_text(d: Path) -> Path:
+    import tifffile
+
+    tifffile.imwrite(d / "text.ome.tif", np.zeros((6, 8, 9), np.uint8), ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeY": "abc"})
+    return d / "text.ome.tif"
+
+
+def _hdf5_size_text(d: Path) -> Path:
+    import h5py
+
+    with h5py.File(d / "size.h5", "w") as f:
+        f.create_dataset("volume", data=np.zeros((6, 8, 9), np.uint8)).attrs["element_size_um"] = "1 1 1"
+    return d / "size.h5"
+
+
 BAD_VOLUMES = {
+    "zarr-chunk-a-folder": (_zarr_chunk_folder, "folderchunk.zarr"),
+    "zarr-chunk-dev-zero": (_zarr_chunk_dev_zero, "devzero.zarr"),
+    "zarr-chunk-sparse-2GiB": (_zarr_chunk_sparse, "sparse.zarr"),
+    "n5-block-dev-zero": (_n5_block_dev_zero, "devzero.n5"),
+    "ome-zarr-path-escapes": (_ome_zarr_escape, "escape.zarr"),
+    "tiff-pages-differ": (_tiff_pages_differ, "pages.tif"),
+    "tiff-imagej-count": (_tiff_imagej_count, "count.tif"),
+    "tiff-imagej-spacing-text": (_tiff_spacing_text, "spacing.tif"),
+    "tiff-ome-negative-size": (_tiff_negative_size, "mirror.ome.tif"),
+    "tiff-ome-size-text": (_ome_tiff_size_text, "text.ome.tif"),
+    "hdf5-size-text": (_hdf5_size_text, "size.h5"),
     "nifti-truncated": (_truncated, "truncated.nii"),
     "nifti-claims-1.4GB": (_claims_huge, "huge.nii.gz"),
     "nifti-garbage-header": (_garbage_header, "garbage.nii"),

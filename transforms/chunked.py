@@ -270,9 +270,46 @@ def _open_zarr_array(path: Path, source):
     import zarr
 
     try:
-        return zarr.open_array(store=str(path), mode="r")
+        array = zarr.open_array(store=str(path), mode="r")
     except Exception as err:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
         raise SlabError(f"{source}: not a readable zarr array ({one_line(err)})") from None
+    _check_chunk_files(path, array, source)
+    return array
+
+
+_ZARR_METADATA = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
+
+
+def _check_chunk_files(path: Path, array, source) -> None:
+    """Every file of a zarr array's folder is a regular file no larger than a stored chunk (or
+    shard) can be, and a zarr v2 array with ``.`` chunk keys holds no folder: zarr reads a chunk
+    that is a folder as zeros, and reads a chunk that is a link to ``/dev/zero`` or a sparse
+    file whole before it can tell. One ``scandir`` walk, no file opened."""
+    import os
+    import stat
+
+    from slab.transforms.headers import stored_limit
+
+    shape = getattr(array, "shards", None) or array.chunks
+    limit = stored_limit(int(np.prod(shape)) * array.dtype.itemsize)
+    flat = array.metadata.zarr_format == 2 and getattr(array.metadata, "dimension_separator", ".") == "."
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                info = entry.stat()  # follows links: what zarr would read
+                if stat.S_ISDIR(info.st_mode):
+                    if flat:
+                        raise SlabError(f"{source}: {entry.path} is a folder where a zarr chunk belongs")
+                    if not entry.is_symlink():
+                        pending.append(Path(entry.path))
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    raise SlabError(f"{source}: {entry.path} is not a regular file")
+                if info.st_size > limit and entry.name not in _ZARR_METADATA:
+                    raise SlabError(f"{source}: {entry.path} holds {info.st_size} bytes; a chunk of this array "
+                                    f"holds at most {limit}")
 
 
 def _arrays_in(path: Path, source) -> list[str]:
@@ -321,7 +358,8 @@ def open_zarr(path, spacing=None) -> ArrayVolume:
 
 def _open_level(group: Path, attrs: dict, multiscale: dict, dataset: dict, source, spacing) -> ArrayVolume:
     name = dataset.get("path")
-    if not isinstance(name, str) or not (group / name).is_dir():
+    if not isinstance(name, str) or not (group / name).is_dir() \
+            or not (group / name).resolve().is_relative_to(group.resolve()) or (group / name).resolve() == group.resolve():
         raise SlabError(f"{source}: OME-Zarr dataset path {name!r} is not in the store")
     kind, meta, _ = _node(group / name, source)
     if kind != "array":
@@ -385,7 +423,11 @@ def open_hdf5(path, spacing=None) -> ArrayVolume:
         size = attrs.get("element_size_um")
         affine = np.eye(4)
         if size is not None:
-            size = np.asarray(size, dtype=np.float64).ravel()
+            try:
+                size = np.asarray(size, dtype=np.float64).ravel()
+            except (TypeError, ValueError):
+                raise SlabError(f"{source}: element_size_um {size!r:.60}; expected three positive sizes (z y x)") \
+                    from None
             if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
                 raise SlabError(f"{source}: element_size_um {size.tolist()}; expected three positive sizes (z y x)")
             affine = _diag_affine(size[::-1] * 1e-3, (0, 0, 0))
@@ -414,9 +456,21 @@ def _ome_tiff_geometry(xml: str, source) -> tuple[list[float], list[float]] | No
     spacing = []
     for axis in "XYZ":
         value = pixels.get(f"PhysicalSize{axis}")
-        spacing.append(float(value) * _unit_mm(pixels.get(f"PhysicalSize{axis}Unit", "micrometer"), source)
-                       if value else 1.0)
+        spacing.append(_positive_size(value, f"OME PhysicalSize{axis}", source)
+                       * _unit_mm(pixels.get(f"PhysicalSize{axis}Unit", "micrometer"), source) if value else 1.0)
     return spacing, [0.0, 0.0, 0.0]
+
+
+def _positive_size(value, what: str, source) -> float:
+    """A voxel size from a file's metadata: a positive finite number, or a SlabError naming it
+    (a negative size would mirror an axis without a word, text would be a traceback)."""
+    try:
+        size = float(value)
+    except (TypeError, ValueError):
+        raise SlabError(f"{source}: {what} is {value!r:.40}; expected a positive number") from None
+    if not np.isfinite(size) or size <= 0:
+        raise SlabError(f"{source}: {what} is {value!r:.40}; expected a positive number")
+    return size
 
 
 def _imagej_geometry(tif, meta: dict, source) -> tuple[list[float], list[float]]:
@@ -427,8 +481,15 @@ def _imagej_geometry(tif, meta: dict, source) -> tuple[list[float], list[float]]
     for tag in ("XResolution", "YResolution"):
         value = page.tags.get(tag)
         num, den = value.value if value is not None else (1, 1)
+        if num < 0 or den < 0:
+            raise SlabError(f"{source}: TIFF {tag} {num}/{den}; expected a positive resolution")
         spacing.append(den / num * mm if num > 0 and den > 0 else 1.0)
-    spacing.append(float(meta.get("spacing", 1.0)) * mm)
+    spacing.append(_positive_size(meta.get("spacing", 1.0), "ImageJ spacing", source) * mm)
+    images = meta.get("images")
+    pages = len(tif.pages)  # ImageJ writes a page per image (one, with the rest after it, past 4 GB)
+    if images is not None and (not isinstance(images, int) or images < 1 or (pages > 1 and images != pages)):
+        raise SlabError(f"{source}: the ImageJ header claims {images!r} images in {pages} TIFF pages; "
+                        "expected one page per image")
     return spacing, [0.0, 0.0, 0.0]
 
 
@@ -454,6 +515,10 @@ def open_tiff(path, spacing=None) -> ArrayVolume:
         if not one_page and (any(axes.count(a) > 1 for a in "czyx") or not set("zyx") <= set(axes)):
             raise SlabError(f"{path}: TIFF series of shape {series.shape} and axes {series.axes}; expected "
                             "pages of grey Y x X slices (Z, Y, X)")
+        shapes = {tuple(page.shape) for page in tif.pages[:4096]}
+        if len(shapes) > 1 and len(series.pages) < len(tif.pages):  # the first series would drop the others
+            raise SlabError(f"{path}: TIFF pages of different sizes ({', '.join('x'.join(map(str, s)) for s in sorted(shapes)[:3])}); "
+                            "expected one size for every slice")
         geometry = None
         if tif.is_ome and tif.ome_metadata:
             geometry = _ome_tiff_geometry(tif.ome_metadata, source)

@@ -81,6 +81,34 @@ def available_memory() -> int | None:
     return found
 
 
+STORED_SLACK = 1.01  # a compressed block is at most its raw bytes and 1 % (gzip, bz2, xz, blosc, zstd headers)
+
+
+def stored_limit(raw_bytes: int) -> int:
+    """The most bytes a stored (compressed) block of ``raw_bytes`` raw bytes may take on disk."""
+    return int(raw_bytes * STORED_SLACK) + (64 << 10)
+
+
+def read_bounded(path, limit: int, what: str) -> bytes:
+    """The bytes of a block file, read only when it is a regular file of at most ``limit`` bytes
+    (a symlink to ``/dev/zero``, a FIFO or a 2 GiB sparse file is refused by its ``stat``, before
+    a byte is read; at most ``limit + 1`` bytes are ever read). FileNotFoundError passes through
+    (a missing block is zeros)."""
+    import os
+    import stat
+
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise SlabError(f"{path}: {what} is not a regular file")
+    if info.st_size > limit:
+        raise SlabError(f"{path}: {what} of {info.st_size} bytes; a block of this array holds at most {limit}")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise SlabError(f"{path}: {what} grew past {limit} bytes while read")
+    return data
+
+
 def check_memory(nbytes: int, what: str, hint: str = "") -> None:
     """SlabError naming ``what`` when ``nbytes`` is more than the process can allocate."""
     free = available_memory()

@@ -32,6 +32,7 @@ import numpy as np
 from slab.transforms.checks import read_json_object
 from slab.transforms.errors import SlabError
 from slab.transforms.formats import N5_SUFFIXES, one_line, run_parallel, spacing_of
+from slab.transforms.headers import read_bounded, stored_limit
 
 N5_VERSION = "4.0.0"
 DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64")
@@ -126,8 +127,9 @@ class N5Array:
         """Block ``grid`` (fastest axis first) as a C-ordered array of its stored size, or None
         where the file is missing (zeros)."""
         path = self._path(grid)
-        try:
-            data = path.read_bytes()
+        try:  # never more than a block can take: not a device, a FIFO or a sparse file's claim
+            data = read_bounded(path, 4 + 4 * self.ndim + 4 + stored_limit(int(np.prod(self.block)) * self.dtype.itemsize),
+                                "the N5 block")
         except FileNotFoundError:
             return None
         except OSError as err:
