@@ -110,6 +110,27 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capfd):
         assert _tree(full) == []
 
 
+def test_a_full_disk_while_training_or_cross_validating_is_one_line(tmp_path, capfd):
+    """torch.save on a full disk fails as a RuntimeError around the OSError: one line naming the
+    run's checkpoint, and the half-written epoch folder removed."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import TINY, write_datalist
+
+    datalist = write_datalist(tmp_path / "data")
+    cfg = {**json.loads(json.dumps(TINY)), "epochs": 1, "samples_per_epoch": 8,
+           "network": {"name": "unet", "channels": [32, 64, 128], "strides": [2, 2]}}  # ~0.5 MB of weights
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    with tmpfs(tmp_path / "full", "600k") as full:
+        assert main(["train", "--datalist", str(datalist), "--config", str(tmp_path / "c.json"), "--out",
+                     str(full / "run"), "--device", "cpu"]) == 2
+        line = _one_error_line(capfd)
+        assert "run/last.pt" in line and "no space left" in line
+        assert list((full / "run" / "states").iterdir()) == []
+
+
 def test_a_read_only_folder_is_refused_before_any_work(tmp_path, capfd):
     source = _volume(tmp_path / "image.nii.gz")
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:

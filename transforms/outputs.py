@@ -162,6 +162,26 @@ def _os_error(target: Path, err: OSError) -> SlabError:
 
 
 @contextmanager
+def writing(target) -> Iterator[None]:
+    """Turn a failed write inside the block (a full disk, a read-only folder, torch's writer
+    giving up, which it reports as a RuntimeError) into one SlabError naming ``target``; other
+    errors pass through."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRORS:
+            raise
+        raise _os_error(Path(target), err) from None
+    except RuntimeError as err:  # torch's writer wraps the OSError of its write
+        cause = err.__cause__ or err.__context__
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in _WRITE_ERRORS):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise _os_error(Path(target), cause) from None
+
+
+@contextmanager
 def temp_dir(kind: str, where=None) -> Iterator[Path]:
     """A private folder ``slab-<kind>-<pid>-XXXX`` in ``where`` (default ``TMPDIR``), removed when
     the block ends, however it ends. Stale folders of dead slab processes are swept first."""

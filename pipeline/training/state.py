@@ -23,6 +23,7 @@ import torch
 
 from slab.pipeline.training.config import RUNTIME_KEYS
 from slab.transforms.errors import SlabError
+from slab.transforms.outputs import writing
 
 
 # What a run directory holds (outputs that must not overwrite an input such as the datalist);
@@ -124,18 +125,20 @@ def save_epoch_state(out: Path, last: dict, best: dict | None) -> None:
     Older state folders are removed afterwards.
     """
     states = out / "states"
-    states.mkdir(parents=True, exist_ok=True)
-    current = (out / "state").resolve() if (out / "state").is_symlink() else None
-    new = Path(tempfile.mkdtemp(prefix=f"epoch_{int(last['epoch']):05d}.", dir=states))
+    with writing(states):
+        states.mkdir(parents=True, exist_ok=True)
+        current = (out / "state").resolve() if (out / "state").is_symlink() else None
+        new = Path(tempfile.mkdtemp(prefix=f"epoch_{int(last['epoch']):05d}.", dir=states))
     try:
-        fsynced_save(last, new / "last.pt")
-        if best is not None:
-            fsynced_save(best, new / "best.pt")
-        elif current is not None and (current / "best.pt").is_file():
-            os.link(current / "best.pt", new / "best.pt")
-        elif (out / "best.pt").is_file() and not (out / "best.pt").is_symlink():  # a run from before states/
-            shutil.copy2(out / "best.pt", new / "best.pt")
-        _link(os.path.relpath(new, out), out / "state")
+        with writing(out / "last.pt"):  # a full disk is one line; the previous pair stays current
+            fsynced_save(last, new / "last.pt")
+            if best is not None:
+                fsynced_save(best, new / "best.pt")
+            elif current is not None and (current / "best.pt").is_file():
+                os.link(current / "best.pt", new / "best.pt")
+            elif (out / "best.pt").is_file() and not (out / "best.pt").is_symlink():  # a run from before states/
+                shutil.copy2(out / "best.pt", new / "best.pt")
+            _link(os.path.relpath(new, out), out / "state")
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
