@@ -432,6 +432,8 @@ def test_an_interrupted_out_of_core_run_says_what_it_kept(tmp_path, rng, monkeyp
     monkeypatch.undo()
     assert main(args) == 0 and not (tmp_path / "mask.zarr.partial").exists()
     assert not store.ACTIVE
+    err = capsys.readouterr().err  # the resumed run says what it kept and what it had left
+    assert "resuming an interrupted prediction: 1 of " in err and " blocks kept, " in err and " left" in err, err
 
 
 @settings(max_examples=40, deadline=None)

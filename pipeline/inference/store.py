@@ -258,6 +258,10 @@ def predict_blocks(model, volume, out_path, store_shape, tiles, settings: dict, 
         return load_volume(out_path, lazy=True)
     store = PlaneStore(work_dir(out_path), key, store_shape, tiles, info)
     blocks = [(p, box) for p, tile in enumerate(tiles) for box in tile_boxes(store_shape[1:], tile)]
+    kept = sum(store.is_done(p, [a for a, _ in box]) for p, box in blocks)
+    if kept and info.is_main:  # say what the interrupted run left, and what is still to do
+        warnings.warn(SlabWarning(f"{work_dir(out_path)}: resuming an interrupted prediction: {kept} of {len(blocks)} "
+                                  f"blocks kept, {len(blocks) - kept} left"), stacklevel=2)
     for index, (p, box) in enumerate(blocks):
         corner = [a for a, _ in box]
         if store.is_done(p, corner) or index % info.world_size != info.rank:  # done, or another rank's
