@@ -845,7 +845,24 @@ def _doctored(state):
     return build
 
 
+def _sennet_half_downloaded(d, w):
+    argv = _sennet_with(b"id,rle\nkidney_1_0000,1 2\nkidney_1_0001,1 2\nkidney_1_0002,1 2\n")(d, w)
+    slice_ = d / "root" / "train" / "kidney_1" / "images" / "0002.tif"
+    slice_.write_bytes((d / "root" / "train" / "kidney_1" / "images" / "0000.tif").read_bytes()[:40])
+    return argv
+
+
+def _sennet_slice_size(d, w):
+    import tifffile
+
+    argv = _sennet_with(b"id,rle\nkidney_1_0000,1 2\n")(d, w)
+    tifffile.imwrite(d / "root" / "train" / "kidney_1" / "images" / "0002.tif", np.zeros((5, 4), np.uint16))
+    return argv
+
+
 ROUND_TWO = {
+    "dataset:sennet-half-downloaded": (_sennet_half_downloaded, "0002.tif"),
+    "dataset:sennet-slice-of-another-size": (_sennet_slice_size, "0002.tif"),
     "predict:threads-10000": (_argv("predict", "-i", "{w}/image.nii.gz", "-o", "{d}/o.nii.gz", *IMAGE_ARGS,
                                     "--threads", "10000"), "--threads"),
     "train:threads-10000": (_argv("train", "--datalist", "{w}/datalist.json", "--config", "{w}/config.json", "--out",

@@ -4,6 +4,7 @@ nibabel's array proxy (a memory map when uncompressed). Create them with
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch
 from monai.data import MetaTensor
 
 from slab.transforms.errors import SlabError
-from slab.transforms.formats import nifti_dtype, nifti_forms, one_line, run_parallel, spacing_of, suffix_of, with_spacing
-from slab.transforms.headers import check_memory, jpeg2k_claim, png_claim, tiff_bytes_claim, tiff_claim, tiff_header
+from slab.transforms.formats import (TIFF_SUFFIXES, nifti_dtype, nifti_forms, one_line, run_parallel, spacing_of, suffix_of,
+                                     with_spacing)
+from slab.transforms.headers import (check_claim, check_memory, jpeg2k_claim, png_claim, tiff_bytes_claim, tiff_claim,
+                                     tiff_header)
 
 
 def check_affine(affine: np.ndarray, source) -> np.ndarray:
@@ -194,6 +197,32 @@ class SliceStack(LazyVolume):
         self.slice_shape, self.slice_dtype = first.shape, first.dtype
         rows, cols = first.shape
         super().__init__((1, cols, rows, len(files)), first.dtype, np.eye(4), str(directory), spacing)
+
+    def check_files(self) -> None:
+        """Every slice file's header read (64 KiB at most each, nothing decoded) and checked
+        against the first slice: a truncated download, an empty file or a slice of another size
+        is a SlabError naming it, before anything is written from the stack."""
+        rows, cols = self.slice_shape
+        for path in self.files:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                data = f.read(1 << 16)
+            if suffix_of(path) == ".png":
+                png_claim(path, data)
+                found = struct.unpack(">II", data[16:24]) if len(data) >= 24 else None
+                found = found and (found[1], found[0])
+            elif suffix_of(path) in TIFF_SUFFIXES:
+                header = tiff_header(path, data)
+                if header is None and size < (1 << 16):  # a small file whose header cannot be read
+                    raise SlabError(f"{path}: a truncated or unreadable TIFF slice ({size} bytes)")
+                found = None if header is None else (header["height"], header["width"])
+                if header is not None:
+                    check_claim(path, header["width"] * header["height"] * header["samples"]
+                                * max(1, header["bits"] // 8), size, "raw" if header["compression"] == 1 else "tiff")
+            else:
+                found = None
+            if found is not None and tuple(found) != (rows, cols):
+                raise SlabError(f"{path}: a {found[1]}x{found[0]} slice; the stack's first slice is {cols}x{rows}")
 
     def _slice(self, z: int) -> np.ndarray:
         """Slice ``z`` as stored, ``(rows, cols)``, checked against the first slice."""

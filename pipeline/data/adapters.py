@@ -131,9 +131,14 @@ def sennet_items(root: Path, out: Staging) -> list[dict]:
         else:
             image = SliceStack(paired[0].parent, paired)
             images = Path(out.link(paired, f"{volume.name}/images"))
+        if isinstance(image, SliceStack):  # a half-downloaded slice is found now, not when training reads it
+            image.check_files()
         item = {"id": volume.name, "case": _sennet_case(volume.name), "image": str(images)}
         if labels.is_dir():
-            check_same_geometry(image, load_volume(labels, lazy=True), names=[str(images), str(labels)])
+            label_stack = load_volume(labels, lazy=True)
+            check_same_geometry(image, label_stack, names=[str(images), str(labels)])
+            if isinstance(label_stack, SliceStack):
+                label_stack.check_files()
             item["label"] = str(labels)
         else:
             if rles is None:
