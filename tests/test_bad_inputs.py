@@ -860,7 +860,30 @@ def _sennet_slice_size(d, w):
     return argv
 
 
+def _huge_zarr(d: Path) -> Path:
+    """A zarr store whose metadata claims 100000^3 voxels and holds no chunk."""
+    store = d / "claims.zarr"
+    store.mkdir()
+    (store / ".zarray").write_text(json.dumps({"zarr_format": 2, "shape": [100000, 100000, 100000],
+                                               "chunks": [64, 64, 64], "dtype": "<u2", "compressor": None,
+                                               "fill_value": 0, "order": "C", "filters": None}))
+    return store
+
+
+def _convert_huge(suffix: str):
+    def build(d, w):
+        return ["convert", str(_huge_zarr(d)), str(d / f"out{suffix}")]
+    return build
+
+
 ROUND_TWO = {
+    "convert:claims-100000^3-to-zarr": (_convert_huge(".zarr"), "out.zarr"),
+    "convert:claims-100000^3-to-n5": (_convert_huge(".n5"), "out.n5"),
+    "convert:claims-100000^3-to-h5": (_convert_huge(".h5"), "out.h5"),
+    "predict:claims-100000^3-out-of-core": (lambda d, w: ["predict", "-i", str(_huge_zarr(d)), "-o",
+                                                          str(d / "mask.zarr"), "--network", str(w / "net.json"),
+                                                          "--weights", str(w / "net.pt"), "--device", "cpu"],
+                                            "claims.zarr"),
     "dataset:sennet-half-downloaded": (_sennet_half_downloaded, "0002.tif"),
     "dataset:sennet-slice-of-another-size": (_sennet_slice_size, "0002.tif"),
     "predict:threads-10000": (_argv("predict", "-i", "{w}/image.nii.gz", "-o", "{d}/o.nii.gz", *IMAGE_ARGS,

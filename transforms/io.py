@@ -386,6 +386,7 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
     if kind in CHUNKED_OUTPUTS:
         if array.dtype == np.bool_:
             array = array.astype(np.uint8)
+        check_output_claim(array, path)
         if kind == "zarr":
             write_zarr(array, affine, path, labels=mask or labels)
         elif kind == "n5":
@@ -404,6 +405,23 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
             array = (array > 0).astype(np.uint8) * np.uint8(255)
         write_stack(array, path, slice_format or "tif", workers)
     return path
+
+
+def check_output_claim(volume, path) -> None:
+    """Refuse, before a byte is written, a chunked output whose raw size passes the free space
+    of its disk: a lazy input's header may claim 100000^3 voxels of missing chunks, which would
+    be written (compressed, block after block) for days; a real volume that large needs a
+    bigger disk anyway. The size written is bounded by what was read, not by a claim."""
+    import shutil
+
+    raw = int(np.prod([int(n) for n in volume.shape], dtype=object)) * np.dtype(volume.dtype).itemsize
+    folder = Path(path).resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if raw > free:
+        raise SlabError(f"{path}: the volume holds {raw / 2**30:,.1f} GiB raw ({'x'.join(map(str, volume.shape))} "
+                        f"{np.dtype(volume.dtype).name}), more than the {free / 2**30:,.1f} GiB free on its disk")
 
 
 # ---------------------------------------------------------------------------------------------

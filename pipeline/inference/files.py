@@ -154,13 +154,18 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
     slab (:mod:`slab.transforms.blockwise`) into the mask, written block by block."""
     import shutil
 
-    from slab.pipeline.inference.store import ACTIVE, work_dir
+    from slab.pipeline.inference.store import ACTIVE, check_work_space, work_dir
     from slab.transforms.blockwise import BlockwisePostprocess, MaskVolume
 
     if statistics:
         raise SlabError("--statistics: needs the volume in memory; this one is predicted out of core "
                         "(raise --memory-budget, or drop --statistics)")
     BlockwisePostprocess.settings(predictor.postprocess_options, predictor.out_channels)  # refusals first
+    network = getattr(predictor, "first", predictor)  # an ensemble's members share the store's layout
+    arrays = len(network.planes) if network.mode == "2.5d" else (8 if network.tta == "flips" else 1)
+    # before the input's statistics are read: a header claiming 100000^3 voxels is one line, not days
+    check_work_space(output_path, (predictor.out_channels,) + tuple(int(n) for n in volume.shape[1:]), arrays,
+                     volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None)
     work = work_dir(output_path)
     ACTIVE.add(work)
     own_store = prob_path is None or output_format(prob_path) != "zarr"

@@ -256,6 +256,7 @@ def predict_blocks(model, volume, out_path, store_shape, tiles, settings: dict, 
     if finished(out_path, key):  # the same run finished before (e.g. killed while post-processing)
         bar.update(bar.total - bar.n)
         return load_volume(out_path, lazy=True)
+    check_work_space(out_path, store_shape, len(tiles))
     store = PlaneStore(work_dir(out_path), key, store_shape, tiles, info)
     blocks = [(p, box) for p, tile in enumerate(tiles) for box in tile_boxes(store_shape[1:], tile)]
     kept = sum(store.is_done(p, [a for a, _ in box]) for p, box in blocks)
@@ -276,6 +277,22 @@ def predict_blocks(model, volume, out_path, store_shape, tiles, settings: dict, 
         store.remove()
     barrier(info)
     return load_volume(out_path, lazy=True)
+
+
+def check_work_space(out_path, store_shape, arrays: int, source=None) -> None:
+    """Refuse before any block is predicted a run whose float32 work store (one array per plane
+    or flip) passes the free space beside ``out_path``: an input whose header claims more voxels
+    than any disk holds is one line, not days of predicting its missing chunks."""
+    need = int(np.prod([int(n) for n in store_shape], dtype=object)) * 4 * arrays
+    folder = Path(out_path).resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        of = f"{source} ({'x'.join(map(str, store_shape[1:]))})" if source else \
+            f"a {'x'.join(map(str, store_shape[1:]))} volume"
+        raise SlabError(f"{out_path}: out-of-core prediction of {of} needs "
+                        f"{need / 2**30:,.1f} GiB of work space beside it; {free / 2**30:,.1f} GiB are free")
 
 
 def _sharding(shard):
@@ -316,4 +333,4 @@ class _Mean:
         return total.numpy().astype(self.dtype, copy=False)
 
 
-__all__ = ["ACTIVE", "PlaneStore", "finished", "kept_message", "predict_blocks", "run_key", "work_dir", "STATE"]
+__all__ = ["ACTIVE", "PlaneStore", "check_work_space", "finished", "kept_message", "predict_blocks", "run_key", "work_dir", "STATE"]
