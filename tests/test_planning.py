@@ -629,3 +629,69 @@ def test_the_plan_says_how_long_and_fits_a_budget():
     plan = planning.plan_configuration(fp, "2d", CPU, 1 << 30, minutes=1.0, n_folds=2)
     assert plan["time"]["step_s"] > 0 and plan["time"]["total_min"] <= 1.0 + 1e-6
     assert "--budget 1 min" in plan["reasons"]["epochs"]
+
+
+def test_install_checks_the_archive_before_unpacking(cv_plan, tmp_path, monkeypatch, capfd):
+    """Damaged, encrypted, oddly compressed, oversized and lying archives are one line naming
+    the archive, and SLAB_HOME holds no model afterwards; --force never follows a link."""
+    import struct
+
+    from slab.pipeline.planning import archive as archives
+
+    _, plan, _ = cv_plan
+    home = tmp_path / "home"
+    monkeypatch.setenv("SLAB_HOME", str(home))
+    good = tmp_path / "good.zip"
+    assert main(["export", str(plan), str(good)]) == 0
+    data = good.read_bytes()
+    infos = {i.filename: i for i in zipfile.ZipFile(good).infolist()}
+
+    def patched(name, edit):
+        path = tmp_path / f"{name}.zip"
+        raw = bytearray(data)
+        edit(raw)
+        path.write_bytes(bytes(raw))
+        return path
+
+    model = infos["model.json"]
+    local = model.header_offset
+    start = local + 30 + len(model.filename.encode()) + len(model.extra)
+
+    def bad_crc(raw):
+        raw[start] ^= 0xFF  # the first byte of model.json's data: the CRC no longer matches
+
+    def central(raw, offset, fmt, value):  # a field of model.json's central directory entry
+        directory = bytes(raw).find(b"PK\x01\x02")
+        while directory >= 0:
+            name_length = struct.unpack("<H", raw[directory + 28:directory + 30])[0]
+            if raw[directory + 46:directory + 46 + name_length] == b"model.json":
+                struct.pack_into(fmt, raw, directory + offset, value)
+                return
+            directory = bytes(raw).find(b"PK\x01\x02", directory + 4)
+
+    cases = {
+        "crc": (patched("crc", bad_crc), "model.json is damaged"),
+        "encrypted": (patched("encrypted", lambda raw: central(raw, 8, "<H", 0x1)), "encrypted"),
+        "bzip2": (patched("bzip2", lambda raw: central(raw, 10, "<H", 12)), "compression 12"),
+        "size-lies": (patched("lies", lambda raw: central(raw, 24, "<I", 3)), "model.json"),
+    }
+    for name, (path, expected) in cases.items():
+        capfd.readouterr()
+        assert main(["install", str(path), "--name", name]) == 2, name
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and str(path) in err[0], (name, err)
+        assert not (home / "models" / name).exists()
+        assert not [p for p in (home / "models").iterdir() if p.name.startswith("slab-")] if (home / "models").exists() \
+            else True
+    monkeypatch.setattr(archives, "MAX_ARCHIVE_BYTES", 1000)  # a limit for the archive, not only per member
+    assert main(["install", str(good), "--name", "big"]) == 2
+    assert "more than 16 GiB" in capfd.readouterr().err and not (home / "models" / "big").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("SLAB_HOME", str(home))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    (home / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models" / "linked").symlink_to(victim)
+    assert main(["install", str(good), "--name", "linked", "--force"]) == 2
+    assert "a link" in capfd.readouterr().err and (victim / "keep.txt").read_text() == "mine"
