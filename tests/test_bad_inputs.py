@@ -876,7 +876,13 @@ def _convert_huge(suffix: str):
     return build
 
 
+def _bundle_scales(d, w):
+    return ["predict", "-i", str(w / "image.nii.gz"), "-o", str(d / "o.nii.gz"), "--bundle", str(w / "bundle"),
+            "--scales", "1000", "--device", "cpu"]
+
+
 ROUND_TWO = {
+    "predict:bundle-scales-1000": (_bundle_scales, "--scales"),
     "convert:claims-100000^3-to-zarr": (_convert_huge(".zarr"), "out.zarr"),
     "convert:claims-100000^3-to-n5": (_convert_huge(".n5"), "out.n5"),
     "convert:claims-100000^3-to-h5": (_convert_huge(".h5"), "out.h5"),

@@ -183,12 +183,16 @@ class Predictor:
             postprocess = recorded_postprocess(postprocess, weights, section["network"].get("out_channels"))
         options["postprocess"] = postprocess
         config_path = Path(directory) / "configs" / "inference.json"
+        given = {k for k, v in overrides.items() if v is not None}
         try:
             return cls(section["network"], weights, **options)
         except SlabError as err:
             message = str(err)
             if str(weights) in message or str(config_path) in message:
                 raise
+            key = message.split(":", 1)[0].strip()
+            if key in given:  # the user's own setting (--scales 1000), not the bundle's
+                raise SlabError(f"--{key.replace('_', '-')}: {message.split(':', 1)[1].strip()}") from None
             raise SlabError(f"{config_path}: {message}") from None
 
     @classmethod
