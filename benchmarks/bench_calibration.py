@@ -108,17 +108,14 @@ def _datalist(root: Path, items: dict, extra: dict) -> Path:
 
 
 def shorten(plan_dir: Path, epochs: int, samples: dict) -> None:
+    """``bench_plan``'s cut of every schedule, and no report pictures."""
+    from bench_plan import shorten as cut
+
+    cut(plan_dir, epochs, samples)
     path = plan_dir / "plans.json"
     plans = json.loads(path.read_text(encoding="utf-8"))
     for plan in plans["configurations"].values():
-        cfg = plan["config"]
-        cfg["epochs"] = epochs
-        cfg["warmup_epochs"] = min(1.0, epochs / 4)
-        dims = 3 if cfg["task"] == "segmentation_3d" else 2
-        cfg["samples_per_epoch"] = max(cfg["batch_size"], samples[dims] // cfg["batch_size"] * cfg["batch_size"])
-        cfg["val_every"] = 2
-        cfg["progress"] = False
-        cfg["report_volumes"] = 0
+        plan["config"]["report_volumes"] = 0
     path.write_text(json.dumps(plans, indent=2), encoding="utf-8")
 
 
