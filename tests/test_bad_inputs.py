@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import os
+import resource
 import shutil
 import struct
 import tempfile
@@ -957,7 +958,10 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, world, tmp_path,
     capfd.readouterr()
     before = _snapshot(tmp_path, world)
     temporaries = _temporaries()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB: the process's high-water mark
     code = main(argv)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown < (1 << 20), f"peak memory grew by {grown / 1024:.0f} MiB"  # bounded by what is read
     out, err = capfd.readouterr()
     lines = err.strip().splitlines()
     assert code == 2, err

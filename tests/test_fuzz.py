@@ -282,3 +282,105 @@ def test_datalists_take_anything(tmp_path, datalist, fold):
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "datalist.json"
     path.write_text(json.dumps(datalist), encoding="utf-8")
     only_slab_errors(load_datalist, path, fold=fold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked stores' metadata and chunks, plans, model files and checkpoints' specs
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2 ** 40, 2 ** 40),
+                                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                   st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                           max_leaves=8)
+
+
+def _read_all(path):
+    from slab.transforms.io import load_volume
+
+    np.asarray(load_volume(path, lazy=True)[:, :4, :4, :4])
+
+
+@settings(**SETTINGS, max_examples=60)
+@given(key=st.sampled_from(["shape", "chunks", "dtype", "compressor", "fill_value", "order", "dimension_separator",
+                            "filters", "zarr_format"]), value=json_values, chunk=st.binary(max_size=64))
+def test_zarr_metadata_and_chunks_take_anything(tmp_path, key, value, chunk):
+    store = Path(tempfile.mkdtemp(dir=tmp_path)) / "s.zarr"
+    store.mkdir()
+    meta = {"zarr_format": 2, "shape": [8, 6, 4], "chunks": [4, 6, 4], "dtype": "<u2", "compressor": None,
+            "fill_value": 0, "order": "C", "filters": None}
+    meta[key] = value
+    (store / ".zarray").write_text(json.dumps(meta))
+    (store / "0.0.0").write_bytes(chunk)
+    only_slab_errors(_read_all, store)
+
+
+@settings(**SETTINGS, max_examples=60)
+@given(key=st.sampled_from(["dimensions", "blockSize", "dataType", "compression", "pixelResolution", "resolution",
+                            "offset"]), value=json_values, block=st.binary(max_size=64))
+def test_n5_attributes_and_blocks_take_anything(tmp_path, key, value, block):
+    store = Path(tempfile.mkdtemp(dir=tmp_path)) / "s.n5"
+    (store / "0" / "0").mkdir(parents=True)
+    attrs = {"n5": "2.5.0", "dimensions": [4, 6, 8], "blockSize": [4, 6, 4], "dataType": "uint16",
+             "compression": {"type": "raw"}}
+    attrs[key] = value
+    (store / "attributes.json").write_text(json.dumps(attrs))
+    (store / "0" / "0" / "0").write_bytes(block)
+    only_slab_errors(_read_all, store)
+
+
+@settings(**SETTINGS, max_examples=40)
+@given(value=json_values)
+def test_hdf5_voxel_sizes_take_anything(tmp_path, value):
+    import h5py
+
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "s.h5"
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("volume", data=np.zeros((4, 5, 6), np.uint8))
+        try:
+            data.attrs["element_size_um"] = value
+        except (TypeError, ValueError):
+            data.attrs["element_size_um"] = json.dumps(value)
+    only_slab_errors(_read_all, path)
+
+
+@settings(**SETTINGS, max_examples=100)
+@given(key=st.sampled_from(["configurations", "folds", "labels", "tubular", "tolerance_mm"]), value=json_values)
+def test_plans_take_anything(key, value):
+    from slab.pipeline.planning.plandir import check_plans
+
+    plans = {"configurations": {"2d": {"config": {"task": "segmentation_2p5d"}}}, "folds": [0, 1], "labels": ["a"],
+             "tubular": [], "tolerance_mm": 1.0}
+    plans[key] = value
+    only_slab_errors(check_plans, plans, "plans.json")
+
+
+@settings(**SETTINGS, max_examples=100)
+@given(spec=st.one_of(json_values, st.dictionaries(st.sampled_from(["network", "normalize", "tta", "postprocess",
+                                                                    "activation", "mode"]), json_values, max_size=4)),
+       config=json_values)
+def test_checkpoint_specs_take_anything(spec, config):
+    from slab.pipeline.inference.model import spec_of_state
+    from slab.pipeline.inference.predictor import Predictor
+
+    def use():
+        found = spec_of_state({"model": {}, "config": config, "inference": spec}, "doctored.pt")
+        Predictor.from_spec(found, None, device="cpu")
+
+    only_slab_errors(use)
+
+
+@settings(**SETTINGS, max_examples=100)
+@given(postprocess=st.one_of(json_values, st.dictionaries(st.sampled_from(["threshold", "hysteresis", "argmax",
+                                                                           "labels", "min_size", "fill_holes"]),
+                                                          json_values, max_size=3)))
+def test_model_postprocessing_takes_anything(postprocess):
+    from slab.pipeline.inference.predictor import check_probability_thresholds
+    from slab.transforms.post import make_postprocess
+
+    def use():
+        if not isinstance(postprocess, dict):
+            raise SlabError("postprocess: not an object")
+        make_postprocess(postprocess)
+        check_probability_thresholds(postprocess)
+
+    only_slab_errors(use)
