@@ -169,13 +169,27 @@ def _parameter_count(name: str, constructor, args: dict) -> int | None:
     return sum(p.numel() for p in network.parameters())
 
 
+def parameter_count(name: str, spatial_dims: int, in_channels: int, out_channels: int, **options: Any) -> int | None:
+    """Parameters of the network ``build_network`` would build, counted without allocating them;
+    None where unknown. Bad options are the SlabErrors ``build_network`` gives."""
+    kwargs = _check(name, spatial_dims, options)
+    _check_channels(in_channels, out_channels)
+    if name == "flexible_unet":
+        kwargs["pretrained"] = False
+    return _parameter_count(name, _NETWORKS[name][0], dict(spatial_dims=int(spatial_dims), in_channels=int(in_channels),
+                                                           out_channels=int(out_channels), **kwargs))
+
+
 def _check_size(name: str, constructor, args: dict) -> None:
-    """Refuse a network whose weights would not fit in memory, before allocating them."""
+    """Refuse a network whose weights would not fit in memory, before allocating them; the
+    message names the option that sizes it (``channels`` / ``features`` / ``feature_size``)."""
     from slab.transforms.headers import check_memory
 
     count = _parameter_count(name, constructor, args)
     if count is not None:
-        check_memory(4 * count, f"network {name!r} ({count:,} parameters)", "; make it smaller")
+        option = {"unet": "channels", "basic_unet": "features", "swin_unetr": "feature_size",
+                  "segresnet": "init_filters"}.get(name, "its options")
+        check_memory(4 * count, f"network {name!r} ({count:,} parameters)", f"; make {option} smaller")
 
 
 def _option(name: str, kwargs: dict[str, Any], option: str) -> Any:

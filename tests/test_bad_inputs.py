@@ -882,7 +882,25 @@ def _bundle_scales(d, w):
             "--scales", "1000", "--device", "cpu"]
 
 
+def _train_huge_network(d, w):
+    (d / "huge.json").write_text(json.dumps({"network": {"name": "unet", "channels": [4096, 8192, 16384],
+                                                         "strides": [2, 2]}, "epochs": 1}))
+    return ["train", "--datalist", str(w / "datalist.json"), "--config", str(d / "huge.json"), "--out", str(d / "run"),
+            "--device", "cpu"]
+
+
+def _network_file(config):
+    def build(d, w):
+        (d / "n.json").write_text(json.dumps({**NET, **config}))
+        return ["predict", "-i", str(w / "image.nii.gz"), "-o", str(d / "o.nii.gz"), "--network", str(d / "n.json"),
+                "--weights", str(w / "net.pt"), "--device", "cpu"]
+    return build
+
+
 ROUND_TWO = {
+    "train:network-too-large": (_train_huge_network, "network"),
+    "predict:network-strides-empty": (_network_file({"channels": [4], "strides": []}), "n.json"),
+    "predict:network-too-large": (_network_file({"channels": [8192, 16384, 32768], "strides": [2, 2]}), "n.json"),
     "predict:bundle-scales-1000": (_bundle_scales, "--scales"),
     "convert:claims-100000^3-to-zarr": (_convert_huge(".zarr"), "out.zarr"),
     "convert:claims-100000^3-to-n5": (_convert_huge(".n5"), "out.n5"),

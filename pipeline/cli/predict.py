@@ -192,7 +192,13 @@ def _predictor(args):
     overrides["postprocess"] = given if "threshold" in given else recorded_postprocess(
         given, args.weights, config.get("out_channels") if isinstance(config.get("out_channels"), int) else None)
     overrides[_batch_key(config)] = args.batch_size
-    return Predictor(config, args.weights, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Predictor(config, args.weights, **{k: v for k, v in overrides.items() if v is not None})
+    except SlabError as err:  # name the file that holds the network, unless the message names a file already
+        message = str(err)
+        if message.startswith(("network", "labels", "label_map", "roi_size")):
+            raise SlabError(f"--network {args.network}: {message}") from None
+        raise
 
 
 def _batch_key(network_config: dict) -> str:

@@ -81,9 +81,17 @@ def network_options(net: dict) -> dict:
 
 
 def build_model(net: dict) -> nn.Module:
-    from slab.networks import build_network
+    """The network of a training config; training holds its weights, gradients and two AdamW
+    moments, so the weights' bytes must fit four times before anything is allocated."""
+    from slab.networks import build_network, parameter_count
+    from slab.transforms.headers import check_memory
 
     try:
+        count = parameter_count(net["name"], net["spatial_dims"], net["in_channels"], net["out_channels"],
+                                **network_options(net))
+        if count is not None:
+            check_memory(16 * count, f"network {net['name']!r} ({count:,} parameters; weights, gradients and AdamW's "
+                         "moments)", "; make it smaller")
         return build_network(net["name"], net["spatial_dims"], net["in_channels"], net["out_channels"], **network_options(net))
     except SlabError as err:
         raise SlabError(f"config {err}") from None
