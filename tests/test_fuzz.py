@@ -384,3 +384,37 @@ def test_model_postprocessing_takes_anything(postprocess):
         check_probability_thresholds(postprocess)
 
     only_slab_errors(use)
+
+
+@pytest.fixture(scope="module")
+def model_archive(tmp_path_factory) -> bytes:
+    """A small valid ``slab export`` archive: model.json and one slim checkpoint."""
+    import io
+    import zipfile
+
+    import torch
+
+    from slab.networks import build_network
+
+    net = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}
+    state = {"model": build_network(**net).state_dict(), "config": {}, "network": net,
+             "inference": {"network": net, "postprocess": {"threshold": 0.5}}}
+    buffer, member = io.BytesIO(), io.BytesIO()
+    torch.save(state, member)
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("model.json", json.dumps({"members": [{"checkpoint": "members/00.pt"}], "postprocess": {}}))
+        zf.writestr("members/00.pt", member.getvalue())
+    return buffer.getvalue()
+
+
+@settings(**SETTINGS, max_examples=60)
+@given(changes=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_install_takes_mutated_archives(tmp_path, model_archive, changes):
+    from slab.pipeline.planning.archive import install_model
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    data = bytearray(model_archive)
+    for offset, value in changes:
+        data[offset % len(data)] = value
+    (folder / "m.zip").write_bytes(bytes(data))
+    only_slab_errors(install_model, folder / "m.zip", home=folder / "home")
