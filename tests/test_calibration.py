@@ -106,14 +106,14 @@ def test_a_run_starts_at_its_prior(tmp_path):
     """Before its first step, a run's network gives its training samples' foreground share on
     average, not 0.5; with ``output_bias: null`` it does not."""
     from slab.pipeline.training import build_trainer
-    from slab.pipeline.training.engine import _Samples
+    from slab.pipeline.training.engine import TrainingSamples
 
     datalist = write_datalist(tmp_path)
     cfg = json.loads(json.dumps(TINY))
     cfg.update(epochs=1, samples_per_epoch=8)
     trainer = build_trainer(datalist, cfg, tmp_path / "run", device="cpu")
     task = trainer.task
-    samples = _Samples(task, trainer.cfg["seed"])
+    samples = TrainingSamples(task, trainer.cfg["seed"])
     batch = task.collate([samples[(0, i)] for i in range(16)])
     share = float(batch["label"].float().mean())
     with torch.no_grad():

@@ -63,7 +63,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-class _Samples(torch.utils.data.Dataset):
+class TrainingSamples(torch.utils.data.Dataset):
     """Sample ``i`` of epoch ``e`` drawn under seed ``(seed, e, i)``, in whichever process draws it.
 
     Indexed with ``(epoch, i)`` pairs (what :class:`_RankBatches` yields), so that persistent
@@ -253,7 +253,7 @@ class SlabTrainer(SupervisedTrainer):
         self.grad_scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
             if info.enabled else model
-        self.samples = _Samples(task, cfg["seed"])
+        self.samples = TrainingSamples(task, cfg["seed"])
         self.batches = _RankBatches(task.n_samples, cfg["batch_size"], info)
         loader = torch.utils.data.DataLoader(
             self.samples, batch_sampler=self.batches, num_workers=cfg["num_workers"],

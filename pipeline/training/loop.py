@@ -139,10 +139,10 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainT
 def _start_at_prior(task: TrainTask, cfg: dict) -> None:
     """The network's output bias at the logit of its training samples' foreground prior
     (:mod:`slab.pipeline.training.prior`), from samples of an epoch training never draws."""
-    from slab.pipeline.training.engine import _Samples
+    from slab.pipeline.training.engine import TrainingSamples
     from slab.pipeline.training.prior import SAMPLES, init_output_bias
 
-    samples = _Samples(task, cfg["seed"])
+    samples = TrainingSamples(task, cfg["seed"])
     drawn = [samples[(PRIOR_EPOCH, i)] for i in range(SAMPLES)]
     task.output_bias = init_output_bias(task.model, task.collate(drawn), task.n_labels, cfg["loss"] == "dice_ce")
 
