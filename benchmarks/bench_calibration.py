@@ -14,7 +14,11 @@ its schedule cut to fit 2 cores; the test block is then predicted and scored:
 * false positives on the test block's first and last slices of each axis (the cut faces);
 * the intensity window baseline (the best window on the training block, scored on the test block).
 
-    python benchmarks/bench_calibration.py [--tasks gm,tissue,vessels] [--configurations 2d,2p5d,3d]
+``--tasks subjects``: grey matter of synthetic subjects of the template (``mni.subject``: deformed,
+bias field, gamma, noise), six training, two validation and four test heads, where one window
+cannot fit every scan.
+
+    python benchmarks/bench_calibration.py [--tasks gm,tissue,vessels,subjects] [--configurations 2d,2p5d,3d]
         [--epochs 6] [--samples-2d 640] [--samples-3d 24] [--json out.json]
 """
 from __future__ import annotations
