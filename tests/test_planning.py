@@ -695,3 +695,52 @@ def test_install_checks_the_archive_before_unpacking(cv_plan, tmp_path, monkeypa
     (home / "models" / "linked").symlink_to(victim)
     assert main(["install", str(good), "--name", "linked", "--force"]) == 2
     assert "a link" in capfd.readouterr().err and (victim / "keep.txt").read_text() == "mine"
+
+
+def _msd_task(root: Path, labels: dict) -> Path:
+    """A miniature Medical Segmentation Decathlon task as its documentation lays it out:
+    imagesTr/, labelsTr/ (one label map per case), imagesTs/, dataset.json with relative ./ paths."""
+    from slab.pipeline.data.phantom import make_phantom
+
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    training = []
+    for i in range(3):
+        phantom = make_phantom((20, 18, 12), seed=i, kind="organs")
+        values = np.zeros((20, 18, 12), np.uint8)
+        for c, channel in enumerate(np.asarray(phantom.label)[:2]):
+            values[channel > 0] = c + 1
+        nib.save(nib.Nifti1Image(np.asarray(phantom.image)[0], np.eye(4)), root / "imagesTr" / f"org_{i:03d}.nii.gz")
+        nib.save(nib.Nifti1Image(values, np.eye(4)), root / "labelsTr" / f"org_{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/org_{i:03d}.nii.gz", "label": f"./labelsTr/org_{i:03d}.nii.gz"})
+    nib.save(nib.Nifti1Image(np.zeros((20, 18, 12), np.float32), np.eye(4)), root / "imagesTs" / "org_100.nii.gz")
+    dataset = {"name": "Organs", "description": "phantoms", "tensorImageSize": "3D", "modality": {"0": "MRI"},
+               "labels": labels, "numTraining": 3, "numTest": 1, "training": training,
+               "test": ["./imagesTs/org_100.nii.gz"]}
+    (root / "dataset.json").write_text(json.dumps(dataset))
+    return root / "dataset.json"
+
+
+@pytest.mark.parametrize("labels", [{"0": "background", "1": "liver", "2": "spleen"},  # MSD: value -> name
+                                    {"background": 0, "liver": 1, "spleen": 2}])  # nnU-Net v2: name -> value
+def test_a_decathlon_dataset_json_plans_and_trains_as_it_comes(tmp_path, labels):
+    from slab.pipeline.data.datalist import read_datalist
+    from slab.transforms.errors import SlabError
+
+    dataset = _msd_task(tmp_path / "Task01_Organs", labels)
+    data = read_datalist(dataset)
+    assert data["labels"] == ["liver", "spleen"] and data["label_format"] == "values"
+    plan = tmp_path / "plan"
+    assert main(["plan", str(dataset), "-o", str(plan), "--device", "cpu", "--epochs", "1", "--folds", "3",
+                 "--configurations", "2d"]) == 0
+    plans = json.loads((plan / "plans.json").read_text())
+    assert plans["labels"] == ["liver", "spleen"] and plans["configurations"]["2d"]["config"]["loss"] == "dice_ce"
+    assert "MRI" in plans["configurations"]["2d"]["reasons"]["normalize"]
+    overrides = tmp_path / "over.json"
+    overrides.write_text(json.dumps({"samples_per_epoch": 4, "batch_size": 2, "network": TINY_UNET, "progress": False}))
+    assert main(["train", "--plan", str(plan), "--configuration", "2d", "--fold", "0", "--config", str(overrides),
+                 "--device", "cpu"]) == 0
+    with pytest.raises(SlabError, match="region"):
+        read_datalist({"training": [], "labels": {"background": 0, "whole tumour": [1, 2, 3]}})
+    with pytest.raises(SlabError, match="1..N"):
+        read_datalist({"training": [], "labels": {"0": "background", "2": "spleen"}})

@@ -155,12 +155,50 @@ def _resolve(value, base: Path | None, name: str, datalist_name: str = ""):
     return str(path)
 
 
+def read_datalist(datalist, name: str | None = None) -> dict:
+    """A datalist (a file or a dict) in slab's form. Two other layouts of ``labels`` are taken as
+    they come, one label map per case (``label_format`` ``values``):
+
+    - the Medical Segmentation Decathlon's ``dataset.json``: ``{"0": "background", "1": "left
+      atrium", ...}`` (value -> name);
+    - nnU-Net v2's: ``{"background": 0, "liver": 1, ...}`` (name -> value; region-based labels,
+      lists of values, are refused in one line).
+
+    The values must run 1..N (0 the background): slab's value ``i + 1`` is label ``i``. MSD's
+    ``modality`` and relative paths (``./imagesTr/la_003.nii.gz``) need nothing more.
+    """
+    data = dict(datalist) if isinstance(datalist, Mapping) else read_json_object(datalist, "datalist")
+    name = name or (str(datalist) if not isinstance(datalist, Mapping) else "datalist")
+    labels = data.get("labels")
+    if not isinstance(labels, Mapping):
+        return data
+    pairs = []
+    for key, value in labels.items():
+        if isinstance(value, bool) or isinstance(key, bool):
+            raise SlabError(f"{name}: 'labels' entry {key!r}: {value!r}; expected value -> name or name -> value")
+        if isinstance(value, int):  # nnU-Net: name -> value
+            pairs.append((value, str(key)))
+        elif isinstance(value, str) and str(key).strip().lstrip("-").isdigit():  # MSD: value -> name
+            pairs.append((int(key), value))
+        elif isinstance(value, list):
+            raise SlabError(f"{name}: 'labels' {key!r} is the region {value!r}; region-based labels are not read from "
+                            "a dataset.json: give each region as its own binary channel")
+        else:
+            raise SlabError(f"{name}: 'labels' entry {key!r}: {value!r}; expected value -> name (MSD) or name -> "
+                            "value (nnU-Net)")
+    foreground = sorted((v, n) for v, n in pairs if v != 0)
+    if [v for v, _ in foreground] != list(range(1, len(foreground) + 1)) or len(pairs) - len(foreground) > 1:
+        raise SlabError(f"{name}: 'labels' values {sorted(v for v, _ in pairs)}; expected 0 for the background and "
+                        "1..N for the labels")
+    return {**data, "labels": [n for _, n in foreground], "label_format": "values"}
+
+
 def datalist_paths(datalist) -> list[str]:
     """Every image and label path a datalist file lists, resolved against its folder (for the
     check that no output overwrites them); an unreadable datalist lists none (its load says why)."""
     path = Path(datalist)
     try:
-        data = read_json_object(path, "datalist")
+        data = read_datalist(path)
         check_datalist(data, str(path))
     except SlabError:
         return []
@@ -195,12 +233,8 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
     (list of dict, list of dict)
         Copies of the items with absolute ``image``/``label`` paths, every file checked to exist.
     """
-    path = None
-    if isinstance(datalist, Mapping):
-        data = datalist
-    else:
-        path = Path(datalist)
-        data = read_json_object(path, "datalist")
+    path = None if isinstance(datalist, Mapping) else Path(datalist)
+    data = read_datalist(datalist)
     name = str(path) if path is not None else "datalist"
     check_datalist(data, name)
     validation = data.get("validation", [])
@@ -238,4 +272,4 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
 
 
 
-__all__ = ["PATH_KEYS", "case_ids", "check_datalist", "datalist_paths", "load_datalist"]
+__all__ = ["PATH_KEYS", "case_ids", "check_datalist", "read_datalist", "datalist_paths", "load_datalist"]

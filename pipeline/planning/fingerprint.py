@@ -204,11 +204,10 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
     ``problems`` lists every bad case's problems (one line each, naming its file); the
     fingerprint summarises the good cases. ``progress(i, n, name)`` is called per case.
     """
-    from slab.pipeline.data.datalist import load_datalist
+    from slab.pipeline.data.datalist import load_datalist, read_datalist
     from slab.pipeline.training.segmentation import label_layout
-    from slab.transforms.checks import read_json_object
 
-    data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
+    data = read_datalist(datalist)
     train_items, val_items = load_datalist(datalist, fold=None)
     items = list(train_items) + list(val_items)
     if not items:

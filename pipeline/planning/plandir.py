@@ -34,9 +34,9 @@ def plan_datalist(datalist, fp: dict, n_folds: int = 5) -> dict:
     ``--fold`` of that fold trains on the training items and validates on the user's
     validation items (``validation_fold`` in the result).
     """
-    from slab.pipeline.data.datalist import case_ids, load_datalist
+    from slab.pipeline.data.datalist import case_ids, load_datalist, read_datalist
 
-    data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
+    data = read_datalist(datalist)
     train_items, val_items = load_datalist(datalist, fold=None)
     good = {c["case"] for c in fp["cases"]}
 

@@ -14,7 +14,6 @@ from slab.pipeline.training.distributed import DistInfo
 from slab.pipeline.training.losses import build_training_loss
 from slab.pipeline.training.task import TrainTask
 from slab.pipeline.training.validation import SegValidation, load_pair, volume_channels
-from slab.transforms.checks import read_json_object
 from slab.transforms.errors import SlabError
 
 
@@ -25,10 +24,10 @@ def split_items(datalist, fold: int | None) -> tuple[list[dict], list[dict], dic
     With ``fold``, the items of that fold (from ``training`` and ``validation`` together) are the
     validation set; the folds group items by case, so no case is on both sides.
     """
-    from slab.pipeline.data.datalist import load_datalist
+    from slab.pipeline.data.datalist import load_datalist, read_datalist
 
     train_items, val_items = load_datalist(datalist, fold=fold)
-    data = datalist if isinstance(datalist, dict) else read_json_object(datalist, "datalist")
+    data = read_datalist(datalist)
     if not train_items:
         raise SlabError(f"datalist: no training items{'' if fold is None else f' outside fold {fold}'}")
     return list(train_items), list(val_items), data
