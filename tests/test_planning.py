@@ -744,3 +744,41 @@ def test_a_decathlon_dataset_json_plans_and_trains_as_it_comes(tmp_path, labels)
         read_datalist({"training": [], "labels": {"background": 0, "whole tumour": [1, 2, 3]}})
     with pytest.raises(SlabError, match="1..N"):
         read_datalist({"training": [], "labels": {"0": "background", "2": "spleen"}})
+
+
+def test_an_nnunet_raw_dataset_becomes_a_datalist(tmp_path, capsys):
+    """nnU-Net v2's raw layout: imagesTr/{case}_{XXXX}.nii.gz per channel, labelsTr/{case}.nii.gz,
+    dataset.json with channel_names, labels (name -> value) and file_ending."""
+    from slab.pipeline.data.phantom import make_phantom
+
+    root = tmp_path / "Dataset001_Organs"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(3):
+        phantom = make_phantom((20, 18, 12), seed=i, kind="organs")
+        image = np.asarray(phantom.image)[0]
+        for c, channel in enumerate((image, 1.0 - image)):  # two contrasts
+            nib.save(nib.Nifti1Image(channel, np.eye(4)), root / "imagesTr" / f"org_{i:03d}_{c:04d}.nii.gz")
+        values = np.zeros((20, 18, 12), np.uint8)
+        values[np.asarray(phantom.label)[0] > 0] = 1
+        nib.save(nib.Nifti1Image(values, np.eye(4)), root / "labelsTr" / f"org_{i:03d}.nii.gz")
+    meta = {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "liver": 1}, "numTraining": 3,
+            "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert main(["dataset", "nnunet", str(root), str(tmp_path / "out"), "--folds", "2"]) == 0
+    data = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    items = data["training"] + data["validation"]
+    assert data["labels"] == ["liver"] and data["label_format"] == "values"
+    assert data["modality"] == {"0": "T1", "1": "T2"} and len(items) == 3
+    first = next(i for i in items if i["id"] == "org_000")
+    assert [Path(p).name for p in first["image"]] == ["org_000_0000.nii.gz", "org_000_0001.nii.gz"]
+    assert Path(first["label"]).name == "org_000.nii.gz"
+    assert main(["plan", str(tmp_path / "out" / "datalist.json"), "-o", str(tmp_path / "plan"), "--device", "cpu",
+                 "--epochs", "1", "--configurations", "2d"]) == 0
+    plans = json.loads((tmp_path / "plan" / "plans.json").read_text())
+    assert plans["labels"] == ["liver"] and "MRI" in plans["configurations"]["2d"]["reasons"]["normalize"]
+    (root / "imagesTr" / "org_002_0001.nii.gz").unlink()  # a case missing a channel: one line
+    capsys.readouterr()
+    assert main(["dataset", "nnunet", str(root), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "org_002" in err and "\n" not in err and not (tmp_path / "out2").exists()

@@ -25,7 +25,7 @@ CONNECTIVITIES = (6, 18, 26)
 FILL_MODES = ("3d", "slice")
 SLICE_FORMATS = ("tif", "png", "jp2")  # what slice stacks are written as (jp2: lossless JPEG 2000)
 PHANTOM_KINDS = ("vessels", "organs", "tumour")
-DATASET_KINDS = ("sennet", "uwmgi", "brats", "rsna-spine")  # slab dataset's layouts
+DATASET_KINDS = ("sennet", "uwmgi", "brats", "rsna-spine", "nnunet")  # slab dataset's layouts
 
 
 def check_spacing(spacing, name: str = "spacing") -> tuple[float, float, float]:

@@ -50,6 +50,7 @@ class Staging:
     def __init__(self, staging: Path, final: Path):
         self.staging, self.final = staging, final
         self.skipped: list[dict] = []  # cases left out, with the reason
+        self.meta: dict = {}  # what the dataset itself declares (labels, modality) over the kind's defaults
 
     def save(self, volume, relative: str, affine=None) -> str:
         """Write ``volume`` at ``volumes/<relative>``; its final absolute path."""
@@ -343,6 +344,47 @@ def resample_label(label, reference, source="label") -> np.ndarray:
     return out[np.newaxis]
 
 
+def nnunet_items(root: Path, out: Staging) -> list[dict]:
+    """An nnU-Net v2 raw dataset: ``dataset.json`` (``channel_names``, ``labels``,
+    ``file_ending``), ``imagesTr/{case}_{XXXX}{file_ending}`` (one file per channel) and
+    ``labelsTr/{case}{file_ending}`` (one label map). The image is the case's channel files in
+    channel order; the labels' names and the channels' modalities come from ``dataset.json``
+    (region-based labels are refused)."""
+    from slab.pipeline.data.datalist import read_datalist
+    from slab.transforms.checks import read_json_object
+
+    meta = read_json_object(_require_file(root / "dataset.json", "nnU-Net's dataset.json"), "dataset.json")
+    channels = meta.get("channel_names", meta.get("modality"))
+    ending = meta.get("file_ending", ".nii.gz")
+    if not isinstance(channels, dict) or not channels or not isinstance(ending, str) or not ending.startswith("."):
+        raise SlabError(f"{root / 'dataset.json'}: expected 'channel_names' (an object) and 'file_ending' (e.g. "
+                        f"'.nii.gz'), got {channels!r} and {ending!r}")
+    labels = read_datalist({"training": [], "labels": meta.get("labels")}, str(root / "dataset.json"))["labels"] \
+        if isinstance(meta.get("labels"), dict) else None
+    if not labels:
+        raise SlabError(f"{root / 'dataset.json'}: expected 'labels', e.g. {{\"background\": 0, \"liver\": 1}}")
+    images, label_dir = _require_dir(root / "imagesTr", "imagesTr/"), _require_dir(root / "labelsTr", "labelsTr/")
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
+    cases: dict[str, dict[int, Path]] = {}
+    for path in images.iterdir():
+        match = pattern.match(path.name)
+        if match:
+            cases.setdefault(match["case"], {})[int(match["channel"])] = path
+    if not cases:
+        raise SlabError(f"{images}: no {{case}}_0000{ending} files")
+    items = []
+    for case in sorted(cases, key=natural_key):
+        found = cases[case]
+        if sorted(found) != list(range(len(channels))):
+            raise SlabError(f"{images}: case {case} has channel files {sorted(found)}; dataset.json names "
+                            f"{len(channels)} channel(s) (0000 to {len(channels) - 1:04d})")
+        label = _require_file(label_dir / f"{case}{ending}", f"the label of case {case}")
+        paths = [str(found[c]) for c in range(len(channels))]
+        items.append({"id": case, "case": case, "image": paths if len(paths) > 1 else paths[0], "label": str(label)})
+    out.meta = {"labels": labels, "modality": {str(k): v for k, v in channels.items()}}
+    return items
+
+
 # ---------------------------------------------------------------------------------------------
 # Folds and the datalist
 
@@ -351,6 +393,7 @@ ADAPTERS = {
     "uwmgi": (uwmgi_items, list(UWMGI_CLASSES), "channels"),
     "brats": (brats_items, list(BRATS_LABELS), "channels"),
     "rsna-spine": (rsna_spine_items, list(RSNA_VERTEBRAE), "values"),
+    "nnunet": (nnunet_items, None, "values"),  # the labels' names come from its dataset.json
 }
 
 
@@ -386,7 +429,7 @@ def build_datalist(kind: str, root, out_dir, n_folds: int = 5, seed: int = 0) ->
 
     Parameters
     ----------
-    kind : ``"sennet"``, ``"uwmgi"``, ``"brats"`` or ``"rsna-spine"``.
+    kind : ``"sennet"``, ``"uwmgi"``, ``"brats"``, ``"rsna-spine"`` or ``"nnunet"`` (a v2 raw dataset).
     root : the dataset as downloaded (see each ``*_items`` function for its layout).
     out_dir : where ``datalist.json`` and converted volumes (``volumes/<id>/``) go.
     n_folds : folds, grouped by case; fold 0 is the ``validation`` list.
@@ -420,7 +463,7 @@ def build_datalist(kind: str, root, out_dir, n_folds: int = 5, seed: int = 0) ->
                 item["fold"] = folds[item["case"]]
             validation = [item for item in items if item["fold"] == 0] if n_folds > 1 else []
             datalist = {
-                "kind": kind, "root": str(root), "labels": labels, "label_format": label_format,
+                "kind": kind, "root": str(root), "labels": labels, "label_format": label_format, **out.meta,
                 "n_folds": n_folds, "seed": seed,
                 "training": [item for item in items if item not in validation],
                 "validation": validation, "skipped": out.skipped,
