@@ -93,7 +93,7 @@ def test_report_holds_the_run_and_the_best_checkpoints_pictures(cases, tmp_path)
     # one picture: the first validation volume at the best epoch, equal to its sections redrawn
     # from best.pt's prediction at the chosen threshold
     index = json.loads((out / "report" / "pictures.json").read_text(encoding="utf-8"))
-    assert index["epoch"] == best["epoch"] and len(index["pictures"]) == 1 and len(page.images) == 2
+    assert index["epoch"] == best["epoch"] and len(index["pictures"]) == 2 and len(page.images) == 3
     picture = page.images[1][1]
     assert picture == (out / "report" / index["pictures"][0]["file"]).read_bytes()
     assert Image.open(io.BytesIO(picture)).size == (1200, 450)
@@ -110,6 +110,20 @@ def test_report_holds_the_run_and_the_best_checkpoints_pictures(cases, tmp_path)
                              title=f"{item['id']}: label 1, threshold {threshold:g}",
                              affine=affine)
     np.testing.assert_array_equal(np.asarray(Image.open(redrawn["path"])), np.asarray(Image.open(io.BytesIO(picture))))
+    # and the reliability curve over the body of the validation volumes, redrawn from best.pt's prediction
+    from slab.pipeline.evaluation.calibration import calibration, plot_reliability, pooled
+
+    curves = []
+    for each in json.loads(cases.read_text(encoding="utf-8"))["validation"]:  # every validation volume
+        image, label, _, _ = load_pair(each, best["config"]["normalize"])
+        prob = predict_2p5d(net.eval(), image, planes=best["config"]["planes"], offsets=best["config"]["offsets"],
+                            device="cpu", batch_size=best["config"]["val"]["batch_size"])
+        curves.append(calibration(np.asarray(prob), (np.asarray(label) > 0).astype(np.uint8), np.asarray(image)))
+    plot_reliability({"label 1": pooled([c[0] for c in curves])}, tmp_path / "reliability.png",
+                     "reliability over the body, validation volumes")
+    assert page.images[2][1] == (out / "report" / index["pictures"][1]["file"]).read_bytes()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "reliability.png")),
+                                  np.asarray(Image.open(io.BytesIO(page.images[2][1]))))
     assert not [p for p in out.rglob(".*")]
 
 
@@ -141,4 +155,4 @@ def test_report_without_pictures_and_after_a_resume(cases, tmp_path, monkeypatch
     page = _page(tmp_path / "resumed" / "report.html")
     assert len(page.tables[1]) == 1 + 2  # the header and both epochs
     assert f"Validation predictions at the best epoch ({result['best']['epoch']})" in page.headings
-    assert len(page.images) == 2
+    assert len(page.images) == 3  # curves, the first volume's sections, the reliability curve

@@ -92,6 +92,7 @@ class SegValidation:
         # the probabilities of this epoch's first volumes, for the report's pictures
         self.drawn = cfg["report_volumes"] if info.is_main and not self.stream else 0
         self.probabilities: dict[int, np.ndarray] = {}
+        self.reliability: dict[int, list[dict]] = {}  # this epoch's reliability curves, per volume and label
 
     def _check(self, channels: int, labels: int | None) -> None:
         if (self.channels is not None and channels != self.channels) or (labels is not None and labels != self.n_labels):
@@ -150,7 +151,10 @@ class SegValidation:
                 self.probabilities[k] = scored.astype(np.float16)
             sweep = threshold_sweep(scored, truth, thresholds, spacing, self.tolerances,
                                     cldice=self.cfg["val"]["cldice"])
-            ece = self._calibration(prob, truth, image)
+            curves = self._calibration(prob, truth, image)
+            if curves is not None and self.drawn:
+                self.reliability[k] = curves
+            ece = [c["ece"] for c in curves] if curves is not None else None
         return (index, sweep["thresholds"], [
             {"dice": c["dice"], "surface_dice_0": c["surface_dice"][str(0.0)],
              "surface_dice_tol": c["surface_dice"][str(float(self.tolerances[-1]))],
@@ -159,15 +163,15 @@ class SegValidation:
         ])
 
     @staticmethod
-    def _calibration(prob, truth, image) -> list[float] | None:
-        """Per label, the expected calibration error over the body (an in-memory volume only:
-        a streamed one is not read whole for it)."""
+    def _calibration(prob, truth, image) -> list[dict] | None:
+        """Per label, the reliability curve and expected calibration error over the body (an
+        in-memory volume only: a streamed one is not read whole for it)."""
         from slab.pipeline.evaluation.calibration import calibration
         from slab.transforms.lazy import LazyVolume
 
         if isinstance(image, LazyVolume) or not isinstance(prob, np.ndarray):
             return None
-        return [c["ece"] for c in calibration(prob, truth, np.asarray(image))]
+        return calibration(prob, truth, np.asarray(image))
 
     def pictures(self, folder: Path | None, threshold, names: list[str]) -> list[tuple[str, Path]]:
         """Sections of the kept volumes, prediction at ``threshold`` (one per label, or a list)
@@ -176,6 +180,7 @@ class SegValidation:
         from slab.pipeline.evaluation.sections import cross_sections
 
         kept, self.probabilities = self.probabilities, {}
+        reliability, self.reliability = self.reliability, {}
         if folder is None:
             return []
         thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else None
@@ -191,6 +196,16 @@ class SegValidation:
                 cross_sections(image[0].numpy(), prob[c] > t, truth[c], png, spacing=spacing,
                                title=f"{case}: {name}, threshold {t:g}", affine=self.affines[index])
                 drawn.append((f"{case}: {name}", png))
+        if reliability:  # the reliability curve of every label, pooled over this process's volumes
+            from slab.pipeline.evaluation.calibration import plot_reliability, pooled
+
+            n = len(next(iter(reliability.values())))
+            curves = {(names[c] if c < len(names) else f"label {c + 1}"): pooled([r[c] for r in reliability.values()])
+                      for c in range(n)}
+            png = folder / "reliability.png"
+            plot_reliability(curves, png, "reliability over the body, validation volumes")
+            drawn.append(("reliability over the body (validation volumes): predicted probability against the share "
+                          "truly foreground", png))
         return drawn
 
     def summarize(self, parts: list, info: DistInfo) -> dict:
