@@ -897,7 +897,13 @@ def _network_file(config):
     return build
 
 
+def _plan_folder(d, w):
+    (d / "notadataset").mkdir()
+    return ["plan", str(d / "notadataset"), "-o", str(d / "plan"), "--device", "cpu"]
+
+
 ROUND_TWO = {
+    "plan:folder-without-dataset-json": (_plan_folder, "notadataset"),
     "train:network-too-large": (_train_huge_network, "network"),
     "predict:network-strides-empty": (_network_file({"channels": [4], "strides": []}), "n.json"),
     "predict:network-too-large": (_network_file({"channels": [8192, 16384, 32768], "strides": [2, 2]}), "n.json"),

@@ -731,8 +731,8 @@ def test_a_decathlon_dataset_json_plans_and_trains_as_it_comes(tmp_path, labels)
     data = read_datalist(dataset)
     assert data["labels"] == ["liver", "spleen"] and data["label_format"] == "values"
     plan = tmp_path / "plan"
-    assert main(["plan", str(dataset), "-o", str(plan), "--device", "cpu", "--epochs", "1", "--folds", "3",
-                 "--configurations", "2d"]) == 0
+    assert main(["plan", str(dataset.parent), "-o", str(plan), "--device", "cpu", "--epochs", "1", "--folds", "3",
+                 "--configurations", "2d"]) == 0  # the task's folder, as it comes
     plans = json.loads((plan / "plans.json").read_text())
     assert plans["labels"] == ["liver", "spleen"] and plans["configurations"]["2d"]["config"]["loss"] == "dice_ce"
     assert "MRI" in plans["configurations"]["2d"]["reasons"]["normalize"]
@@ -777,6 +777,12 @@ def test_an_nnunet_raw_dataset_becomes_a_datalist(tmp_path, capsys):
                  "--epochs", "1", "--configurations", "2d"]) == 0
     plans = json.loads((tmp_path / "plan" / "plans.json").read_text())
     assert plans["labels"] == ["liver"] and "MRI" in plans["configurations"]["2d"]["reasons"]["normalize"]
+    # slab plan takes the raw folder itself
+    assert main(["plan", str(root), "-o", str(tmp_path / "plan_raw"), "--device", "cpu", "--epochs", "1",
+                 "--configurations", "2d"]) == 0
+    raw = json.loads((tmp_path / "plan_raw" / "datalist.json").read_text())
+    assert sorted(i["case"] for i in raw["training"]) == ["org_000", "org_001", "org_002"]
+    assert json.loads((tmp_path / "plan_raw" / "plans.json").read_text())["labels"] == ["liver"]
     (root / "imagesTr" / "org_002_0001.nii.gz").unlink()  # a case missing a channel: one line
     capsys.readouterr()
     assert main(["dataset", "nnunet", str(root), str(tmp_path / "out2")]) == 2

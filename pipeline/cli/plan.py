@@ -14,7 +14,9 @@ HELP = "fingerprint a dataset and plan its 2d, 2.5d and 3d configurations (or --
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("datalist", metavar="DATALIST.json", help="Decathlon-style datalist of labelled cases")
+    parser.add_argument("datalist", metavar="DATALIST.json",
+                        help="Decathlon-style datalist of labelled cases, a Decathlon task's dataset.json, or an "
+                             "nnU-Net v2 raw dataset folder")
     parser.add_argument("-o", "--out", metavar="PLAN_DIR", help="where the fingerprint and plans go")
     parser.add_argument("--verify", action="store_true",
                         help="only check every case (geometry, label values, channels, NaN) and list every problem")
@@ -38,7 +40,10 @@ def paths(args) -> tuple[dict, dict]:
     from slab.pipeline.data.datalist import datalist_paths
 
     inputs = {"DATALIST": args.datalist}
-    if Path(args.datalist).is_file():
+    if Path(args.datalist).is_dir() and (Path(args.datalist) / "dataset.json").is_file():
+        inputs["DATALIST"] = str(Path(args.datalist) / "dataset.json")
+        inputs["the dataset folder"] = [str(Path(args.datalist) / "imagesTr"), str(Path(args.datalist) / "labelsTr")]
+    elif Path(args.datalist).is_file():
         inputs["datalist entries"] = datalist_paths(args.datalist)
     outputs = None
     if args.out and not args.verify:
@@ -59,6 +64,11 @@ def configurations(text: str) -> list[str]:
 
 def run(args) -> int:
     from slab.pipeline.planning.fingerprint import fingerprint
+
+    if Path(args.datalist).is_dir():  # a Decathlon task or an nnU-Net raw dataset, as it comes
+        from slab.pipeline.data.adapters import dataset_folder
+
+        args.datalist = dataset_folder(args.datalist)
 
     if args.verify:
         fp, problems = fingerprint(args.datalist)

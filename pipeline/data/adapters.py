@@ -385,6 +385,25 @@ def nnunet_items(root: Path, out: Staging) -> list[dict]:
     return items
 
 
+def dataset_folder(folder) -> dict | Path:
+    """What ``slab plan DIR`` plans from a dataset folder as it comes: an nnU-Net v2 raw dataset
+    (``dataset.json`` with ``channel_names``, ``imagesTr/``, ``labelsTr/``) as a datalist of its
+    cases (:func:`nnunet_items`), or a Decathlon task's ``dataset.json`` (its ``training`` list)."""
+    folder = Path(folder).resolve()
+    meta_path = folder / "dataset.json"
+    if not meta_path.is_file():
+        raise SlabError(f"{folder}: a folder holding no dataset.json; give a datalist file, a Decathlon task or an "
+                        "nnU-Net raw dataset folder")
+    from slab.transforms.checks import read_json_object
+
+    meta = read_json_object(meta_path, "dataset.json")
+    if "training" in meta:
+        return meta_path
+    staging = Staging(folder / ".unused", folder / ".unused")  # nnU-Net's raw files are read as they are
+    items = nnunet_items(folder, staging)
+    return {"training": items, "label_format": "values", **staging.meta, "name": str(meta.get("name", folder.name))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Folds and the datalist
 
