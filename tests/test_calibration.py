@@ -57,8 +57,7 @@ def test_body_mask_fills_the_head_and_leaves_the_air():
 
 def test_threshold_at_the_centre_of_a_flat_optimum():
     levels = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    # a sharp peak at 0.8 a hair above a plateau from 0.3 to 0.6: the plateau's centre is kept?
-    # No: the plateau around the best is what counts; a lone best gives itself
+    # the plateau is the run around the best: a lone best at 0.9, far above a flat 0.3-0.6, is kept
     peak = [0.5, 0.6, 0.8, 0.8, 0.8, 0.8, 0.7, 0.9, 0.6]
     assert choose_threshold(levels, peak)[0] == 0.8
     flat = [0.5, 0.6, 0.897, 0.9, 0.899, 0.898, 0.7, 0.6, 0.5]

@@ -66,14 +66,20 @@ def reliability(prob, truth, region=None, bins: int = BINS) -> dict:
     count = np.bincount(index, minlength=bins).astype(np.float64)
     total = np.bincount(index, weights=p, minlength=bins)
     true = np.bincount(index, weights=t.astype(np.float64), minlength=bins)
+    return _curve(count, total, true, float(np.sum((p - t) ** 2)))
+
+
+def _curve(count: np.ndarray, total: np.ndarray, true: np.ndarray, squared: float) -> dict:
+    """The curve, ECE and Brier score from per-bin voxel counts, summed probabilities, true
+    voxels, and the summed squared error."""
+    bins = len(count)
+    n = float(count.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p, observed = total / count, true / count
-    n = float(count.sum())
-    ece = float(np.nansum(count * np.abs(mean_p - observed)) / n) if n else float("nan")
-    brier = float(np.mean((p - t) ** 2)) if n else float("nan")
-    return {"ece": ece, "brier": brier, "voxels": int(n),
-            "bins": [{"low": b / bins, "high": (b + 1) / bins, "count": int(count[b]),
-                      "probability": float(mean_p[b]), "observed": float(observed[b])} for b in range(bins)]}
+    return {"ece": float(np.nansum(count * np.abs(mean_p - observed)) / n) if n else float("nan"),
+            "brier": squared / n if n else float("nan"), "voxels": int(n),
+            "bins": [{"low": b / bins, "high": (b + 1) / bins, "count": int(count[b]), "probability": float(mean_p[b]),
+                      "observed": float(observed[b])} for b in range(bins)]}
 
 
 def calibration(prob: np.ndarray, truth: np.ndarray, image=None, bins: int = BINS) -> list[dict]:
@@ -85,25 +91,11 @@ def calibration(prob: np.ndarray, truth: np.ndarray, image=None, bins: int = BIN
 
 def pooled(curves: list[dict]) -> dict:
     """One reliability curve of several (volumes): counts added, means weighted by counts."""
-    bins = len(curves[0]["bins"])
-    count = np.zeros(bins)
-    total = np.zeros(bins)
-    true = np.zeros(bins)
-    brier = 0.0
-    for curve in curves:
-        for b, row in enumerate(curve["bins"]):
-            if row["count"]:
-                count[b] += row["count"]
-                total[b] += row["probability"] * row["count"]
-                true[b] += row["observed"] * row["count"]
-        brier += curve["brier"] * curve["voxels"] if curve["voxels"] else 0.0
-    n = float(count.sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p, observed = total / count, true / count
-    return {"ece": float(np.nansum(count * np.abs(mean_p - observed)) / n) if n else float("nan"),
-            "brier": brier / n if n else float("nan"), "voxels": int(n),
-            "bins": [{"low": b / bins, "high": (b + 1) / bins, "count": int(count[b]), "probability": float(mean_p[b]),
-                      "observed": float(observed[b])} for b in range(bins)]}
+    count = np.array([[r["count"] for r in c["bins"]] for c in curves], np.float64)
+    total = np.nan_to_num(np.array([[r["probability"] for r in c["bins"]] for c in curves])) * count
+    true = np.nan_to_num(np.array([[r["observed"] for r in c["bins"]] for c in curves])) * count
+    squared = sum(c["brier"] * c["voxels"] for c in curves if c["voxels"])
+    return _curve(count.sum(0), total.sum(0), true.sum(0), squared)
 
 
 def plot_reliability(curves: dict, png, title: str = "") -> None:
