@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench bench-outofcore venv clean
+.PHONY: demo test test-all test-wheel bench bench-outofcore venv clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# the sdist and the wheel built from it, installed into a fresh venv and used outside the checkout
+test-wheel: $(STAMP)
+	$(PY) -m pytest -q -m slow tests/test_wheel.py
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "" tests

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from slab.pipeline.paths import BUNDLES_DIR, DATA_DIR, REPO_ROOT, sample_dir
+from slab.pipeline.paths import BUNDLES_DIR, DATA_DIR, bundle_dir, sample_dir
 from slab.transforms.errors import SlabError
 
 # What every bundle directory holds (models/model.pt only where weights ship).
@@ -36,8 +36,8 @@ _NIFTI = re.compile(r"\.nii(\.gz)?$")
 
 def require_files(root, files: Sequence[str] = ("configs/inference.json", "models/model.pt")) -> Path:
     """``root`` as a Path when every one of ``files`` (relative to it) exists, else a SlabError
-    naming the first missing path."""
-    root = Path(root)
+    naming the first missing path. ``root`` may name a shipped bundle (:func:`bundle_dir`)."""
+    root = bundle_dir(root)
     if not root.is_dir():
         raise SlabError(f"{root}: bundle directory not found")
     for name in files:
@@ -442,7 +442,7 @@ def SliceLogits(config: Mapping) -> nn.Module:  # noqa: N802 - the configs' comp
     return Logits.of(network(config))
 
 
-__all__ = ["REPO_ROOT", "BUNDLES_DIR", "DATA_DIR", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
+__all__ = ["BUNDLES_DIR", "DATA_DIR", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
            "export_training", "image_dataset", "segmentation_evaluator", "classification_evaluator", "run_evaluator",
            "run_inference", "run_evaluation", "run_classification",
            "predictor_settings", "network", "SliceLogits"]

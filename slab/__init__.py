@@ -39,7 +39,9 @@ _API = {
     # volumes, transforms, networks
     "load_volume": "slab.transforms.io", "save_volume": "slab.transforms.io",
     "write_dicom_seg": "slab.transforms.dicom_seg", "postprocess": "slab.transforms.post",
-    "PercentileNormalize": "slab.transforms.intensity", "build_network": "networks", "load_weights": "networks",
+    "PercentileNormalize": "slab.transforms.intensity", "build_network": "slab.networks", "load_weights": "slab.networks",
+    # what this installation ships: the bundles (by name, e.g. Predictor.from_bundle("vessel_2p5d")) and sample data
+    "sample_dir": "slab.pipeline.paths", "shipped_bundles": "slab.pipeline.paths",
 }
 __all__ = sorted(_API)
 

@@ -10,7 +10,7 @@ import torch
 from monai.bundle import ConfigParser, verify_net_in_out
 from monai.bundle.scripts import _get_fake_spatial_shape
 
-from slab.pipeline.bundle import BUNDLE_FILES, BUNDLES_DIR, require_files, run_bundle
+from slab.pipeline.bundle import BUNDLE_FILES, BUNDLES_DIR, require_files, run_bundle, sample_dir
 from slab.pipeline.cli import main
 from slab.transforms.errors import SlabError
 from slab.transforms.io import load_volume
@@ -226,7 +226,7 @@ def test_predict_through_a_broken_bundle_exits_2(tmp_path, capsys):
     bundle = tmp_path / "b"
     (bundle / "configs").mkdir(parents=True)
     shutil.copy(BUNDLES_DIR / "vessel_2p5d" / "configs" / "inference.json", bundle / "configs")
-    code = main(["predict", "-i", str(BUNDLES_DIR.parent / "data" / "vessel_phantom" / "image.nii.gz"),
+    code = main(["predict", "-i", str(Path(sample_dir("vessel_phantom")) / "image.nii.gz"),
                  "-o", str(tmp_path / "mask.nii.gz"), "--bundle", str(bundle)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "model.pt" in err
@@ -417,3 +417,16 @@ def test_mlflow_tracking_of_a_bundle_training(tmp_path):
     assert history["val_surface_dice_0"] == [(2, pytest.approx(rows[-1]["val_surface_dice_0"]))]
     assert history["dice"][-1] == (2, pytest.approx(rows[-1]["val_dice"]))  # the evaluator's own metrics
     assert run.data.params["max_epochs"] == "2"
+
+
+def test_a_shipped_bundle_is_found_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    from slab.pipeline.paths import bundle_dir, shipped_bundles
+
+    assert shipped_bundles() == ["brats_3d", "gi_tract_2p5d", "spine_cls_2p5d", "vessel_2p5d"]
+    monkeypatch.chdir(tmp_path)
+    assert bundle_dir("vessel_2p5d") == BUNDLES_DIR / "vessel_2p5d"
+    assert require_files("brats_3d") == BUNDLES_DIR / "brats_3d"
+    (tmp_path / "vessel_2p5d").mkdir()  # the user's own folder of that name is what they mean
+    assert bundle_dir("vessel_2p5d") == Path("vessel_2p5d")
+    assert bundle_dir("no_such_bundle") == Path("no_such_bundle")
+    assert bundle_dir("sub/brats_3d") == Path("sub/brats_3d")  # a path is never rewritten

@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from slab.pipeline.bundle import BUNDLES_DIR, REPO_ROOT
+from slab.pipeline.bundle import BUNDLES_DIR
 from slab.pipeline.cli import main
 from slab.transforms.rle import read_sennet_rles
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + [f"bundles/{b}/docs/README.md" for b in
                         ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")]
 # Documented but not runnable on this machine, with the reason.

@@ -41,6 +41,7 @@ def test_the_public_api_resolves_every_name():
     for name in slab.__all__:
         value = getattr(slab, name)
         assert callable(value), name
+        assert value.__module__.startswith("slab."), (name, value.__module__)  # never a bare folder name
     assert slab.Predictor.__module__ == "slab.pipeline.inference.predictor"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         slab.nothing  # noqa: B018
@@ -125,8 +126,9 @@ print(sorted(m for m in ("torch", "monai", "SimpleITK", "pyvista", "nibabel", "s
 
 
 def test_the_wheel_holds_only_the_slab_namespace(tmp_path):
-    """A regular (non-editable) build: every file under ``slab/`` (the compiled fill included) or the
-    ``slab_seg`` metadata, and the console script pointing into the namespace."""
+    """A regular (non-editable) build: every file under ``slab/`` (the compiled fill, the bundles and
+    the sample volume included) or the ``slab_seg`` metadata, and the console script pointing into
+    the namespace. (tests/test_wheel.py installs such a wheel and uses it.)"""
     import shutil
     import subprocess
     import sys
@@ -136,7 +138,7 @@ def test_the_wheel_holds_only_the_slab_namespace(tmp_path):
     source.mkdir()
     for name in ("setup.py", "setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for package in PACKAGES:
+    for package in (*PACKAGES, "bundles", "data"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
@@ -147,5 +149,10 @@ def test_the_wheel_holds_only_the_slab_namespace(tmp_path):
     assert {"slab/__init__.py", "slab/__main__.py", "slab/pipeline/cli/predict.py", "slab/transforms/post.py",
             "slab/networks/factory.py"} <= set(names)
     assert any(n.startswith("slab/transforms/_fill.") and n.endswith((".so", ".pyd")) for n in names)
+    for bundle in ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d"):
+        for name in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/logging.conf",
+                     "docs/README.md", "models/model.pt", "models/model.json", "LICENSE"):
+            assert f"slab/bundles/{bundle}/{name}" in names, (bundle, name)
+    assert {"slab/data/vessel_phantom/image.nii.gz", "slab/data/vessel_phantom/label.nii.gz"} <= set(names)
     entry = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-0.1.0.dist-info/entry_points.txt").decode()
     assert "slab = slab.pipeline.cli:main" in entry

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", default="outputs/demo", metavar="DIR", help="output folder (default outputs/demo)")
     parser.add_argument("--bundle", default=str(BUNDLES_DIR / "vessel_2p5d"), metavar="DIR",
-                        help="bundle directory (default: the shipped vessel_2p5d); read as data, never executed")
+                        help="bundle directory or a shipped bundle's name (default: the shipped vessel_2p5d); "
+                        "read as data, never executed")
     parser.add_argument("--data", default=sample_dir("vessel_phantom"), metavar="DIR",
                         help="folder with image*.nii.gz and label*.nii.gz (default: data/vessel_phantom)")
     parser.add_argument("--planes", metavar="P[,P]", help="inference planes, e.g. xy or xy,zx,zy (default: the bundle's)")

@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
                              "SEG of a DICOM series INPUT, one segment per label), or a directory (slice stack, "
                              "0/255; one result per volume when INPUT is a directory of volumes)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--bundle", metavar="DIR", help="bundle with configs/inference.json and models/model.pt")
+    source.add_argument("--bundle", metavar="DIR", help="bundle with configs/inference.json and models/model.pt, "
+                        "or the name of a shipped bundle (vessel_2p5d, gi_tract_2p5d, brats_3d, spine_cls_2p5d)")
     source.add_argument("--model", metavar="MODEL",
                         help="a trained model: a training run directory or checkpoint (best.pt), a slab cv plan "
                              "directory (its fold ensemble), or the name of an installed model; it brings its "
@@ -106,7 +107,9 @@ def bundle_contents(bundle) -> list[Path]:
     """What of a bundle directory is its own (outputs may go elsewhere in the folder)."""
     if not bundle:
         return []
-    return [Path(bundle) / name for name in ("configs", "models", "docs", "scripts", "LICENSE")]
+    from slab.pipeline.paths import bundle_dir
+
+    return [bundle_dir(bundle) / name for name in ("configs", "models", "docs", "scripts", "LICENSE")]
 
 
 def model_contents(model) -> list[Path]:

@@ -15,6 +15,7 @@ from slab.pipeline.device import amp_dtype, resolve_device
 from slab.pipeline.inference.forward import ACTIVATIONS, as_float, check_choice, check_planes, check_positive
 from slab.pipeline.inference.multiplane import predict_2p5d
 from slab.pipeline.inference.window import predict_3d
+from slab.pipeline.paths import bundle_dir
 from slab.transforms.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
 from slab.transforms.errors import SlabError
 from slab.transforms.intensity import make_normalize
@@ -148,8 +149,9 @@ class Predictor:
         ``offsets``, ``planes``, ``roi_size``) and optionally ``mode``, ``planes``, ``offsets``,
         ``tta``, ``normalize``, ``postprocess``, ``roi_size``, ``overlap``, ``batch_size``,
         ``sw_batch_size``: the keyword arguments of :class:`Predictor` of the same names.
+        ``directory`` may name a shipped bundle (``"vessel_2p5d"``).
         """
-        config_path = Path(directory) / "configs" / "inference.json"
+        config_path = bundle_dir(directory) / "configs" / "inference.json"
         section = read_json_object(config_path, "bundle inference config (configs/inference.json)").get("slab")
         if not isinstance(section, dict) or not isinstance(section.get("network"), dict):
             raise SlabError(f"{config_path}: expected a \"slab\" object with a \"network\" object")
@@ -173,8 +175,9 @@ class Predictor:
         validation beside the weights (:func:`recorded_postprocess`), unless the overrides give
         a ``threshold`` or ``hysteresis`` themselves.
         """
+        directory = bundle_dir(directory)
         section = cls.bundle_section(directory)
-        weights = Path(directory) / "models" / "model.pt" if weights is None else Path(weights)
+        weights = directory / "models" / "model.pt" if weights is None else Path(weights)
         options = {k: v for k, v in section.items() if k != "network"}
         options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
         given = dict(overrides.get("postprocess") or {})
@@ -182,7 +185,7 @@ class Predictor:
         if "threshold" not in given:
             postprocess = recorded_postprocess(postprocess, weights, section["network"].get("out_channels"))
         options["postprocess"] = postprocess
-        config_path = Path(directory) / "configs" / "inference.json"
+        config_path = directory / "configs" / "inference.json"
         given = {k for k, v in overrides.items() if v is not None}
         try:
             return cls(section["network"], weights, **options)

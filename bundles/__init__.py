@@ -1,0 +1,1 @@
+"""The MONAI bundles slab ships (package data: ``configs/``, ``models/``, ``docs/`` of each)."""
