@@ -140,13 +140,15 @@ def ship(bundle: Path, result: dict, metrics: dict) -> None:
     ``eval_metrics`` of its metadata."""
     import shutil
 
+    from slab.pipeline.bundle import zoo_json
+
     exported = Path(result["exported"])
     for source in (exported, exported.with_suffix(".json")):
         shutil.copyfile(source, bundle / "models" / source.name)
     meta_path = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     meta["eval_metrics"] = metrics
-    meta_path.write_text(json.dumps(meta, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+    meta_path.write_text(zoo_json(meta), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ def list_pairs(dataset_dir, image_pattern: str = "image*", label_pattern: str = 
     return [{"image": i, "label": lab} for i, lab in zip(images, labels)]
 
 
+def zoo_json(value) -> str:
+    """``value`` as the model zoo's ``pretty-format-json --no-sort-keys --indent=4`` hook formats a
+    bundle's JSON (keys in order, ASCII, a final newline), so that written files pass it as they are."""
+    return json.dumps(value, indent=4, default=float) + "\n"
+
+
 def _stem(path) -> str:
     name = Path(path).name
     return _NIFTI.sub("", name) if _NIFTI.search(name) else Path(name).stem
@@ -110,6 +116,44 @@ def run_bundle(bundle, configs: Sequence[str] = ("inference.json",), **overrides
 
 # ---------------------------------------------------------------------------------------------
 # Data for the bundles' training configs
+
+
+def datalist_items(datalist, section: str = "training") -> list[dict]:
+    """A datalist's ``training`` or ``validation`` items, paths resolved and checked: the data
+    source of a bundle's ``train#dataset`` / ``validate#dataset`` (``...#dataset#data``, the model
+    zoo's names), which its trainer trains on through :func:`with_items`."""
+    from slab.pipeline.data.datalist import load_datalist
+
+    if section not in ("training", "validation"):
+        raise SlabError(f"section: expected training or validation, got {section!r}")
+    training, validation = load_datalist(datalist, fold=None)
+    return list(training if section == "training" else validation)
+
+
+def with_items(datalist, training: Sequence[Mapping], validation: Sequence[Mapping]) -> dict:
+    """``datalist`` (a file or an object: labels, label format, ...) with its ``training`` and
+    ``validation`` lists replaced, so that overriding ``train#dataset#data`` or
+    ``validate#dataset#data`` changes what a bundle trains and validates on."""
+    from slab.pipeline.data.datalist import read_datalist
+
+    data = read_datalist(datalist)
+    data["training"], data["validation"] = [dict(i) for i in training], [dict(i) for i in validation]
+    return data
+
+
+def sample_phantom(out_dir, kind: str, shape: Sequence[int], seed: int = 0) -> str:
+    """``out_dir`` holding one phantom image, ``image.nii.gz`` (seed 0, which no bundle trains or
+    validates on), written once: the default ``dataset_dir`` of a bundle's inference, so that it
+    runs as shipped, and MONAI's property check passes, without data. Evaluation needs labelled
+    data: a bundle's ``evaluate.json`` asks for its own ``dataset_dir``."""
+    from slab.pipeline.data.phantom import make_phantom
+    from slab.transforms.io import save_volume
+
+    image = Path(out_dir) / "image.nii.gz"
+    if not image.is_file():
+        phantom = make_phantom([int(s) for s in shape], int(seed), kind=kind)
+        save_volume(phantom.image, image, affine=phantom.affine)
+    return str(image.parent)
 
 
 def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96, 96, 96),
@@ -211,7 +255,7 @@ def export_training(trainer, export_weights=None) -> dict:
         summary = {"best": result["best"], "threshold": result["threshold"], "time_s": result["time_s"],
                    "history": result["history"]}
         with atomic_write(target.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(summary, indent=1, default=float) + "\n", encoding="utf-8")
+            tmp.write_text(zoo_json(summary), encoding="utf-8")
         result["exported"] = str(target)
     return result
 
@@ -442,7 +486,7 @@ def SliceLogits(config: Mapping) -> nn.Module:  # noqa: N802 - the configs' comp
     return Logits.of(network(config))
 
 
-__all__ = ["BUNDLES_DIR", "DATA_DIR", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "phantom_datalist",
+__all__ = ["zoo_json", "BUNDLES_DIR", "DATA_DIR", "sample_dir", "require_files", "run_bundle", "list_inputs", "list_pairs", "datalist_items", "with_items", "sample_phantom", "phantom_datalist",
            "export_training", "image_dataset", "segmentation_evaluator", "classification_evaluator", "run_evaluator",
            "run_inference", "run_evaluation", "run_classification",
            "predictor_settings", "network", "SliceLogits"]

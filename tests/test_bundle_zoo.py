@@ -72,6 +72,51 @@ def test_zoo_directory_and_metadata_schema(name, tmp_path):
             verify_metadata(meta_file=str(bad), filepath=str(schema))
 
 
+def zoo_requirements(meta: dict) -> list[str]:
+    """The lines the model zoo's ``ci/get_bundle_requirements.py`` writes for a bundle's metadata
+    (and then ``pip install -r``): MONAI, torch and numpy pinned, then every required and
+    optional package pinned to its version."""
+    lines = [f"monai=={meta['monai_version']}", f"torch=={meta['pytorch_version']}", f"numpy=={meta['numpy_version']}"]
+    for key in ("optional_packages_version", "required_packages_version"):
+        lines += [f"{name}=={version}" for name, version in meta.get(key, {}).items()]
+    return lines
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_zoo_requirement_step_names_real_distributions(name):
+    """What the zoo would pip install: slab's real distribution name (``slab-seg``, the version this
+    checkout builds; ``slab`` on the index is an unrelated audio library), and for every pin one of
+    slab's own dependencies, at or above the minimum slab declares, installed here at that version
+    or a later one of the same major version. The pins are the versions the bundle was trained and
+    tested with, not slab's minima: the zoo installs exactly them, and e.g. nibabel 5.0 (slab's
+    minimum) does not run with numpy 2. tests/test_wheel.py resolves the file with pip."""
+    import configparser
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    import slab
+
+    meta = json.loads((BUNDLES_DIR / name / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    required = meta["required_packages_version"]
+    assert "slab" not in required
+    cfg = configparser.ConfigParser()
+    cfg.read(BUNDLES_DIR.parent / "setup.cfg")
+    assert required["slab-seg"] == slab.__version__ == cfg["metadata"]["version"] == version("slab-seg")
+    minima = dict(re.findall(r"^\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)\s*$", cfg["options"]["install_requires"], re.M))
+    for dist, pinned in required.items():
+        if dist != "slab-seg":
+            assert dist in minima and Version(pinned) >= Version(minima[dist]), (dist, pinned, minima.get(dist))
+    for line in zoo_requirements(meta):
+        dist, pinned = line.split("==")
+        try:
+            installed = Version(version(dist))
+        except PackageNotFoundError:
+            raise AssertionError(f"{name}: {line} names no distribution installed with slab") from None
+        assert installed.release[0] == Version(pinned).release[0] and installed >= Version(pinned), (line, installed)
+
+
 def test_logging_conf_is_what_monai_applies():
     """MONAI applies configs/logging.conf before a bundle's configs; it refuses one whose classes
     are not logging's own (they are eval()ed). All four bundles' files pass that check."""
@@ -143,6 +188,33 @@ def test_inference_properties_and_a_tracked_run(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_inference_runs_and_checks_clean_without_arguments(name, tmp_path, monkeypatch):
+    """As the zoo's verify_bundle.py checks a bundle (bundle_root, config, logging and meta files,
+    nothing else), MONAI's InferProperties are all there; and the bundle predicts as shipped, with
+    no data given: its default dataset_dir is the embedded sample (vessel_2p5d) or a phantom
+    sample (seed 0) written once under output_dir."""
+    root = BUNDLES_DIR / name
+    monkeypatch.chdir(tmp_path)
+    workflow = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"), workflow_type="infer",
+                              logging_file=str(root / "configs" / "logging.conf"),
+                              meta_file=str(root / "configs" / "metadata.json"), bundle_root=str(root))
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    (result,) = run_bundle(root, ("inference.json",), output_dir=str(tmp_path / "out"), device="cpu", **QUICK[name])
+    if name == "vessel_2p5d":
+        assert [Path(r["image"]).parent for r in result] == [BUNDLES_DIR.parent / "data" / "vessel_phantom"]
+    elif name == "spine_cls_2p5d":
+        assert str(tmp_path / "out" / "sample" / "image.nii.gz") in Path(result).read_text(encoding="utf-8")
+    else:
+        sample = load_volume(tmp_path / "out" / "sample" / "image.nii.gz")
+        mask = load_volume(result[0]["mask"])
+        assert sample.shape[0] == CHANNELS[name] and mask.shape[1:] == sample.shape[1:]
+        assert np.asarray(mask).any()  # the shipped weights find the phantom's structures
+    if name != "vessel_2p5d":
+        assert (tmp_path / "out" / "sample").is_dir() and not (BUNDLES_DIR / name / "out").exists()
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 def test_train_properties(name):
     root = BUNDLES_DIR / name
     workflow = ConfigWorkflow(config_file=str(root / "configs" / "train.json"), logging_file=False,
@@ -150,6 +222,28 @@ def test_train_properties(name):
                               bundle_root=str(root))
     workflow.initialize()
     assert workflow.check_properties() == []
+    for key in ("train#dataset", "train#dataset#data", "validate#dataset", "validate#dataset#data",
+                "train#trainer", "train#handlers", "validate#evaluator", "validate#handlers"):
+        assert key in workflow.parser, key  # the model zoo's names
+
+
+def test_overriding_the_zoo_data_keys_changes_what_a_bundle_trains_on(tmp_path):
+    """``train#dataset#data`` / ``validate#dataset#data`` are the data the trainer uses: a user who
+    overrides them (as with any zoo bundle) trains on their items."""
+    root = BUNDLES_DIR / "vessel_2p5d"
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "train.json"))
+    parser.update({"bundle_root": str(root), "output_dir": str(tmp_path / "run"), "device": "cpu",
+                   "phantom#shape": [24, 24, 24], "phantom#train_seeds": [1, 2], "phantom#val_seeds": [100]})
+    training = parser.get_parsed_content("train#dataset#data")
+    validation = parser.get_parsed_content("validate#dataset#data")
+    assert [Path(i["image"]).parent.name for i in training] == ["seed1", "seed2"]
+    assert [Path(i["image"]).parent.name for i in validation] == ["seed100"]
+    assert len(parser.get_parsed_content("train#dataset")) == 2
+    parser.update({"train#dataset#data": training[1:], "validate#dataset#data": training[:1]})
+    trainer = parser.get_parsed_content("train#trainer")
+    assert [i["image"] for i in trainer.task.train_items] == [training[1]["image"]]
+    assert [i["image"] for i in trainer.task.val_items] == [training[0]["image"]]
 
 
 def _example(name, parser) -> torch.Tensor:
@@ -277,3 +371,45 @@ def test_docs_follow_the_zoo_readme_template(name):
     references = text.split("## **References**", 1)[1]
     assert all(reference in references for reference in meta["references"])
     assert meta["authors"] in text.split("### **Tags**", 1)[0]
+
+
+# The model zoo's pre-commit hooks (its .pre-commit-config.yaml) that apply to a bundle's files,
+# run as the zoo runs them: pre-commit-hooks' own programs. Fixers run on a copy and must find
+# nothing to fix.
+ZOO_HOOKS = (("check-added-large-files", "--maxkb=1024", "--enforce-all"), ("end-of-file-fixer",),
+             ("trailing-whitespace-fixer",), ("mixed-line-ending",), ("detect-private-key",),
+             ("check-case-conflict",), ("check-executables-have-shebangs",),
+             ("pretty-format-json", "--no-sort-keys", "--indent=4"), ("check-json",), ("check-yaml",))
+TEXT = {".json", ".md", ".conf", ".yml", ".yaml", ".txt", ""}  # "" is LICENSE
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_zoo_formatting_hooks_pass(name, tmp_path):
+    copy = tmp_path / name
+    shutil.copytree(BUNDLES_DIR / name, copy)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # the hooks run in the zoo's repository,
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)    # on the files of a commit
+    files = sorted(p for p in copy.rglob("*") if p.is_file())
+    text = [p for p in files if p.suffix in TEXT]
+    kinds = {"pretty-format-json": ".json", "check-json": ".json", "check-yaml": ".yml"}
+    bin_dir = Path(sys.executable).parent
+    for hook, *args in ZOO_HOOKS:
+        chosen = files if hook in ("check-added-large-files", "check-case-conflict", "detect-private-key",
+                                   "check-executables-have-shebangs") else text
+        chosen = [p for p in chosen if hook not in kinds or p.suffix == kinds[hook]]
+        if hook == "check-executables-have-shebangs":  # pre-commit hands it the executable files only
+            chosen = [p for p in chosen if p.stat().st_mode & 0o111]
+        if not chosen:
+            continue
+        done = subprocess.run([str(bin_dir / hook), *args, *map(str, chosen)], capture_output=True, text=True,
+                              cwd=copy)
+        assert done.returncode == 0, (hook, done.stdout[-2000:], done.stderr[-2000:])
+    assert sorted(p for p in copy.rglob("*") if p.is_file()) == files
+    for path in files:  # the fixers changed nothing
+        assert path.read_bytes() == (BUNDLES_DIR / name / path.relative_to(copy)).read_bytes(), path
+    # and the size rule is not vacuous: the hook refuses a file over 1 MiB
+    big = copy / "models" / "big.pt"
+    big.write_bytes(b"\0" * (1025 * 1024))
+    done = subprocess.run([str(bin_dir / "check-added-large-files"), "--maxkb=1024", "--enforce-all", str(big)],
+                          capture_output=True, text=True, cwd=copy)
+    assert done.returncode == 1 and "exceeds 1024 KB" in done.stdout

@@ -57,33 +57,6 @@ def test_layout_and_metadata_fields(name):
         assert "no weights" in readme.lower(), "a bundle without weights says so in its docs"
 
 
-def _declared_minima() -> dict[str, str]:
-    """``{distribution: minimum version}`` of setup.cfg's install_requires."""
-    import configparser
-    import re
-
-    parser = configparser.ConfigParser()
-    parser.read(Path(__file__).resolve().parents[1] / "setup.cfg", encoding="utf-8")
-    minima = {}
-    for line in parser["options"]["install_requires"].splitlines():
-        match = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)\s*", line)
-        if match:
-            minima[match.group(1).lower()] = match.group(2)
-    return minima
-
-
-@pytest.mark.parametrize("name", BUNDLES)
-def test_metadata_pins_agree_with_the_install(name):
-    # a bundle's required_packages_version is what slab's install guarantees, not an older pin
-    meta = json.loads(Path(_files(name)[1]).read_text(encoding="utf-8"))
-    minima = _declared_minima()
-    for package, version in meta["required_packages_version"].items():
-        if package == "slab":
-            continue
-        assert package.lower() in minima, f"{package} is pinned by the bundle but not installed by slab"
-        assert version == minima[package.lower()], (package, version, minima[package.lower()])
-
-
 @pytest.mark.parametrize("name", BUNDLES)
 def test_network_matches_metadata(name):
     """network_def, fed a tensor of the declared shape and dtype, gives the declared output."""

@@ -133,3 +133,20 @@ def test_readme_commands_without_repository_files_run_from_the_install(installed
     done = _run([slab, "predict", "-i", f"{sample}/image.nii.gz", "--bundle", "no_such_bundle", "-o", "x.nii.gz"], user)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "no_such_bundle" in done.stderr
     assert not (user / "x.nii.gz").exists()
+
+
+def test_the_model_zoo_requirement_step_resolves_with_the_installed_slab(installed, tmp_path):
+    """The zoo's ``ci/get_bundle_requirements.py`` writes ``slab-seg==0.1.0`` and the tested pins;
+    ``pip install -r`` of that file resolves in the user's venv (slab-seg satisfied by the wheel
+    installed from source, as each bundle's docs say, not looked up on the index)."""
+    from test_bundle_zoo import zoo_requirements
+
+    python, _, user = installed
+    folder = json.loads(_run([python, "-c", API_CHECK], user).stdout)["bundles_dir"]
+    for name in ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d"):
+        meta = json.loads((Path(folder) / name / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        requirements = tmp_path / f"requirements_{name}.txt"
+        requirements.write_text("\n".join(zoo_requirements(meta)) + "\n", encoding="utf-8")
+        done = _run([python, "-m", "pip", "install", "--dry-run", "-r", requirements], user)
+        assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+        assert "Requirement already satisfied: slab-seg==0.1.0" in done.stdout, done.stdout[-2000:]
