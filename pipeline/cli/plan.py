@@ -66,7 +66,7 @@ def run(args) -> int:
     from slab.pipeline.planning.fingerprint import fingerprint
 
     if Path(args.datalist).is_dir():  # a Decathlon task or an nnU-Net raw dataset, as it comes
-        from slab.pipeline.data.adapters import dataset_folder
+        from slab.pipeline.data.nnunet import dataset_folder
 
         args.datalist = dataset_folder(args.datalist)
 
