@@ -39,7 +39,7 @@ from scipy import ndimage as ndi
 from common import ROOT, best_of, print_table, run_probe
 
 sys.path.insert(0, str(ROOT))
-from slab.transforms.intensity import volume_percentiles  # noqa: E402
+from slab.transforms.percentiles import volume_percentiles  # noqa: E402
 from slab.transforms.io import load_volume, natural_key, save_volume  # noqa: E402
 
 PERCENTILES = [0.5, 99.5]

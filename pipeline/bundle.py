@@ -241,7 +241,7 @@ def export_training(trainer, export_weights=None) -> dict:
     Returns the training result with ``time_s`` and ``exported`` added.
     """
     from slab.networks import read_state_dict
-    from slab.pipeline.training.distributed import dist_env
+    from slab.pipeline.distributed import dist_env
     from slab.transforms.io import atomic_write
 
     start = time.perf_counter()

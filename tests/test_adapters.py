@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 import tifffile
 
-from slab.pipeline.data.adapters import assign_folds, brats_label, build_datalist, split_datalist
+from slab.pipeline.data.adapters import assign_folds, brats_label, build_datalist
+from slab.pipeline.data.datalist import split_datalist
 from slab.pipeline.cli import main
 from slab.transforms.errors import SlabError, SlabWarning
 from slab.transforms.io import keep_locale

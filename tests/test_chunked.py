@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
 from slab.pipeline.inference import predict_2p5d
-from slab.transforms.chunked import _downsample, pyramid_shapes, write_zarr
+from slab.transforms.chunked_writers import _downsample, pyramid_shapes, write_zarr
 from slab.transforms.errors import SlabError, SlabWarning
 from slab.transforms.intensity import PercentileNormalize
 from slab.transforms.io import load_volume, output_format, save_volume

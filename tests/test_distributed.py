@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from slab.pipeline.training.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
+from slab.pipeline.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
 from slab.transforms.errors import SlabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ CONFIG = {"epochs": 2, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy",
 def _worker(work: Path) -> int:
     """One rank under torchrun: sharded inference, then ``slab train`` (DDP)."""
     from slab.pipeline.cli import main
-    from slab.pipeline.training.distributed import cleanup_distributed, init_distributed
+    from slab.pipeline.distributed import cleanup_distributed, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")

@@ -10,7 +10,8 @@ from hypothesis.extra import numpy as hnp
 from monai.data import MetaTensor
 
 from slab.transforms.errors import SlabError
-from slab.transforms.intensity import PercentileNormalize, PercentileNormalized, scale_intensity, volume_percentiles
+from slab.transforms.intensity import PercentileNormalize, PercentileNormalized, scale_intensity
+from slab.transforms.percentiles import volume_percentiles
 
 Q = [0, 0.5, 1, 2.5, 25, 33.3, 50, 66.6, 75, 99, 99.5, 100]
 INT_DTYPES = [np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.int64]

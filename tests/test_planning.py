@@ -398,7 +398,7 @@ def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
 def test_run_is_a_model_with_its_threshold_and_normalisation(cv_plan, tmp_path):
     _, plan, _ = cv_plan
     from slab.pipeline.inference.model import load_model, spec_of_checkpoint
-    from slab.pipeline.training.state import load_checkpoint
+    from slab.pipeline.checkpoints import load_checkpoint
     from slab.transforms.intensity import ZScoreNormalize
 
     run = plan / "runs" / "3d" / "fold_1"
@@ -512,7 +512,7 @@ def test_a_larger_ensemble_must_win_by_the_margin():
 def test_an_exported_run_keeps_its_threshold(cv_plan, tmp_path, monkeypatch):
     _, plan, _ = cv_plan
     from slab.pipeline.inference.model import load_model
-    from slab.pipeline.training.state import load_checkpoint
+    from slab.pipeline.checkpoints import load_checkpoint
 
     monkeypatch.setenv("SLAB_HOME", str(tmp_path / "home"))
     run = plan / "runs" / "3d" / "fold_0"

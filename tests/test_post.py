@@ -219,7 +219,7 @@ def test_seeded_fill_of_paths_that_turn_back_in_every_direction(rng, connectivit
 def test_hysteresis_without_the_compiled_fill(rng, monkeypatch):
     p = smooth_map(rng, (9, 14, 11))
     expected = HysteresisFill(0.4, 0.6, 26)(p)
-    monkeypatch.setattr(post, "_compiled_fill", None)
+    monkeypatch.setattr(post.functional, "_compiled_fill", None)  # where the choice is made
     np.testing.assert_array_equal(HysteresisFill(0.4, 0.6, 26)(p), expected)
 
 

@@ -52,20 +52,9 @@ from slab.transforms.formats import (
     write_nifti,
     write_stack,
 )
-from slab.transforms.chunked import (
-    HDF5_SUFFIXES,
-    TIFF_SUFFIXES,
-    ZARR_SUFFIXES,
-    is_zarr,
-    open_hdf5,
-    open_tiff,
-    open_zarr,
-    split_hdf5,
-    warn_orientation,
-    write_hdf5,
-    write_tiff,
-    write_zarr,
-)
+from slab.transforms.chunked import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, is_zarr, open_zarr, warn_orientation
+from slab.transforms.chunked_writers import write_hdf5, write_tiff, write_zarr
+from slab.transforms.containers import open_hdf5, open_tiff, split_hdf5
 from slab.transforms.dicom import read_dicom
 from slab.transforms.n5 import N5_SUFFIXES, is_n5_container, open_n5, split_n5, write_n5
 from slab.transforms.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor

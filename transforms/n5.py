@@ -290,7 +290,7 @@ def open_n5(path, spacing=None):
 def write_n5(volume, affine: np.ndarray, path: Path, chunks: int = 64, block_bytes: int = 256 << 20) -> None:
     """An N5 container holding one gzip dataset at its root (``(C, X, Y, Z)`` as dimensions x, y,
     z[, c]) with ``pixelResolution`` and ``offset`` in mm and slab's matrix, written block by block."""
-    from slab.transforms.chunked import _copy, _steps
+    from slab.transforms.chunked_writers import _copy, _steps
     from slab.transforms.outputs import atomic_write
 
     affine = np.asarray(affine, dtype=np.float64)

@@ -231,7 +231,7 @@ def _jobs(args, collection: bool, cases) -> list[tuple]:
 
 
 def run(args) -> int:
-    from slab.pipeline.training.distributed import cleanup_distributed
+    from slab.pipeline.distributed import cleanup_distributed
 
     try:
         return _run(args)
@@ -249,7 +249,7 @@ def _run(args) -> int:
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
     check_mask_layout(args.output, args.per_channel)  # before the model is read
-    from slab.pipeline.training.distributed import gather_objects, init_distributed, shard_items
+    from slab.pipeline.distributed import gather_objects, init_distributed, shard_items
 
     collection, cases = find_cases(args.input)
     jobs = _jobs(args, collection, cases)

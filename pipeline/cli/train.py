@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 raise SlabError(f"{flag}: required")
         result = train(args.datalist, args.config, args.out, fold=args.fold, resume=args.resume,
                        device=args.device, epochs=args.epochs)
-    from slab.pipeline.training.distributed import dist_env
+    from slab.pipeline.distributed import dist_env
 
     if dist_env().is_main:
         best = result["best"]

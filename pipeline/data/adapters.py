@@ -11,8 +11,8 @@ is (RLE CSVs, BraTS labels, UW-Madison PNG stacks, RSNA segmentations in another
      "validation": [...]}
 
 Every item has a ``fold``; folds group items by ``case`` (a patient, a kidney), so no case
-is in two folds. ``validation`` holds fold 0 and ``training`` the rest; :func:`split_datalist`
-regroups for another fold. ``label_format`` is ``"channels"`` (label channel ``i`` is
+is in two folds. ``validation`` holds fold 0 and ``training`` the rest;
+:func:`slab.pipeline.data.datalist.split_datalist` regroups for another fold. ``label_format`` is ``"channels"`` (label channel ``i`` is
 ``labels[i]``) or ``"values"`` (a one-channel label whose value ``i + 1`` is ``labels[i]``).
 Paths are absolute. Nothing is written unless the whole dataset converts: the outputs are
 staged and moved into ``out_dir`` at the end, the datalist last.
@@ -329,14 +329,6 @@ def assign_folds(cases, n_folds: int, seed: int = 0) -> dict[str, int]:
         folds[case] = fold
         sizes[fold] += counts[case]
     return folds
-
-
-def split_datalist(datalist: dict, fold: int) -> tuple[list[dict], list[dict]]:
-    """``(training, validation)`` items with ``fold`` held out."""
-    if not 0 <= fold < datalist["n_folds"]:
-        raise SlabError(f"fold: expected 0 to {datalist['n_folds'] - 1}, got {fold}")
-    items = datalist["training"] + datalist["validation"]
-    return [i for i in items if i["fold"] != fold], [i for i in items if i["fold"] == fold]
 
 
 def build_datalist(kind: str, root, out_dir, n_folds: int = 5, seed: int = 0) -> Path:

@@ -193,7 +193,7 @@ def find_cases(inputs) -> tuple[bool, list[Case]]:
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else list(inputs))]
     if not paths:
         raise SlabError("input: no input given")
-    from slab.transforms.chunked import split_hdf5
+    from slab.transforms.containers import split_hdf5
 
     for path in paths:
         inside = split_hdf5(path)

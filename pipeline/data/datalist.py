@@ -212,6 +212,14 @@ def datalist_paths(datalist) -> list[str]:
     return found
 
 
+def split_datalist(datalist: dict, fold: int) -> tuple[list[dict], list[dict]]:
+    """``(training, validation)`` items with ``fold`` held out."""
+    if not 0 <= fold < datalist["n_folds"]:
+        raise SlabError(f"fold: expected 0 to {datalist['n_folds'] - 1}, got {fold}")
+    items = datalist["training"] + datalist["validation"]
+    return [i for i in items if i["fold"] != fold], [i for i in items if i["fold"] == fold]
+
+
 def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[dict], list[dict]]:
     """``(training, validation)`` items of a Decathlon-style datalist, paths resolved and checked.
 
@@ -223,7 +231,7 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
         files (channels).
     fold : int or None
         ``k``: every item whose ``fold`` is ``k`` (from both lists) is validation, every other
-        item training (``slab.pipeline.data.adapters.split_datalist``). A datalist whose items carry no
+        item training (:func:`split_datalist`). A datalist whose items carry no
         ``fold`` has only its own split, fold 0. None: the file's own two lists.
     base_dir : folder relative paths are resolved against (default the datalist's folder, or the
         working directory for a dict).
@@ -265,11 +273,9 @@ def load_datalist(datalist, fold: int | None = 0, base_dir=None) -> tuple[list[d
         raise SlabError(f"{name}: no items to split into folds")
     if len(with_fold) != len(pool):
         raise SlabError(f"{name}: fold {fold} needs a 'fold' on every item; some items have none")
-    from slab.pipeline.data.adapters import split_datalist
-
     n_folds = int(data.get("n_folds", max(int(item["fold"]) for item in pool) + 1))
     return split_datalist({"n_folds": n_folds, "training": training, "validation": validation}, int(fold))
 
 
 
-__all__ = ["PATH_KEYS", "case_ids", "check_datalist", "read_datalist", "datalist_paths", "load_datalist"]
+__all__ = ["PATH_KEYS", "case_ids", "check_datalist", "read_datalist", "datalist_paths", "split_datalist", "load_datalist"]

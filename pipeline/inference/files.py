@@ -77,7 +77,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     ``preview`` (a PNG): a 3D picture of the prediction over the image
     (:func:`slab.pipeline.evaluation.prediction_picture.render_prediction`), no ground truth needed.
 
-    Under ``torchrun``, ``shard`` (:class:`~slab.pipeline.training.distributed.DistInfo`, the process
+    Under ``torchrun``, ``shard`` (:class:`~slab.pipeline.distributed.DistInfo`, the process
     group joined) makes the ranks share this one volume: out of core, each predicts its share of
     the blocks and rank 0 post-processes and writes; in memory, rank 0 alone predicts. Ranks other
     than 0 return an empty dict.
@@ -98,7 +98,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     out_of_core = (layout == "volume" and output_format(output_path) in CHUNKED_OUTPUTS
                    and getattr(predictor, "out_of_core", None) and predictor.out_of_core(volume))
     if shard is not None and shard.enabled:  # every rank takes rank 0's decision (free memory differs)
-        from slab.pipeline.training.distributed import gather_objects
+        from slab.pipeline.distributed import gather_objects
 
         out_of_core = gather_objects(bool(out_of_core), shard)[0]
         if out_of_core and not isinstance(volume, LazyVolume):
@@ -113,10 +113,10 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     affine = np.asarray(volume.affine)
     meta = dict(getattr(volume, "meta", {}))
     if layout == "dicom-seg":  # one segment per label, on the instances of the input series
-        from slab import __version__
+        from importlib.metadata import version  # the installed distribution's (slab.__version__ is its source)
 
         written = {"mask": write_dicom_seg(np.asarray(mask), input_path, output_path, predictor.label_names(),
-                                           version=__version__)}
+                                           version=version("slab-seg"))}
     else:
         written = {"mask": _save_mask(mask, output_path, predictor, affine, meta, per_channel,
                                       layout == "seg.nrrd")}

@@ -50,7 +50,7 @@ def inference_spec(cfg: dict, network: Mapping, label_names=None, threshold=0.5)
 
 
 def _checkpoint(path: Path) -> dict:
-    from slab.pipeline.training.state import load_checkpoint
+    from slab.pipeline.checkpoints import load_checkpoint
 
     return load_checkpoint(path)
 

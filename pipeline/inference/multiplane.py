@@ -215,7 +215,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
         Applied to every block of the volume as read, ``(C, ...)`` tensor → float32 tensor
         (e.g. the intensity scaling of a lazy volume); default: cast to float32.
     progress : show a progress bar over slices.
-    shard : :class:`~slab.pipeline.training.distributed.DistInfo`, optional
+    shard : :class:`~slab.pipeline.distributed.DistInfo`, optional
         With a zarr ``out_path``, under ``torchrun`` (the process group joined): the ranks that
         share this volume; each predicts every ``world_size``-th block into the shared store and
         rank 0 finishes it (every rank returns the result).

@@ -94,7 +94,7 @@ def run_key(model: torch.nn.Module, shape, dtype, source, settings: dict) -> str
 
 def finished(out_path, key: str) -> bool:
     """Whether ``out_path`` holds the finished result of the run ``key``."""
-    from slab.transforms.chunked import read_notes
+    from slab.transforms.chunked_writers import read_notes
 
     return Path(out_path).is_dir() and read_notes(out_path).get("run_key") == key
 
@@ -114,7 +114,7 @@ class PlaneStore:
     def __init__(self, folder: Path, key: str, shape, tiles, info=None):
         import zarr
 
-        from slab.pipeline.training.distributed import DistInfo, barrier
+        from slab.pipeline.distributed import DistInfo, barrier
 
         self.info = info or DistInfo()
         self.folder, self.key, self.shape = Path(folder), key, tuple(int(s) for s in shape)
@@ -205,7 +205,7 @@ class PlaneStore:
         """Planes added in order and divided by ``count``, chunk by chunk, into ``out_path``
         (which records the run's key: :func:`finished`), ``block_bytes`` of output at a time (the
         float32 sums read for them take up to eight times that)."""
-        from slab.transforms.chunked import write_zarr
+        from slab.transforms.chunked_writers import write_zarr
 
         write_zarr(_Mean(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key},
                    block_bytes=block_bytes)
@@ -242,7 +242,7 @@ def predict_blocks(model, volume, out_path, store_shape, tiles, settings: dict, 
     block; rank 0 adds the arrays in order, divides by ``count`` and writes ``out_path``. Every
     rank returns the result as a lazy volume.
     """
-    from slab.pipeline.training.distributed import barrier
+    from slab.pipeline.distributed import barrier
     from slab.transforms.io import load_volume
 
     info = _sharding(shard)
@@ -296,11 +296,11 @@ def check_work_space(out_path, store_shape, arrays: int, source=None) -> None:
 
 
 def _sharding(shard):
-    """``shard`` (a :class:`~slab.pipeline.training.distributed.DistInfo` of the ranks sharing this
+    """``shard`` (a :class:`~slab.pipeline.distributed.DistInfo` of the ranks sharing this
     volume) when its process group is joined, else one process."""
     import torch.distributed as dist
 
-    from slab.pipeline.training.distributed import DistInfo
+    from slab.pipeline.distributed import DistInfo
 
     if shard is not None and shard.enabled and dist.is_available() and dist.is_initialized():
         return shard

@@ -37,7 +37,7 @@ def _run_state(run: Path, epochs: int) -> str:
     last = run / "last.pt"
     if not last.exists():
         return "new"
-    from slab.pipeline.training.state import load_checkpoint
+    from slab.pipeline.checkpoints import load_checkpoint
 
     return "done" if int(load_checkpoint(last)["epoch"]) >= epochs else "partial"
 
@@ -74,7 +74,7 @@ def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[s
     plan_dir = Path(plan_dir)
     best = run_dir(plan_dir, configuration, fold) / "best.pt"
     marker = plan_dir / "cv" / configuration / f"fold_{fold}.json"
-    from slab.pipeline.training.state import load_checkpoint
+    from slab.pipeline.checkpoints import load_checkpoint
 
     state = load_checkpoint(best)
     spec, epoch = spec_of_state(state, best), int(state["epoch"])

@@ -115,7 +115,7 @@ def label_summary(mask: np.ndarray, spacing) -> dict:
 
 def intensity_summary(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator) -> tuple[list, np.ndarray]:
     """Per-channel foreground statistics of one case, and ``(C, n)`` sampled foreground voxels."""
-    from slab.transforms.intensity import volume_percentiles
+    from slab.transforms.percentiles import volume_percentiles
 
     where = foreground if foreground.any() else np.ones_like(foreground)
     index = np.flatnonzero(where.reshape(-1, order="F"))

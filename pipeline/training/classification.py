@@ -177,7 +177,7 @@ class ClassificationTask(TrainTask):
     """
 
     def __init__(self, datalist, cfg: dict, fold, info) -> None:
-        from slab.pipeline.training.distributed import shard_items
+        from slab.pipeline.distributed import shard_items
 
         self.cfg, self.c = cfg, cfg["classification"]
         train_items, val_items, data = split_items(datalist, fold)
@@ -236,7 +236,7 @@ class ClassificationTask(TrainTask):
         return [(s["order"], s["study"], s["target"], p, s["y"]) for s, p in zip(self.val, probs.reshape(-1).tolist())]
 
     def summarize_validation(self, parts, info) -> dict:
-        from slab.pipeline.training.distributed import gather_objects
+        from slab.pipeline.distributed import gather_objects
 
         rows = [row for part in parts for row in part]
         rows = sorted((r for part in gather_objects(rows, info) for r in part), key=lambda r: r[0])

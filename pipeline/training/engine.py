@@ -33,7 +33,7 @@ from monai.utils import MAX_SEED
 
 from slab.pipeline.device import amp_dtype, autocast
 from slab.pipeline.training.config import LOWER_IS_BETTER, config_error
-from slab.pipeline.training.distributed import DistInfo, all_reduce_mean, barrier, dist_env, rank_batch
+from slab.pipeline.distributed import DistInfo, all_reduce_mean, barrier, dist_env, rank_batch
 from slab.pipeline.training.logs import RunLog, epoch_line, progress_bar
 from slab.pipeline.training.report import PICTURES, save_pictures, write_report
 from slab.pipeline.training.state import derive_seed, rng_states, save_epoch_state, seeded, set_rng_states

@@ -40,7 +40,7 @@ import torch
 from slab.pipeline.device import resolve_device
 from slab.pipeline.inference.model import inference_network
 from slab.pipeline.training.config import read_config, validate_config
-from slab.pipeline.training.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
+from slab.pipeline.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
 from slab.pipeline.training.engine import SlabTrainer
 from slab.pipeline.training.normalization import resolve_dataset_normalize, wants_dataset_statistics
 from slab.pipeline.training.state import check_epoch_state, config_differences, load_checkpoint, seed_everything

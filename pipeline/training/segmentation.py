@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from slab.pipeline.training.config import config_error
-from slab.pipeline.training.distributed import DistInfo
+from slab.pipeline.distributed import DistInfo
 from slab.pipeline.training.losses import build_training_loss
 from slab.pipeline.training.task import TrainTask
 from slab.pipeline.training.validation import SegValidation, load_pair, volume_channels

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from slab.pipeline.checkpoints import load_checkpoint
 from slab.pipeline.training.config import RUNTIME_KEYS
 from slab.transforms.errors import SlabError
 from slab.transforms.outputs import writing
@@ -162,21 +163,6 @@ def check_epoch_state(out: Path, last: dict) -> None:
     if best.get("epoch") != epoch:
         raise SlabError(f"--resume: {best_path} is from epoch {best.get('epoch')}, but {out / 'last.pt'} records "
                         f"epoch {epoch} as the best; the run's checkpoints disagree")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`train` (read with ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlabError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise SlabError(f"{path}: not a readable checkpoint ({type(err).__name__}: {reason})") from err
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise SlabError(f"{path}: not a slab training checkpoint (no model/config)")
-    return state
 
 
 def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from slab.pipeline.training.distributed import DistInfo
+from slab.pipeline.distributed import DistInfo
 
 
 class TrainTask:

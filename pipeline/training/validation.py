@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from slab.pipeline.training.config import SEG_METRICS
-from slab.pipeline.training.distributed import DistInfo
+from slab.pipeline.distributed import DistInfo
 from slab.transforms.errors import SlabError
 
 
@@ -71,7 +71,7 @@ class SegValidation:
     def __init__(self, items: list[dict], cfg: dict, fmt: str, n_labels: int,
                  predict: Callable[[nn.Module, torch.Tensor, torch.device], np.ndarray], info: DistInfo,
                  channels: int | None = None) -> None:
-        from slab.pipeline.training.distributed import shard_items
+        from slab.pipeline.distributed import shard_items
 
         limit = cfg["val"]["max_volumes"]
         self.items = items[:limit] if limit else items
@@ -209,7 +209,7 @@ class SegValidation:
         return drawn
 
     def summarize(self, parts: list, info: DistInfo) -> dict:
-        from slab.pipeline.training.distributed import gather_objects
+        from slab.pipeline.distributed import gather_objects
 
         gathered = sorted((c for part in gather_objects(parts, info) for c in part), key=lambda c: c[0])
         return summarize_sweeps(gathered, self.cfg["val"]["metric"])
