@@ -71,8 +71,8 @@ def peer_rows(sizes, repeats: int) -> tuple[list, bool]:
     for size in sizes:
         for label, bias in (("sparse", 2.0), ("dense", 0.0)):
             prob = probability_map(size, bias)
-            t_ours, t_ref, out, ref = best_of(repeats, lambda: HysteresisFill(0.3, 0.7, connectivity=6)(prob),
-                                              lambda: cc3d_hysteresis(prob, 0.3, 0.7))
+            t_ours, t_ref, out, ref = best_of(repeats, lambda p=prob: HysteresisFill(0.3, 0.7, connectivity=6)(p),
+                                              lambda p=prob: cc3d_hysteresis(p, 0.3, 0.7))
             same = bool(np.array_equal(out.astype(bool), ref))
             identical &= same
             rows.append((f"{size}^3 {label}", f"{(prob > 0.5).mean():.1%}", f"{t_ref:.3f}", f"{t_ours:.3f}",

@@ -232,7 +232,7 @@ def network_divisor(name: str, spatial_dims: int, **options: Any) -> int:
 
     Example
     -------
-    >>> network_divisor("unet", 2, strides=(2, 2, 2, 2))
+    >>> network_divisor("unet", 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))
     16
     """
     kwargs = _check(name, spatial_dims, options)

@@ -33,7 +33,7 @@ from slab.transforms.lazy import LazyVolume
 # mm per unit of the OME-NGFF / OME-XML / ImageJ unit names (a unit-less axis is taken as mm).
 UNITS_MM = {
     "meter": 1e3, "m": 1e3, "centimeter": 10.0, "cm": 10.0, "millimeter": 1.0, "mm": 1.0, "micrometer": 1e-3,
-    "micron": 1e-3, "um": 1e-3, "µm": 1e-3, "\u00b5m": 1e-3, "nanometer": 1e-6, "nm": 1e-6, "angstrom": 1e-7,
+    "micron": 1e-3, "um": 1e-3, "\u00b5m": 1e-3, "\u03bcm": 1e-3, "nanometer": 1e-6, "nm": 1e-6, "angstrom": 1e-7,
     "\u00c5": 1e-7, "picometer": 1e-9, "pm": 1e-9, "": 1.0, None: 1.0, "pixel": 1.0,
 }
 OME_VERSION = "0.4"

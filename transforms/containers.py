@@ -1,5 +1,5 @@
 """HDF5 datasets and multi-page TIFF / BigTIFF (ImageJ and OME-TIFF metadata), read lazily as
-:class:`~slab.transforms.chunked.ArrayVolume`\ s; see :mod:`slab.transforms.chunked` for the axis
+:class:`~slab.transforms.chunked.ArrayVolume` objects; see :mod:`slab.transforms.chunked` for the axis
 order and the geometry they share with zarr."""
 from __future__ import annotations
 
