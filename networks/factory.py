@@ -77,6 +77,13 @@ def _check(name, spatial_dims, options: dict[str, Any]) -> dict[str, Any]:
     if options.get("pretrained"):
         raise SlabError(f"network {name!r}: pretrained weights are not downloaded; load local weights instead")
     options = {k: v for k, v in options.items() if k != "pretrained"}
+    if name == "flexible_unet" and "encoder_weights" in options:
+        # loaded by training (slab.networks.pretrained.load_encoder), never when a network is built: a
+        # trained model's config carries the weights' provenance here and its checkpoint the weights
+        weights = options.pop("encoder_weights")
+        if weights is not None and not isinstance(weights, (str, dict)):
+            raise SlabError(f"network 'flexible_unet': encoder_weights must be null, \"imagenet\" or "
+                            f"{{\"path\", \"sha256\"}}, got {weights!r}")
     valid = _valid_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:

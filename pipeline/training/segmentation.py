@@ -81,8 +81,12 @@ def network_options(net: dict) -> dict:
 
 def build_model(net: dict) -> nn.Module:
     """The network of a training config; training holds its weights, gradients and two AdamW
-    moments, so the weights' bytes must fit four times before anything is allocated."""
+    moments, so the weights' bytes must fit four times before anything is allocated. A
+    ``flexible_unet`` with ``encoder_weights`` starts from them
+    (:func:`slab.networks.pretrained.load_encoder`); ``net["encoder_weights"]`` then becomes their
+    provenance (source, sha256, licence), which the run's ``network.json`` and checkpoints carry."""
     from slab.networks import build_network, parameter_count
+    from slab.networks.pretrained import check_spec, load_encoder
     from slab.transforms.headers import check_memory
 
     try:
@@ -91,9 +95,16 @@ def build_model(net: dict) -> nn.Module:
         if count is not None:
             check_memory(16 * count, f"network {net['name']!r} ({count:,} parameters; weights, gradients and AdamW's "
                          "moments)", "; make it smaller")
-        return build_network(net["name"], net["spatial_dims"], net["in_channels"], net["out_channels"], **network_options(net))
+        model = build_network(net["name"], net["spatial_dims"], net["in_channels"], net["out_channels"],
+                              **network_options(net))
     except SlabError as err:
         raise SlabError(f"config {err}") from None
+    spec = net.get("encoder_weights")
+    if spec is not None and not (isinstance(spec, dict) and "source" in spec):  # a provenance is already loaded
+        backbone = net.get("backbone", "efficientnet-b0")
+        check_spec(spec, backbone, net["spatial_dims"])
+        net["encoder_weights"] = load_encoder(model, spec, backbone)
+    return model
 
 
 class _SegmentationTask(TrainTask):
