@@ -501,6 +501,9 @@ def _volume_cases() -> dict:
         def render(d, w, make=make):
             return ["render", str(w / "label.nii.gz"), str(make(d)), "-o", str(d / "hits.png")]
 
+        def view(d, w, make=make):
+            return ["view", str(make(d)), "-o", str(d / "case.html")]
+
         def train(d, w, make=make):
             bad = make(d)
             datalist = d / "datalist.json"
@@ -510,7 +513,7 @@ def _volume_cases() -> dict:
                     "--device", "cpu"]
 
         commands = {"convert": convert, "predict": predict, "postprocess": postprocess, "evaluate": evaluate,
-                    "evaluate-truth": evaluate_truth, "render": render, "train": train}
+                    "evaluate-truth": evaluate_truth, "render": render, "view": view, "train": train}
         if name in NAN:
             commands = {"predict": predict, "train": train}
         for command, build in commands.items():
@@ -1000,7 +1003,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, world, tmp_path,
 def test_the_corpus_covers_every_command_and_category():
     commands = {case.split(":")[0] for case in CASES}
     assert commands >= {"phantom", "convert", "dataset", "train", "predict", "postprocess", "evaluate", "render",
-                        "demo"}
-    for reader in ("convert", "predict", "postprocess", "evaluate", "render", "train"):
+                        "view", "demo"}
+    for reader in ("convert", "predict", "postprocess", "evaluate", "render", "view", "train"):
         assert sum(case.startswith(f"{reader}:") and case.split(":")[1] in BAD_VOLUMES
                    for case in CASES) == len(BAD_VOLUMES), reader

@@ -209,5 +209,6 @@ def test_the_wheel_holds_only_the_slab_namespace(tmp_path):
                      "docs/README.md", "models/model.pt", "models/model.json", "LICENSE"):
             assert f"slab/bundles/{bundle}/{name}" in names, (bundle, name)
     assert {"slab/data/vessel_phantom/image.nii.gz", "slab/data/vessel_phantom/label.nii.gz"} <= set(names)
+    assert {f"slab/pipeline/evaluation/niivue/{n}" for n in ("niivue.umd.js", "LICENSE", "VERSION")} <= set(names)
     entry = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-0.1.0.dist-info/entry_points.txt").decode()
     assert "slab = slab.pipeline.cli:main" in entry

@@ -124,11 +124,13 @@ def test_readme_commands_without_repository_files_run_from_the_install(installed
     for args in (["--help"], ["train", "--show-config"], ["predict", "--help"],
                  ["predict", "-i", f"{sample}/image.nii.gz", "--bundle", "vessel_2p5d", "-o", "mask.nii.gz",
                   "--axes", "xy", "--tta", "none", "--device", "cpu"],
-                 ["evaluate", "mask.nii.gz", f"{sample}/label.nii.gz", "--json", "scores.json"]):
+                 ["evaluate", "mask.nii.gz", f"{sample}/label.nii.gz", "--json", "scores.json"],
+                 ["view", f"{sample}/image.nii.gz", "mask.nii.gz", f"{sample}/label.nii.gz", "-o", "case.html"]):
         done = _run([slab, *args], user)
         assert done.returncode == 0, (args, done.stderr[-3000:])
     scores = json.loads((user / "scores.json").read_text(encoding="utf-8"))
     assert scores["dice"] > 0.85
+    assert "NiiVue 0.69.0" in (user / "case.html").read_text(encoding="utf-8")  # the viewer is package data
     # a bundle name that is not shipped stays a path, and fails as one: one line, exit 2
     done = _run([slab, "predict", "-i", f"{sample}/image.nii.gz", "--bundle", "no_such_bundle", "-o", "x.nii.gz"], user)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "no_such_bundle" in done.stderr

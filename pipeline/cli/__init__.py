@@ -27,7 +27,7 @@ from slab.transforms.errors import SlabError, SlabWarning
 
 COMMANDS = {name: f"slab.pipeline.cli.{name}" for name in
             ("phantom", "convert", "dataset", "plan", "train", "cv", "predict", "postprocess", "evaluate", "errors",
-             "render", "export", "install", "demo")}
+             "render", "view", "export", "install", "demo")}
 DESCRIPTION = "2.5D and 3D segmentation of 3D medical volumes."
 # Loggers of libraries that print INFO/WARNING lines for conditions slab reports itself.
 QUIET_LOGGERS = ("monai", "tifffile", "imagecodecs", "nibabel", "pyvista", "matplotlib", "PIL", "ignite")

@@ -64,6 +64,13 @@ def png_path(text: str) -> str:
     return text
 
 
+def html_path(text: str) -> str:
+    """A page's output path: the name ends in ``.html`` (or ``.htm``), so that a browser opens it."""
+    if not text.lower().endswith((".html", ".htm")):
+        raise argparse.ArgumentTypeError(f"expected a .html file name, got {text!r}")
+    return text
+
+
 def fold_list(text: str) -> list[int]:
     """``0,2``: distinct fold numbers >= 0."""
     try:

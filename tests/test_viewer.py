@@ -1,0 +1,116 @@
+"""``slab view``: a self-contained page opened in a real browser (headless Chromium from Debian's
+package; ``.ci/run`` installs it), read back through the page's own JavaScript: every layer and
+label name is there, and points given in world millimetres show the right value in every layer on
+an oblique, flipped, anisotropic grid (NiiVue's own world-to-voxel mapping)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from slab.pipeline.cli import main
+from slab.pipeline.evaluation.viewer import _window, build_page, label_map
+from slab.transforms.errors import SlabError
+from slab.transforms.io import load_volume
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (.ci/run installs Debian's package)")
+ANGLE = np.deg2rad(20)
+AFFINE = np.array([[-0.9 * np.cos(ANGLE), -0.8 * np.sin(ANGLE), 0, 10.0],
+                   [-0.9 * np.sin(ANGLE), 0.8 * np.cos(ANGLE), 0, -5.0], [0, 0, 2.5, 3.0], [0, 0, 0, 1]])
+SHAPE = (21, 17, 9)
+
+
+def _case(root: Path) -> tuple[Path, Path, Path]:
+    """Image, prediction (liver 1, spleen 2) and truth with known hits, false positives and misses."""
+    rng = np.random.default_rng(0)
+    pred, truth = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    pred[2:8, 3:9, 2:5], truth[4:10, 3:9, 2:5] = 1, 1
+    pred[15:18, 10:14, 5:8], truth[15:18, 10:14, 5:8] = 2, 2
+    paths = []
+    for name, array in (("image", (rng.random(SHAPE) * 100).astype(np.float32)), ("pred", pred), ("truth", truth)):
+        nib.save(nib.Nifti1Image(array, AFFINE), root / f"{name}.nii.gz")
+        paths.append(root / f"{name}.nii.gz")
+    return tuple(paths)
+
+
+def _open(page: Path) -> dict:
+    """The page in headless Chromium (WebGL2 through SwiftShader), after its scripts ran: #status."""
+    done = subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--use-angle=swiftshader",
+                           "--enable-unsafe-swiftshader", "--window-size=800,600", "--virtual-time-budget=30000",
+                           "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert "<title>slab-view-ready</title>" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(re.search(r'<pre id="status">([^<]*)</pre>', done.stdout).group(1))
+
+
+@needs_browser
+def test_the_page_shows_every_layer_and_the_right_value_at_known_points(tmp_path):
+    image_path, pred_path, truth_path = _case(tmp_path)
+    voxels = {"hit": (5, 5, 3), "false positive": (2, 5, 3), "miss": (9, 5, 3), "spleen": (16, 12, 6),
+              "background": (1, 2, 8)}
+    probes = [list((AFFINE @ np.append(v, 1.0))[:3]) for v in voxels.values()]
+    image, pred, truth = (load_volume(p) for p in (image_path, pred_path, truth_path))
+    page, summary = build_page(image, pred, truth, names=["liver", "spleen"], probes=probes)
+    (tmp_path / "case.html").write_text(page, encoding="utf-8")
+    status = _open(tmp_path / "case.html")
+    assert status["layers"] == ["image", "prediction", "hit", "false_positive", "miss"]
+    assert status["labels"][1] == ["background", "liver", "spleen"]
+    assert status["labels"][2:] == [["background", "hit (true positive)"], ["background", "false positive"],
+                                    ["background", "miss (false negative)"]]
+    assert all(d == list(SHAPE) for d in status["dims"]) and summary["factor"] == 1
+    shown = _window(np.asarray(image)[0])
+    expected = {"hit": [1, 1, 0, 0], "false positive": [1, 0, 1, 0], "miss": [0, 0, 0, 1], "spleen": [2, 1, 0, 0],
+                "background": [0, 0, 0, 0]}
+    for (name, voxel), values in zip(voxels.items(), status["values"]):
+        assert values == [int(shown[voxel])] + expected[name], name
+    # scores and clusters beside the views: the spleen is all hit, the liver half
+    assert [s["label"] for s in summary["scores"]] == ["liver", "spleen"] and summary["scores"][1]["dice"] == 1.0
+    assert {c["kind"] for c in summary["clusters"]} == {"false_positive", "missed"}
+    assert "onclick='jump(" in page and "NiiVue 0.69.0" in page
+
+
+@needs_browser
+def test_a_large_volume_is_shown_in_blocks_and_says_so(tmp_path):
+    image_path, pred_path, _ = _case(tmp_path)
+    assert main(["view", str(image_path), str(pred_path), "-o", str(tmp_path / "small.html"),
+                 "--max-voxels", "500"]) == 0
+    text = (tmp_path / "small.html").read_text(encoding="utf-8")
+    assert "shown in blocks of 2³ voxels (the volume has 21×17×9)" in text
+    status = _open(tmp_path / "small.html")
+    assert status["layers"] == ["image", "prediction"] and status["dims"][0] == [11, 9, 5]
+
+
+def test_label_maps_from_every_mask_layout():
+    binary = np.zeros((1, 4, 4, 4), np.float32)
+    binary[0, 1] = 1
+    values, names = label_map(binary, None, "PRED")
+    assert values.dtype == np.uint8 and int(values.max()) == 1 and names == ["label 1"]
+    channels = np.zeros((2, 4, 4, 4), np.uint8)
+    channels[0, 1], channels[1, 1:3] = 1, 1  # overlap: the later label wins
+    values, names = label_map(channels, ["a", "b"], "PRED")
+    assert values[1].max() == 2 and values[2].max() == 2 and names == ["a", "b"]
+    with pytest.raises(SlabError, match="3 labels but 1 names"):
+        label_map(np.full((1, 2, 2, 2), 3), ["one"], "PRED")
+    with pytest.raises(SlabError, match="not 0/1 masks"):
+        label_map(np.full((2, 2, 2, 2), 0.5), None, "PRED")
+
+
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys):
+    image_path, pred_path, _ = _case(tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((5, 5, 5), np.uint8), np.eye(4)), tmp_path / "other.nii.gz")
+    for argv, words in ((["view", str(image_path), "-o", str(tmp_path / "x.png")], ".html"),
+                        (["view", str(image_path), str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "x.html")],
+                         "other.nii.gz"),
+                        (["view", str(image_path), str(pred_path), "-o", str(pred_path)], "expected a .html")):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
