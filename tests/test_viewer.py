@@ -107,10 +107,31 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys):
     for argv, words in ((["view", str(image_path), "-o", str(tmp_path / "x.png")], ".html"),
                         (["view", str(image_path), str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "x.html")],
                          "other.nii.gz"),
-                        (["view", str(image_path), str(pred_path), "-o", str(pred_path)], "expected a .html")):
+                        (["view", str(image_path), str(pred_path), "-o", str(pred_path)], "is the input")):
         before = sorted(p.name for p in tmp_path.iterdir())
         capsys.readouterr()
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
         assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_directory_of_cases_gives_an_index_worst_first(tmp_path, capsys):
+    for folder in ("images", "preds", "truths"):
+        (tmp_path / folder).mkdir()
+    truth = np.zeros((12, 10, 8), np.uint8)
+    truth[2:8, 2:8, 2:6] = 1
+    for case, shift in (("good", 0), ("bad", 4), ("middle", 2)):
+        pred = np.roll(truth, shift, axis=0)
+        for folder, array in (("images", truth.astype(np.float32) * 50 + 10), ("preds", pred), ("truths", truth)):
+            nib.save(nib.Nifti1Image(array, AFFINE), tmp_path / folder / f"{case}.nii.gz")
+    assert main(["view", str(tmp_path / "images"), str(tmp_path / "preds"), str(tmp_path / "truths"),
+                 "-o", str(tmp_path / "pages")]) == 0
+    index = (tmp_path / "pages" / "index.html").read_text(encoding="utf-8")
+    order = [index.index(f">{case}<") for case in ("bad", "middle", "good")]
+    assert order == sorted(order)  # worst mean Dice first
+    for case in ("good", "bad", "middle"):
+        assert f"href='{case}.html'" in index and (tmp_path / "pages" / f"{case}.html").is_file()
+    capsys.readouterr()
+    assert main(["view", str(tmp_path / "images"), "-o", str(tmp_path / "one.html")]) == 2
+    assert "directory of cases" in capsys.readouterr().err

@@ -213,4 +213,48 @@ def write_page(image_path, pred_path=None, truth_path=None, out_html="case.html"
     return summary
 
 
-__all__ = ["MAX_VOXELS", "build_page", "label_map", "write_page"]
+def write_index(image_dir, pred_dir=None, truth_dir=None, out_dir="cases", *, names=None,
+                max_voxels: int = MAX_VOXELS) -> list[dict]:
+    """One page per case of a directory of volumes (cases as ``slab predict`` finds them; the
+    prediction and truth of a case are the volumes of the same case name in their folders) and
+    ``out_dir/index.html`` linking them, worst mean Dice first; the rows."""
+    from slab.pipeline.data.cases import find_cases
+    from slab.transforms.io import atomic_write
+
+    def by_name(folder, what):
+        if folder is None:
+            return {}
+        collection, found = find_cases(folder)
+        if not collection:
+            raise SlabError(f"{what} {folder}: expected a directory of volumes, as IMAGE is")
+        return {case.name: case.source for case in found}
+
+    collection, cases = find_cases(image_dir)
+    if not collection:
+        raise SlabError(f"{image_dir}: not a directory of volumes")
+    preds, truths = by_name(pred_dir, "PRED"), by_name(truth_dir, "TRUTH")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in cases:
+        if pred_dir is not None and case.name not in preds:
+            raise SlabError(f"PRED {pred_dir}: no prediction of case {case.name}")
+        pred, truth = preds.get(case.name), truths.get(case.name) if pred_dir is not None else None
+        summary = write_page(case.source, pred, truth, out / f"{case.name}.html", names=names, max_voxels=max_voxels)
+        scores = summary["scores"]
+        rows.append({"case": case.name, "page": f"{case.name}.html", "factor": summary["factor"],
+                     "dice": float(np.mean([s["dice"] for s in scores])) if scores else None,
+                     "errors": len(summary["clusters"])})
+    rows.sort(key=lambda r: (r["dice"] is None, r["dice"] if r["dice"] is not None else 0.0, r["case"]))
+    cells = [(r, "" if r["dice"] is None else f"{r['dice']:.3f}") for r in rows]
+    body = "".join(f"<tr><td><a href='{html.escape(r['page'])}'>{html.escape(r['case'])}</a></td><td>{dice}</td>"
+                   f"<td>{r['errors']}</td><td>{r['factor']}</td></tr>" for r, dice in cells)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>slab view: {len(rows)} cases</title></head>"
+            "<body style='font:13px sans-serif'><h2>cases, worst mean Dice first</h2><table><tr><th>case</th>"
+            f"<th>mean Dice</th><th>error clusters listed</th><th>block</th></tr>{body}</table></body></html>\n")
+    with atomic_write(out / "index.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return rows
+
+
+__all__ = ["MAX_VOXELS", "build_page", "label_map", "write_index", "write_page"]
