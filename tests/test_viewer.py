@@ -135,3 +135,17 @@ def test_a_directory_of_cases_gives_an_index_worst_first(tmp_path, capsys):
     capsys.readouterr()
     assert main(["view", str(tmp_path / "images"), "-o", str(tmp_path / "one.html")]) == 2
     assert "directory of cases" in capsys.readouterr().err
+
+
+def test_predict_writes_the_page_beside_its_mask(tmp_path, capsys):
+    from slab.pipeline.paths import sample_dir
+
+    image = Path(sample_dir("vessel_phantom")) / "image.nii.gz"
+    assert main(["predict", "-i", str(image), "--bundle", "vessel_2p5d", "-o", str(tmp_path / "mask.nii.gz"),
+                 "--axes", "xy", "--tta", "none", "--device", "cpu", "--view", str(tmp_path / "case.html")]) == 0
+    page = (tmp_path / "case.html").read_text(encoding="utf-8")
+    assert '"name": "prediction"' in page and '"labels": ["background", "label_1"]' in page  # the model's names
+    capsys.readouterr()
+    assert main(["predict", "-i", str(image.parent), "--bundle", "vessel_2p5d", "-o", str(tmp_path / "masks"),
+                 "--view", str(tmp_path / "all.html")]) == 2
+    assert "--view" in capsys.readouterr().err and not (tmp_path / "masks").exists()

@@ -76,6 +76,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--preview", metavar="PNG",
                         help="also draw the prediction in 3D over the image's section (each label its colour, "
                              "no ground truth needed); a directory of PNGs when INPUT is a directory of volumes")
+    parser.add_argument("--view", metavar="OUT.html",
+                        help="also write the page of slab view (the image and the prediction, one file for any "
+                             "browser); one INPUT volume")
     parser.add_argument("--statistics", metavar="JSON",
                         help="write per-label statistics here: voxels, volume (mm^3), components, bounding box, "
                              "centroid (RAS mm), the input's intensities inside (mean, std, percentiles); "
@@ -127,7 +130,7 @@ def paths(args) -> tuple[dict, dict]:
     return ({"-i": args.input, "--network": args.network, "--weights": args.weights,
              "--bundle": bundle_contents(args.bundle), "--model": model_contents(args.model)},
             {"-o": args.output, "--prob": args.prob, "--rle-csv": args.rle_csv, "--statistics": args.statistics,
-             "--preview": args.preview})
+             "--preview": args.preview, "--view": args.view})
 
 
 def _postprocess(args) -> dict:
@@ -252,6 +255,8 @@ def _run(args) -> int:
     from slab.pipeline.distributed import gather_objects, init_distributed, shard_items
 
     collection, cases = find_cases(args.input)
+    if args.view and (collection or not args.view.lower().endswith((".html", ".htm"))):
+        raise SlabError(f"--view {args.view}: expected a .html name and one INPUT volume (slab view pages a directory)")
     jobs = _jobs(args, collection, cases)
     for case, output, prob, _ in jobs:  # every output name (a DICOM SEG: its series), before the model
         check_mask_layout(output, args.per_channel, case.source)
@@ -311,4 +316,9 @@ def _run(args) -> int:
             with atomic_write(args.statistics) as staged:
                 staged.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
             print(f"wrote {args.statistics}")
+    if args.view and jobs[0][1].exists():
+        from slab.pipeline.evaluation.viewer import write_page
+
+        write_page(jobs[0][0].source, jobs[0][1], None, args.view, names=predictor.label_names())
+        print(f"wrote {args.view}")
     return 0
