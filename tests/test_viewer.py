@@ -149,3 +149,18 @@ def test_predict_writes_the_page_beside_its_mask(tmp_path, capsys):
     assert main(["predict", "-i", str(image.parent), "--bundle", "vessel_2p5d", "-o", str(tmp_path / "masks"),
                  "--view", str(tmp_path / "all.html")]) == 2
     assert "--view" in capsys.readouterr().err and not (tmp_path / "masks").exists()
+
+
+def test_one_slice_and_prime_sized_volumes_make_pages(tmp_path):
+    """A single slice (a 2D scan saved as a volume) and a prime-sized volume shown in blocks."""
+    from monai.data import MetaTensor
+    import torch
+
+    for shape, max_voxels, factor in (((37, 29, 1), 10 ** 6, 1), ((31, 23, 13), 1000, 3)):
+        rng = np.random.default_rng(1)
+        image = MetaTensor(torch.from_numpy(rng.random((1, *shape)).astype(np.float32)), affine=torch.as_tensor(AFFINE))
+        pred = (rng.random((1, *shape)) > 0.7).astype(np.uint8)
+        truth = (rng.random((1, *shape)) > 0.7).astype(np.uint8)
+        page, summary = build_page(image, pred, truth, max_voxels=max_voxels)
+        assert summary["factor"] == factor and summary["layers"][-3:] == ["hit", "false_positive", "miss"]
+        assert len(summary["clusters"]) == 10 and page.count('"kind": "labels"') == 4
