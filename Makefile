@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all test-wheel bench bench-outofcore venv clean
+.PHONY: demo test test-all test-wheel bench bench-nnunet bench-outofcore venv clean
 
 venv: $(STAMP)
 
@@ -31,7 +31,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bundle,dicom,bench]'
-	for b in benchmarks/bench_*.py; do [ $$b = benchmarks/bench_outofcore.py ] || $(PY) $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do case $$b in */bench_outofcore.py|*/bench_vs_nnunet.py) ;; *) $(PY) $$b || exit 1;; esac; done
+
+# slab and nnU-Net v2 at equal CPU seconds (nnU-Net in its own venv, .nnunet-venv; ~40 minutes on 2 cores)
+bench-nnunet: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bundle,dicom,bench]'
+	$(PY) benchmarks/bench_vs_nnunet.py
 
 # A 6 GiB volume under a 1.5 GiB memory cgroup (root; about 35 minutes on 2 cores).
 bench-outofcore: $(STAMP)
