@@ -251,12 +251,14 @@ def _run(args) -> int:
 
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
-    check_mask_layout(args.output, args.per_channel)  # before the model is read
+    layout = check_mask_layout(args.output, args.per_channel)  # before the model is read
     from slab.pipeline.distributed import gather_objects, init_distributed, shard_items
 
     collection, cases = find_cases(args.input)
     if args.view and (collection or not args.view.lower().endswith((".html", ".htm"))):
         raise SlabError(f"--view {args.view}: expected a .html name and one INPUT volume (slab view pages a directory)")
+    if args.view and layout == "dicom-seg":
+        raise SlabError(f"--view: a DICOM SEG output ({args.output}) is not read back; write a volume, then slab view")
     jobs = _jobs(args, collection, cases)
     for case, output, prob, _ in jobs:  # every output name (a DICOM SEG: its series), before the model
         check_mask_layout(output, args.per_channel, case.source)

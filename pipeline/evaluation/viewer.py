@@ -8,7 +8,7 @@ each a link that moves the cursor to its centroid.
 The viewer is NiiVue (BSD-2-Clause), carried in ``niivue/`` with its licence and the script that
 updates it, inlined into the page. The volumes are inlined as gzipped NIfTI (base64); a volume of
 more than ``max_voxels`` is shown in blocks of f³ voxels (the image averaged, labels taken at each
-block's first voxel, categories by the majority of the block, as ``slab render`` draws them), and
+block's centre, categories by the majority of the block, as ``slab render`` draws them), and
 the page says so. The page sets ``document.title`` to ``slab-view-ready`` when every layer has
 loaded and writes what it shows (layers, label names, the values at a probe voxel) into
 ``#status`` as JSON, which the browser test reads back.
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from slab.transforms.errors import SlabError
+from slab.transforms.formats import spacing_of
 
 MAX_VOXELS = 160 ** 3  # shown at full resolution up to this many voxels (a 512³ case becomes ~8 MB)
 # label colours of a prediction (RGB), cycled; the categories keep slab render's colours
@@ -51,6 +52,17 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
     padded = np.pad(a, [(0, -s % f) for s in a.shape], mode="edge")
     x, y, z = (s // f for s in padded.shape)
     return padded.reshape(x, f, y, f, z, f).mean(axis=(1, 3, 5))
+
+
+def block_centres(values: np.ndarray, f: int) -> np.ndarray:
+    """A label map shown in blocks of ``f``³ voxels: each block's centre voxel (the edge repeated
+    where the volume does not fill the last block), so labels sit where the averaged image and the
+    page's affine (block centres) put them."""
+    if f == 1:
+        return values
+    padded = np.pad(values, [(0, -s % f) for s in values.shape], mode="edge")
+    o = (f - 1) // 2
+    return np.ascontiguousarray(padded[o::f, o::f, o::f])
 
 
 def _window(image: np.ndarray) -> np.ndarray:
@@ -104,7 +116,7 @@ def build_page(image, pred=None, truth=None, *, names=None, title: str = "case",
 
     raw = np.asarray(image)[0]
     affine = np.asarray(image.affine, np.float64)
-    spacing = [float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
+    spacing = list(spacing_of(affine, image.meta.get("spacing") if hasattr(image, "meta") else None))
     f = display_factor(raw.shape, max_voxels)
     block = np.diag([f, f, f, 1.0])
     block[:3, 3] = (f - 1) / 2  # a display voxel is the centre of its block
@@ -114,7 +126,7 @@ def build_page(image, pred=None, truth=None, *, names=None, title: str = "case",
                "clusters": []}
     if pred is not None:
         values, names = label_map(pred, names, "PRED")
-        layers.append({"name": "prediction", "kind": "labels", "b64": _nifti_b64(values[::f, ::f, ::f], shown),
+        layers.append({"name": "prediction", "kind": "labels", "b64": _nifti_b64(block_centres(values, f), shown),
                        "colormap": _colormap(names, [PALETTE[i % len(PALETTE)] for i in range(len(names))])})
         summary["layers"].append("prediction")
         summary["labels"] = names
@@ -257,4 +269,4 @@ def write_index(image_dir, pred_dir=None, truth_dir=None, out_dir="cases", *, na
     return rows
 
 
-__all__ = ["MAX_VOXELS", "build_page", "label_map", "write_index", "write_page"]
+__all__ = ["MAX_VOXELS", "block_centres", "build_page", "label_map", "write_index", "write_page"]
