@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg setup.py pyproject.toml constraints.txt transforms/_fill.c
+$(STAMP): setup.cfg setup.py pyproject.toml constraints.txt slab/transforms/_fill.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# a venv made before the rename holds the old `slab` distribution and its import mappings

@@ -7,5 +7,5 @@ import sys
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("slab.transforms._fill", ["transforms/_fill.c"], optional=True,
+setup(ext_modules=[Extension("slab.transforms._fill", ["slab/transforms/_fill.c"], optional=True,
                              extra_compile_args=[] if sys.platform == "win32" else ["-O3"])])

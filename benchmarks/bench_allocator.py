@@ -1,6 +1,6 @@
 """End-to-end ``slab predict`` with the shipped ``vessel_2p5d`` bundle (three planes, its TTA) on a
 phantom: the allocator left at glibc's defaults (``SLAB_MALLOC=default``) against slab's set-up
-(``slab.pipeline.device.configure_allocator``: no mmap for large blocks, no trimming), in fresh
+(``slab.core.device.configure_allocator``: no mmap for large blocks, no trimming), in fresh
 processes, alternating; wall time, minor page faults, system CPU share, and the masks compared.
 
     python benchmarks/bench_allocator.py               # 256^3

@@ -207,7 +207,7 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     from slab.pipeline.inference.model import load_model
     from slab.pipeline.planning.crossval import train_fold, write_plan
     from slab.pipeline.training.validation import truth_masks
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     fp, plans = write_plan(datalist, plan_dir, device="cpu", configurations=args.configurations.split(","))
     fold = plans.get("validation_fold")

@@ -56,7 +56,7 @@ import numpy as np, tifffile, torch
 from pathlib import Path
 from common import proc_status
 from slab.pipeline.inference import predict_2p5d
-from slab.transforms.io import load_volume
+from slab.io.volumes import load_volume
 
 stack, planes, budget, out = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
 

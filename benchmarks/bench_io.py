@@ -40,7 +40,7 @@ from common import ROOT, best_of, print_table, run_probe
 
 sys.path.insert(0, str(ROOT))
 from slab.transforms.percentiles import volume_percentiles  # noqa: E402
-from slab.transforms.io import load_volume, natural_key, save_volume  # noqa: E402
+from slab.io.volumes import load_volume, natural_key, save_volume  # noqa: E402
 
 PERCENTILES = [0.5, 99.5]
 
@@ -51,7 +51,7 @@ PERCENTILES = [0.5, 99.5]
 MEMORY_PROBE = r"""
 import json, resource
 from common import proc_status
-from slab.transforms.io import load_volume
+from slab.io.volumes import load_volume
 load_volume(sys.argv[2])
 
 try:

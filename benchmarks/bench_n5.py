@@ -20,7 +20,7 @@ import numpy as np
 from common import ROOT, best_of, print_table
 
 sys.path.insert(0, str(ROOT))
-from slab.transforms.io import load_volume, save_volume  # noqa: E402
+from slab.io.volumes import load_volume, save_volume  # noqa: E402
 
 
 def main() -> int:

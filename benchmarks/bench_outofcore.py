@@ -49,7 +49,7 @@ def phantom(x0, x1, y0, y1, z0, z1, seed: int):
 
 
 def write_phantom(folder: Path, shape, chunks=(8, 256, 256)) -> None:
-    from slab.transforms.chunked_writers import write_zarr
+    from slab.io.chunked_writers import write_zarr
 
     class Generated:
         """The phantom as a lazy (1, X, Y, Z) volume, made slab by slab (what write_zarr asks for)."""
@@ -171,7 +171,7 @@ def crop_check(folder: Path, net_json: Path, weights: Path, shape) -> tuple[floa
 
     from slab.pipeline.inference import Predictor
     from slab.transforms.intensity import PercentileNormalize
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     image = load_volume(folder / "image.zarr", lazy=True)
     low, high = PercentileNormalize().percentiles(image, name="image")

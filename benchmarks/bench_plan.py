@@ -138,7 +138,7 @@ def converge(plan_dir: Path, configuration: str, epochs: int, samples: int) -> N
     normalisation), scored on the fold's held-out cases beside the fold's baseline window."""
     from slab.pipeline.planning.crossval import train_fold
     from slab.pipeline.planning.selection import case_scores
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     out = plan_dir / "runs" / f"{configuration}_long" / "fold_0"
     start = time.perf_counter()

@@ -17,7 +17,7 @@ on a normalised 128^3 vessel phantom, three planes, no TTA, batch 8. Rows:
   masks at 0.5.
 
 ``torch.compile`` is timed after its first call; the compile time is shown apart. bfloat16 rows
-need a CPU with bfloat16 instructions (``slab.pipeline.device.cpu_supports_bf16``), else are skipped.
+need a CPU with bfloat16 instructions (``slab.core.device.cpu_supports_bf16``), else are skipped.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from common import ROOT, print_table
 
 sys.path.insert(0, str(ROOT))
 from slab.pipeline.data.phantom import make_phantom  # noqa: E402
-from slab.pipeline.device import configure_allocator, cpu_supports_bf16  # noqa: E402
+from slab.core.device import configure_allocator, cpu_supports_bf16  # noqa: E402
 from slab.pipeline.inference import PLANES, Predictor, predict_2p5d  # noqa: E402
 from slab.transforms.intensity import PercentileNormalize  # noqa: E402
 from slab.transforms.slab import iter_slab_batches  # noqa: E402

@@ -97,7 +97,7 @@ def main() -> None:
         print(f"\n2. slab train on {'x'.join(map(str, shape))} (image uint16 + label uint8 = "
               f"{data_bytes / (1 << 30):.2f} GiB, {data_bytes / cap:.1f}x the {args.cap_gib:g} GiB cap; written in "
               f"{time.perf_counter() - start:.0f} s)\n")
-        from slab.transforms.io import save_volume
+        from slab.io.volumes import save_volume
 
         image, truth = phantom(0, 96, 0, 96, 0, 96, seed=1)
         affine = np.diag([0.05, 0.05, 0.05, 1.0])

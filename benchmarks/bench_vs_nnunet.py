@@ -155,7 +155,7 @@ def prepare(work: Path) -> tuple[Path, Path, list[dict]]:
     from bench_calibration import subjects_task
 
     from slab.pipeline.cli import main as slab
-    from slab.transforms.io import load_volume, save_volume
+    from slab.io.volumes import load_volume, save_volume
 
     datalist = subjects_task(work / "subjects")
     data = json.loads(datalist.read_text())
@@ -177,7 +177,7 @@ def prepare(work: Path) -> tuple[Path, Path, list[dict]]:
 
 def score(pred_path: Path, truth_path: Path) -> dict:
     from slab.pipeline.evaluation.metrics import surface_dice
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     pred, truth = load_volume(pred_path), load_volume(truth_path)
     spacing = [float(s) for s in truth.meta["spacing"]]
@@ -256,7 +256,7 @@ def window(datalist: Path, tests: list[dict]) -> float:
     from bench_calibration import window_baseline
 
     from slab.transforms.intensity import make_normalize
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     norm = make_normalize({"scheme": "percentile", "lower": 0.5, "upper": 99.5})
     data = json.loads(datalist.read_text())

@@ -113,7 +113,7 @@ def spine_held_out(train: dict, weights: Path, out: Path) -> dict:
     from slab.pipeline.inference.sequences import predict_sequences
     from slab.pipeline.training.classification import competition_log_loss, roc_auc
     from slab.transforms.intensity import make_normalize
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / "spine_cls_2p5d" / "configs" / "inference.json"))

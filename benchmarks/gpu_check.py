@@ -53,7 +53,7 @@ def _peak(device) -> float:
 def train_steps(dims: int, precision: str, device, tiny: bool) -> dict:
     """Steps/s, images/s and peak memory of training steps at one precision."""
     from slab.networks import build_network
-    from slab.pipeline.device import amp_dtype, autocast
+    from slab.core.device import amp_dtype, autocast
 
     dtype = amp_dtype(device, precision)
     net = build_network("unet", dims, 3 if dims == 2 else 1, 1, channels=[16, 32, 64, 128], strides=[2, 2, 2],
@@ -108,7 +108,7 @@ def short_training(root: Path, dims: int, amp: bool, device, tiny: bool) -> floa
 def prediction(dims: int, precision: str, device, tiny: bool) -> dict:
     """Mvoxel/s of whole-volume prediction and of the network's forward passes alone."""
     from slab.networks import build_network
-    from slab.pipeline.device import amp_dtype, autocast
+    from slab.core.device import amp_dtype, autocast
     from slab.pipeline.inference import predict_2p5d, predict_3d
 
     n = 48 if tiny else 256

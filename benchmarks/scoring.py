@@ -32,7 +32,7 @@ def score_model(run, items: list[dict], *, scales=(1.0,)) -> tuple[float, float,
     from slab.pipeline.evaluation.metrics import evaluate
     from slab.pipeline.evaluation.skeleton import cldice
     from slab.pipeline.inference.model import load_model
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     model = load_model(run, device="cpu", scales=list(scales))
     scores = []

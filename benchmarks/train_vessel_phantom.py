@@ -39,13 +39,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from slab.networks import build_network, load_weights, network_divisor  # noqa: E402
-from slab.pipeline.device import amp_dtype, resolve_device  # noqa: E402
+from slab.core.device import amp_dtype, resolve_device  # noqa: E402
 from slab.pipeline.inference import predict_2p5d  # noqa: E402
 from slab.pipeline.evaluation.metrics import evaluate, threshold_sweep  # noqa: E402
 from slab.pipeline.data.phantom import write_phantom  # noqa: E402
 from slab.pipeline.training import load_checkpoint, train  # noqa: E402
 from slab.transforms.intensity import PercentileNormalize  # noqa: E402
-from slab.transforms.io import load_volume  # noqa: E402
+from slab.io.volumes import load_volume  # noqa: E402
 
 THRESHOLDS = [round(0.05 * i, 2) for i in range(2, 19)]
 

@@ -37,8 +37,8 @@ _API = {
     "render_hits": "slab.pipeline.evaluation.render", "export_mesh": "slab.pipeline.evaluation.render",
     "cross_sections": "slab.pipeline.evaluation.sections",
     # volumes, transforms, networks
-    "load_volume": "slab.transforms.io", "save_volume": "slab.transforms.io",
-    "write_dicom_seg": "slab.transforms.dicom_seg", "postprocess": "slab.transforms.post",
+    "load_volume": "slab.io.volumes", "save_volume": "slab.io.volumes",
+    "write_dicom_seg": "slab.io.dicom_seg", "postprocess": "slab.transforms.post",
     "PercentileNormalize": "slab.transforms.intensity", "build_network": "slab.networks", "load_weights": "slab.networks",
     # what this installation ships: the bundles (by name, e.g. Predictor.from_bundle("vessel_2p5d")) and sample data
     "sample_dir": "slab.pipeline.paths", "shipped_bundles": "slab.pipeline.paths",

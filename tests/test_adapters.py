@@ -12,8 +12,8 @@ import tifffile
 from slab.pipeline.data.adapters import assign_folds, brats_label, build_datalist
 from slab.pipeline.data.datalist import split_datalist
 from slab.pipeline.cli import main
-from slab.transforms.errors import SlabError, SlabWarning
-from slab.transforms.io import keep_locale
+from slab.core.errors import SlabError, SlabWarning
+from slab.io.volumes import keep_locale
 
 X, Y, Z = 16, 12, 3  # slice images are Y rows x X columns
 
@@ -106,7 +106,7 @@ def test_sennet_as_downloaded_dense_labels_pair_with_sparse_images(sennet, tmp_p
     item = all_items(datalist)["kidney_3_dense"]
     assert item["case"] == "kidney_3" and item["image"] == str(out / "volumes/kidney_3_dense/images")
     assert sorted(p.name for p in (out / "volumes/kidney_3_dense/images").iterdir()) == ["0001.tif", "0002.tif"]
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     np.testing.assert_array_equal(load_volume(item["image"]).numpy()[0],
                                   load_volume(sennet / "train/kidney_3_sparse/images").numpy()[0][:, :, 1:])

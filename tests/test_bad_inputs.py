@@ -366,7 +366,7 @@ def _n5_block_dev_zero(d: Path) -> Path:
 def _ome_zarr_escape(d: Path) -> Path:
     from monai.data import MetaTensor
 
-    from slab.transforms.io import save_volume
+    from slab.io.volumes import save_volume
 
     save_volume(MetaTensor(torch.ones(1, 6, 5, 4), affine=torch.eye(4)), d / "other.zarr")
     shutil.copytree(d / "other.zarr", d / "escape.zarr")

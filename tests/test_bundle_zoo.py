@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata
 
 from slab.pipeline.bundle import BUNDLES_DIR, run_bundle
-from slab.transforms.io import load_volume, save_volume
+from slab.io.volumes import load_volume, save_volume
 
 BUNDLES = ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")
 SCHEMA = BUNDLES_DIR / "metadata_schema.json"

@@ -12,8 +12,8 @@ from monai.bundle.scripts import _get_fake_spatial_shape
 
 from slab.pipeline.bundle import BUNDLE_FILES, BUNDLES_DIR, require_files, run_bundle, sample_dir
 from slab.pipeline.cli import main
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume
 
 BUNDLES = ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")
 # The fields the MONAI Bundle Specification requires of metadata.json, and the ones we add.
@@ -213,7 +213,7 @@ def test_brats_inference_uses_the_thresholds_chosen_on_validation(tmp_path):
 
     from slab.pipeline.bundle import network
     from slab.pipeline.inference import recorded_postprocess
-    from slab.transforms.io import save_volume
+    from slab.io.volumes import save_volume
 
     root, _, config_file = _files("brats_3d")
     config = {**json.loads(Path(config_file).read_text(encoding="utf-8"))["slab"]["network"], "channels": [4, 8, 16, 16]}
@@ -298,7 +298,7 @@ def test_training_writes_only_under_a_relative_output_dir(name, tmp_path, monkey
 def test_spine_training_whose_validation_auc_is_undefined_falls_back_to_the_loss(tmp_path):
     """Validation studies without both classes give an all-NaN AUC: the best checkpoint is chosen
     by the validation loss instead (said in a warning), and the weights export."""
-    from slab.transforms.errors import SlabWarning
+    from slab.core.errors import SlabWarning
 
     tiny = {**TINY["spine_cls_2p5d"], "phantom#targets": {"C1": [1, 0, 0, 0], "C2": [0, 1, 0, 0],
                                                            "C3": [1, 1, 0, 0]}}

@@ -67,7 +67,7 @@ def test_threshold_at_the_centre_of_a_flat_optimum():
     t, info = choose_threshold(levels, [0.9] * 9)
     assert t == 0.5 and info["plateau"] == [0.1, 0.9]
     # the sweep is not capped at 0.9
-    from slab.transforms.checks import THRESHOLD_LEVELS
+    from slab.core.checks import THRESHOLD_LEVELS
 
     assert max(THRESHOLD_LEVELS) > 0.95 and 0.45 in THRESHOLD_LEVELS and min(THRESHOLD_LEVELS) < 0.05
 

@@ -18,9 +18,9 @@ import torch
 from slab.networks import build_network, save_weights
 from slab.pipeline.data.cases import find_cases
 from slab.pipeline.cli import main
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume
-from slab.transforms.rle import read_sennet_rles, read_uwmgi_rles, rle_decode
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume
+from slab.io.rle import read_sennet_rles, read_uwmgi_rles, rle_decode
 
 
 def _network(tmp_path, in_channels=3, out_channels=1, labels=None, dims=2):

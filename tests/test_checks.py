@@ -1,10 +1,10 @@
-"""The shared argument and file checks in transforms/checks.py."""
+"""The shared argument and file checks in slab/core/checks.py."""
 import json
 
 import pytest
 
-from slab.transforms.checks import check_spacing, read_json_object
-from slab.transforms.errors import SlabError
+from slab.core.checks import check_spacing, read_json_object
+from slab.core.errors import SlabError
 
 
 def test_check_spacing_accepts_three_positive_numbers():

@@ -19,11 +19,11 @@ from monai.data import MetaTensor
 from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
 from slab.pipeline.inference import predict_2p5d
-from slab.transforms.chunked_writers import _downsample, pyramid_shapes, write_zarr
-from slab.transforms.errors import SlabError, SlabWarning
+from slab.io.chunked_writers import _downsample, pyramid_shapes, write_zarr
+from slab.core.errors import SlabError, SlabWarning
 from slab.transforms.intensity import PercentileNormalize
-from slab.transforms.io import load_volume, output_format, save_volume
-from slab.transforms.lazy import LazyVolume
+from slab.io.volumes import load_volume, output_format, save_volume
+from slab.io.lazy import LazyVolume
 
 OBLIQUE = np.array([[0.0, -0.7, 0.0, 10.0], [0.5, 0.0, 0.0, -3.0], [0.0, 0.0, 2.5, 7.25], [0.0, 0.0, 0.0, 1.0]])
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -362,7 +362,7 @@ def test_out_of_core_predict_equals_in_memory(tmp_path, rng):
     np.testing.assert_array_equal(load_volume(tmp_path / "p.zarr").numpy(), probs.numpy().astype(np.float16))
     assert main(args + ["-o", str(tmp_path / "labels.zarr")]) == 0  # one label map, values 1 and 2
     label = load_volume(tmp_path / "labels.zarr")[0].numpy()
-    from slab.transforms.labelmap import to_label_map
+    from slab.io.labelmap import to_label_map
 
     np.testing.assert_array_equal(label, to_label_map(expected, (1, 2), (0, 1))[0][0])
     assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []

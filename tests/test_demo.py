@@ -6,7 +6,7 @@ from PIL import Image
 
 from slab.pipeline.bundle import DATA_DIR
 from slab.pipeline.cli import main
-from slab.transforms.io import load_volume
+from slab.io.volumes import load_volume
 
 # Surface dice of the shipped weights on the embedded sample with one plane (xy), no TTA, and
 # the bundle's post-processing, measured when the weights were trained (see the bundle docs for

@@ -1,13 +1,13 @@
-"""Device resolution and mixed precision (slab.pipeline.device), shared by training and inference."""
+"""Device resolution and mixed precision (slab.core.device), shared by training and inference."""
 import pytest
 import torch
 
 import slab.pipeline.inference.forward
 import slab.pipeline.training.engine
 import slab.pipeline.training.loop
-import slab.pipeline.device
-from slab.pipeline.device import amp_dtype, autocast, cpu_supports_bf16, resolve_device
-from slab.transforms.errors import SlabError
+import slab.core.device
+from slab.core.device import amp_dtype, autocast, cpu_supports_bf16, resolve_device
+from slab.core.errors import SlabError
 
 
 def test_resolve_device():
@@ -50,9 +50,9 @@ def test_precisions(monkeypatch):
     for value in (False, None, "fp32", True, "auto"):
         assert amp_dtype(cpu, value) is None  # float32 on a CPU unless bf16 is asked for
     assert isinstance(cpu_supports_bf16(), bool)
-    monkeypatch.setattr(slab.pipeline.device, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(slab.core.device, "cpu_supports_bf16", lambda: True)
     assert amp_dtype(cpu, "bf16") == torch.bfloat16
-    monkeypatch.setattr(slab.pipeline.device, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(slab.core.device, "cpu_supports_bf16", lambda: False)
     with pytest.raises(SlabError, match="^--precision bf16: this CPU has no bfloat16 instructions"):
         amp_dtype(cpu, "bf16")
     with pytest.raises(SlabError, match="^--precision fp16: CUDA only"):
@@ -99,7 +99,7 @@ def test_one_implementation():
 
 
 def test_threads_option_and_default_do_not_oversubscribe():
-    from slab.pipeline.device import available_cores, configure_threads, default_threads
+    from slab.core.device import available_cores, configure_threads, default_threads
 
     before = torch.get_num_threads()
     try:
@@ -115,7 +115,7 @@ def test_allocator_setup_applies_on_glibc_and_can_be_turned_off():
     import subprocess
     import sys
 
-    code = "from slab.pipeline.device import configure_allocator; print(configure_allocator())"
+    code = "from slab.core.device import configure_allocator; print(configure_allocator())"
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "SLAB_MALLOC": "default"}).stdout.strip()

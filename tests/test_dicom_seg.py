@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
 from slab.pipeline.inference import Predictor, predict_file
-from slab.transforms.dicom import dicom_files
-from slab.transforms.dicom_seg import write_dicom_seg
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume
+from slab.io.dicom import dicom_files
+from slab.io.dicom_seg import write_dicom_seg
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume
 from test_io import _rotation_x, _write_dicom_series
 
 hd = pytest.importorskip("highdicom")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from slab.pipeline.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
-from slab.transforms.errors import SlabError
+from slab.core.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
+from slab.core.errors import SlabError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ CONFIG = {"epochs": 2, "batch_size": 4, "samples_per_epoch": 8, "planes": ["xy",
 def _worker(work: Path) -> int:
     """One rank under torchrun: sharded inference, then ``slab train`` (DDP)."""
     from slab.pipeline.cli import main
-    from slab.pipeline.distributed import cleanup_distributed, init_distributed
+    from slab.core.distributed import cleanup_distributed, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
@@ -174,7 +174,7 @@ def test_torchrun_predict_shares_one_volume_by_block_and_many_by_volume(tmp_path
     exactly; a directory of volumes split by volume gives the same files and one RLE CSV."""
     from slab.networks import build_network, save_weights
     from slab.pipeline.cli import main
-    from slab.transforms.io import load_volume, save_volume
+    from slab.io.volumes import load_volume, save_volume
 
     config = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8],
               "strides": [2]}

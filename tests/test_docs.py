@@ -24,7 +24,7 @@ import tifffile
 
 from slab.pipeline.bundle import BUNDLES_DIR
 from slab.pipeline.cli import main
-from slab.transforms.rle import read_sennet_rles
+from slab.io.rle import read_sennet_rles
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + [f"bundles/{b}/docs/README.md" for b in

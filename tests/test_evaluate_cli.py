@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 
 from slab.pipeline.cli import main
 from slab.pipeline.evaluation.metrics import evaluate, threshold_sweep
-from slab.transforms.io import save_volume
+from slab.io.volumes import save_volume
 
 SPACING = (0.8, 0.8, 2.5)
 AFFINE = np.diag([*SPACING, 1.0])

@@ -23,7 +23,7 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -77,7 +77,7 @@ rle_text = st.one_of(
 @settings(**SETTINGS, max_examples=300)
 @given(rle=rle_text, rows=st.integers(1, 9), cols=st.integers(1, 9), order=st.sampled_from(["C", "F"]))
 def test_rle_decode_takes_anything(rle, rows, cols, order):
-    from slab.transforms.rle import rle_decode, rle_encode
+    from slab.io.rle import rle_decode, rle_encode
 
     try:
         mask = rle_decode(rle, (rows, cols), order)
@@ -95,7 +95,7 @@ def test_rle_decode_takes_anything(rle, rows, cols, order):
                                max_size=4).map(
                           lambda rows: ("id,rle\n" + "".join(f"{i},{r}\n" for i, r in rows)).encode())))
 def test_sennet_csv_reader_takes_anything(tmp_path, data):
-    from slab.transforms.rle import read_sennet_rles, sennet_label
+    from slab.io.rle import read_sennet_rles, sennet_label
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "train_rles.csv"
     path.write_bytes(data)
@@ -115,7 +115,7 @@ def test_sennet_csv_reader_takes_anything(tmp_path, data):
                           lambda rows: ("id,class,segmentation\n" + "".join(
                               f"{i},{c},{r}\n" for i, c, r in rows)).encode())))
 def test_uwmgi_csv_reader_takes_anything(tmp_path, data):
-    from slab.transforms.rle import read_uwmgi_rles, uwmgi_label
+    from slab.io.rle import read_uwmgi_rles, uwmgi_label
 
     path = Path(tempfile.mkdtemp(dir=tmp_path)) / "train.csv"
     path.write_bytes(data)
@@ -186,7 +186,7 @@ FORMATS = {
 @settings(**SETTINGS, max_examples=80)
 @given(changes=edits)
 def test_the_loader_takes_mutated_files(tmp_path, fmt, changes):
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     make, name, header = FORMATS[fmt]
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -295,7 +295,7 @@ json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2 **
 
 
 def _read_all(path):
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     np.asarray(load_volume(path, lazy=True)[:, :4, :4, :4])
 

@@ -14,8 +14,8 @@ import torch
 
 from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
-from slab.transforms.errors import SlabError, SlabWarning
-from slab.transforms.io import load_volume, save_volume
+from slab.core.errors import SlabError, SlabWarning
+from slab.io.volumes import load_volume, save_volume
 
 NET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}
 

@@ -10,11 +10,11 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from slab.networks import build_network, network_divisor, save_weights
-from slab.pipeline.device import cpu_supports_bf16
+from slab.core.device import cpu_supports_bf16
 from slab.pipeline.inference import Predictor, predict_2p5d, predict_3d, predict_file
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 from slab.transforms.intensity import PercentileNormalize
-from slab.transforms.io import load_volume, save_volume
+from slab.io.volumes import load_volume, save_volume
 from slab.transforms.post import postprocess
 from slab.transforms.slab import PLANE_AXIS, extract_slab, pad_to_divisor, unpad
 
@@ -207,7 +207,7 @@ def test_cpu_bf16_agrees_with_fp32():
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     import slab.pipeline.inference.forward as forward
-    from slab.transforms.errors import SlabWarning
+    from slab.core.errors import SlabWarning
 
     def broken(model, **kwargs):
         def call(x):

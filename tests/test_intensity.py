@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from monai.data import MetaTensor
 
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 from slab.transforms.intensity import PercentileNormalize, PercentileNormalized, scale_intensity
 from slab.transforms.percentiles import volume_percentiles
 
@@ -106,7 +106,7 @@ def test_constant_channel_maps_to_zero():
 
 
 def test_lazy_volume_streams_without_loading(rng, tmp_path, monkeypatch):
-    from slab.transforms.io import load_volume, save_volume
+    from slab.io.volumes import load_volume, save_volume
 
     x = _random(rng, np.int16, (2, 6, 5, 9))
     save_volume(x, tmp_path / "v.nii")
@@ -130,8 +130,8 @@ def test_lazy_floats_and_wide_integers_by_radix_selection(dtype, shape, q, seed,
     import tempfile
     from pathlib import Path
 
-    from slab.transforms.io import load_volume, save_volume
-    from slab.transforms.lazy import LazyVolume
+    from slab.io.volumes import load_volume, save_volume
+    from slab.io.lazy import LazyVolume
 
     rng = np.random.default_rng(seed)
     scale = 1e4 if np.dtype(dtype).kind == "f" else 2 ** 20
@@ -156,7 +156,7 @@ def test_lazy_floats_and_wide_integers_by_radix_selection(dtype, shape, q, seed,
 
 
 def test_lazy_float_with_nan_is_refused(tmp_path):
-    from slab.transforms.io import load_volume, save_volume
+    from slab.io.volumes import load_volume, save_volume
 
     x = np.ones((1, 4, 4, 4), np.float32)
     x[0, 1, 2, 3] = np.nan
@@ -167,7 +167,7 @@ def test_lazy_float_with_nan_is_refused(tmp_path):
 
 def test_zscore_against_numpy_per_channel_and_lazily(tmp_path):
     from slab.transforms.intensity import ZScoreNormalize
-    from slab.transforms.io import load_volume, save_volume
+    from slab.io.volumes import load_volume, save_volume
 
     rng = np.random.default_rng(3)
     v = np.stack([rng.normal(50, 7, (13, 11, 9)), rng.normal(-3, 0.5, (13, 11, 9))]).astype(np.float32)

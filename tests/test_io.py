@@ -11,8 +11,8 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from slab.transforms.errors import SlabError
-from slab.transforms.io import (
+from slab.core.errors import SlabError
+from slab.io.volumes import (
     LazyVolume,
     LoadVolume,
     LoadVolumed,
@@ -371,10 +371,10 @@ def test_lazy_stack_reads_only_the_slices_asked_for(tmp_path, rng, monkeypatch):
     save_volume(_volume(rng, np.uint8, (1, 4, 4, 12)), tmp_path / "s")
     lazy = load_volume(tmp_path / "s", lazy=True, spacing=(2.0, 2.0, 3.0))
     read = []
-    import slab.transforms.lazy
+    import slab.io.lazy
 
-    decode = slab.transforms.lazy.decode_slice
-    monkeypatch.setattr(slab.transforms.lazy, "decode_slice", lambda path: read.append(path.name) or decode(path))
+    decode = slab.io.lazy.decode_slice
+    monkeypatch.setattr(slab.io.lazy, "decode_slice", lambda path: read.append(path.name) or decode(path))
 
     lazy[0, :, :, 3:6]
 
@@ -596,7 +596,7 @@ def test_tiff_slices_decode_as_tifffile_reads_them(tmp_path, dtype, compression,
     """The fast path (a struct-read header, imagecodecs' libtiff decode) gives tifffile's array."""
     import tifffile
 
-    from slab.transforms.lazy import _plain_tiff, decode_slice
+    from slab.io.lazy import _plain_tiff, decode_slice
 
     rng = np.random.default_rng(0)
     image = (rng.random((37, 53)) * 1000).astype(dtype)
@@ -612,8 +612,8 @@ def test_tiff_fast_path_falls_back_and_refuses_bombs(tmp_path):
 
     import tifffile
 
-    from slab.transforms.errors import SlabError
-    from slab.transforms.lazy import _plain_tiff, decode_slice
+    from slab.core.errors import SlabError
+    from slab.io.lazy import _plain_tiff, decode_slice
 
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((4, 5, 3), np.uint8))

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from slab.networks import build_network, save_weights
 from slab.pipeline.data.adapters import brats_label
 from slab.pipeline.inference import Predictor, predict_file
-from slab.transforms.errors import SlabError, SlabWarning
-from slab.transforms.io import load_volume
-from slab.transforms.labelmap import check_label_map, from_label_map, segment_metadata, to_label_map
+from slab.core.errors import SlabError, SlabWarning
+from slab.io.volumes import load_volume
+from slab.io.labelmap import check_label_map, from_label_map, segment_metadata, to_label_map
 
 BRATS = {"values": [1, 2, 4], "order": [1, 0, 2]}  # channels (TC, WT, ET); paint WT, TC, ET
 
@@ -172,7 +172,7 @@ def test_overlapping_labels_open_in_slicer_as_layers(tmp_path):
     assert back.shape[0] == voxels.shape[0]
     np.testing.assert_allclose(back.affine.numpy(), affine, atol=1e-6)
     # labels that never overlap share one layer: a plain 3D label map
-    from slab.transforms.labelmap import to_layers
+    from slab.io.labelmap import to_layers
 
     apart = np.zeros((3, 4, 4, 4), np.uint8)
     apart[0, 0], apart[1, 1], apart[2, 2] = 1, 1, 1

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("slab", "pipeline", "transforms", "networks")  # folders; installed as slab, slab.pipeline, ...
-MAX_LINES = 500  # a module reads in one sitting; the longest today are pipeline/bundle.py and transforms/io.py (492)
+PACKAGES = ("slab",)  # one folder, one import namespace: slab.core, slab.io, slab.pipeline, ...
+MAX_LINES = 500  # a module reads in one sitting; the longest today are slab/pipeline/bundle.py and slab/io/volumes.py (492)
 
 
 def _modules() -> dict[str, Path]:
@@ -17,8 +17,7 @@ def _modules() -> dict[str, Path]:
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found[name if package == "slab" else "slab." + name] = path
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
@@ -52,9 +51,11 @@ def test_the_public_api_resolves_every_name():
 def test_every_module_is_reached_through_slab():
     """The layout test below is not vacuous: it sees slab's modules under their installed names."""
     modules = _modules()
-    assert {"slab", "slab.pipeline.cli", "slab.transforms.post", "slab.networks"} <= set(modules)
+    assert {"slab", "slab.core.errors", "slab.io.volumes", "slab.pipeline.cli", "slab.transforms.post",
+            "slab.networks"} <= set(modules)
     imports = _top_level_imports(modules["slab.pipeline.inference.predictor"], modules)
     assert any(name.startswith("slab.transforms") for name in imports), imports
+    assert any(name.startswith("slab.io") for name in imports), imports
 
 
 def test_the_install_exposes_one_namespace(tmp_path):
@@ -66,12 +67,13 @@ def test_the_install_exposes_one_namespace(tmp_path):
     import sys
 
     code = ("import importlib.util, slab, slab.transforms.post as post; "
-            "print([importlib.util.find_spec(n) is None for n in ('pipeline', 'transforms', 'networks')], "
+            "print([importlib.util.find_spec(n) is None for n in ('pipeline', 'transforms', 'networks', 'core')], "
             "slab.load_volume.__module__, post._compiled_fill is not None)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["[True,", "True,", "True]", "slab.transforms.io", "True"]
-    bare = re.compile(r"^\s*(from|import) (pipeline|transforms|networks)\b|\"(pipeline|transforms|networks)\.\w", re.M)
+    assert out.stdout.split() == ["[True,", "True,", "True,", "True]", "slab.io.volumes", "True"]
+    bare = re.compile(r"^\s*(from|import) (pipeline|transforms|networks|core)\b|\"(pipeline|transforms|networks|core)\.\w",
+                      re.M)
     sources = [p for folder in (*PACKAGES, "tests", "benchmarks", "bundles") for p in (ROOT / folder).rglob("*")
                if p.suffix in {".py", ".json"}]
     offenders = [str(p.relative_to(ROOT)) for p in sources if bare.search(p.read_text(encoding="utf-8"))]
@@ -82,7 +84,7 @@ def test_the_install_exposes_one_namespace(tmp_path):
 # Imports inside functions that may close a circle, with the reason each must stay (none today).
 CIRCLE_ALLOWED: dict[tuple[str, str], str] = {}
 # The floors, bottom up: a module never imports one of a higher floor (also inside functions).
-FLOORS = (("slab.transforms", "slab.networks"), ("slab.pipeline",), ("slab",))
+FLOORS = (("slab.core",), ("slab.io", "slab.transforms", "slab.networks"), ("slab.pipeline",), ("slab",))
 
 
 def test_no_import_circles():
@@ -111,8 +113,8 @@ def test_no_import_circles():
 
 
 def test_no_import_runs_up_a_floor():
-    """transforms/ and networks/ (the floor) never import pipeline/ or the public ``slab`` API;
-    pipeline/ never imports the ``slab`` API module (inside functions too)."""
+    """core/ imports no other room; io/, transforms/ and networks/ never import pipeline/ or the
+    public ``slab`` API; pipeline/ never imports the ``slab`` API module (inside functions too)."""
     def floor(name: str) -> int:
         return next(i for i, prefixes in enumerate(FLOORS)
                     if any(name == p or name.startswith(p + ".") for p in prefixes))
@@ -126,22 +128,22 @@ def test_no_import_runs_up_a_floor():
 @pytest.mark.parametrize("path", sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py")),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_module_stays_small(path):
-    """Every module of the library (slab/, pipeline/, transforms/, networks/), not only pipeline/."""
+    """Every module of the library (everything under slab/), not only slab/pipeline/."""
     assert len(path.read_text(encoding="utf-8").splitlines()) <= MAX_LINES
 
 
 def test_the_module_map_names_every_module():
     """DEVELOPERS.md's module map cannot drift: every module of the library is named there by its
     path (a package's ``__init__``/``__main__`` by its folder or itself; the command modules by
-    ``pipeline/cli/<command>.py``), and every path the map names exists."""
+    ``slab/pipeline/cli/<command>.py``), and every path the map names exists."""
     import re
 
     from slab.pipeline.cli import COMMANDS
 
     text = (ROOT / "DEVELOPERS.md").read_text(encoding="utf-8")
-    named = set(re.findall(r"`((?:slab|pipeline|transforms|networks)/[\w/]*(?:\.py|/))`", text))
+    named = set(re.findall(r"`(slab/[\w/]*(?:\.py|/))`", text))
     for row in text.splitlines():  # a folder's row may name its modules by file name
-        folders = re.findall(r"^\| `((?:pipeline|transforms|networks)(?:/\w+)*/)`", row)
+        folders = re.findall(r"^\| `(slab(?:/\w+)+/)`", row)
         named |= {folders[0] + name for name in re.findall(r"`(\w+\.py)`", row)} if folders else set()
     missing = []
     for package in PACKAGES:
@@ -151,7 +153,7 @@ def test_the_module_map_names_every_module():
             if rel in named or path.name in ("__init__.py", "__main__.py") and (folder in named or any(
                     n.startswith(folder) for n in named)):
                 continue
-            if folder == "pipeline/cli/" and path.stem in COMMANDS and "pipeline/cli/<command>.py" in text:
+            if folder == "slab/pipeline/cli/" and path.stem in COMMANDS and "slab/pipeline/cli/<command>.py" in text:
                 continue
             missing.append(rel)
     assert not missing, f"DEVELOPERS.md's module map lacks {missing}"

@@ -13,8 +13,8 @@ from surface_distance import lookup_tables
 
 import slab.pipeline.evaluation.metrics as M
 import slab.pipeline.evaluation.surface as S
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume, save_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume, save_volume
 
 TOLERANCES = (0.0, 0.5, 1.0, 2.5)
 

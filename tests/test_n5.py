@@ -1,4 +1,4 @@
-"""N5 datasets (slab.transforms.n5): read and written as tensorstore's N5 driver writes and reads
+"""N5 datasets (slab.io.n5): read and written as tensorstore's N5 driver writes and reads
 them (every compression it has that slab reads, odd shapes cut by the blocks, missing blocks),
 with geometry, through load_volume / save_volume / slab convert, and damaged files refused in
 one line."""
@@ -12,9 +12,9 @@ import torch
 from monai.data import MetaTensor
 
 from slab.pipeline.cli import main
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume, save_volume
-from slab.transforms.lazy import LazyVolume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume, save_volume
+from slab.io.lazy import LazyVolume
 
 ts = pytest.importorskip("tensorstore")
 

@@ -4,7 +4,7 @@ import torch
 from monai.networks import nets
 
 from slab.networks import SliceSequenceClassifier, build_network, load_weights, network_divisor, save_weights
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 
 # Tiny configurations so every forward pass takes milliseconds.
 TINY = {

@@ -21,8 +21,8 @@ import torch
 
 from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
-from slab.transforms.errors import SlabError
-from slab.transforms.outputs import atomic_write, check_outputs, sweep_stale, temp_dir
+from slab.core.errors import SlabError
+from slab.core.outputs import atomic_write, check_outputs, sweep_stale, temp_dir
 
 NET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}
 

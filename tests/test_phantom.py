@@ -4,8 +4,8 @@ import pytest
 
 from slab.pipeline.cli import main
 from slab.pipeline.data.phantom import make_phantom, write_phantom
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume
 
 
 @pytest.mark.parametrize("kind", ["vessels", "organs", "tumour"])

@@ -161,7 +161,7 @@ def test_tissue_sheets_are_not_tubular_vessels_are():
 
 def test_case_ids_are_unique_and_stable():
     from slab.pipeline.data.datalist import case_ids
-    from slab.transforms.errors import SlabError
+    from slab.core.errors import SlabError
 
     folders = [{"image": f"/d/case{i}/image.nii.gz", "label": f"/d/case{i}/label.nii.gz"} for i in range(3)]
     assert case_ids(folders) == ["case0", "case1", "case2"]
@@ -339,7 +339,7 @@ def test_cv_writes_table_postprocessing_and_model(cv_plan, capsys):
     assert sorted(p.stem for p in (plan / "cv" / "2d").glob("*.npy")) == ["case0", "case1", "case2", "case3"]
     data = json.loads((plan / "datalist.json").read_text())
     from slab.pipeline.inference.model import load_model
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     for fold in (0, 1):
         record = json.loads((plan / "cv" / "2d" / f"fold_{fold}.json").read_text())
@@ -371,7 +371,7 @@ def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
     written = nib.load(tmp_path / "all.nii.gz")
     assert np.allclose(written.affine, nib.load(image).affine) and written.shape == (20, 18, 12)
     from slab.pipeline.inference.model import load_model
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     volume = load_volume(image)
     ensemble = load_model(plan, device="cpu")
@@ -386,7 +386,7 @@ def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
 def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
     _, plan, _ = cv_plan
     from slab.pipeline.inference.model import Ensemble, load_model
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     checkpoint = plan / "runs" / "2d" / "fold_0" / "best.pt"
     volume = load_volume(plan.parent / "case1" / "image.nii.gz")
@@ -542,7 +542,7 @@ def test_exclusive_classes_train_a_softmax_and_predict_by_argmax(tmp_path, capsy
     argmax masks, and predicted as a softmax whose argmax puts no voxel in two labels."""
     from slab.pipeline.data.phantom import make_phantom
     from slab.pipeline.inference.model import load_model
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     items = []
     for i in range(4):
@@ -725,7 +725,7 @@ def _msd_task(root: Path, labels: dict) -> Path:
                                     {"background": 0, "liver": 1, "spleen": 2}])  # nnU-Net v2: name -> value
 def test_a_decathlon_dataset_json_plans_and_trains_as_it_comes(tmp_path, labels):
     from slab.pipeline.data.datalist import read_datalist
-    from slab.transforms.errors import SlabError
+    from slab.core.errors import SlabError
 
     dataset = _msd_task(tmp_path / "Task01_Organs", labels)
     data = read_datalist(dataset)

@@ -12,7 +12,7 @@ from skimage.filters import apply_hysteresis_threshold
 from skimage.morphology import remove_small_objects
 
 from slab.transforms import post
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 from slab.transforms.post import (
     FillHoles,
     FillHolesd,
@@ -132,7 +132,7 @@ def exact_hysteresis(p, low, high, connectivity):
 def test_compiled_fill_is_built():
     # setup.py builds it; without it HysteresisFill falls back to cc3d (same output, slower) and
     # the README's speed table would not describe this install.
-    assert post._compiled_fill is not None, "transforms/_fill.c is not built: pip install -e . with a C compiler"
+    assert post._compiled_fill is not None, "slab/transforms/_fill.c is not built: pip install -e . with a C compiler"
 
 
 DTYPES = ("float32", "float64", "float16", ">f4", ">f8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "bool")

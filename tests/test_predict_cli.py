@@ -11,9 +11,9 @@ from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
 from slab.pipeline.inference import predict_2p5d
 from slab.transforms.intensity import PercentileNormalize
-from slab.transforms.io import load_volume, save_volume
+from slab.io.volumes import load_volume, save_volume
 from slab.transforms.post import postprocess
-from slab.transforms.rle import rle_decode
+from slab.io.rle import rle_decode
 
 AFFINE = np.array([[0.0, 0.8, 0.0, -10.0], [-0.8, 0.0, 0.0, 20.5], [0.0, 0.0, 2.5, 3.25], [0.0, 0.0, 0.0, 1.0]])
 CONFIG = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1, "channels": [4, 8], "strides": [2]}

@@ -13,7 +13,7 @@ import torch
 
 from slab.networks import build_network
 from slab.networks.pretrained import IMAGENET, adapt_input_conv, load_encoder
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 
 
 def _sha(path: Path) -> str:
@@ -148,7 +148,7 @@ def test_a_run_trains_from_the_encoder_records_it_and_predicts_without_it(tmp_pa
     assert ("adapted_input_conv" in recorded) == (len(offsets) != 3)
     assert json.loads((out / "network.json").read_text())["encoder_weights"]["sha256"] == _sha(path)
     path.unlink()  # prediction never reads the encoder's file: the checkpoint carries the weights
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     items = json.loads(Path(datalist).read_text())["validation"]
     probabilities = load_model(out, device="cpu")(load_volume(items[0]["image"]))

@@ -8,8 +8,8 @@ from slab.pipeline.cli import main
 from slab.pipeline.evaluation.metrics import evaluate
 from slab.pipeline.evaluation.sections import cross_sections
 from slab.pipeline.evaluation.render import category_map, display_factor, export_mesh, render_hits
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume, save_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume, save_volume
 
 N, R, SHIFT = 24, 6, 3
 SIZE = (480, 400)  # small pictures keep the tests fast
@@ -298,7 +298,7 @@ def test_prediction_preview_without_truth(tmp_path):
     from PIL import Image
 
     from slab.pipeline.evaluation.prediction_picture import label_display_map, render_prediction
-    from slab.transforms.labelmap import PALETTE
+    from slab.io.labelmap import PALETTE
 
     mask = np.zeros((2, 23, 19, 11), np.uint8)
     mask[0, 2:9, 3:10, 2:8] = 1

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from slab.transforms.errors import SlabError
-from slab.transforms.rle import (
+from slab.core.errors import SlabError
+from slab.io.rle import (
     read_sennet_label,
     read_uwmgi_label,
     rle_decode,

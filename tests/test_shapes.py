@@ -241,7 +241,7 @@ def test_slab_predict_any_shape_keeps_shape_and_geometry(tmp_path_factory, shape
 
     from slab.networks import save_weights
     from slab.pipeline.cli import main
-    from slab.transforms.io import load_volume, save_volume
+    from slab.io.volumes import load_volume, save_volume
 
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume, save_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume, save_volume
 from slab.transforms.slab import (
     PLANE_AXIS,
     SliceStack,

@@ -7,8 +7,8 @@ from scipy import ndimage as ndi
 
 import slab.pipeline.evaluation.statistics as statistics
 from slab.pipeline.evaluation.statistics import label_statistics
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume, save_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume, save_volume
 
 
 def oblique_affine():

@@ -14,9 +14,9 @@ from monai.data import MetaTensor
 
 from slab.pipeline.data.adapters import brats_label
 from slab.pipeline.data.slabs import SlabDataset
-from slab.transforms.errors import SlabError
-from slab.transforms.io import save_volume
-from slab.transforms.lazy import LazyVolume
+from slab.core.errors import SlabError
+from slab.io.volumes import save_volume
+from slab.io.lazy import LazyVolume
 
 AFFINE = np.array([[0.0, -0.8, 0.0, 4.0], [0.6, 0.0, 0.0, -2.0], [0.0, 0.0, 1.7, 9.0], [0.0, 0.0, 0.0, 1.0]])
 
@@ -105,7 +105,7 @@ def test_a_streamed_sample_reads_only_its_slab(tmp_path, monkeypatch):
     """A 64x64 sample of a 96x80x40 zarr volume reads, of the label, the window and (to centre a
     positive draw) one row of the slice; of the image, the slab's slices at the window in one
     read; never a whole slice or the volume."""
-    from slab.transforms import chunked
+    from slab.io import chunked
 
     items = [_case(tmp_path / "big", (96, 80, 40), 4)]
     ds = SlabDataset(items, samples_per_epoch=30, stream=True, patch_size=(64, 64), planes=("xy", "zx", "zy"))
@@ -196,7 +196,7 @@ def test_streamed_3d_patches_draw_as_monai_crops(tmp_path):
 
     from slab.pipeline.data.patches import StreamedVolume
     from slab.transforms.intensity import PercentileNormalize
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     image_path, label_path, image, label, fg = _volume_3d(tmp_path)
     norm = PercentileNormalize(1, 99)

@@ -150,7 +150,7 @@ def test_cldice_in_sweeps_and_training_validation(tmp_path):
     row = result["history"][-1]
     assert "val_cldice" in row and 0 <= row["val_cldice"] <= 1 and result["best"]["metric"] == "cldice"
     from slab.pipeline.training.config import validate_config
-    from slab.transforms.errors import SlabError
+    from slab.core.errors import SlabError
 
     with pytest.raises(SlabError, match="cldice needs val.cldice true"):
         validate_config({"val": {"metric": "cldice"}})

@@ -23,7 +23,7 @@ from slab.pipeline.training import (
     validate_config,
     warmup_cosine,
 )
-from slab.transforms.errors import SlabError
+from slab.core.errors import SlabError
 from slab.pipeline.training.classification import (
     classification_metrics,
     competition_log_loss,
@@ -294,7 +294,7 @@ def test_3d_patch_must_suit_the_network(vessels, tmp_path):
 
 def test_values_labels_and_dice_ce(tmp_path):
     """A one-channel label of values (1, 2) becomes two sigmoid outputs; dice_ce trains on it."""
-    from slab.transforms.io import save_volume
+    from slab.io.volumes import save_volume
 
     root = tmp_path / "data"
     items = []
@@ -333,12 +333,12 @@ def _broken_datalist(root: Path, problem: str) -> Path:
     if problem == "missing":
         item["label"] = str(root / "nowhere.nii.gz")
     elif problem == "shape":
-        from slab.transforms.io import save_volume
+        from slab.io.volumes import save_volume
 
         item["label"] = str(save_volume(MetaTensor(torch.zeros(1, 16, 16, 12, dtype=torch.uint8), affine=torch.eye(4)),
                                         root / "short_label.nii.gz"))
     elif problem == "channels":
-        from slab.transforms.io import save_volume
+        from slab.io.volumes import save_volume
 
         item["image"] = str(save_volume(MetaTensor(torch.rand(2, *SHAPE), affine=torch.eye(4)), root / "two.nii.gz"))
     path.write_text(json.dumps(data), encoding="utf-8")
@@ -432,7 +432,7 @@ def test_mixup_and_shuffle_keep_targets_with_images():
 def write_classification_datalist(root: Path, n: int = 8, shape=(16, 16, 20)) -> Path:
     """Two stacked "vertebrae" (label values 1, 2); a positive target has a bright blob inside its
     vertebra. Every fourth study has no label (one whole-volume sequence for patient_overall)."""
-    from slab.transforms.io import save_volume
+    from slab.io.volumes import save_volume
 
     rng = np.random.default_rng(0)
     items = []
@@ -483,7 +483,7 @@ def test_train_classification(tmp_path):
     # inference builds and scores the validation studies' sequences exactly as validation did
     from slab.networks import build_network
     from slab.pipeline.inference import predict_sequences
-    from slab.transforms.io import load_volume
+    from slab.io.volumes import load_volume
 
     model = build_network(**best["network"])
     model.load_state_dict(best["model"])

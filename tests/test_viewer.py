@@ -16,8 +16,8 @@ import pytest
 
 from slab.pipeline.cli import main
 from slab.pipeline.evaluation.viewer import _window, block_centres, build_page, label_map
-from slab.transforms.errors import SlabError
-from slab.transforms.io import load_volume
+from slab.core.errors import SlabError
+from slab.io.volumes import load_volume
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="no chromium (.ci/run installs Debian's package)")

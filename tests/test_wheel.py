@@ -36,7 +36,7 @@ print(json.dumps({"file": str(Path(slab.__file__).resolve()), "prefix": str(pref
 README_SNIPPET = r"""
 import numpy as np
 import slab
-from slab.transforms.io import load_volume
+from slab.io.volumes import load_volume
 
 predictor = slab.Predictor.from_bundle("vessel_2p5d", planes=["xy"], tta="none", device="cpu")
 probabilities = predictor(load_volume(slab.sample_dir("vessel_phantom") + "/image.nii.gz"))

@@ -17,7 +17,7 @@ from slab.pipeline.cli import main
 from slab.pipeline.inference.window import predict_3d
 from slab.pipeline.inference.window_blocks import WindowGrid, block_tile, scan_interval
 from slab.transforms.intensity import PercentileNormalize
-from slab.transforms.io import load_volume, save_volume
+from slab.io.volumes import load_volume, save_volume
 from slab.transforms.post import postprocess
 
 
