@@ -10,7 +10,8 @@ import numpy as np
 
 from slab.io.chunked import ArrayVolume, _default_axes, _diag_affine, _restore, _slab_affine, _unit_mm
 from slab.core.errors import SlabError
-from slab.io.formats import HDF5_SUFFIXES, one_line, suffix_of
+from slab.io.formats import HDF5_SUFFIXES, TIFF_SUFFIXES, one_line, suffix_of
+from slab.io.headers import tiff_header
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +131,27 @@ def _imagej_geometry(tif, meta: dict, source) -> tuple[list[float], list[float]]
     return spacing, [0.0, 0.0, 0.0]
 
 
+def multipage_tiff(path: Path) -> bool:
+    """Whether a ``.tif`` file holds more than one page (a volume, not a slice)."""
+    if suffix_of(path) not in TIFF_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError:
+        return False
+    header = tiff_header(path, head)
+    if header is not None:
+        return header["pages"] != 1
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.pages) > 1
+    except Exception:  # noqa: BLE001 - a damaged file is reported when it is read
+        return False
+
+
 def open_tiff(path, spacing=None) -> ArrayVolume:
     """A TIFF file's first series: one page per z (a single page is a one-slice volume)."""
     import tifffile
@@ -185,4 +207,4 @@ class _OnePage:
         return np.asarray(self.array[index[1:]])[np.newaxis][index[:1]]
 
 
-__all__ = ["open_hdf5", "open_tiff", "split_hdf5"]
+__all__ = ["multipage_tiff", "open_hdf5", "open_tiff", "split_hdf5"]

@@ -129,6 +129,9 @@ class LazyVolume:
         check_memory(self.nbytes, str(self.meta["filename_or_obj"]), "; read it lazily (e.g. --memory-budget)")
         return metatensor(self._read_all(workers), self.affine, self.meta["filename_or_obj"], None, self.extra)
 
+    def close(self) -> None:
+        """Release what the volume holds open (a container's file handle); most hold nothing."""
+
     def _read(self, c, x, y, z) -> np.ndarray:
         raise NotImplementedError
 

@@ -10,9 +10,11 @@ and are flipped to RAS on read and back on write. A slice image ``img[row, col]`
 keep x fastest in memory, as on disk, so nothing is copied to reorder axes: a slice stack is
 decoded straight into one preallocated buffer.
 
-Headers are checked before anything is allocated (:mod:`slab.io.headers`); the formats
-themselves live in :mod:`slab.io.formats`, :mod:`slab.io.chunked` (zarr, HDF5,
-multi-page TIFF: read lazily, written block by block) and :mod:`slab.io.n5`, lazy volumes in :mod:`slab.io.lazy`. Every file
+Headers are checked before anything is allocated (:mod:`slab.io.headers`). A path is resolved
+to its format in one place, :mod:`slab.io.registry` (one class per format); the families
+themselves live in :mod:`slab.io.formats` (NIfTI, ITK, slice stacks, DICOM directories),
+:mod:`slab.io.chunked` (zarr, HDF5, multi-page TIFF: read lazily, written block by block) and
+:mod:`slab.io.n5`, lazy volumes in :mod:`slab.io.lazy`. Every file
 is written through :func:`~slab.core.outputs.atomic_write`; bad input raises a one-line
 :class:`~slab.core.errors.SlabError` that names the file.
 """
@@ -27,37 +29,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from slab.core.errors import SlabError
-from slab.io.formats import (
-    EXPECTED,
-    ITK_SUFFIXES,
-    LPS_TO_RAS,
-    NIFTI_SUFFIXES,
-    PNG_DTYPES,
-    SLICE_FORMATS,
-    SLICE_SUFFIXES,
-    STEM_SUFFIXES,
-    VOLUME_SUFFIXES,
-    check_itk_header,
-    check_stack_target,
-    directory_kind,
-    keep_locale,
-    native,
-    natural_key,
-    open_nifti,
-    read_itk,
-    read_nifti,
-    stack_spacing,
-    suffix_of,
-    write_itk,
-    write_nifti,
-    write_stack,
-)
-from slab.io.chunked import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, is_zarr, open_zarr, warn_orientation
-from slab.io.chunked_writers import write_hdf5, write_tiff, write_zarr
-from slab.io.containers import open_hdf5, open_tiff, split_hdf5
-from slab.io.dicom import read_dicom
-from slab.io.n5 import N5_SUFFIXES, is_n5_container, open_n5, split_n5, write_n5
-from slab.io.lazy import LazyVolume, NiftiVolume, SliceStack, metatensor
+from slab.io.formats import (EXPECTED, ITK_SUFFIXES, LPS_TO_RAS, NIFTI_SUFFIXES, PNG_DTYPES, SLICE_FORMATS, SLICE_SUFFIXES,
+                             STEM_SUFFIXES, VOLUME_SUFFIXES, keep_locale, natural_key, suffix_of)
+from slab.io.lazy import LazyVolume, metatensor
+from slab.io.registry import FORMATS, NotLazyError, WriteOptions, find, writer_for
 from slab.core.outputs import atomic_write
 
 
@@ -100,56 +75,8 @@ def load_volume(src, *, lazy: bool = False, spacing: Sequence[float] | None = No
         return _load_channels(src, spacing, lazy, workers)
     if not isinstance(src, (str, Path)):
         raise SlabError(f"source: expected a file or directory path, got {type(src).__name__} {src!r}")
-    path = Path(src)
-    container = _open_container(path, spacing)
-    if container is not None:
-        if lazy:
-            return container
-        try:
-            return container.load(workers)
-        finally:
-            container.close()
-    if not path.exists():
-        raise SlabError(f"{path}: no such file or directory")
-    suffix = suffix_of(path)
-    if path.is_dir():
-        kind, files = directory_kind(path)
-        if kind == "stack":
-            stack = SliceStack(path, files, spacing if spacing is not None else stack_spacing(files), workers)
-            return stack if lazy else stack.load()
-        reader = read_dicom
-    elif suffix in NIFTI_SUFFIXES:
-        if lazy:
-            return NiftiVolume(path, open_nifti(path, lazy=True), spacing)
-        reader = read_nifti
-    elif suffix in ITK_SUFFIXES:
-        reader = read_itk
-    elif suffix in SLICE_SUFFIXES:
-        raise SlabError(f"{path}: a single {suffix} image where a 3D volume is expected; give the directory of slices")
-    else:
-        raise SlabError(f"{path}: unsupported format {suffix or '(no suffix)'!r}; expected {EXPECTED}")
-    if lazy:
-        raise NotLazyError(f"{path}: lazy loading reads zarr, N5, HDF5, TIFF, slice directories and NIfTI files; "
-                           "load this one eagerly")
-    data, affine, extra = reader(path)
-    return metatensor(data, affine, str(path), spacing, extra)
-
-
-def _open_container(path: Path, spacing):
-    """A zarr, N5, HDF5 or TIFF volume (a :class:`~slab.io.chunked.ArrayVolume`), or None for
-    other paths."""
-    if is_zarr(path):
-        return open_zarr(path, spacing)
-    if split_n5(path) is not None and not path.is_file():  # a file kept inside an .n5 folder is itself
-        return open_n5(path, spacing)
-    hdf5 = split_hdf5(path)
-    if hdf5 is not None and (hdf5[0].is_file() or hdf5[1] is not None):
-        return open_hdf5(path, spacing)
-    if path.is_file() and suffix_of(path) in TIFF_SUFFIXES:
-        return open_tiff(path, spacing)
-    if suffix_of(path) in ZARR_SUFFIXES and not path.exists():
-        raise SlabError(f"{path}: no such zarr store")
-    return None
+    source = find(src)
+    return source.open(spacing, workers) if lazy else source.read(spacing, workers)
 
 
 def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
@@ -161,46 +88,11 @@ def volume_info(src) -> tuple[tuple[int, ...], np.dtype, np.ndarray]:
             raise SlabError("source: an empty list of files")
         shape = (sum(i[0][0] for i in infos),) + infos[0][0][1:]
         return shape, infos[0][1], infos[0][2]
-    path = Path(src)
-    container = _open_container(path, None)
-    if container is not None:
-        container.close()
-        return container.shape, container.dtype, container.affine
-    if path.is_file() and suffix_of(path) in ITK_SUFFIXES:
-        import SimpleITK as sitk
-
-        check_itk_header(path)
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            with native():
-                reader.ReadImageInformation()
-        except Exception as err:  # noqa: BLE001
-            raise SlabError(f"{path}: not a readable {suffix_of(path)} image ({err})") from None
-        size = reader.GetSize()
-        if len(size) != 3:
-            raise SlabError(f"{path}: a {len(size)}D image of size {size} where a 3D volume is expected")
-        channels = reader.GetNumberOfComponents()
-        from slab.io.formats import LPS_TO_RAS as flip
-
-        lps = np.eye(4)
-        lps[:3, :3] = np.asarray(reader.GetDirection()).reshape(3, 3) * np.asarray(reader.GetSpacing())
-        lps[:3, 3] = reader.GetOrigin()
-        return (channels,) + tuple(size), np.dtype(np.float32), flip @ lps
-    if path.is_dir() and directory_kind(path)[0] == "dicom":
-        volume = load_volume(path)  # a series is read through GDCM whole; its checks run here
-        return tuple(volume.shape), np.dtype(str(volume.dtype).removeprefix("torch.")), np.asarray(volume.affine)
-    volume = load_volume(path, lazy=True)
-    return tuple(volume.shape), volume.dtype, volume.affine
+    return find(src).info()
 
 
 # Output formats written block by block from a lazy volume (what out-of-core results go to).
-CHUNKED_OUTPUTS = ("zarr", "n5", "hdf5", "tiff")
-
-
-class NotLazyError(SlabError):
-    """``load_volume(..., lazy=True)`` of a source whose format is only read whole (NRRD, MHA,
-    DICOM, a list of channel files)."""
+CHUNKED_OUTPUTS = tuple(f.name for f in FORMATS if f.chunked)  # zarr, n5, hdf5, tiff
 
 
 def open_volume(src, spacing: Sequence[float] | None = None):
@@ -271,35 +163,7 @@ def output_format(path) -> str:
     directory holding other files where a stack goes, a directory that is not a zarr store
     where a ``.zarr`` goes).
     """
-    path = Path(path)
-    suffix = suffix_of(path)
-    if suffix in ZARR_SUFFIXES:
-        if path.is_file():
-            raise SlabError(f"{path}: exists and is a file; a zarr store is a directory")
-        if path.is_dir() and any(path.iterdir()) and not is_zarr(path, metadata=True):
-            raise SlabError(f"{path}: exists and is not a zarr store; not replacing it")
-        return "zarr"
-    if suffix in N5_SUFFIXES:
-        if path.is_file():
-            raise SlabError(f"{path}: exists and is a file; an N5 container is a directory")
-        if path.is_dir() and any(path.iterdir()) and not is_n5_container(path):
-            raise SlabError(f"{path}: exists and is not an N5 container; not replacing it")
-        return "n5"
-    if suffix in HDF5_SUFFIXES + TIFF_SUFFIXES:
-        if path.is_dir():
-            raise SlabError(f"{path}: exists and is a directory; not replacing it with a file")
-        return "hdf5" if suffix in HDF5_SUFFIXES else "tiff"
-    if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
-        if path.is_dir():
-            raise SlabError(f"{path}: exists and is a directory; not replacing it with a file")
-        return "nifti" if suffix in NIFTI_SUFFIXES else "itk"
-    if path.is_dir() or not suffix:
-        check_stack_target(path)
-        return "stack"
-    if suffix in SLICE_SUFFIXES:
-        raise SlabError(f"{path}: a slice stack is written to a directory; give a directory name")
-    raise SlabError(f"{path}: unsupported output format {suffix!r}; expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
-                    ".zarr, .n5, .h5, .tif or a directory")
+    return writer_for(path).name
 
 
 def _as_numpy(data, affine, meta, dtype, lazy_ok: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -370,29 +234,13 @@ def save_volume(data, dst, *, affine=None, meta=None, dtype=None, slice_format: 
         The path written.
     """
     path = Path(dst)
-    kind = output_format(path)
-    array, affine, meta = _as_numpy(data, affine, meta, dtype, lazy_ok=kind in CHUNKED_OUTPUTS)
-    if kind in CHUNKED_OUTPUTS:
+    fmt = writer_for(path)
+    array, affine, meta = _as_numpy(data, affine, meta, dtype, lazy_ok=fmt.chunked)
+    if fmt.chunked:
         if array.dtype == np.bool_:
             array = array.astype(np.uint8)
         check_output_claim(array, path)
-        if kind == "zarr":
-            write_zarr(array, affine, path, labels=mask or labels)
-        elif kind == "n5":
-            write_n5(array, affine, path)
-        elif kind == "hdf5":
-            write_hdf5(array, affine, path)
-        else:
-            warn_orientation(affine, path)
-            write_tiff(array, affine, path)
-    elif kind == "nifti":
-        write_nifti(array, affine, path, meta.get("nifti_forms"))
-    elif kind == "itk":
-        write_itk(array, affine, path, fields)
-    else:
-        if mask:
-            array = (array > 0).astype(np.uint8) * np.uint8(255)
-        write_stack(array, path, slice_format or "tif", workers)
+    fmt.write(array, affine, path, WriteOptions(meta.get("nifti_forms"), labels, mask, fields, slice_format, workers))
     return path
 
 

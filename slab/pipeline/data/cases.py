@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slab.core.errors import SlabError
+from slab.io.containers import multipage_tiff
 from slab.io.formats import (
     SLICE_SUFFIXES,
     STEM_SUFFIXES,
-    TIFF_SUFFIXES,
     UWMGI_SCAN,
     VOLUME_SUFFIXES,
     natural_key,
@@ -70,29 +70,6 @@ def _visible(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: natural_key(p.name))
 
 
-def multipage_tiff(path: Path) -> bool:
-    """Whether a ``.tif`` file holds more than one page (a volume, not a slice)."""
-    from slab.io.headers import tiff_header
-
-    if suffix_of(path) not in TIFF_SUFFIXES:
-        return False
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 16)
-    except OSError:
-        return False
-    header = tiff_header(path, head)
-    if header is not None:
-        return header["pages"] != 1
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return len(tif.pages) > 1
-    except Exception:  # noqa: BLE001 - a damaged file is reported when it is read
-        return False
-
-
 def folder_kind(folder: Path) -> str:
     """``"zarr"`` (a zarr store or N5 container), ``"stack"`` (slices), ``"dicom"`` (a series), ``"case"`` (holds
     ``images/``) or ``"collection"`` (also a folder of multi-page TIFF volumes)."""
@@ -107,7 +84,7 @@ def folder_kind(folder: Path) -> str:
     if slices:
         return "collection" if multipage_tiff(slices[0]) else "stack"
     if any(suffix_of(p) == ".dcm" or (not p.suffix and p.name.upper() != "DICOMDIR") for p in files):
-        from slab.io.volumes import directory_kind
+        from slab.io.formats import directory_kind
 
         try:
             if directory_kind(folder)[0] == "dicom":
