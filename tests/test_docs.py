@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + [f"bundles/{b}/docs/README.md" for b in
                         ("vessel_2p5d", "gi_tract_2p5d", "brats_3d", "spine_cls_2p5d")]
 # Documented but not runnable on this machine, with the reason.
-NOT_RUN = {"torchrun": "launches several processes (multi_gpu_train.json: CUDA GPUs); tests/test_distributed.py "
+NOT_RUN = {"torchrun": "launches several processes (multi_gpu_train.json: CUDA GPUs); tests/core/test_distributed.py "
                        "runs torchrun training and prediction on 2 gloo processes itself"}
 # Appended to training commands: the same pipeline, a few seconds long.
 TINY_TRAIN = {

@@ -214,3 +214,16 @@ def test_the_wheel_holds_only_the_slab_namespace(tmp_path):
     assert {f"slab/pipeline/evaluation/niivue/{n}" for n in ("niivue.umd.js", "LICENSE", "VERSION")} <= set(names)
     entry = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-0.1.0.dist-info/entry_points.txt").decode()
     assert "slab = slab.pipeline.cli:main" in entry
+
+
+def test_the_tests_are_laid_out_by_room():
+    """``tests/<room>/`` mirrors ``slab/<room>/`` (a test module's folder is a room of the library);
+    only the whole-package checks stay at the top."""
+    tests = sorted((ROOT / "tests").rglob("test_*.py"))
+    rooms = {p.parent.relative_to(ROOT / "tests") for p in tests} - {Path(".")}
+    assert {"io", "core", "transforms", "networks", "pipeline/inference"} <= {r.as_posix() for r in rooms}
+    assert all((ROOT / "slab" / room).is_dir() for room in rooms), sorted(map(str, rooms))
+    top = sorted(p.name for p in tests if p.parent == ROOT / "tests")
+    assert top == ["test_bad_inputs.py", "test_bundle_zoo.py", "test_bundles.py", "test_demo.py", "test_docs.py",
+                   "test_layout.py", "test_wheel.py"]
+    assert len({p.name for p in tests}) == len(tests)  # one name per test module: helpers are found by name

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Replace the NiiVue bundle slab's viewer carries with another release of @niivue/niivue from npm:
 #   bash slab/pipeline/evaluation/niivue/update.sh 0.69.0
-# then run tests/test_viewer.py (a real Chromium opens a page) and update LICENSE's version line.
+# then run tests/pipeline/evaluation/test_viewer.py (a real Chromium opens a page) and update LICENSE's version line.
 set -euo pipefail
 version="${1:?usage: update.sh VERSION}"
 here="$(cd "$(dirname "$0")" && pwd)"

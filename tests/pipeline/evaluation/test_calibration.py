@@ -2,8 +2,6 @@
 answers, the body mask, the threshold chosen at the centre of a flat optimum, and networks that
 start at their training samples' foreground prior."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from slab.pipeline.evaluation.calibration import body_mask, pooled, reliability
 from slab.pipeline.evaluation.metrics import choose_threshold
 from slab.pipeline.training.prior import prior_logits, set_output_bias
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, write_datalist  # noqa: E402
 
 

@@ -1,13 +1,11 @@
 """``slab train``: a tiny run end to end, and bad input as one line on stderr with exit code 2."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from slab.pipeline.cli import main
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY, write_datalist  # noqa: E402
 
 

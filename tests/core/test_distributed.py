@@ -13,7 +13,7 @@ import torch
 from slab.core.distributed import DistInfo, dist_env, map_sharded, rank_batch, shard_items
 from slab.core.errors import SlabError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("n, world", [(0, 1), (1, 2), (7, 2), (10, 3), (5, 8)])
@@ -95,7 +95,6 @@ def test_torchrun_two_processes_match_one(tmp_path):
     sharded inference over 5 volumes gives exactly the one-process outputs."""
     from slab.pipeline.training import load_checkpoint, train
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_train import write_datalist
 
     datalist = write_datalist(tmp_path / "data", n=3)

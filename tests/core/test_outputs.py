@@ -114,9 +114,7 @@ def test_a_full_disk_while_training_or_cross_validating_is_one_line(tmp_path, ca
     """torch.save on a full disk fails as a RuntimeError around the OSError: one line naming the
     run's checkpoint, and the half-written epoch folder removed."""
     import json
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_train import TINY, write_datalist
 
     datalist = write_datalist(tmp_path / "data")

@@ -2,7 +2,6 @@
 --verify reporting every bad case, post-processing chosen where the answer is known, ensembles,
 the no-network baseline, a tiny plan -> cv -> predict --model end to end, export/install."""
 import json
-import sys
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from slab.pipeline.planning import plans as planning
 from slab.pipeline.planning.fingerprint import fingerprint, is_tubular, label_summary
 from slab.pipeline.planning.selection import best_window, choose_postprocessing, window_histograms, window_mask
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY_UNET, write_datalist  # noqa: E402
 
 

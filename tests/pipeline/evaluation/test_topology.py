@@ -127,9 +127,6 @@ def test_errors_ranks_false_positive_and_missed_clusters(tmp_path, capsys):
 
 
 def test_cldice_in_sweeps_and_training_validation(tmp_path):
-    import sys
-    from pathlib import Path
-
     from slab.pipeline.evaluation.metrics import threshold_sweep
     from slab.pipeline.evaluation.skeleton import cldice
 
@@ -139,7 +136,6 @@ def test_cldice_in_sweeps_and_training_validation(tmp_path):
     sweep = threshold_sweep(prob, truth, [0.3, 0.5, 0.8], cldice=True, metric="cldice")
     assert sweep["cldice"] == pytest.approx([cldice(prob > t, truth)["cldice"] for t in (0.3, 0.5, 0.8)])
     assert sweep["best"]["metric"] == "cldice" and sweep["best"]["value"] == max(sweep["cldice"])
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_train import TINY, write_datalist
 
     from slab.pipeline.training import train

@@ -66,9 +66,6 @@ def test_soft_cldice_orders_and_differentiates():
 
 
 def test_combined_loss_and_training_with_it(tmp_path):
-    import sys
-    from pathlib import Path
-
     from monai.losses import DiceCELoss
 
     logits = torch.randn(2, 1, 8, 8, requires_grad=True)
@@ -81,7 +78,6 @@ def test_combined_loss_and_training_with_it(tmp_path):
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
     value.backward()
     assert torch.isfinite(logits.grad).all()
-    sys.path.insert(0, str(Path(__file__).parent))
     from test_train import TINY, write_datalist
 
     from slab.pipeline.training import train
