@@ -204,7 +204,7 @@ def mean_scores(per_case: list[dict]) -> dict:
 
 
 def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.pipeline.planning.crossval import train_fold, write_plan
     from slab.pipeline.training.validation import truth_masks
     from slab.io.volumes import load_volume

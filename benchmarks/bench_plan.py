@@ -105,7 +105,7 @@ def shorten(plan_dir: Path, epochs: int, samples: dict) -> None:
 
 def run(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     from slab.pipeline.inference import predict_file
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.pipeline.planning.crossval import run_cv, write_plan
     from slab.pipeline.planning.plans import describe
 
@@ -146,7 +146,7 @@ def converge(plan_dir: Path, configuration: str, epochs: int, samples: int) -> N
                overrides={"epochs": epochs, "samples_per_epoch": samples, "val_every": max(1, epochs // 5),
                           "warmup_epochs": 1.0, "progress": False})
     seconds = time.perf_counter() - start
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
 
     model = load_model(out, device="cpu")
     data = json.loads((plan_dir / "datalist.json").read_text())

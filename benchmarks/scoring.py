@@ -31,7 +31,7 @@ def score_model(run, items: list[dict], *, scales=(1.0,)) -> tuple[float, float,
     threshold and normalisation, ``slab predict --model``), each file at its own spacing."""
     from slab.pipeline.evaluation.metrics import evaluate
     from slab.pipeline.evaluation.skeleton import cldice
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.io.volumes import load_volume
 
     model = load_model(run, device="cpu", scales=list(scales))

@@ -125,6 +125,23 @@ def test_no_import_runs_up_a_floor():
     assert not upward, upward
 
 
+# Rooms of the pipeline that a room may not import (inside functions too): the trained model lies
+# below training and inference, and inference (what a model does) never climbs into training.
+BELOW = {"slab.pipeline.model": ("slab.pipeline.training", "slab.pipeline.inference", "slab.pipeline.planning",
+                                 "slab.pipeline.evaluation", "slab.pipeline.cli", "slab.pipeline.bundle"),
+         "slab.pipeline.inference": ("slab.pipeline.training", "slab.pipeline.planning", "slab.pipeline.cli",
+                                     "slab.pipeline.bundle")}
+
+
+def test_the_trained_model_lies_below_training_and_inference():
+    modules = _modules()
+    found = [(name, dep) for name, path in modules.items() for room, banned in BELOW.items()
+             if name == room or name.startswith(room + ".")
+             for dep in _top_level_imports(path, modules, True) if dep.startswith(banned)]
+    assert not found, found
+    assert "slab.pipeline.model.spec" in modules and "slab.pipeline.checkpoints" not in modules
+
+
 @pytest.mark.parametrize("path", sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py")),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_module_stays_small(path):

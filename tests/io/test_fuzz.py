@@ -359,7 +359,7 @@ def test_plans_take_anything(key, value):
                                                                     "activation", "mode"]), json_values, max_size=4)),
        config=json_values)
 def test_checkpoint_specs_take_anything(spec, config):
-    from slab.pipeline.inference.model import spec_of_state
+    from slab.pipeline.model.spec import spec_of_state
     from slab.pipeline.inference.predictor import Predictor
 
     def use():
@@ -374,7 +374,7 @@ def test_checkpoint_specs_take_anything(spec, config):
                                                                            "labels", "min_size", "fill_holes"]),
                                                           json_values, max_size=3)))
 def test_model_postprocessing_takes_anything(postprocess):
-    from slab.pipeline.inference.predictor import check_probability_thresholds
+    from slab.pipeline.model.spec import check_probability_thresholds
     from slab.transforms.post import make_postprocess
 
     def use():
@@ -410,7 +410,7 @@ def model_archive(tmp_path_factory) -> bytes:
 @settings(**SETTINGS, max_examples=60)
 @given(changes=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6))
 def test_install_takes_mutated_archives(tmp_path, model_archive, changes):
-    from slab.pipeline.planning.archive import install_model
+    from slab.pipeline.model.archive import install_model
 
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
     data = bytearray(model_archive)

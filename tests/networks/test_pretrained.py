@@ -131,7 +131,7 @@ def test_refusals_are_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("offsets", [[0], [-1, 0, 1], [-2, -1, 0, 1, 2]])
 def test_a_run_trains_from_the_encoder_records_it_and_predicts_without_it(tmp_path, offsets):
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.pipeline.training import load_checkpoint, train
     from test_train import write_datalist
 

@@ -1,5 +1,5 @@
 """``slab export MODEL model.zip``: a trained model (a training run, a checkpoint, or a cross-validated
-plan directory) as one archive for another machine; see :mod:`slab.pipeline.planning.archive`.
+plan directory) as one archive for another machine; see :mod:`slab.pipeline.model.archive`.
 
 ``slab export --nnunet DATALIST DatasetXXX_Name``: a dataset in nnU-Net v2's raw layout, so that
 both tools run on the same cases and folds; see :func:`slab.pipeline.data.nnunet.export_nnunet`."""
@@ -47,7 +47,7 @@ def run(args) -> int:
               + ("; splits_final.json holds slab's folds (copy it into nnU-Net's preprocessed folder)"
                  if (out / "splits_final.json").exists() else ""))
         return 0
-    from slab.pipeline.planning.archive import export_model
+    from slab.pipeline.model.archive import export_model
 
     if not str(args.archive).endswith(".zip"):
         raise SlabError(f"ARCHIVE: expected a .zip name, got {args.archive}")

@@ -17,7 +17,7 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from slab.pipeline.planning.archive import install_model
+    from slab.pipeline.model.archive import install_model
 
     target = install_model(args.archive, args.name, force=args.force)
     print(f"installed {target}; predict with: slab predict --model {target.name} -i INPUT -o OUTPUT")

@@ -3,7 +3,7 @@ their geometry.
 
 The network comes from ``--model MODEL`` (a training run or checkpoint, a cross-validated plan
 directory or an installed model: everything the model was trained and validated with is in it;
-see :func:`slab.pipeline.inference.model.load_model`), from ``--bundle DIR``
+see :func:`slab.pipeline.inference.ensemble.load_model`), from ``--bundle DIR``
 (``DIR/configs/inference.json``, section ``"slab"``, and ``DIR/models/model.pt``, binarised at
 the thresholds recorded on validation beside the weights as the bundle's own inference does; see :meth:`slab.pipeline.inference.Predictor.from_bundle`) or from
 ``--network CONFIG.json --weights MODEL.pt`` (CONFIG.json: ``build_network`` arguments plus
@@ -175,7 +175,7 @@ def _predictor(args):
     if args.folds is not None and not args.model:
         raise SlabError("--folds: only with --model (a cross-validated model directory)")
     if args.model:
-        from slab.pipeline.inference.model import load_model
+        from slab.pipeline.inference.ensemble import load_model
 
         if args.weights:
             raise SlabError("--weights: --model brings its own weights")

@@ -18,6 +18,7 @@ from slab.pipeline.inference.window import predict_3d
 from slab.pipeline.paths import bundle_dir
 from slab.core.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
 from slab.core.errors import SlabError
+from slab.pipeline.model.spec import check_probability_thresholds
 from slab.transforms.intensity import make_normalize
 from slab.io.volumes import LazyVolume
 from slab.io.labelmap import check_label_map
@@ -200,7 +201,7 @@ class Predictor:
 
     @classmethod
     def from_spec(cls, spec: Mapping, weights=None, **overrides) -> "Predictor":
-        """A predictor from an inference spec (``slab.pipeline.inference.model.inference_spec``: what
+        """A predictor from an inference spec (``slab.pipeline.model.spec.inference_spec``: what
         every training checkpoint records) and its weights. ``overrides`` that are not None win;
         a ``postprocess`` override is merged into the spec's, and one that binarises
         (``threshold`` / ``hysteresis``) replaces the threshold chosen on validation."""
@@ -374,20 +375,6 @@ def recorded_postprocess(postprocess: Mapping | None, weights=None, labels: int 
         raise SlabError(f"{source}: threshold has {len(threshold)} values; the network predicts {labels} labels")
     options["threshold"] = threshold
     return options
-
-
-def check_probability_thresholds(postprocess: Mapping) -> None:
-    """A predictor binarises probabilities: every threshold (and hysteresis pair) of
-    ``postprocess`` (shared, or per label in ``labels``) lies in [0, 1]."""
-    per_label = postprocess.get("labels") if isinstance(postprocess.get("labels"), list) else [postprocess]
-    for options in per_label:
-        if not isinstance(options, Mapping):
-            continue  # make_postprocess names it
-        for key in ("threshold", "hysteresis"):
-            value = options.get(key)
-            flat = np.ravel(np.asarray(value, dtype=object)).tolist() if value is not None else []
-            if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v <= 1 for v in flat):
-                raise SlabError(f"postprocess {key}: {value!r}; probabilities are thresholded in [0, 1]")
 
 
 def _check_labels(labels, out_channels: int) -> tuple[str, ...] | None:

@@ -37,7 +37,7 @@ def _run_state(run: Path, epochs: int) -> str:
     last = run / "last.pt"
     if not last.exists():
         return "new"
-    from slab.pipeline.checkpoints import load_checkpoint
+    from slab.pipeline.model.checkpoints import load_checkpoint
 
     return "done" if int(load_checkpoint(last)["epoch"]) >= epochs else "partial"
 
@@ -67,14 +67,14 @@ def _fold_cases(datalist: Path, fold: int) -> list[dict]:
 
 def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[str]:
     """Predict fold ``fold``'s held-out cases with its model into ``cv/<configuration>/``."""
-    from slab.pipeline.inference.model import spec_of_state
+    from slab.pipeline.model.spec import spec_of_state
     from slab.pipeline.inference.predictor import Predictor
     from slab.io.volumes import atomic_write, load_volume
 
     plan_dir = Path(plan_dir)
     best = run_dir(plan_dir, configuration, fold) / "best.pt"
     marker = plan_dir / "cv" / configuration / f"fold_{fold}.json"
-    from slab.pipeline.checkpoints import load_checkpoint
+    from slab.pipeline.model.checkpoints import load_checkpoint
 
     state = load_checkpoint(best)
     spec, epoch = spec_of_state(state, best), int(state["epoch"])
@@ -116,7 +116,7 @@ class _Cases:
         return self._truth[name]
 
     def prob(self, name: str, configurations=None) -> np.ndarray:
-        from slab.pipeline.inference.model import mean_probabilities
+        from slab.pipeline.inference.ensemble import mean_probabilities
         from slab.transforms.post import argmax_masks
 
         mean = mean_probabilities(np.load(self.plan_dir / "cv" / c / f"{name}.npy", mmap_mode="r")
@@ -170,7 +170,7 @@ def _calibration(cases: _Cases, combo, items: list[dict]) -> dict:
     """Per label, the reliability curve and ECE over the body of the candidate's out-of-fold
     probabilities (the members' mean), pooled over cases."""
     from slab.pipeline.evaluation.calibration import calibration, pooled
-    from slab.pipeline.inference.model import mean_probabilities
+    from slab.pipeline.inference.ensemble import mean_probabilities
     from slab.io.volumes import load_volume
 
     curves = []

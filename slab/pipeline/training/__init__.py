@@ -8,7 +8,7 @@ from slab.pipeline.training.loop import build_trainer, inference_network, train
 from slab.pipeline.training.losses import DiceCE, build_loss
 from slab.pipeline.training.segmentation import split_items
 from slab.pipeline.training.validation import summarize_sweeps
-from slab.pipeline.checkpoints import load_checkpoint
+from slab.pipeline.model.checkpoints import load_checkpoint
 from slab.pipeline.training.state import RUN_FILES, derive_seed, save_checkpoint, seeded
 
 __all__ = ["train", "validate_config", "describe_config", "read_config", "DEFAULTS", "SCHEMA", "load_checkpoint",

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from slab.core.device import resolve_device
-from slab.pipeline.inference.model import inference_network
+from slab.pipeline.model.spec import inference_network
 from slab.pipeline.training.config import read_config, validate_config
 from slab.core.distributed import DistInfo, barrier, cleanup_distributed, init_distributed, process_device
 from slab.pipeline.training.engine import SlabTrainer

@@ -150,7 +150,7 @@ class _SegmentationTask(TrainTask):
         raise NotImplementedError
 
     def inference_spec(self, threshold) -> dict:
-        from slab.pipeline.inference.model import inference_spec
+        from slab.pipeline.model.spec import inference_spec
 
         return inference_spec(self.cfg, self.network, self.label_names, threshold)
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from slab.pipeline.checkpoints import load_checkpoint
+from slab.pipeline.model.checkpoints import load_checkpoint
 from slab.pipeline.training.config import RUNTIME_KEYS
 from slab.core.errors import SlabError
 from slab.core.outputs import writing

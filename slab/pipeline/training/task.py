@@ -48,7 +48,7 @@ class TrainTask:
 
     def inference_spec(self, threshold) -> dict | None:
         """What prediction needs to reproduce this task's validation (segmentation; see
-        :func:`slab.pipeline.inference.model.inference_spec`), stored in every checkpoint; None for
+        :func:`slab.pipeline.model.spec.inference_spec`), stored in every checkpoint; None for
         tasks ``slab predict`` does not take."""
         return None
 

@@ -336,7 +336,7 @@ def test_cv_writes_table_postprocessing_and_model(cv_plan, capsys):
     # every out-of-fold case predicted once, from its own fold's model, into its own file
     assert sorted(p.stem for p in (plan / "cv" / "2d").glob("*.npy")) == ["case0", "case1", "case2", "case3"]
     data = json.loads((plan / "datalist.json").read_text())
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.io.volumes import load_volume
 
     for fold in (0, 1):
@@ -368,7 +368,7 @@ def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
                  str(tmp_path / "p1.nii.gz"), "-o", str(tmp_path / "f1.nii.gz"), "--device", "cpu"]) == 0
     written = nib.load(tmp_path / "all.nii.gz")
     assert np.allclose(written.affine, nib.load(image).affine) and written.shape == (20, 18, 12)
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.io.volumes import load_volume
 
     volume = load_volume(image)
@@ -383,7 +383,7 @@ def test_predict_model_directory_ensemble_and_folds(cv_plan, tmp_path):
 
 def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
     _, plan, _ = cv_plan
-    from slab.pipeline.inference.model import Ensemble, load_model
+    from slab.pipeline.inference.ensemble import Ensemble, load_model
     from slab.io.volumes import load_volume
 
     checkpoint = plan / "runs" / "2d" / "fold_0" / "best.pt"
@@ -395,8 +395,9 @@ def test_ensemble_of_two_identical_folds_equals_one(cv_plan):
 
 def test_run_is_a_model_with_its_threshold_and_normalisation(cv_plan, tmp_path):
     _, plan, _ = cv_plan
-    from slab.pipeline.inference.model import load_model, spec_of_checkpoint
-    from slab.pipeline.checkpoints import load_checkpoint
+    from slab.pipeline.inference.ensemble import load_model
+    from slab.pipeline.model.spec import spec_of_checkpoint
+    from slab.pipeline.model.checkpoints import load_checkpoint
     from slab.transforms.intensity import ZScoreNormalize
 
     run = plan / "runs" / "3d" / "fold_1"
@@ -485,7 +486,7 @@ def test_dataset_normalisation_comes_from_the_training_folds_only(tmp_path):
     assert stored["low"] == pytest.approx([np.percentile(image[label], 1)], abs=1e-5)
     assert stored["high"] == pytest.approx([np.percentile(image[label], 99)], abs=1e-5)
     assert "dataset" not in stored
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
 
     assert load_model(tmp_path / "run", device="cpu").normalize.low == tuple(stored["low"])
     z = foreground_samples([{"image": str(tmp_path / "case1" / "image.nii.gz"),
@@ -509,8 +510,8 @@ def test_a_larger_ensemble_must_win_by_the_margin():
 
 def test_an_exported_run_keeps_its_threshold(cv_plan, tmp_path, monkeypatch):
     _, plan, _ = cv_plan
-    from slab.pipeline.inference.model import load_model
-    from slab.pipeline.checkpoints import load_checkpoint
+    from slab.pipeline.inference.ensemble import load_model
+    from slab.pipeline.model.checkpoints import load_checkpoint
 
     monkeypatch.setenv("SLAB_HOME", str(tmp_path / "home"))
     run = plan / "runs" / "3d" / "fold_0"
@@ -539,7 +540,7 @@ def test_exclusive_classes_train_a_softmax_and_predict_by_argmax(tmp_path, capsy
     """A label map of three organs: planned as exclusive classes (dice_ce), cross-validated on
     argmax masks, and predicted as a softmax whose argmax puts no voxel in two labels."""
     from slab.pipeline.data.phantom import make_phantom
-    from slab.pipeline.inference.model import load_model
+    from slab.pipeline.inference.ensemble import load_model
     from slab.io.volumes import load_volume
 
     items = []
@@ -634,7 +635,7 @@ def test_install_checks_the_archive_before_unpacking(cv_plan, tmp_path, monkeypa
     the archive, and SLAB_HOME holds no model afterwards; --force never follows a link."""
     import struct
 
-    from slab.pipeline.planning import archive as archives
+    from slab.pipeline.model import archive as archives
 
     _, plan, _ = cv_plan
     home = tmp_path / "home"

@@ -1,7 +1,7 @@
 """Moving a trained model between machines: ``slab export MODEL model.zip`` packs the weights and
 inference specs of its members (slim checkpoints: no optimizer, no RNG states), ``model.json``,
 the post-processing, the plans and a fingerprint summary (no file paths); ``slab install
-model.zip`` checks and unpacks it under :func:`slab.pipeline.inference.model.models_home`, after which
+model.zip`` checks and unpacks it under :func:`slab.pipeline.model.folders.models_home`, after which
 ``slab predict --model NAME`` finds it. Checkpoints are read with ``weights_only=True``; archive
 members are checked before anything is extracted (names inside the archive, sizes bounded)."""
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from slab.pipeline.inference.model import MODEL_FILE, read_model_file, resolve_model, slim_state, spec_of_checkpoint
+from slab.pipeline.model.checkpoints import load_checkpoint
+from slab.pipeline.model.folders import MODEL_FILE, models_home, read_model_file, resolve_model
+from slab.pipeline.model.spec import spec_of_checkpoint, spec_of_state
 from slab.core.errors import SlabError
 
 
@@ -30,6 +32,15 @@ def _fingerprint_summary(path: Path) -> dict | None:
     fp = json.loads(path.read_text(encoding="utf-8"))
     fp.pop("cases", None)  # per-case file paths stay on the machine that has the data
     return fp
+
+
+def slim_state(path) -> dict:
+    """What a model needs of a training checkpoint: its weights and inference spec (no
+    optimizer, no RNG states, no history), for ``slab export``."""
+    state = load_checkpoint(Path(path))
+    return {"model": state["model"], "config": state["config"], "network": state["network"],
+            "inference": spec_of_state(state, path), "epoch": state.get("epoch"),
+            "threshold": state.get("threshold"), "metrics": state.get("metrics")}
 
 
 def export_model(model, archive) -> dict:
@@ -136,7 +147,6 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], staging: Path, a
 def install_model(archive, name: str | None = None, home=None, force: bool = False) -> Path:
     """Unpack ``archive`` into ``home/NAME`` (default: the archive's stem under
     :func:`models_home`) and check that the model loads as data; returns the folder."""
-    from slab.pipeline.inference.model import models_home
     from slab.core.outputs import temp_dir
 
     archive = Path(archive)
