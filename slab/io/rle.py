@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from slab.core.errors import SlabError
-from slab.io.volumes import atomic_write
+from slab.core.outputs import atomic_write
 
 SENNET_COLUMNS = ("id", "rle")
 UWMGI_COLUMNS = ("id", "class", "segmentation")

@@ -1,13 +1,14 @@
 """Network weights from and to local files only, with errors that say what does not match."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from slab.core.errors import SlabError
-from slab.io.volumes import atomic_write
+from slab.core.outputs import atomic_write
 
 # Wrappers that prefix every key: DistributedDataParallel / DataParallel and torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")
@@ -36,18 +37,22 @@ def _listing(keys: list[str]) -> str:
     return shown + (f", ... (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
-def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path | Mapping, key: str | None = None, name=None) -> dict[str, torch.Tensor]:
     """The state dict stored in ``path``: a raw state dict, or a checkpoint dict holding one
     under ``key`` (default: ``"model"``, else ``"state_dict"``). ``module.`` prefixes are removed.
+    ``path`` may also be what such a file holds, already read (``name`` then names it in errors).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SlabError(f"{path}: no such weights file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - the unpickler raises many kinds on a file that is not weights
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SlabError(f"{path}: not a torch weights file ({reason[:200]})") from None
+    if isinstance(path, Mapping):
+        obj, path = dict(path), name or "weights"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise SlabError(f"{path}: no such weights file")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - the unpickler raises many kinds on a file that is not weights
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SlabError(f"{path}: not a torch weights file ({reason[:200]})") from None
     if not isinstance(obj, dict):
         raise SlabError(f"{path}: expected a state dict or a checkpoint dict, found {type(obj).__name__}")
     if key is not None:
@@ -64,7 +69,7 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
     return _strip_prefixes(obj)
 
 
-def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path | Mapping, key: str | None = None, name=None) -> nn.Module:
     """Load weights from a local file into ``model`` (in place) and return it.
 
     Parameters
@@ -75,6 +80,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
     path : str or Path
         A ``torch.save`` file: a state dict, or a checkpoint dict with the state dict under
         ``key`` (default ``"model"``, then ``"state_dict"``). Read with ``weights_only=True``.
+        Or what such a file holds, already read (a checkpoint read once for its spec and its
+        weights); ``name`` then names it in errors.
     key : str, optional
         The checkpoint key holding the state dict.
 
@@ -84,7 +91,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None) -> 
         The file is missing or not a torch file, or its keys or shapes differ from the model's;
         the message names the missing and unexpected keys and the shape mismatches.
     """
-    state = read_state_dict(path, key)
+    state = read_state_dict(path, key, name)
+    path = (name or "weights") if isinstance(path, Mapping) else path
     target = _unwrap(model)
     expected = target.state_dict()
     missing = [k for k in expected if k not in state]

@@ -180,7 +180,8 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
     """
     from slab.pipeline.data.adapters import brats_label
     from slab.pipeline.data.phantom import write_phantom
-    from slab.io.volumes import atomic_write, load_volume, save_volume
+    from slab.core.outputs import atomic_write
+    from slab.io.volumes import load_volume, save_volume
 
     out = Path(out_dir).resolve()  # the datalist's paths are absolute: they resolve from anywhere
     shape = [int(s) for s in shape]
@@ -242,7 +243,7 @@ def export_training(trainer, export_weights=None) -> dict:
     """
     from slab.networks import read_state_dict
     from slab.core.distributed import dist_env
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     start = time.perf_counter()
     result = trainer.run()
@@ -339,7 +340,8 @@ def run_evaluation(predictor, pairs: Sequence[Mapping], output_dir, *, tolerance
     Returns the content of ``metrics.json``.
     """
     from slab.pipeline.evaluation.metrics import evaluate
-    from slab.io.volumes import atomic_write, check_same_geometry, load_volume
+    from slab.core.outputs import atomic_write
+    from slab.io.volumes import check_same_geometry, load_volume
 
     out = Path(output_dir)
     check_inputs(predictor, [p["image"] for p in pairs], [p["label"] for p in pairs])
@@ -423,7 +425,8 @@ def classification_evaluator(network, inferer, dataset, output_dir, *, csv_name:
     ``image,probability,max_slice_probability`` (the sequence head's probability, the largest
     per-slice probability). Returns the CSV's path when run."""
     from slab.pipeline.inference.engine import FileEvaluator
-    from slab.io.volumes import atomic_write, load_volume, volume_info
+    from slab.core.outputs import atomic_write
+    from slab.io.volumes import load_volume, volume_info
 
     def check(paths):
         for path in paths:

@@ -95,7 +95,8 @@ def run(args) -> int:
     from slab.pipeline.evaluation.metrics import evaluate, plot_sweep, threshold_sweep
     from slab.pipeline.evaluation.readers import is_float
     from slab.pipeline.evaluation.surface import check_thresholds, check_tolerances
-    from slab.io.volumes import atomic_write, check_same_geometry
+    from slab.core.outputs import atomic_write
+    from slab.io.volumes import check_same_geometry
 
     tolerances = check_tolerances(args.tolerance)
     thresholds = None

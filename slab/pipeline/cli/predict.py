@@ -211,28 +211,6 @@ def _batch_key(network_config: dict) -> str:
     return "sw_batch_size" if network_config.get("spatial_dims") == 3 else "batch_size"
 
 
-def _jobs(args, collection: bool, cases) -> list[tuple]:
-    """``(case, output, prob, preview)`` for every case, every output name checked."""
-    from slab.pipeline.data.cases import stem
-    from slab.io.dicom_seg import is_dicom_seg
-    from slab.io.volumes import output_format
-
-    if not collection:
-        if args.preview and Path(args.preview).suffix.lower() != ".png":
-            raise SlabError(f"--preview {args.preview}: expected a .png file name")
-        return [(cases[0], Path(args.output), Path(args.prob) if args.prob else None,
-                 Path(args.preview) if args.preview else None)]
-    if args.preview and Path(args.preview).suffix:
-        raise SlabError(f"--preview: INPUT is a directory of volumes, so {args.preview} must be a directory name")
-    if args.id_prefix:
-        raise SlabError("--id-prefix: INPUT is a directory of volumes; each case's name is its id prefix")
-    for flag, value in (("-o", args.output), ("--prob", args.prob)):
-        if value and (is_dicom_seg(value) or output_format(value) != "stack"):
-            raise SlabError(f"{flag}: INPUT is a directory of volumes, so {value} must be a directory name")
-    return [(case, Path(args.output) / case.output_name, Path(args.prob) / case.output_name if args.prob else None,
-             Path(args.preview) / f"{stem(Path(case.output_name))}.png" if args.preview else None) for case in cases]
-
-
 def run(args) -> int:
     from slab.core.distributed import cleanup_distributed
 
@@ -244,83 +222,25 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from slab.pipeline.data.cases import find_cases
-    from slab.pipeline.inference import predict_file
-    from slab.pipeline.inference.files import check_mask_layout
-    from slab.io.volumes import atomic_write, output_format, volume_info
-    from slab.core.outputs import temp_dir
+    from slab.pipeline.inference.batch import check_inputs, plan_jobs, predict_cases
 
     if args.statistics and Path(args.statistics).suffix.lower() != ".json":
         raise SlabError(f"--statistics: expected a .json file name, got {args.statistics}")
-    layout = check_mask_layout(args.output, args.per_channel)  # before the model is read
-    from slab.core.distributed import gather_objects, init_distributed, shard_items
-
     collection, cases = find_cases(args.input)
     if args.view and (collection or not args.view.lower().endswith((".html", ".htm"))):
         raise SlabError(f"--view {args.view}: expected a .html name and one INPUT volume (slab view pages a directory)")
-    if args.view and layout == "dicom-seg":
+    # every output name (a DICOM SEG: its series) checked once, before the model is read
+    jobs = plan_jobs(cases, args.output, collection=collection, prob=args.prob, preview=args.preview,
+                     per_channel=args.per_channel, id_prefix=args.id_prefix)
+    if args.view and jobs[0].target.layout == "dicom-seg":
         raise SlabError(f"--view: a DICOM SEG output ({args.output}) is not read back; write a volume, then slab view")
-    jobs = _jobs(args, collection, cases)
-    for case, output, prob, _ in jobs:  # every output name (a DICOM SEG: its series), before the model
-        check_mask_layout(output, args.per_channel, case.source)
-        if prob is not None:
-            output_format(prob)
     predictor = _predictor(args)
-    # Under torchrun: a directory of volumes is shared out by volume; one volume by block, when
-    # it is predicted out of core into a chunked output (else rank 0 predicts it).
-    info = init_distributed(args.device or "cpu")
-    shard = info if info.enabled and not collection else None
-    # Every input's header and channels, before anything is written.
-    for case, _, _, _ in jobs:
-        predictor.check_input(volume_info(case.source), case.source)
-    statistics = {}
-    with temp_dir("predict") as tmp:
-        csvs = {}
-        mine = shard_items(list(enumerate(jobs)), info.rank, info.world_size) if collection else list(enumerate(jobs))
-        for index, (case, output, prob, preview) in mine:
-            csv = None
-            if args.rle_csv:
-                csv = tmp / f"{index}.csv" if collection else Path(args.rle_csv)
-            written = predict_file(case.source, output, predictor, prob_path=prob, rle_csv=csv,
-                                   row_ids=lambda depth, c=case: c.row_ids(depth, args.id_prefix),
-                                   statistics=bool(args.statistics), per_channel=args.per_channel, shard=shard,
-                                   preview=preview)
-            if not written:  # another rank writes this volume
-                continue
-            if csv is not None:
-                csvs[index] = csv.read_text(encoding="utf-8") if collection else ""
-            if args.statistics:
-                source = [str(s) for s in case.source] if isinstance(case.source, list) else str(case.source)
-                statistics[case.output_name] = {"input": source, "mask": str(output),
-                                                **written.pop("statistics")}
-            print(f"wrote {', '.join(str(p) for key, p in written.items() if key != 'rle_csv' or not collection)}")
-        if info.enabled and collection:  # rank 0 writes what every rank found
-            parts = gather_objects((csvs, statistics), info)
-            csvs = {k: v for part, _ in parts for k, v in part.items()}
-            statistics = {k: v for _, part in parts for k, v in part.items()}
-            if not info.is_main:
-                return 0
-        if not statistics and not csvs and info.enabled and not info.is_main:
-            return 0
-        if args.rle_csv and collection:
-            # One submission CSV: the header once, then every volume's rows in order.
-            with atomic_write(args.rle_csv) as staged, open(staged, "w", newline="", encoding="utf-8") as out:
-                for k, index in enumerate(sorted(csvs)):
-                    lines = csvs[index].splitlines(keepends=True)
-                    out.writelines(lines if k == 0 else lines[1:])
-            print(f"wrote {args.rle_csv}")
-        if args.statistics:
-            import json
-
-            if collection:  # in the cases' order, whichever rank predicted them
-                order = [case.output_name for case, _, _, _ in jobs]
-                statistics = {name: statistics[name] for name in order if name in statistics}
-            document = {"cases": statistics} if collection else next(iter(statistics.values()))
-            with atomic_write(args.statistics) as staged:
-                staged.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-            print(f"wrote {args.statistics}")
-    if args.view and jobs[0][1].exists():
+    check_inputs(jobs, predictor)  # every input's header and channels, before anything is written
+    predict_cases(jobs, predictor, collection=collection, rle_csv=args.rle_csv, statistics=args.statistics,
+                  id_prefix=args.id_prefix, per_channel=args.per_channel, device=args.device or "cpu")
+    if args.view and jobs[0].target.mask.exists():
         from slab.pipeline.evaluation.viewer import write_page
 
-        write_page(jobs[0][0].source, jobs[0][1], None, args.view, names=predictor.label_names())
+        write_page(jobs[0].case.source, jobs[0].target.mask, None, args.view, names=predictor.label_names())
         print(f"wrote {args.view}")
     return 0

@@ -31,7 +31,8 @@ from slab.pipeline.data.nnunet import nnunet_items
 from slab.pipeline.data.staging import Staging, _natural, _require_dir, _require_file, _subdirs
 from slab.core.checks import DATASET_KINDS
 from slab.core.errors import SlabError, SlabWarning
-from slab.io.volumes import atomic_write, check_same_geometry, load_volume, natural_key
+from slab.core.outputs import atomic_write
+from slab.io.volumes import check_same_geometry, load_volume, natural_key
 from slab.io.lazy import SliceStack
 from slab.io.rle import UWMGI_CLASSES, read_csv_rows, read_sennet_rles, read_uwmgi_rles, sennet_label, uwmgi_label
 

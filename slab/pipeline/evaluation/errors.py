@@ -61,7 +61,7 @@ def error_clusters(pred: np.ndarray, truth: np.ndarray, prob: np.ndarray | None 
 
 def write_clusters_csv(clusters: list[dict], path) -> Path:
     """The clusters as CSV (one row each, :data:`FIELDS`), written atomically."""
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -88,7 +88,7 @@ def error_sheet(clusters: list[dict], pred, truth, image, out_png, spacing=(1.0,
     import matplotlib.pyplot as plt
 
     from slab.pipeline.evaluation.render import render_hits
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     chosen = clusters[:top]
     if not chosen:

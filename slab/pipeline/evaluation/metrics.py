@@ -266,7 +266,7 @@ def plot_sweep(sweep: dict, png) -> None:
     """Plot the curves of :func:`threshold_sweep` against the threshold into ``png`` (atomically)."""
     from matplotlib.figure import Figure  # no pyplot: no backend or global state to touch
 
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     thresholds = sweep["thresholds"]
     best = sweep["best"]

@@ -37,7 +37,7 @@ def preview_slabs(volume, out_png, plane: str = "xy", offsets=(-1, 0, 1), n: int
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     axis = plane_axis(plane)
     offsets = check_offsets(offsets)

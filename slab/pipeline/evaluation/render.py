@@ -29,7 +29,8 @@ from matplotlib.patches import Patch
 from slab.pipeline.evaluation.metrics import evaluate
 from slab.core.checks import check_spacing
 from slab.core.errors import SlabError
-from slab.io.volumes import LazyVolume, atomic_write
+from slab.core.outputs import atomic_write
+from slab.io.volumes import LazyVolume
 
 pv.OFF_SCREEN = True
 logger = logging.getLogger(__name__)

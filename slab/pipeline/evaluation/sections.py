@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from slab.pipeline.evaluation.render import CHUNK, OUTLINES, Spatial, check_size, spatial_image, spatial_pair
 from slab.core.checks import check_spacing
 from slab.core.errors import SlabError
-from slab.io.volumes import atomic_write
+from slab.core.outputs import atomic_write
 
 # view: (normal, horizontal axis pointing to the picture's right, vertical axis pointing up)
 VIEWS = {"axial": ("S", "L", "A"), "coronal": ("A", "L", "S"), "sagittal": ("L", "P", "S")}

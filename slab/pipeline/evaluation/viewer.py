@@ -211,7 +211,8 @@ start().catch(e => {{ document.getElementById("status").textContent = "error: " 
 def write_page(image_path, pred_path=None, truth_path=None, out_html="case.html", *, names=None,
                max_voxels: int = MAX_VOXELS) -> dict:
     """Read the volumes (checked: same geometry), write the page atomically; its summary."""
-    from slab.io.volumes import atomic_write, check_same_geometry, load_volume
+    from slab.core.outputs import atomic_write
+    from slab.io.volumes import check_same_geometry, load_volume
 
     image = load_volume(image_path)
     volumes = [load_volume(p) if p is not None else None for p in (pred_path, truth_path)]
@@ -231,7 +232,7 @@ def write_index(image_dir, pred_dir=None, truth_dir=None, out_dir="cases", *, na
     prediction and truth of a case are the volumes of the same case name in their folders) and
     ``out_dir/index.html`` linking them, worst mean Dice first; the rows."""
     from slab.pipeline.data.cases import find_cases
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     def by_name(folder, what):
         if folder is None:

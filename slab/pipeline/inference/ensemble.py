@@ -13,7 +13,8 @@ import torch
 
 from slab.core.errors import SlabError
 from slab.pipeline.model.folders import MODEL_FILE, read_model_file, resolve_model
-from slab.pipeline.model.spec import spec_of_checkpoint
+from slab.pipeline.model.checkpoints import load_checkpoint
+from slab.pipeline.model.spec import InferenceSpec, spec_of_checkpoint
 
 
 def _fold_of(member: Mapping):
@@ -32,8 +33,8 @@ def load_model(name, *, folds=None, configurations=None, **overrides):
     if path.name != MODEL_FILE:
         if folds is not None or configurations is not None:
             raise SlabError("--folds: a single checkpoint has no folds to choose from; give a model directory")
-        spec = spec_of_checkpoint(path)
-        return Predictor.from_spec(spec, path, **overrides)
+        state = load_checkpoint(path)  # read once: its spec and its weights
+        return Predictor.from_spec(InferenceSpec.of_state(state, path), path, state=state["model"], **overrides)
     data = read_model_file(path)
     members = data["members"]
     if configurations is not None:
@@ -60,9 +61,10 @@ class Ensemble:
     networks are in memory (the first, which answers for the ensemble's settings, and the
     current one), and one float32 sum of the probabilities.
 
-    It answers what :func:`slab.pipeline.inference.predict_file` asks of a :class:`Predictor`:
-    ``__call__``, ``postprocess``, ``label_names``, ``check_input``, ``memory_budget``,
-    ``fits_in_memory``. Every member must predict the same labels.
+    It answers what :func:`slab.pipeline.inference.predict_file` asks of a model
+    (:class:`~slab.pipeline.inference.files.VolumePredictor`), out of core too: each member
+    predicts into a store of its own, then their mean is written block by block. Every member
+    must predict the same labels.
     """
 
     def __init__(self, checkpoints, chosen: Mapping | None = None, **overrides):
@@ -118,8 +120,21 @@ class Ensemble:
     def fits_in_memory(self, volume) -> bool:
         return self.first.fits_in_memory(volume)
 
-    def __call__(self, volume) -> torch.Tensor:
-        """The members' mean probabilities ``(L, X, Y, Z)`` (float32), summed one member at a time."""
+    def out_of_core(self, volume) -> bool:
+        return self.first.out_of_core(volume)
+
+    @property
+    def work_arrays(self) -> int:
+        """One member's float32 work arrays, and every member's result kept until the mean is written."""
+        return self.first.work_arrays + len(self)
+
+    def __call__(self, volume, out_path=None, shard=None):
+        """The members' mean probabilities ``(L, X, Y, Z)`` (float32), summed one member at a time;
+        with ``out_path`` (a ``.zarr``), out of core: each member's into a store of its own in
+        ``out_path``'s work folder (a member finished before a kill is not predicted again), then
+        their mean into ``out_path`` block by block, returned as a lazy volume."""
+        if out_path is not None:
+            return self._out_of_core(volume, Path(out_path), shard)
         total = None
         for index in range(len(self)):
             member = self.first if index == 0 else self._member(index)
@@ -132,6 +147,33 @@ class Ensemble:
         if len(self) > 1:
             total /= len(self)
         return total
+
+
+    def _out_of_core(self, volume, out_path: Path, shard):
+        import shutil
+
+        from slab.core.distributed import DistInfo, barrier
+        from slab.io.chunked_writers import write_zarr
+        from slab.io.volumes import load_volume
+        from slab.pipeline.inference.store import ACTIVE, MeanVolume, work_dir
+
+        info = shard if shard is not None and shard.enabled else DistInfo()
+        folder = work_dir(out_path)
+        ACTIVE.add(folder)
+        results = []
+        for index in range(len(self)):
+            member = self.first if index == 0 else self._member(index)
+            results.append(member(volume, out_path=folder / f"member{index}.zarr", shard=shard))
+            del member
+        if info.is_main:
+            write_zarr(MeanVolume(results, len(results), results[0].dtype), results[0].affine, out_path)
+        barrier(info)
+        for result in results:
+            result.close()
+        if info.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+        ACTIVE.discard(folder)
+        return load_volume(out_path, lazy=True)
 
 
 def mean_probabilities(arrays) -> np.ndarray:

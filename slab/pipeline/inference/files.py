@@ -5,51 +5,96 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from slab.pipeline.inference.predictor import Predictor
 from slab.io.dicom_seg import check_dicom_seg, is_dicom_seg, write_dicom_seg
 from slab.core.errors import SlabError, SlabWarning
+from slab.io.registry import find
 from slab.io.volumes import CHUNKED_OUTPUTS, LazyVolume, load_volume, output_format, save_volume
 from slab.io.labelmap import segment_metadata, to_label_map, to_layers
 from slab.io.rle import write_rle_csv
 
 
-def check_mask_layout(output_path, per_channel: bool, source=None) -> str:
-    """How the mask at ``output_path`` is written: ``"dicom-seg"`` (a ``.dcm`` name: a DICOM SEG
-    of the DICOM series ``source``, checked by :func:`~slab.io.dicom_seg.check_dicom_seg`
-    when ``source`` is given), ``"seg.nrrd"`` (3D Slicer's segmentation: one label map, or with ``per_channel``
-    one layer per group of labels that do not overlap) or ``"volume"`` (any other name :func:`output_format` accepts); else SlabError."""
+@runtime_checkable
+class VolumePredictor(Protocol):
+    """What :func:`predict_file` asks of a model: a :class:`~slab.pipeline.inference.Predictor`
+    and an :class:`~slab.pipeline.inference.ensemble.Ensemble` both answer it, in memory and out
+    of core alike."""
+
+    out_channels: int
+    memory_budget: int | None
+    postprocess: Callable
+    postprocess_options: dict
+    label_map: dict
+
+    def __call__(self, volume, out_path=None, shard=None): ...
+
+    def label_names(self) -> list[str]: ...
+
+    def check_input(self, info, name) -> None: ...
+
+    def fits_in_memory(self, volume) -> bool: ...
+
+    def out_of_core(self, volume) -> bool: ...
+
+    @property
+    def work_arrays(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one prediction is written, every name checked once (:func:`check_target`), before a
+    model or a volume is read."""
+
+    mask: Path
+    layout: str  # "volume", "seg.nrrd" (3D Slicer's segmentation) or "dicom-seg"
+    format: str | None  # the mask's format (slab.io.registry's name); None for a DICOM SEG
+    prob: Path | None = None
+    prob_format: str | None = None
+
+
+def check_target(output_path, per_channel: bool = False, source=None, prob_path=None) -> Target:
+    """Where :func:`predict_file` writes: a ``.dcm`` name is a DICOM SEG of the DICOM series
+    ``source`` (checked by :func:`~slab.io.dicom_seg.check_dicom_seg` when ``source`` is
+    given), ``*.seg.nrrd`` 3D Slicer's segmentation (one label map, or with ``per_channel`` one
+    layer per group of labels that do not overlap), any other name a volume in the format
+    :func:`~slab.io.volumes.output_format` gives it; ``prob_path`` a volume too. Else SlabError."""
+    output_path = Path(output_path)
     if is_dicom_seg(output_path):
         if source is not None:
             check_dicom_seg(output_path, source)
-        return "dicom-seg"
-    output_format(output_path)
-    return "seg.nrrd" if str(output_path).lower().endswith(".seg.nrrd") else "volume"
+        layout, fmt = "dicom-seg", None
+    else:
+        fmt = output_format(output_path)
+        layout = "seg.nrrd" if str(output_path).lower().endswith(".seg.nrrd") else "volume"
+    prob = Path(prob_path) if prob_path is not None else None
+    return Target(output_path, layout, fmt, prob, output_format(prob) if prob is not None else None)
 
 
-def _open(path, predictor: Predictor):
-    """The input volume: lazily when it would not fit the memory budget (without one, half the
-    memory this process can have)."""
-    try:
-        lazy = load_volume(path, lazy=True)
-    except SlabError:
-        lazy = None  # a format that only loads whole (or an error the eager load names)
-    if lazy is None:
+def _open(path, predictor: VolumePredictor):
+    """The input volume, its format found once: lazily when it would not fit the memory budget
+    (without one, half the memory this process can have); channel files and formats read only
+    whole (NRRD, MHA, DICOM) are loaded."""
+    if isinstance(path, (list, tuple)):
         return load_volume(path)
+    source = find(path)
+    if not source.format.lazy:
+        return source.read()
+    lazy = source.open()
     if predictor.fits_in_memory(lazy):
         try:
             return lazy.load()
         finally:
-            if hasattr(lazy, "close"):
-                lazy.close()
+            lazy.close()
     return lazy
 
 
-def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=None, rle_csv=None,
+def predict_file(input_path, output_path: str | Path | Target, predictor: VolumePredictor, *, prob_path=None, rle_csv=None,
                  id_prefix: str | None = None, row_ids: Callable[[int], list[str]] | None = None,
                  statistics: bool = False, per_channel: bool = False, shard=None,
                  preview=None) -> dict[str, Path | dict]:
@@ -70,7 +115,8 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     BraTS regions, kept apart). A ``.dcm`` name, when the input is a DICOM series directory, is a
     DICOM SEG with one segment per label referencing the input's instances
     (:func:`~slab.io.dicom_seg.write_dicom_seg`). Output names are checked before anything is
-    read; every file is written atomically. With ``statistics``, the result also holds each
+    read (``output_path`` may be a :class:`Target` checked already: its names and ``prob_path``
+    are then not checked again); every file is written atomically. With ``statistics``, the result also holds each
     label's statistics (:func:`slab.pipeline.evaluation.statistics.label_statistics`: volume in mm³,
     components, centroid, the input's intensities inside it).
 
@@ -87,16 +133,15 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for; and
     ``statistics`` (a dict) with ``statistics``.
     """
-    layout = check_mask_layout(output_path, per_channel, input_path)
-    if prob_path is not None:
-        output_format(prob_path)
+    target = output_path if isinstance(output_path, Target) else check_target(output_path, per_channel, input_path,
+                                                                              prob_path)
+    output_path, prob_path, layout = target.mask, target.prob, target.layout
     if rle_csv is not None and not (id_prefix or row_ids):
         raise SlabError("id_prefix: an RLE CSV needs the id prefix of its rows (e.g. kidney_5)")
     main = shard is None or not shard.enabled or shard.is_main
     volume = _open(input_path, predictor)
     # chunked outputs of a volume that does not fit: zarr all the way, resumable after a kill
-    out_of_core = (layout == "volume" and output_format(output_path) in CHUNKED_OUTPUTS
-                   and getattr(predictor, "out_of_core", None) and predictor.out_of_core(volume))
+    out_of_core = layout == "volume" and target.format in CHUNKED_OUTPUTS and predictor.out_of_core(volume)
     if shard is not None and shard.enabled:  # every rank takes rank 0's decision (free memory differs)
         from slab.core.distributed import gather_objects
 
@@ -104,8 +149,8 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         if out_of_core and not isinstance(volume, LazyVolume):
             volume = load_volume(input_path, lazy=True)
     if out_of_core:
-        return _predict_out_of_core(volume, output_path, predictor, prob_path, rle_csv, id_prefix, row_ids,
-                                    statistics, per_channel, layout == "seg.nrrd", shard, preview)
+        return _predict_out_of_core(volume, target, predictor, rle_csv, id_prefix, row_ids, statistics, per_channel,
+                                    shard, preview)
     if not main:
         return {}
     probs = predictor(volume)
@@ -121,7 +166,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
         written = {"mask": _save_mask(mask, output_path, predictor, affine, meta, per_channel,
                                       layout == "seg.nrrd")}
     if prob_path is not None:
-        if probs.dtype != torch.float32 and output_format(prob_path) != "stack":
+        if probs.dtype != torch.float32 and target.prob_format != "stack":
             probs = probs.float()  # NIfTI and ITK files have no float16
         written["prob"] = save_volume(probs, prob_path, affine=affine, meta=meta)
     if rle_csv is not None:
@@ -137,7 +182,7 @@ def predict_file(input_path, output_path, predictor: Predictor, *, prob_path=Non
     return written
 
 
-def _preview(mask, volume, png, predictor: Predictor) -> Path:
+def _preview(mask, volume, png, predictor: VolumePredictor) -> Path:
     from slab.pipeline.evaluation.prediction_picture import render_prediction
 
     name = volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None
@@ -145,9 +190,8 @@ def _preview(mask, volume, png, predictor: Predictor) -> Path:
                              title=str(name) if name else None)["path"]
 
 
-def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, rle_csv, id_prefix, row_ids,
-                         statistics: bool, per_channel: bool, segmentation: bool, shard=None,
-                         preview=None) -> dict:
+def _predict_out_of_core(volume, target: Target, predictor: VolumePredictor, rle_csv, id_prefix, row_ids,
+                         statistics: bool, per_channel: bool, shard=None, preview=None) -> dict:
     """A volume larger than the budget, to a zarr/HDF5/TIFF output: probabilities into a zarr store
     chunk by chunk (``prob_path`` when it is a ``.zarr``, else ``<output>.partial/probabilities.zarr``;
     finished blocks survive a kill, and the same command resumes), then the post-processing slab by
@@ -160,15 +204,15 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
     if statistics:
         raise SlabError("--statistics: needs the volume in memory; this one is predicted out of core "
                         "(raise --memory-budget, or drop --statistics)")
+    output_path, prob_path, segmentation = target.mask, target.prob, target.layout == "seg.nrrd"
     BlockwisePostprocess.settings(predictor.postprocess_options, predictor.out_channels)  # refusals first
-    network = getattr(predictor, "first", predictor)  # an ensemble's members share the store's layout
-    arrays = len(network.planes) if network.mode == "2.5d" else (8 if network.tta == "flips" else 1)
     # before the input's statistics are read: a header claiming 100000^3 voxels is one line, not days
-    check_work_space(output_path, (predictor.out_channels,) + tuple(int(n) for n in volume.shape[1:]), arrays,
+    check_work_space(output_path, (predictor.out_channels,) + tuple(int(n) for n in volume.shape[1:]),
+                     predictor.work_arrays,
                      volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None)
     work = work_dir(output_path)
     ACTIVE.add(work)
-    own_store = prob_path is None or output_format(prob_path) != "zarr"
+    own_store = prob_path is None or target.prob_format != "zarr"
     store = work / "probabilities.zarr" if own_store else Path(prob_path)
     probs = predictor(volume, out_path=store, shard=shard)
     if shard is not None and shard.enabled and not shard.is_main:
@@ -188,7 +232,7 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
                                    labels=not single, fields=fields)}
     if prob_path is not None:
         written["prob"] = Path(prob_path) if not own_store else save_volume(
-            probs if output_format(prob_path) in CHUNKED_OUTPUTS else probs.load().float(), prob_path,
+            probs if target.prob_format in CHUNKED_OUTPUTS else probs.load().float(), prob_path,
             affine=affine, meta=dict(volume.meta))
     if rle_csv is not None:
         full = np.asarray(mask.load())
@@ -204,7 +248,7 @@ def _predict_out_of_core(volume, output_path, predictor: Predictor, prob_path, r
     return written
 
 
-def _save_mask(mask, output_path, predictor: Predictor, affine, meta, per_channel: bool, segmentation: bool) -> Path:
+def _save_mask(mask, output_path, predictor: VolumePredictor, affine, meta, per_channel: bool, segmentation: bool) -> Path:
     """The mask as a label map (multi-label, unless ``per_channel``), with Slicer's segment
     fields for a ``.seg.nrrd``."""
     values, order = predictor.label_map["values"], predictor.label_map["order"]

@@ -60,7 +60,8 @@ from slab.pipeline.inference.forward import (
 from slab.pipeline.inference.ondisk import DiskSink, fortran_empty
 from slab.core.checks import PLANES, TTA_MODES
 from slab.core.errors import SlabError
-from slab.io.volumes import LazyVolume, atomic_write
+from slab.core.outputs import atomic_write
+from slab.io.volumes import LazyVolume
 from slab.core.outputs import temp_dir
 from slab.transforms.slab import PLANE_AXIS, check_offsets, iter_slab_batches, pad_to_divisor, unpad
 

@@ -18,11 +18,11 @@ from slab.pipeline.inference.window import predict_3d
 from slab.pipeline.paths import bundle_dir
 from slab.core.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
 from slab.core.errors import SlabError
-from slab.pipeline.model.spec import check_probability_thresholds
+from slab.pipeline.model.spec import InferenceSpec, check_probability_thresholds
 from slab.transforms.intensity import make_normalize
 from slab.io.volumes import LazyVolume
 from slab.io.labelmap import check_label_map
-from slab.transforms.post import make_postprocess, merge_postprocess
+from slab.transforms.post import make_postprocess
 from slab.transforms.slab import check_offsets, slab_offsets
 
 
@@ -179,17 +179,13 @@ class Predictor:
         directory = bundle_dir(directory)
         section = cls.bundle_section(directory)
         weights = directory / "models" / "model.pt" if weights is None else Path(weights)
-        options = {k: v for k, v in section.items() if k != "network"}
-        options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
-        given = dict(overrides.get("postprocess") or {})
-        postprocess = {**(section.get("postprocess") or {}), **given}
-        if "threshold" not in given:
-            postprocess = recorded_postprocess(postprocess, weights, section["network"].get("out_channels"))
-        options["postprocess"] = postprocess
+        recorded = recorded_postprocess(section.get("postprocess"), weights, section["network"].get("out_channels"))
+        spec = InferenceSpec(section["network"], {k: v for k, v in section.items() if k not in ("network", "postprocess")},
+                             recorded).with_overrides(**overrides)
         config_path = directory / "configs" / "inference.json"
         given = {k for k, v in overrides.items() if v is not None}
         try:
-            return cls(section["network"], weights, **options)
+            return cls(spec.network, weights, postprocess=spec.postprocess, **spec.options)
         except SlabError as err:
             message = str(err)
             if str(weights) in message or str(config_path) in message:
@@ -200,19 +196,25 @@ class Predictor:
             raise SlabError(f"{config_path}: {message}") from None
 
     @classmethod
-    def from_spec(cls, spec: Mapping, weights=None, **overrides) -> "Predictor":
-        """A predictor from an inference spec (``slab.pipeline.model.spec.inference_spec``: what
-        every training checkpoint records) and its weights. ``overrides`` that are not None win;
-        a ``postprocess`` override is merged into the spec's, and one that binarises
-        (``threshold`` / ``hysteresis``) replaces the threshold chosen on validation."""
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("network"), Mapping):
-            raise SlabError(f"{weights}: its inference spec has no network")
-        options = {k: spec[k] for k in ("normalize", "tta", "mode", "activation") if k in spec}
-        options.update({k: v for k, v in overrides.items() if v is not None and k != "postprocess"})
-        options["postprocess"] = merge_postprocess(spec.get("postprocess"), overrides.get("postprocess"))
+    def from_spec(cls, spec, weights=None, *, state: Mapping | None = None, **overrides) -> "Predictor":
+        """A predictor from an inference spec (:class:`~slab.pipeline.model.spec.InferenceSpec`, or
+        the JSON form every training checkpoint records) and its weights: the file ``weights``,
+        or ``state`` (its state dict, already read: a checkpoint is read once). ``overrides``
+        meet the model's settings in :meth:`InferenceSpec.with_overrides`: those not None win, a
+        ``postprocess`` is merged into the spec's, and one that binarises (``threshold`` /
+        ``hysteresis``) replaces the threshold chosen on validation."""
+        if not isinstance(spec, InferenceSpec):
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("network"), Mapping):
+                raise SlabError(f"{weights}: its inference spec has no network")
+            spec = InferenceSpec.from_dict(spec)
+        spec = spec.with_overrides(**overrides)
         where = weights if weights is not None else "inference spec"
         try:
-            return cls(spec["network"], weights, **options)
+            predictor = cls(spec.network, weights if state is None else None, postprocess=spec.postprocess,
+                            **spec.options)
+            if state is not None:
+                load_weights(predictor.model, state, name=where)
+            return predictor
         except SlabError as err:
             message = str(err)
             raise SlabError(message if str(where) in message else f"{where}: {message}") from None
@@ -263,6 +265,12 @@ class Predictor:
         """Whether ``volume`` is predicted into a zarr store (``__call__(volume, out_path=...)``):
         a LazyVolume that does not fit the memory budget, at one scale."""
         return isinstance(volume, LazyVolume) and self.scales == (1.0,) and not self.fits_in_memory(volume)
+
+    @property
+    def work_arrays(self) -> int:
+        """The float32 arrays of an out-of-core run's work store: one per plane (2.5D), per flip
+        (3D with flips), else one."""
+        return len(self.planes) if self.mode == "2.5d" else (8 if self.tta == "flips" else 1)
 
     def working_bytes(self, volume) -> int:
         """The float32 input and probabilities of in-memory prediction of ``volume`` (3D: also

@@ -207,7 +207,7 @@ class PlaneStore:
         float32 sums read for them take up to eight times that)."""
         from slab.io.chunked_writers import write_zarr
 
-        write_zarr(_Mean(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key},
+        write_zarr(MeanVolume(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key},
                    block_bytes=block_bytes)
 
     def remove(self) -> None:
@@ -315,8 +315,9 @@ def kept_message() -> str:
     return f"; finished blocks are kept in {min(kept, key=lambda p: len(str(p)))}, the same command resumes"
 
 
-class _Mean:
-    """A (L, X, Y, Z) view of the planes' sums, added and divided as the in-memory path does."""
+class MeanVolume:
+    """A (L, X, Y, Z) view of the mean of ``arrays`` (a 2.5D run's plane sums, a 3D run's flips,
+    an ensemble's members): added and divided as the in-memory path does, block by block."""
 
     ndim = 4
 
@@ -333,4 +334,4 @@ class _Mean:
         return total.numpy().astype(self.dtype, copy=False)
 
 
-__all__ = ["ACTIVE", "PlaneStore", "check_work_space", "finished", "kept_message", "predict_blocks", "run_key", "work_dir", "STATE"]
+__all__ = ["ACTIVE", "MeanVolume", "PlaneStore", "check_work_space", "finished", "kept_message", "predict_blocks", "run_key", "work_dir", "STATE"]

@@ -46,7 +46,7 @@ def slim_state(path) -> dict:
 def export_model(model, archive) -> dict:
     """Write ``archive`` (a zip) for ``model`` (a run, checkpoint or model directory); returns
     its ``model.json``."""
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     source = resolve_model(model)
     if source.name == MODEL_FILE:

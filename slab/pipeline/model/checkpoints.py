@@ -10,13 +10,20 @@ import torch
 from slab.core.errors import SlabError
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :func:`train` (read with ``weights_only=True``)."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A checkpoint written by :func:`train` (read with ``weights_only=True``). With ``mmap`` its
+    tensors are mapped, not read: what a reader of its spec alone (an ensemble's members, an
+    install's check) asks for."""
     path = Path(path)
     if not path.is_file():
         raise SlabError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a file of the legacy format
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SlabError(f"{path}: not a readable checkpoint ({type(err).__name__}: {reason})") from err

@@ -9,12 +9,58 @@ back as data (:func:`spec_of_state`), every part checked for its type.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from slab.core.errors import SlabError
 from slab.pipeline.model.checkpoints import load_checkpoint
+from slab.transforms.post import merge_postprocess
+
+# The Predictor settings a stored spec may carry beside its network and post-processing.
+SPEC_OPTIONS = ("normalize", "tta", "mode", "activation")
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """What a model predicts with, typed: the network (``build_network`` arguments plus offsets,
+    planes, ``roi_size``, labels), the :class:`~slab.pipeline.inference.Predictor` settings the
+    model brings (normalisation, TTA, mode, activation; a bundle's any of its ``"slab"`` keys) and
+    its post-processing.
+
+    :meth:`with_overrides` is the one place a user's settings meet a model's, for a checkpoint,
+    an ensemble's members and a bundle alike.
+
+    Example
+    -------
+    >>> spec = InferenceSpec({"name": "unet"}, {"tta": "flips"}, {"threshold": 0.7, "min_size": 5})
+    >>> given = spec.with_overrides(tta=None, device="cpu", postprocess={"hysteresis": (0.3, 0.8)})
+    >>> given.options, given.postprocess
+    ({'tta': 'flips', 'device': 'cpu'}, {'min_size': 5, 'hysteresis': (0.3, 0.8)})
+    """
+
+    network: Mapping
+    options: Mapping = field(default_factory=dict)
+    postprocess: Mapping = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, spec: Mapping) -> InferenceSpec:
+        """The JSON form every checkpoint stores (:func:`inference_spec`; checked by :func:`spec_of_state`)."""
+        return cls(dict(spec["network"]), {k: spec[k] for k in SPEC_OPTIONS if k in spec},
+                   dict(spec.get("postprocess") or {}))
+
+    @classmethod
+    def of_state(cls, state: dict, path) -> InferenceSpec:
+        """The spec of a checkpoint already read (``path`` names it in errors)."""
+        return cls.from_dict(spec_of_state(state, path))
+
+    def with_overrides(self, postprocess: Mapping | None = None, **overrides) -> InferenceSpec:
+        """The spec with the settings given: every one that is not None wins over the model's; a
+        ``postprocess`` given is merged into the model's (:func:`~slab.transforms.post.merge_postprocess`:
+        a given threshold or hysteresis replaces the model's binarisation, other settings add)."""
+        options = {**self.options, **{k: v for k, v in overrides.items() if v is not None}}
+        return replace(self, options=options, postprocess=merge_postprocess(self.postprocess, postprocess))
 
 
 def inference_network(cfg: dict, network: Mapping, label_names=None) -> dict:
@@ -43,8 +89,8 @@ def inference_spec(cfg: dict, network: Mapping, label_names=None, threshold=0.5)
 def spec_of_checkpoint(path) -> dict:
     """The inference spec of a training checkpoint (``best.pt``, ``last.pt``) or of an exported
     model file, read with ``weights_only=True``. Checkpoints written before specs were stored
-    give one rebuilt from their config and network."""
-    return spec_of_state(load_checkpoint(Path(path)), path)
+    give one rebuilt from their config and network. The weights are mapped, not read."""
+    return spec_of_state(load_checkpoint(Path(path), mmap=True), path)
 
 
 SPEC_TYPES = {"network": (dict,), "normalize": (dict, type(None)), "tta": (str,), "mode": (str,),

@@ -69,7 +69,8 @@ def predict_fold(plan_dir, configuration: str, fold: int, device=None) -> list[s
     """Predict fold ``fold``'s held-out cases with its model into ``cv/<configuration>/``."""
     from slab.pipeline.model.spec import spec_of_state
     from slab.pipeline.inference.predictor import Predictor
-    from slab.io.volumes import atomic_write, load_volume
+    from slab.core.outputs import atomic_write
+    from slab.io.volumes import load_volume
 
     plan_dir = Path(plan_dir)
     best = run_dir(plan_dir, configuration, fold) / "best.pt"
@@ -341,7 +342,7 @@ def run_cv(plan_dir, *, configurations=None, folds=None, device=None, overrides=
     result["seconds"] = per_config
     write_json(plan_dir / "cv" / "table.json", result)
     markdown = table_markdown(result, per_config)
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     with atomic_write(plan_dir / "cv" / "table.md") as tmp:
         tmp.write_text(markdown, encoding="utf-8")

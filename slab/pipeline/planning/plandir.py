@@ -16,7 +16,7 @@ from slab.core.errors import SlabError
 
 
 def write_json(path: Path, data) -> None:
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:

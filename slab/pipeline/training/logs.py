@@ -31,7 +31,7 @@ class RunLog:
     def epoch(self, history: list[dict], step: int) -> None:
         if not self.enabled or not history:
             return
-        from slab.io.volumes import atomic_write
+        from slab.core.outputs import atomic_write
 
         row = history[-1]
         if self.writer is not None:
@@ -67,7 +67,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))

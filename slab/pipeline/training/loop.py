@@ -172,7 +172,7 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     if state is None and cfg["task"] != "classification" and cfg["output_bias"] == "prior":
         _start_at_prior(task, cfg)
     if info.is_main:
-        from slab.io.volumes import atomic_write
+        from slab.core.outputs import atomic_write
 
         out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "config.json") as tmp:

@@ -32,7 +32,7 @@ _SKIP = {"lr"}
 
 def save_pictures(out: Path, drawn: list[tuple[str, Path]], epoch: int) -> None:
     """Record the pictures of the best epoch (``(caption, PNG)`` in ``out/report``)."""
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     index = [{"caption": caption, "file": Path(png).name} for caption, png in drawn]
     with atomic_write(out / PICTURES / _INDEX) as tmp:
@@ -99,7 +99,7 @@ def _summary(cfg: dict, history: list[dict], best: dict) -> str:
 def write_report(out: Path, cfg: dict, history: list[dict], best: dict) -> Path:
     """``out/report.html`` from the run's history, best checkpoint, ``curves.png`` and the
     best epoch's pictures; written atomically."""
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     out = Path(out)
     title = f"slab training run {out.resolve().name}"

@@ -94,7 +94,7 @@ def set_rng_states(state: dict) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> Path:
     """``torch.save`` through ``atomic_write``: an interrupted save never leaves a broken file."""
-    from slab.io.volumes import atomic_write
+    from slab.core.outputs import atomic_write
 
     with atomic_write(path) as tmp:
         torch.save(state, tmp)

@@ -787,3 +787,62 @@ def test_an_nnunet_raw_dataset_becomes_a_datalist(tmp_path, capsys):
     assert main(["dataset", "nnunet", str(root), str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "org_002" in err and "\n" not in err and not (tmp_path / "out2").exists()
+
+
+def test_one_volume_walk_reads_the_checkpoint_once_and_checks_the_output_once(cv_plan, tmp_path, monkeypatch):
+    """``slab predict --model RUN``: the output's name is checked once, before the model is read;
+    the checkpoint is read once (its spec and its weights from one read); the write itself is
+    the only other time the output's format is resolved."""
+    _, plan, _ = cv_plan
+    import torch
+
+    from slab.io import volumes
+
+    run = plan / "runs" / "2d" / "fold_0"
+    out = tmp_path / "mask.nii.gz"
+    events = []
+    load, writer_for = torch.load, volumes.writer_for
+
+    def counting_load(f, *args, **kwargs):
+        if Path(str(f)).resolve() == (run / "best.pt").resolve():
+            events.append("read checkpoint")
+        return load(f, *args, **kwargs)
+
+    def counting_writer_for(path):
+        if Path(path) == out:
+            events.append("check output")
+        return writer_for(path)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    monkeypatch.setattr(volumes, "writer_for", counting_writer_for)  # output_format and save_volume
+    assert main(["predict", "--model", str(run), "-i", str(plan.parent / "case1" / "image.nii.gz"), "-o", str(out),
+                 "--device", "cpu"]) == 0
+    assert events == ["check output", "read checkpoint", "check output"]  # the last one: the write
+
+
+def test_an_ensemble_goes_out_of_core_as_one_model_does(cv_plan, tmp_path):
+    """predict_file with a cross-validated model (two folds) and a memory budget the volume does not
+    fit: each member into a store of its own, their mean block by block; the mask equals the
+    in-memory ensemble's, the probabilities agree to float16 and the work folder is gone."""
+    _, plan, _ = cv_plan
+    from slab.io.volumes import load_volume
+    from slab.pipeline.inference import predict_file
+    from slab.pipeline.inference.ensemble import Ensemble, load_model
+    from slab.pipeline.inference.files import VolumePredictor
+
+    image = plan.parent / "case2" / "image.nii.gz"
+    in_memory = load_model(plan, device="cpu", configurations=["2d"])
+    out_of_core = load_model(plan, device="cpu", configurations=["2d"], memory_budget=1 << 12)
+    assert isinstance(out_of_core, Ensemble) and len(out_of_core) == 2
+    assert isinstance(out_of_core, VolumePredictor) and isinstance(in_memory.first, VolumePredictor)
+    assert out_of_core.out_of_core(load_volume(image, lazy=True))
+    predict_file(image, tmp_path / "a.nii.gz", in_memory, prob_path=tmp_path / "pa.nii.gz")
+    predict_file(image, tmp_path / "b.zarr", out_of_core, prob_path=tmp_path / "pb.zarr")
+    expected = load_volume(tmp_path / "a.nii.gz").numpy()
+    got = load_volume(tmp_path / "b.zarr").numpy()
+    probs_a = load_volume(tmp_path / "pa.nii.gz").numpy()
+    probs_b = load_volume(tmp_path / "pb.zarr").numpy().astype(np.float32)
+    np.testing.assert_allclose(probs_b, probs_a, atol=2e-3)
+    near = np.abs(probs_a - 0.5).max(axis=0) < 3e-3  # float16 may flip a voxel at the threshold itself
+    assert np.array_equal(got[:, ~near], expected[:, ~near]) and expected.any()
+    assert not list(tmp_path.glob("*.partial"))
