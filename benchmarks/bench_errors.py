@@ -30,7 +30,7 @@ def per_cluster_scan(pred, truth, prob) -> list[float]:
 
 
 def main() -> None:
-    from slab.pipeline.evaluation.errors import error_clusters
+    from slab.pipeline.evaluation.clusters import error_clusters
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 80])

@@ -44,7 +44,7 @@ from common import ROOT, best_of, print_table, run_probe
 sys.path.insert(0, str(ROOT))
 from slab.networks import build_network  # noqa: E402
 from slab.pipeline.inference import PLANES, predict_2p5d, predict_3d  # noqa: E402
-from slab.transforms.slab import iter_slab_batches  # noqa: E402
+from slab.transforms.slabs import iter_slab_batches  # noqa: E402
 
 GIB = 1 << 30
 

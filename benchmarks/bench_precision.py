@@ -35,7 +35,7 @@ from slab.pipeline.data.phantom import make_phantom  # noqa: E402
 from slab.core.device import configure_allocator, cpu_supports_bf16  # noqa: E402
 from slab.pipeline.inference import PLANES, Predictor, predict_2p5d  # noqa: E402
 from slab.transforms.intensity import PercentileNormalize  # noqa: E402
-from slab.transforms.slab import iter_slab_batches  # noqa: E402
+from slab.transforms.slabs import iter_slab_batches  # noqa: E402
 
 GOAL = 1.05
 

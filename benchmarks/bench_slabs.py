@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from common import best_of, print_table  # noqa: E402
 from slab.pipeline.inference.multiplane import slab_groups  # noqa: E402
-from slab.transforms.slab import iter_slab_batches  # noqa: E402
+from slab.transforms.slabs import iter_slab_batches  # noqa: E402
 
 
 def main() -> None:

@@ -190,7 +190,7 @@ def decode_slice(path: Path) -> np.ndarray:
     return image
 
 
-class SliceStack(LazyVolume):
+class SliceFolder(LazyVolume):
     """A directory of 2D slices: slice ``z`` is file ``files[z]``, decoded when read."""
 
     def __init__(self, directory: Path, files: list[Path], spacing=None, workers: int | None = None):
@@ -283,4 +283,4 @@ class NiftiVolume(LazyVolume):
         return out.astype(self.dtype, copy=False)
 
 
-__all__ = ["LazyVolume", "SliceStack", "NiftiVolume", "decode_slice", "metatensor"]
+__all__ = ["LazyVolume", "SliceFolder", "NiftiVolume", "decode_slice", "metatensor"]

@@ -33,7 +33,7 @@ from slab.io.chunked import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, is_zarr
 from slab.io.chunked_writers import write_hdf5, write_tiff, write_zarr
 from slab.io.containers import open_hdf5, open_tiff, split_hdf5
 from slab.io.dicom import read_dicom
-from slab.io.lazy import NiftiVolume, SliceStack, metatensor
+from slab.io.lazy import NiftiVolume, SliceFolder, metatensor
 from slab.io.n5 import N5_SUFFIXES, is_n5_container, open_n5, split_n5, write_n5
 
 
@@ -258,7 +258,7 @@ class Stack(VolumeFormat):
 
     def open(self, source, spacing, workers):
         files = list(source.files)
-        return SliceStack(source.path, files, spacing if spacing is not None else stack_spacing(files), workers)
+        return SliceFolder(source.path, files, spacing if spacing is not None else stack_spacing(files), workers)
 
     def check_target(self, path):
         check_stack_target(path)

@@ -1,6 +1,6 @@
 """``slab errors PRED TRUTH -o CLUSTERS.csv [--sheet SHEET.png]``: false-positive and missed
 clusters ranked by size and mean probability (where to look for missing annotations), with
-centroids in voxels and world coordinates; see :mod:`slab.pipeline.evaluation.errors`."""
+centroids in voxels and world coordinates; see :mod:`slab.pipeline.evaluation.clusters`."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +31,7 @@ def paths(args) -> tuple[dict, dict]:
 
 
 def run(args) -> int:
-    from slab.pipeline.evaluation.errors import error_clusters, error_sheet, write_clusters_csv
+    from slab.pipeline.evaluation.clusters import error_clusters, error_sheet, write_clusters_csv
     from slab.pipeline.evaluation.readers import binary_mask, finite_probabilities, is_float
     from slab.core.errors import SlabError
     from slab.io.volumes import check_same_geometry, load_volume

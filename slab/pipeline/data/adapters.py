@@ -33,7 +33,7 @@ from slab.core.checks import DATASET_KINDS
 from slab.core.errors import SlabError, SlabWarning
 from slab.core.outputs import atomic_write
 from slab.io.volumes import check_same_geometry, load_volume, natural_key
-from slab.io.lazy import SliceStack
+from slab.io.lazy import SliceFolder
 from slab.io.rle import UWMGI_CLASSES, read_csv_rows, read_sennet_rles, read_uwmgi_rles, sennet_label, uwmgi_label
 
 KINDS = DATASET_KINDS
@@ -87,15 +87,15 @@ def sennet_items(root: Path, out: Staging) -> list[dict]:
         if paired is None:
             image = load_volume(_require_dir(images, f"the image slices of {volume.name} (images/*.tif)"), lazy=True)
         else:
-            image = SliceStack(paired[0].parent, paired)
+            image = SliceFolder(paired[0].parent, paired)
             images = Path(out.link(paired, f"{volume.name}/images"))
-        if isinstance(image, SliceStack):  # a half-downloaded slice is found now, not when training reads it
+        if isinstance(image, SliceFolder):  # a half-downloaded slice is found now, not when training reads it
             image.check_files()
         item = {"id": volume.name, "case": _sennet_case(volume.name), "image": str(images)}
         if labels.is_dir():
             label_stack = load_volume(labels, lazy=True)
             check_same_geometry(image, label_stack, names=[str(images), str(labels)])
-            if isinstance(label_stack, SliceStack):
+            if isinstance(label_stack, SliceFolder):
                 label_stack.check_files()
             item["label"] = str(labels)
         else:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from slab.core.errors import SlabError
-from slab.transforms.slab import extract_slab, plane_axis
+from slab.transforms.slabs import extract_slab, plane_axis
 
 
 OVERALL = "patient_overall"

@@ -25,7 +25,7 @@ import torch
 
 from slab.core.errors import SlabError
 from slab.transforms.intensity import PercentileNormalize, ZScoreNormalize, make_normalize
-from slab.transforms.slab import PLANE_AXIS, check_offsets, plane_axis, slab_indices
+from slab.transforms.slabs import PLANE_AXIS, check_offsets, plane_axis, slab_indices
 
 
 def _load(value, name: str):
@@ -80,7 +80,7 @@ class SlabDataset(torch.utils.data.Dataset):
     items : list of dict
         ``{"image": path(s) or (C, X, Y, Z) array, "label": path or (L, X, Y, Z) array}``, as
         :func:`load_datalist` gives.
-    offsets : slab offsets (``slab.transforms.slab.slab_offsets``).
+    offsets : slab offsets (``slab.transforms.slabs.slab_offsets``).
     planes : planes to sample, each with equal probability.
     samples_per_epoch : ``len(dataset)``.
     positive_fraction : share of samples drawn from slices whose label has foreground.

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slab.core.errors import SlabError
-from slab.transforms.slab import PLANE_AXIS
+from slab.transforms.slabs import PLANE_AXIS
 
 # Label bytes read at a time while the foreground of a streamed volume is counted.
 COUNT_BLOCK_BYTES = 64 << 20

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from slab.core.errors import SlabError
-from slab.transforms.slab import PLANE_AXIS, check_offsets, extract_slab, plane_axis
+from slab.transforms.slabs import PLANE_AXIS, check_offsets, extract_slab, plane_axis
 
 
 def preview_slabs(volume, out_png, plane: str = "xy", offsets=(-1, 0, 1), n: int = 4, label=None,

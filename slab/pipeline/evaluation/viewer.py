@@ -110,7 +110,7 @@ def build_page(image, pred=None, truth=None, *, names=None, title: str = "case",
     """``(html, summary)`` of one case: ``image`` a MetaTensor ``(C, X, Y, Z)`` (channel 0 shown),
     ``pred`` / ``truth`` masks in its geometry (see :func:`label_map`). ``probes``: points in world
     millimetres (RAS) whose values the page reports in ``#status`` (default: the volume's centre)."""
-    from slab.pipeline.evaluation.errors import error_clusters
+    from slab.pipeline.evaluation.clusters import error_clusters
     from slab.pipeline.evaluation.metrics import evaluate
     from slab.pipeline.evaluation.render import CATEGORIES, COLOURS, LEGEND, category_map, display_factor
 

@@ -18,7 +18,7 @@ from slab.core.device import amp_dtype, autocast, resolve_device
 from slab.core.checks import PLANES
 from slab.core.errors import SlabError
 from slab.io.volumes import LazyVolume
-from slab.transforms.slab import PLANE_AXIS
+from slab.transforms.slabs import PLANE_AXIS
 
 
 def check_planes(planes) -> tuple[str, ...]:

@@ -63,7 +63,7 @@ from slab.core.errors import SlabError
 from slab.core.outputs import atomic_write
 from slab.io.volumes import LazyVolume
 from slab.core.outputs import temp_dir
-from slab.transforms.slab import PLANE_AXIS, check_offsets, iter_slab_batches, pad_to_divisor, unpad
+from slab.transforms.slabs import PLANE_AXIS, check_offsets, iter_slab_batches, pad_to_divisor, unpad
 
 
 OUT_DTYPES = ("float16", "float32")
@@ -181,7 +181,7 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     Parameters
     ----------
     model : torch.nn.Module
-        A 2D network taking ``C*k`` channels (slabs, channel-major, see ``slab.transforms.slab``) and
+        A 2D network taking ``C*k`` channels (slabs, channel-major, see ``slab.transforms.slabs``) and
         giving ``L`` logits. Moved to ``device`` and set to eval mode in place.
     volume : ``(C, X, Y, Z)`` MetaTensor, torch tensor, numpy array or LazyVolume
         Normalised intensities (or raw ones with ``preprocess``).

@@ -23,7 +23,7 @@ from slab.transforms.intensity import make_normalize
 from slab.io.volumes import LazyVolume
 from slab.io.labelmap import check_label_map
 from slab.transforms.post import make_postprocess
-from slab.transforms.slab import check_offsets, slab_offsets
+from slab.transforms.slabs import check_offsets, slab_offsets
 
 
 DEFAULT_NORMALIZE = MappingProxyType({"lower": 0.5, "upper": 99.5})

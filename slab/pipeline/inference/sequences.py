@@ -18,7 +18,7 @@ from slab.pipeline.data.sequences import volume_sequences
 from slab.core.device import amp_dtype, autocast, resolve_device
 from slab.pipeline.inference.forward import as_float, check_finite, check_positive
 from slab.core.errors import SlabError
-from slab.transforms.slab import check_offsets
+from slab.transforms.slabs import check_offsets
 
 
 def score_sequences(model: nn.Module, sequences: Sequence[torch.Tensor], *, batch_size: int = 8, device=None,

@@ -11,7 +11,7 @@ from slab.pipeline.data.datalist import load_datalist
 from slab.pipeline.data.phantom import make_phantom, write_phantom
 from slab.transforms.augment import RandSlabAugmentd
 from slab.core.errors import SlabError
-from slab.transforms.slab import PLANE_AXIS, extract_slab
+from slab.transforms.slabs import PLANE_AXIS, extract_slab
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from slab.core.errors import SlabError
 from slab.transforms.intensity import PercentileNormalize
 from slab.io.volumes import load_volume, save_volume
 from slab.transforms.post import postprocess
-from slab.transforms.slab import PLANE_AXIS, extract_slab, pad_to_divisor, unpad
+from slab.transforms.slabs import PLANE_AXIS, extract_slab, pad_to_divisor, unpad
 
 ALL_FLIPS = [dims for r in (1, 2, 3) for dims in itertools.combinations((1, 2, 3), r)]
 UNET = {"name": "unet", "spatial_dims": 2, "in_channels": 3, "out_channels": 2, "channels": [4, 8], "strides": [2]}

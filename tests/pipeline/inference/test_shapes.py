@@ -15,7 +15,7 @@ from monai.inferers import sliding_window_inference
 
 from slab.networks import build_network, network_divisor, network_min_size
 from slab.pipeline.inference import Predictor, predict_2p5d
-from slab.transforms.slab import extract_slab, pad_to_divisor, unpad
+from slab.transforms.slabs import extract_slab, pad_to_divisor, unpad
 
 # Each family small enough to run hundreds of slabs in a second or two.
 FAMILIES = {

@@ -582,7 +582,7 @@ def test_exclusive_classes_train_a_softmax_and_predict_by_argmax(tmp_path, capsy
     single = predict_2p5d(member.model, member.normalize(image), planes=["xy"], offsets=member.offsets, tta="none",
                           device="cpu", divisor=member.divisor, min_size=member.min_size, activation="softmax")
     with torch.no_grad():
-        from slab.transforms.slab import pad_to_divisor
+        from slab.transforms.slabs import pad_to_divisor
 
         x = torch.as_tensor(np.asarray(member.normalize(image)))[:, :, :, 5][None]
         x, pads = pad_to_divisor(x, member.divisor, min_size=member.min_size)

@@ -5,7 +5,7 @@ import torch
 
 from slab.core.errors import SlabError
 from slab.io.volumes import load_volume, save_volume
-from slab.transforms.slab import (
+from slab.transforms.slabs import (
     PLANE_AXIS,
     SliceStack,
     SliceStackd,
