@@ -28,6 +28,44 @@ PHANTOM_KINDS = ("vessels", "organs", "tumour")
 DATASET_KINDS = ("sennet", "uwmgi", "brats", "rsna-spine", "nnunet")  # slab dataset's layouts
 
 
+def is_int(value) -> bool:
+    """An integer, not a bool (``2.0`` is not: a config that says 2.0 where a count goes is refused)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1; anything else (0, -1, 2.0, True, "2") is a SlabError naming ``name``.
+
+    Example
+    -------
+    >>> positive_int(3, "stride")
+    3
+    """
+    if not is_int(value) or value < 1:
+        raise SlabError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def probability(value, name: str) -> float:
+    """``value`` as a float in [0, 1]; else a SlabError naming ``name``."""
+    if not is_number(value) or not 0 <= value <= 1:
+        raise SlabError(f"{name}: expected a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def non_negative(value, name: str) -> float:
+    """``value`` as a float >= 0; else a SlabError naming ``name``."""
+    if not is_number(value) or not value >= 0:
+        raise SlabError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
 def check_spacing(spacing, name: str = "spacing") -> tuple[float, float, float]:
     """``spacing`` as three positive, finite voxel sizes ``(sx, sy, sz)`` in mm.
 

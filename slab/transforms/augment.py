@@ -26,19 +26,12 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import MAX_SEED
 
+from slab.core.checks import non_negative, probability
 from slab.core.errors import SlabError
 
 
-def _probability(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value <= 1:
-        raise SlabError(f"{name}: expected a probability in [0, 1], got {value!r}")
-    return float(value)
 
 
-def _non_negative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
-        raise SlabError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
 
 
 class RandSlabAugmentd(Randomizable, MapTransform):
@@ -74,7 +67,7 @@ class RandSlabAugmentd(Randomizable, MapTransform):
                  elastic_spacing: float = 16.0, elastic_magnitude: tuple[float, float] = (1.0, 2.0),
                  allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.prob = _probability(prob, "prob")
+        self.prob = probability(prob, "prob")
         label_keys = (label_keys,) if isinstance(label_keys, str) else tuple(label_keys)
         stray = [k for k in label_keys if k not in self.keys]
         if stray:
@@ -82,15 +75,15 @@ class RandSlabAugmentd(Randomizable, MapTransform):
         self.label_keys = label_keys
         self.flips, self.rot90, self.affine, self.elastic = bool(flips), bool(rot90), bool(affine), bool(elastic)
         self.intensity = bool(intensity) and any(k not in label_keys for k in self.keys)
-        self.rotate_range = _non_negative(rotate_range, "rotate_range")
-        self.scale_range = _non_negative(scale_range, "scale_range")
-        self.scale_intensity = _non_negative(scale_intensity, "scale_intensity")
-        self.shift_intensity = _non_negative(shift_intensity, "shift_intensity")
+        self.rotate_range = non_negative(rotate_range, "rotate_range")
+        self.scale_range = non_negative(scale_range, "scale_range")
+        self.scale_intensity = non_negative(scale_intensity, "scale_intensity")
+        self.shift_intensity = non_negative(shift_intensity, "shift_intensity")
         magnitude = tuple(float(m) for m in elastic_magnitude)
         if len(magnitude) != 2 or not 0 <= magnitude[0] <= magnitude[1]:
             raise SlabError(f"elastic_magnitude: expected (low, high), 0 <= low <= high; got {elastic_magnitude!r}")
         self.elastic_magnitude = magnitude
-        self.elastic_spacing = _non_negative(elastic_spacing, "elastic_spacing")
+        self.elastic_spacing = non_negative(elastic_spacing, "elastic_spacing")
         if self.elastic_spacing < 2:
             raise SlabError(f"elastic_spacing: expected at least 2 pixels, got {elastic_spacing!r}")
         self._draw: dict = {}

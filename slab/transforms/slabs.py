@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
+from slab.core.checks import positive_int
 from slab.core.errors import SlabError
 
 PLANE_AXIS = {"xy": 2, "zx": 1, "zy": 0}
@@ -43,15 +44,6 @@ def plane_axis(plane: str) -> int:
     return PLANE_AXIS[plane]
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        if isinstance(value, (float, np.floating)) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise SlabError(f"{name}: expected a positive integer, got {value!r}")
-    if value < 1:
-        raise SlabError(f"{name}: expected a positive integer, got {value}")
-    return int(value)
 
 
 def slab_offsets(k: int = 3, stride: int = 1, mode: str = "centred") -> tuple[int, ...]:
@@ -65,8 +57,8 @@ def slab_offsets(k: int = 3, stride: int = 1, mode: str = "centred") -> tuple[in
     >>> slab_offsets(3, 2), slab_offsets(3, 2, "forward")
     ((-2, 0, 2), (0, 2, 4))
     """
-    k = _positive_int(k, "k")
-    stride = _positive_int(stride, "stride")
+    k = positive_int(k, "k")
+    stride = positive_int(stride, "stride")
     if mode in ("centred", "centered", "center", "centre"):
         first = -(k // 2)
     elif mode == "forward":
@@ -222,7 +214,7 @@ def iter_slab_batches(volume, plane: str = "xy", offsets=(-1, 0, 1), batch_size:
     shape = _check_volume(volume)
     axis = plane_axis(plane)
     offsets = check_offsets(offsets)
-    batch_size = _positive_int(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
     size = shape[axis + 1]
     if indices is None:
         stop = size if stop is None else stop
@@ -310,7 +302,7 @@ def _divisors(divisor, n: int, name: str = "divisor") -> tuple[int, ...]:
     items = list(divisor) if isinstance(divisor, (list, tuple)) else [divisor] * n
     if len(items) != n:
         raise SlabError(f"{name}: expected one number or {n}, got {divisor!r}")
-    return tuple(_positive_int(item, name) for item in items)
+    return tuple(positive_int(item, name) for item in items)
 
 
 def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", value: float = 0.0, min_size=1):
@@ -338,7 +330,7 @@ def pad_to_divisor(x, divisor, spatial_dims: int = 2, mode: str = "constant", va
     >>> y.shape, pads
     ((1, 8, 8), ((1, 2), (0, 1)))
     """
-    spatial_dims = _positive_int(spatial_dims, "spatial_dims")
+    spatial_dims = positive_int(spatial_dims, "spatial_dims")
     if x.ndim < spatial_dims:
         raise SlabError(f"x: expected at least {spatial_dims} dimensions, got shape {tuple(x.shape)}")
     if mode not in PAD_MODES:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slab.core.checks import positive_int
 from slab.core.errors import SlabError
 from slab.transforms.intensity import PercentileNormalize, ZScoreNormalize, make_normalize
 from slab.transforms.slabs import PLANE_AXIS, check_offsets, plane_axis, slab_indices
@@ -57,10 +58,6 @@ def _numpy(volume) -> np.ndarray:
     return np.asarray(volume)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise SlabError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
 
 
 def _crop_window(size: int, patch: int, centre: int | None, rng: np.random.Generator) -> tuple[int, int]:
@@ -115,12 +112,12 @@ class SlabDataset(torch.utils.data.Dataset):
         for plane in planes:
             plane_axis(plane)
         self.planes = tuple(planes)
-        self.samples_per_epoch = _positive_int(samples_per_epoch, "samples_per_epoch")
+        self.samples_per_epoch = positive_int(samples_per_epoch, "samples_per_epoch")
         if isinstance(positive_fraction, bool) or not 0 <= float(positive_fraction) <= 1:
             raise SlabError(f"positive_fraction: expected a number in [0, 1], got {positive_fraction!r}")
         self.positive_fraction = float(positive_fraction)
         if patch_size is not None:
-            patch_size = tuple(_positive_int(p, "patch_size") for p in patch_size)
+            patch_size = tuple(positive_int(p, "patch_size") for p in patch_size)
             if len(patch_size) != 2:
                 raise SlabError(f"patch_size: expected (H, W), got {patch_size}")
         self.patch_size = patch_size

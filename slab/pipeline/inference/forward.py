@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 from monai.data import MetaTensor
@@ -48,10 +47,6 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
-def check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise SlabError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
 
 
 def fits_on(device: torch.device, nbytes: int) -> bool:

@@ -53,12 +53,11 @@ from slab.pipeline.inference.forward import (
     check_choice,
     check_finite,
     check_planes,
-    check_positive,
     fits_on,
     volume_meta,
 )
 from slab.pipeline.inference.ondisk import DiskSink, fortran_empty
-from slab.core.checks import PLANES, TTA_MODES
+from slab.core.checks import PLANES, TTA_MODES, positive_int
 from slab.core.errors import SlabError
 from slab.core.outputs import atomic_write
 from slab.io.volumes import LazyVolume
@@ -242,14 +241,14 @@ def predict_2p5d(model: nn.Module, volume, *, planes=PLANES, offsets=(-1, 0, 1),
     offsets = check_offsets(offsets)
     check_choice("tta", tta, TTA_MODES)
     check_choice("out_dtype", out_dtype, OUT_DTYPES)
-    batch_size = check_positive("batch_size", batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     if len(volume.shape) != 4:
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
     preprocess = preprocess or as_float
     source = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
     forward = Forward(model, device, amp, compile, activation)
-    divisor = 1 if divisor is None else check_positive("divisor", divisor)
-    min_size = (1 if divisor == 1 else 2 * divisor) if min_size is None else check_positive("min_size", min_size)
+    divisor = 1 if divisor is None else positive_int(divisor, "divisor")
+    min_size = (1 if divisor == 1 else 2 * divisor) if min_size is None else positive_int(min_size, "min_size")
     size = (divisor, min_size)
     views = _views(tta)
     offset_sets = (offsets,) if tta == "none" else (offsets, tuple(-o for o in offsets))

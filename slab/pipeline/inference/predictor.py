@@ -12,11 +12,11 @@ import torch
 
 from slab.networks import build_network, load_weights, network_divisor, network_min_size
 from slab.core.device import amp_dtype, resolve_device
-from slab.pipeline.inference.forward import ACTIVATIONS, as_float, check_choice, check_planes, check_positive
+from slab.pipeline.inference.forward import ACTIVATIONS, as_float, check_choice, check_planes
 from slab.pipeline.inference.multiplane import predict_2p5d
 from slab.pipeline.inference.window import predict_3d
 from slab.pipeline.paths import bundle_dir
-from slab.core.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, read_json_object
+from slab.core.checks import MODES, PLANES, TTA_MODES, TTA_MODES_3D, positive_int, read_json_object
 from slab.core.errors import SlabError
 from slab.pipeline.model.spec import InferenceSpec, check_probability_thresholds
 from slab.transforms.intensity import make_normalize
@@ -135,12 +135,12 @@ class Predictor:
         amp_dtype(self.device, amp)  # an unknown precision, or one the device lacks, fails here
         self.amp, self.memory_budget, self.overlap, self.progress = amp, memory_budget, float(overlap), progress
         self.compile = bool(compile)
-        self.batch_size = check_positive("batch_size", batch_size)
+        self.batch_size = positive_int(batch_size, "batch_size")
         if (not isinstance(scales, (list, tuple)) or not scales
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.25 <= v <= 4 for v in scales)):
             raise SlabError(f"scales: expected resampling factors in [0.25, 4], e.g. [1, 1.5], got {scales!r}")
         self.scales = tuple(float(v) for v in scales)
-        self.sw_batch_size = check_positive("sw_batch_size", sw_batch_size)
+        self.sw_batch_size = positive_int(sw_batch_size, "sw_batch_size")
 
     @staticmethod
     def bundle_section(directory) -> dict:

@@ -16,7 +16,8 @@ from monai.data import MetaTensor
 
 from slab.pipeline.data.sequences import volume_sequences
 from slab.core.device import amp_dtype, autocast, resolve_device
-from slab.pipeline.inference.forward import as_float, check_finite, check_positive
+from slab.pipeline.inference.forward import as_float, check_finite
+from slab.core.checks import positive_int
 from slab.core.errors import SlabError
 from slab.transforms.slabs import check_offsets
 
@@ -40,7 +41,7 @@ def score_sequences(model: nn.Module, sequences: Sequence[torch.Tensor], *, batc
         The sigmoid of the sequence head, ``(S, L)``, and of the slice head, ``(S, N)`` (one
         output channel) or ``(S, N, L)``, for the ``S`` sequences in order.
     """
-    batch_size = check_positive("batch_size", batch_size)
+    batch_size = positive_int(batch_size, "batch_size")
     device = resolve_device(device)
     model = model.to(device).eval()
     dtype = amp_dtype(device, amp)
@@ -90,7 +91,7 @@ def predict_sequences(model: nn.Module, volume, label=None, *, n_slabs: int = 15
     """
     if len(volume.shape) != 4:
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
-    n_slabs = check_positive("n_slabs", n_slabs)
+    n_slabs = positive_int(n_slabs, "n_slabs")
     if len(size) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in size):
         raise SlabError(f"size: expected two positive integers (H, W), got {size!r}")
     name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")

@@ -15,9 +15,9 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from tqdm.auto import tqdm
 
-from slab.pipeline.inference.forward import (Forward, activate, as_float, check_choice, check_finite, check_positive,
+from slab.pipeline.inference.forward import (Forward, activate, as_float, check_choice, check_finite,
                                              fits_on, volume_meta)
-from slab.core.checks import TTA_MODES_3D
+from slab.core.checks import TTA_MODES_3D, positive_int
 from slab.core.errors import SlabError
 from slab.io.volumes import LazyVolume
 
@@ -73,7 +73,7 @@ def predict_3d(model: nn.Module, volume, *, roi_size, overlap: float = 0.5, mode
         raise SlabError(f"roi_size: expected three positive integers, got {roi_size!r}")
     if not 0 <= overlap < 1:
         raise SlabError(f"overlap: expected a fraction in [0, 1), got {overlap!r}")
-    sw_batch_size = check_positive("sw_batch_size", sw_batch_size)
+    sw_batch_size = positive_int(sw_batch_size, "sw_batch_size")
     if len(volume.shape) != 4:
         raise SlabError(f"volume: expected shape (C, X, Y, Z), got {tuple(volume.shape)}")
     if out_path is not None:
@@ -112,7 +112,7 @@ def _predict_3d_to_store(model, volume, roi, overlap, mode, tta, sw_batch_size, 
     if not str(out_path).lower().endswith(".zarr"):
         raise SlabError(f"out_path: out-of-core 3D prediction writes a .zarr store, got {out_path}")
     if memory_budget is not None:
-        memory_budget = check_positive("memory_budget", memory_budget)
+        memory_budget = positive_int(memory_budget, "memory_budget")
     preprocess = preprocess or as_float
     name = str(getattr(volume, "meta", {}).get("filename_or_obj") or "volume")
     forward = Forward(model, device, amp, compile, activation)

@@ -6,13 +6,11 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
-from slab.core.checks import PLANES, THRESHOLD_LEVELS, read_json_object
+from slab.core.checks import PLANES, THRESHOLD_LEVELS, TTA_MODES, is_int, is_number, read_json_object
 from slab.core.errors import SlabError
 
 
@@ -22,7 +20,6 @@ TASKS = ("segmentation_2p5d", "segmentation_3d", "classification")
 LOSSES = ("dice_bce", "dice_ce")
 
 
-TTAS = ("none", "flips", "full")
 
 
 SEG_METRICS = ("surface_dice_0", "surface_dice_tol", "dice", "cldice")
@@ -49,12 +46,8 @@ def config_error(name: str, expected: str, value: Any) -> SlabError:
     return SlabError(f"config {name}: expected {expected}, got {value!r}")
 
 
-def is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int(lo: int | None = None, hi: int | None = None, optional: bool = False):
@@ -200,7 +193,7 @@ SCHEMA: dict[str, Any] = {
     "val": {
         "planes": _s(None, _list(_choice(PLANES), unique=True, optional=True, what="planes"),
                      "2.5D inference planes; null: the training planes"),
-        "tta": _s("none", _choice(TTAS), "test-time augmentation: none | flips | full"),
+        "tta": _s("none", _choice(TTA_MODES), "test-time augmentation: none | flips | full"),
         "tolerance_mm": _s(1.0, float_check(0), "tolerance of surface_dice_tol, in mm"),
         "metric": _s("surface_dice_0", _choice(SEG_METRICS + CLS_METRICS + ("val_loss",)),
                      "best-checkpoint metric: surface_dice_0 | surface_dice_tol | dice | cldice (segmentation), "
