@@ -25,3 +25,13 @@ torch.set_num_threads(1)
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items):
+    """The whole-package checks first (the documented commands, the bundles, the bad-input corpus:
+    the longest tests), the rooms after: two workers then finish together instead of one waiting
+    on the other's last long test."""
+    items.sort(key=lambda item: item.path.parent != TESTS)

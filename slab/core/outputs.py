@@ -154,7 +154,7 @@ _WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQ
                  errno.EEXIST, errno.EFBIG, errno.ENAMETOOLONG, errno.ENOENT}
 
 
-def _os_error(target: Path, err: OSError) -> SlabError:
+def os_error(target: Path, err: OSError) -> SlabError:
     reason = os.strerror(err.errno) if err.errno else str(err)
     if err.errno == errno.ENOSPC:
         reason = "no space left on the device"
@@ -171,14 +171,14 @@ def writing(target) -> Iterator[None]:
     except OSError as err:
         if err.errno not in _WRITE_ERRORS:
             raise
-        raise _os_error(Path(target), err) from None
+        raise os_error(Path(target), err) from None
     except RuntimeError as err:  # torch's writer wraps the OSError of its write
         cause = err.__cause__ or err.__context__
         while cause is not None and not (isinstance(cause, OSError) and cause.errno in _WRITE_ERRORS):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        raise _os_error(Path(target), cause) from None
+        raise os_error(Path(target), cause) from None
 
 
 @contextmanager
@@ -190,7 +190,7 @@ def temp_dir(kind: str, where=None) -> Iterator[Path]:
     try:
         path = Path(tempfile.mkdtemp(prefix=f"slab-{kind}-{os.getpid()}-", dir=folder))
     except OSError as err:
-        raise _os_error(folder, err) from None
+        raise os_error(folder, err) from None
     try:
         yield path
     finally:
@@ -220,7 +220,7 @@ def atomic_write(path) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.slab-{os.getpid()}-", suffix=".tmp",
                                         dir=target.parent))
     except OSError as err:
-        raise _os_error(target, err) from None
+        raise os_error(target, err) from None
     try:
         yield staging / target.name
         for written in sorted(staging.iterdir(), key=lambda p: p.name == target.name):
@@ -234,7 +234,7 @@ def atomic_write(path) -> Iterator[Path]:
     except OSError as err:
         if err.errno not in _WRITE_ERRORS:
             raise
-        raise _os_error(target, err) from None
+        raise os_error(target, err) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -245,13 +245,13 @@ def reserve(path, nbytes: int) -> None:
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as err:
-        raise _os_error(Path(path), err) from None
+        raise os_error(Path(path), err) from None
     try:
         if hasattr(os, "posix_fallocate") and nbytes > 0:
             os.posix_fallocate(fd, 0, int(nbytes))
     except OSError as err:
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise _os_error(Path(path), err) from None
+            raise os_error(Path(path), err) from None
     finally:
         os.close(fd)
 

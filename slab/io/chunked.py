@@ -44,13 +44,13 @@ _REFUSED_CODECS = {"pickle"}  # numcodecs.Pickle unpickles chunk bytes: code fro
 # Geometry helpers
 
 
-def _diag_affine(spacing_xyz, origin_xyz) -> np.ndarray:
+def diag_affine(spacing_xyz, origin_xyz) -> np.ndarray:
     affine = np.diag([*map(float, spacing_xyz), 1.0])
     affine[:3, 3] = [float(o) for o in origin_xyz]
     return affine
 
 
-def _slab_affine(attrs: dict, source) -> np.ndarray | None:
+def stored_affine(attrs: dict, source) -> np.ndarray | None:
     """slab's own level-0 matrix from a container's attributes, when it is a finite 4x4."""
     entry = attrs.get("slab") if isinstance(attrs, dict) else None
     affine = entry.get("affine") if isinstance(entry, dict) else None
@@ -65,7 +65,7 @@ def _slab_affine(attrs: dict, source) -> np.ndarray | None:
     return affine
 
 
-def _restore(own: np.ndarray, level0: np.ndarray, level: np.ndarray | None = None, origin: bool = True) -> np.ndarray:
+def restore_affine(own: np.ndarray, level0: np.ndarray, level: np.ndarray | None = None, origin: bool = True) -> np.ndarray:
     """slab's matrix ``own`` (written for level 0, whose container geometry is ``level0``) where it
     agrees with the container (same voxel size, and same ``origin`` where the container has
     one), carried to a ``level`` of its own container geometry; else the container's."""
@@ -77,7 +77,7 @@ def _restore(own: np.ndarray, level0: np.ndarray, level: np.ndarray | None = Non
     return own @ np.linalg.inv(level0) @ level if agrees else level
 
 
-def _unit_mm(unit, source) -> float:
+def unit_mm(unit, source) -> float:
     key = unit.strip() if isinstance(unit, str) else unit
     if key not in UNITS_MM and isinstance(key, str):
         key = key.lower()
@@ -158,7 +158,7 @@ def _forward(item: slice, n: int) -> tuple[slice, slice]:
     return slice(lo, picked[0] + 1), slice(None, None, picked.step)
 
 
-def _default_axes(ndim: int, source) -> str:
+def default_axes(ndim: int, source) -> str:
     if ndim == 3:
         return "zyx"
     if ndim == 4:
@@ -178,7 +178,7 @@ def is_zarr(path: Path, metadata: bool = False) -> bool:
         (path / name).is_file() for name in (".zarray", ".zgroup", "zarr.json")))
 
 
-def _node(path: Path, source) -> tuple[str, dict, dict]:
+def zarr_node(path: Path, source) -> tuple[str, dict, dict]:
     """``(kind, metadata, attributes)`` of a zarr node: kind ``"array"``, ``"group"`` or ``""``."""
     if (path / "zarr.json").is_file():
         meta = read_json_object(path / "zarr.json", "zarr metadata")
@@ -255,12 +255,12 @@ def _ome_geometry(multiscale: dict, dataset: dict, source) -> tuple[str, np.ndar
     scale, translation = _ome_transform(dataset.get("coordinateTransformations"), len(names), source)
     outer_scale, outer_translation = _ome_transform(multiscale.get("coordinateTransformations"), len(names), source)
     scale, translation = scale * outer_scale, translation * outer_scale + outer_translation
-    mm = {a: _unit_mm(units.get(a), source) for a in "zyx" if a in names}
+    mm = {a: unit_mm(units.get(a), source) for a in "zyx" if a in names}
     if len(mm) != 3:
         raise SlabError(f"{source}: OME-Zarr axes {names}; expected z, y and x")
     spacing = [scale[names.index(a)] * mm[a] for a in "xyz"]
     origin = [translation[names.index(a)] * mm[a] for a in "xyz"]
-    return "".join(names), _diag_affine(spacing, origin)
+    return "".join(names), diag_affine(spacing, origin)
 
 
 def _open_zarr_array(path: Path, source):
@@ -310,7 +310,7 @@ def _check_chunk_files(path: Path, array, source) -> None:
 
 
 def _arrays_in(path: Path, source) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and _node(p, source)[0] == "array")
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and zarr_node(p, source)[0] == "array")
 
 
 def open_zarr(path, spacing=None) -> ArrayVolume:
@@ -318,11 +318,11 @@ def open_zarr(path, spacing=None) -> ArrayVolume:
     own path, ``image.zarr/2``, reads that level) as a lazy volume."""
     path = Path(path)
     source = str(path)
-    kind, meta, attrs = _node(path, source)
+    kind, meta, attrs = zarr_node(path, source)
     if kind == "group":
         multiscales = _multiscales(attrs)
         if multiscales is None and (path / "0").is_dir():  # bioformats2raw: series 0 in 0/
-            inner_kind, _, inner_attrs = _node(path / "0", source)
+            inner_kind, _, inner_attrs = zarr_node(path / "0", source)
             inner = _multiscales(inner_attrs) if inner_kind == "group" else None
             if inner is not None:
                 path, attrs, multiscales = path / "0", inner_attrs, inner
@@ -340,7 +340,7 @@ def open_zarr(path, spacing=None) -> ArrayVolume:
     if kind != "array":
         raise SlabError(f"{source}: not a zarr array or group (no .zarray, .zgroup or zarr.json)")
     parent = path.parent
-    parent_kind, _, parent_attrs = _node(parent, source)
+    parent_kind, _, parent_attrs = zarr_node(parent, source)
     multiscales = _multiscales(parent_attrs) if parent_kind == "group" else None
     for multiscale in multiscales or []:
         for dataset in (multiscale.get("datasets") or []) if isinstance(multiscale, dict) else []:
@@ -348,8 +348,8 @@ def open_zarr(path, spacing=None) -> ArrayVolume:
                 return _open_level(parent, parent_attrs, multiscale, dataset, source, spacing)
     _check_codecs(path, meta)
     array = _open_zarr_array(path, source)
-    axes = _default_axes(array.ndim, source)
-    own = _slab_affine(attrs, source)
+    axes = default_axes(array.ndim, source)
+    own = stored_affine(attrs, source)
     return ArrayVolume(array, axes, own if own is not None else np.eye(4), source, spacing)
 
 
@@ -358,7 +358,7 @@ def _open_level(group: Path, attrs: dict, multiscale: dict, dataset: dict, sourc
     if not isinstance(name, str) or not (group / name).is_dir() \
             or not (group / name).resolve().is_relative_to(group.resolve()) or (group / name).resolve() == group.resolve():
         raise SlabError(f"{source}: OME-Zarr dataset path {name!r} is not in the store")
-    kind, meta, _ = _node(group / name, source)
+    kind, meta, _ = zarr_node(group / name, source)
     if kind != "array":
         raise SlabError(f"{group / name}: not a zarr array")
     _check_codecs(group / name, meta)
@@ -366,10 +366,10 @@ def _open_level(group: Path, attrs: dict, multiscale: dict, dataset: dict, sourc
     array = _open_zarr_array(group / name, source)
     if array.ndim != len(axes):
         raise SlabError(f"{source}: a {array.ndim}D array where its OME-Zarr axes are {axes!r}")
-    own = _slab_affine(attrs, source)
+    own = stored_affine(attrs, source)
     if own is not None:
         first = multiscale["datasets"][0]
-        level = _restore(own, _ome_geometry(multiscale, first, source)[1], level)
+        level = restore_affine(own, _ome_geometry(multiscale, first, source)[1], level)
     return ArrayVolume(array, axes, level, source, spacing)
 
 
@@ -378,7 +378,7 @@ def warn_orientation(affine: np.ndarray, path) -> None:
     import warnings
 
     affine = np.asarray(affine, dtype=np.float64)
-    if not np.allclose(affine, _diag_affine(spacing_of(affine), (0, 0, 0)), atol=1e-6):
+    if not np.allclose(affine, diag_affine(spacing_of(affine), (0, 0, 0)), atol=1e-6):
         warnings.warn(SlabWarning(f"{path}: TIFF stores only the voxel size; the volume's orientation and origin are "
                                   "not kept (write .nii.gz, .nrrd or .zarr to keep them)"), stacklevel=3)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slab.io.chunked import OME_VERSION, ArrayVolume, _node
+from slab.io.chunked import OME_VERSION, ArrayVolume, zarr_node
 from slab.core.errors import SlabError
 from slab.io.formats import one_line, spacing_of
 
@@ -30,7 +30,7 @@ def _tiles(volume, zstep: int, ystep: int) -> Iterator[tuple[int, int, np.ndarra
             yield z0, y0, block.transpose(0, 3, 2, 1)
 
 
-def _steps(volume, chunks, block_bytes: int) -> tuple[int, int]:
+def block_steps(volume, chunks, block_bytes: int) -> tuple[int, int]:
     """Whole chunks of z and y (``chunks``: one size, or ``(z, y)``) per block, as many y chunks as
     ``block_bytes`` allow (at least one)."""
     cz, cy = chunks if isinstance(chunks, (tuple, list)) else (chunks, chunks)
@@ -41,7 +41,7 @@ def _steps(volume, chunks, block_bytes: int) -> tuple[int, int]:
     return zstep, min(ystep, height)
 
 
-def _copy(source, target, channels: int, zstep: int, ystep: int, labels: bool | None) -> None:
+def copy_blocks(source, target, channels: int, zstep: int, ystep: int, labels: bool | None) -> None:
     """``source`` (C, X, Y, Z) into ``target`` ((C,) Z, Y, X), tile by tile; with ``labels`` not
     None, halved (:func:`_downsample`) on the way. Tiles start at even offsets, so a halved
     tile is exactly that part of the halved volume."""
@@ -126,7 +126,7 @@ def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, 
     compressor = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if volume.dtype.itemsize == 1
                        else Blosc.SHUFFLE)
     zyx = tuple(int(c) for c in (chunks if isinstance(chunks, (tuple, list)) else (chunks,) * 3))
-    zstep, ystep = _steps(volume, zyx[:2], block_bytes)
+    zstep, ystep = block_steps(volume, zyx[:2], block_bytes)
     with atomic_write(path) as tmp:
         try:
             group = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
@@ -137,7 +137,7 @@ def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, 
                     name=str(i), shape=level_shape if channels > 1 else level_shape[1:], dtype=volume.dtype,
                     chunks=level_chunks, compressors=compressor, fill_value=0,
                     chunk_key_encoding={"name": "v2", "separator": "/"})
-                _copy(source, array, channels, zstep, ystep, labels if i else None)
+                copy_blocks(source, array, channels, zstep, ystep, labels if i else None)
                 source = ArrayVolume(array, "czyx" if channels > 1 else "zyx", np.eye(4), str(path))
             group.attrs.update(attrs)
         except (SlabError, OSError):
@@ -149,7 +149,7 @@ def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, 
 def read_notes(path) -> dict:
     """The ``slab`` attribute of a zarr store written by :func:`write_zarr` ({} when there is none)."""
     try:
-        kind, _, attrs = _node(Path(path), str(path))
+        kind, _, attrs = zarr_node(Path(path), str(path))
     except SlabError:
         return {}
     notes = attrs.get("slab") if kind == "group" else None
@@ -176,7 +176,7 @@ def write_hdf5(volume, affine: np.ndarray, path: Path, dataset: str = "volume", 
                                          (1,) + tuple(min(chunks, n) for n in shape[1:]))
             data.attrs["element_size_um"] = (spacing[::-1] * 1e3).astype(np.float64)
             data.attrs["slab_affine"] = affine
-            _copy(volume, data, channels, *_steps(volume, chunks, block_bytes), None)
+            copy_blocks(volume, data, channels, *block_steps(volume, chunks, block_bytes), None)
 
 
 def write_tiff(volume, affine: np.ndarray, path: Path) -> None:

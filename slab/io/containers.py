@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slab.io.chunked import ArrayVolume, _default_axes, _diag_affine, _restore, _slab_affine, _unit_mm
+from slab.io.chunked import ArrayVolume, default_axes, diag_affine, restore_affine, stored_affine, unit_mm
 from slab.core.errors import SlabError
 from slab.io.formats import HDF5_SUFFIXES, TIFF_SUFFIXES, one_line, suffix_of
 from slab.io.headers import tiff_header
@@ -56,7 +56,7 @@ def open_hdf5(path, spacing=None) -> ArrayVolume:
             raise SlabError(f"{source}: no dataset {name!r} in {file}")
         if node.dtype.kind not in "biuf":
             raise SlabError(f"{source}: a dataset of {node.dtype}; expected numbers")
-        axes = _default_axes(node.ndim, source)
+        axes = default_axes(node.ndim, source)
         attrs = dict(node.attrs)
         size = attrs.get("element_size_um")
         affine = np.eye(4)
@@ -68,11 +68,11 @@ def open_hdf5(path, spacing=None) -> ArrayVolume:
                     from None
             if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
                 raise SlabError(f"{source}: element_size_um {size.tolist()}; expected three positive sizes (z y x)")
-            affine = _diag_affine(size[::-1] * 1e-3, (0, 0, 0))
+            affine = diag_affine(size[::-1] * 1e-3, (0, 0, 0))
         own = attrs.get("slab_affine")
         if own is not None:
-            own = _slab_affine({"slab": {"affine": np.asarray(own).tolist()}}, source)
-            affine = _restore(own, affine, origin=False) if size is not None else own
+            own = stored_affine({"slab": {"affine": np.asarray(own).tolist()}}, source)
+            affine = restore_affine(own, affine, origin=False) if size is not None else own
         return ArrayVolume(node, axes, affine, source, spacing, closer=handle.close)
     except BaseException:
         handle.close()
@@ -95,7 +95,7 @@ def _ome_tiff_geometry(xml: str, source) -> tuple[list[float], list[float]] | No
     for axis in "XYZ":
         value = pixels.get(f"PhysicalSize{axis}")
         spacing.append(_positive_size(value, f"OME PhysicalSize{axis}", source)
-                       * _unit_mm(pixels.get(f"PhysicalSize{axis}Unit", "micrometer"), source) if value else 1.0)
+                       * unit_mm(pixels.get(f"PhysicalSize{axis}Unit", "micrometer"), source) if value else 1.0)
     return spacing, [0.0, 0.0, 0.0]
 
 
@@ -114,7 +114,7 @@ def _positive_size(value, what: str, source) -> float:
 def _imagej_geometry(tif, meta: dict, source) -> tuple[list[float], list[float]]:
     page = tif.pages[0]
     unit = meta.get("unit")
-    mm = _unit_mm(unit.replace("\\u00B5", "µ") if isinstance(unit, str) else unit, source)
+    mm = unit_mm(unit.replace("\\u00B5", "µ") if isinstance(unit, str) else unit, source)
     spacing = []
     for tag in ("XResolution", "YResolution"):
         value = page.tags.get(tag)
@@ -183,7 +183,7 @@ def open_tiff(path, spacing=None) -> ArrayVolume:
             geometry = _ome_tiff_geometry(tif.ome_metadata, source)
         elif tif.is_imagej and tif.imagej_metadata is not None:
             geometry = _imagej_geometry(tif, tif.imagej_metadata, source)
-        affine = _diag_affine(*geometry) if geometry else np.eye(4)
+        affine = diag_affine(*geometry) if geometry else np.eye(4)
         try:
             store = series.aszarr()
             array = zarr.open_array(store=store, mode="r")

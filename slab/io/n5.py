@@ -233,7 +233,7 @@ class N5Array:
 
 def _geometry(attrs: dict, ndim: int, source) -> np.ndarray:
     """The voxel-to-world matrix from the dataset's resolution and offset (x, y, z, in mm)."""
-    from slab.io.chunked import _diag_affine, _unit_mm
+    from slab.io.chunked import diag_affine, unit_mm
 
     spacing, offset, units = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [None] * 3
     resolution = attrs.get("pixelResolution")
@@ -249,19 +249,19 @@ def _geometry(attrs: dict, ndim: int, source) -> np.ndarray:
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
                            for v in resolution[:3])):
             raise SlabError(f"{source}: N5 resolution {resolution!r}; expected three positive sizes (x y z)")
-        spacing = [float(v) * _unit_mm(u, source) for v, u in zip(resolution[:3], units)]
+        spacing = [float(v) * unit_mm(u, source) for v, u in zip(resolution[:3], units)]
     given = attrs.get("offset")
     if given is not None:
         if not isinstance(given, list) or len(given) < 3 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in given[:3]):
             raise SlabError(f"{source}: N5 offset {given!r}; expected three numbers (x y z)")
-        offset = [float(v) * _unit_mm(u, source) for v, u in zip(given[:3], units)]
-    return _diag_affine(spacing, offset)
+        offset = [float(v) * unit_mm(u, source) for v, u in zip(given[:3], units)]
+    return diag_affine(spacing, offset)
 
 
 def open_n5(path, spacing=None):
     """An N5 dataset as a lazy volume (:class:`slab.io.chunked.ArrayVolume`)."""
-    from slab.io.chunked import ArrayVolume, _default_axes, _restore, _slab_affine
+    from slab.io.chunked import ArrayVolume, default_axes, restore_affine, stored_affine
 
     root, inner = split_n5(path)
     source = str(path)
@@ -281,16 +281,16 @@ def open_n5(path, spacing=None):
         attrs = _attributes(folder, source)
     array = N5Array(folder, attrs, source)
     affine = _geometry(attrs, array.ndim, source)
-    own = _slab_affine(attrs, source)
+    own = stored_affine(attrs, source)
     if own is not None:
-        affine = _restore(own, affine)
-    return ArrayVolume(array, _default_axes(array.ndim, source), affine, source, spacing)
+        affine = restore_affine(own, affine)
+    return ArrayVolume(array, default_axes(array.ndim, source), affine, source, spacing)
 
 
 def write_n5(volume, affine: np.ndarray, path: Path, chunks: int = 64, block_bytes: int = 256 << 20) -> None:
     """An N5 container holding one gzip dataset at its root (``(C, X, Y, Z)`` as dimensions x, y,
     z[, c]) with ``pixelResolution`` and ``offset`` in mm and slab's matrix, written block by block."""
-    from slab.io.chunked_writers import _copy, _steps
+    from slab.io.chunked_writers import copy_blocks, block_steps
     from slab.core.outputs import atomic_write
 
     affine = np.asarray(affine, dtype=np.float64)
@@ -309,7 +309,7 @@ def write_n5(volume, affine: np.ndarray, path: Path, chunks: int = 64, block_byt
         tmp.mkdir()
         (tmp / "attributes.json").write_text(json.dumps(attrs), encoding="utf-8")
         target = N5Array(tmp, attrs, path)
-        _copy(volume, target, channels, *_steps(volume, chunks, block_bytes), None)
+        copy_blocks(volume, target, channels, *block_steps(volume, chunks, block_bytes), None)
 
 
 __all__ = ["N5Array", "N5_SUFFIXES", "is_n5", "is_n5_container", "open_n5", "split_n5", "write_n5"]

@@ -21,8 +21,8 @@ import numpy as np
 from slab.core.checks import cc3d_connectivity
 from slab.core.errors import SlabError
 from slab.io.lazy import LazyVolume
-from slab.transforms.post import (_check_connectivity, _check_values, _hysteresis_pairs, _per_channel, argmax_masks,
-                                  greater_than)
+from slab.transforms.post import (ArgmaxPostprocess, HysteresisFill, PerLabelPostprocess, Threshold, argmax_masks,
+                                  greater_than, make_postprocess, per_channel)
 
 # bytes per voxel of one slab: probabilities (up to float32), two masks, labels and cc3d's own
 _BYTES_PER_VOXEL = 4 + 2 + 8 + 8
@@ -69,18 +69,21 @@ class BlockwisePostprocess:
     Parameters
     ----------
     probs : the probabilities (e.g. a LazyVolume over a zarr store).
-    options : :func:`slab.transforms.post.postprocess` arguments: ``threshold`` (one value or one
+    chain : the post-processing chain of :func:`~slab.transforms.post.make_postprocess` (what a
+        predictor's ``postprocess`` is), or its settings, parsed by it: ``threshold`` (one value or one
         per channel), ``hysteresis`` (a pair or one per channel), or ``argmax`` (exclusive
         classes, :func:`~slab.transforms.post.argmax_masks`), ``min_size``,
         ``connectivity``; ``keep_largest`` and ``fill_holes`` are refused.
     memory_budget : bytes for one slab's working arrays.
     """
 
-    def __init__(self, probs, options: Mapping, memory_budget: int = 1 << 30):
+    def __init__(self, probs, chain, memory_budget: int = 1 << 30):
         self.probs, self.shape = probs, tuple(int(s) for s in probs.shape)
         labels = self.shape[0]
-        self.argmax = bool(dict(options or {}).get("argmax"))
-        self.low, self.high, self.min_size, self.connectivity = self.settings(options, labels)
+        if chain is None or isinstance(chain, Mapping):  # settings: parsed by the one parser
+            chain = make_postprocess(chain)
+        self.argmax = isinstance(chain, ArgmaxPostprocess)
+        self.low, self.high, self.min_size, self.connectivity = self.settings(chain, labels)
         plane = self.shape[1] * self.shape[2]
         self.depth = max(1, min(self.shape[3], int(memory_budget) // max(1, plane * _BYTES_PER_VOXEL)))
         self.components = [self.high[c] is not None or self.min_size[c] > 0 for c in range(labels)]
@@ -89,38 +92,39 @@ class BlockwisePostprocess:
         self.offsets = [offsets for _, offsets in selected]
 
     @staticmethod
-    def settings(options: Mapping | None, labels: int) -> tuple[list, list, list, list]:
-        """``(low, high or None, min_size, connectivity)`` per label channel from post-processing
-        ``options`` (shared, or ``{"labels": [...]}`` per label); SlabError for steps that need
+    def settings(chain, labels: int) -> tuple[list, list, list, list]:
+        """``(low, high or None, min_size, connectivity)`` per label channel of the post-processing
+        ``chain`` (:func:`~slab.transforms.post.make_postprocess`'s: its settings are parsed once,
+        there, for the in-memory and the out-of-core chains alike); SlabError for steps that need
         the whole mask. Called before a prediction starts, so that a refusal costs nothing."""
-        options = dict(options or {})
-        if options.pop("argmax", False):  # exclusive classes: the argmax binarises, slab by slab
-            options = {"labels": [{**o, "threshold": 0.5} for o in options["labels"]]} if "labels" in options \
-                else {**options, "threshold": 0.5}
-        if "labels" in options:  # per-label settings (e.g. chosen by cross-validation)
-            per_label = [{"threshold": 0.5, **o} for o in options["labels"]]
-            if len(per_label) != labels:
-                raise SlabError(f"postprocess labels: {len(per_label)} settings for {labels} label channel(s)")
-        else:
-            per_label = [{"threshold": 0.5, **options}] * labels
+        if chain is None or isinstance(chain, Mapping):  # settings: parsed by the one parser
+            chain = make_postprocess(chain)
+        argmax = isinstance(chain, ArgmaxPostprocess)
+        inner = chain.inner if argmax else chain
+        per_label = isinstance(inner, PerLabelPostprocess)
+        chains = inner.chains if per_label else [inner] * labels
+        if len(chains) != labels:
+            raise SlabError(f"postprocess labels: {len(chains)} settings for {labels} label channel(s)")
         low, high, min_size, connectivity = [], [], [], []
-        for c, o in enumerate(per_label):
-            for key in ("keep_largest", "fill_holes", "roi"):
-                if o.get(key) not in (None, False, 0):
+        for c, step in enumerate(chains):
+            for key in ("keep_largest", "fill_holes"):
+                if getattr(step, key) not in (None, False, 0):
                     raise SlabError(f"--{key.replace('_', '-')}: needs the whole mask in memory, and this volume is "
                                     "predicted out of core (drop it, or write a .nii.gz / raise --memory-budget)")
-            connectivity.append(_check_connectivity(o.get("connectivity", 26)))
-            min_size.append(int(o.get("min_size") or 0))
-            n, i = (1, 0) if "labels" in options else (labels, c)  # per-label settings hold one value each
-            if o.get("hysteresis") is not None:
-                lo, hi = _hysteresis_pairs(o["hysteresis"])
-                low.append(_per_channel("hysteresis", _check_values("low", lo), n)[i])
-                high.append(_per_channel("hysteresis", _check_values("high", hi), n)[i])
-            elif o.get("threshold") is None:
-                raise SlabError("threshold: out-of-core post-processing binarises probabilities; give a threshold")
-            else:
-                low.append(_per_channel("threshold", _check_values("threshold", o["threshold"]), n)[i])
+            connectivity.append(step.connectivity)
+            min_size.append(step.min_size)
+            n, i = (1, 0) if per_label else (labels, c)  # per-label settings hold one value each
+            if argmax:  # the argmax binarises, slab by slab
+                low.append(0.5)
                 high.append(None)
+            elif isinstance(step.binarise, HysteresisFill):
+                low.append(per_channel("hysteresis", step.binarise.low, n)[i])
+                high.append(per_channel("hysteresis", step.binarise.high, n)[i])
+            elif isinstance(step.binarise, Threshold):
+                low.append(per_channel("threshold", step.binarise.threshold, n)[i])
+                high.append(None)
+            else:
+                raise SlabError("threshold: out-of-core post-processing binarises probabilities; give a threshold")
         return low, high, min_size, connectivity
 
     def _slab(self, c: int, z0: int, z1: int):

@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from slab.core.errors import SlabError
-from slab.transforms.percentiles import (_from_counts, _is_lazy, _lazy_counts, _lazy_select, _to_numpy,
+from slab.transforms.percentiles import (percentiles_from_counts, is_lazy, lazy_counts, lazy_select, to_numpy,
                                          volume_percentiles)
 
 
@@ -123,26 +123,26 @@ class PercentileNormalize(Transform):
         if self.low is not None:  # a fixed window (dataset statistics): nothing to compute
             return _per_channel(self.low, img, name), _per_channel(self.high, img, name)
         q = np.asarray([self.lower, self.upper])
-        if mask is None and _is_lazy(img):
-            found = _lazy_counts(img, name)
+        if mask is None and is_lazy(img):
+            found = lazy_counts(img, name)
             if found is not None:
                 counts, offset, dtype = found
                 if not self.channel_wise:
                     counts = counts.sum(axis=0, keepdims=True)
-                pairs = np.asarray([_from_counts(c, offset, dtype, q, f"{name} channel {i}")
+                pairs = np.asarray([percentiles_from_counts(c, offset, dtype, q, f"{name} channel {i}")
                                     for i, c in enumerate(counts)])
                 return pairs[:, 0], pairs[:, 1]
             channels = range(int(img.shape[0])) if self.channel_wise else [None]
-            pairs = [_lazy_select(img, q, name if c is None else f"{name} channel {c}", c) for c in channels]
+            pairs = [lazy_select(img, q, name if c is None else f"{name} channel {c}", c) for c in channels]
             if pairs[0] is not None:
                 pairs = np.asarray(pairs)
                 return pairs[:, 0], pairs[:, 1]
-        array = _to_numpy(img)
+        array = to_numpy(img)
         if array.ndim < 2:
             raise SlabError(f"{name}: expected a channel-first volume (C, ...), got shape {tuple(array.shape)}")
         m = None
         if mask is not None:
-            m = _to_numpy(mask).astype(bool, copy=False)
+            m = to_numpy(mask).astype(bool, copy=False)
             if m.shape[1:] != array.shape[1:] or m.shape[0] not in (1, array.shape[0]):
                 raise SlabError(f"mask: shape {tuple(m.shape)} does not match {name} {tuple(array.shape)}")
             m = np.broadcast_to(m, array.shape)
@@ -222,12 +222,12 @@ def _moments(img, name: str) -> tuple[np.ndarray, np.ndarray]:
     total = np.zeros(channels)
     square = np.zeros(channels)
     count = 0
-    if _is_lazy(img):
+    if is_lazy(img):
         slice_bytes = max(1, int(np.prod(img.shape[:-1])) * 8)
         step = max(1, (64 << 20) // slice_bytes)
         blocks = (np.asarray(img[:, :, :, z:z + step]) for z in range(0, depth, step))
     else:
-        blocks = [_to_numpy(img)]
+        blocks = [to_numpy(img)]
     for block in blocks:
         block = block.reshape(channels, -1).astype(np.float64)
         if not np.all(np.isfinite(block)):

@@ -20,7 +20,7 @@ _CHUNK = 1 << 20  # elements per bincount call: the intp temporary stays in cach
 _MAX_HIST_RANGE = 1 << 24  # wider integer ranges are partitioned instead of counted
 
 
-def _to_numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
         return x.detach().cpu().numpy()
@@ -94,7 +94,7 @@ def _small_int_counts(flat: np.ndarray, mask: np.ndarray | None) -> tuple[np.nda
     return np.roll(counts, -offset), offset, dtype
 
 
-def _from_counts(counts: np.ndarray, offset: int, dtype: np.dtype, q1: np.ndarray, name: str) -> np.ndarray:
+def percentiles_from_counts(counts: np.ndarray, offset: int, dtype: np.dtype, q1: np.ndarray, name: str) -> np.ndarray:
     """The percentiles ``q1`` of the voxels a value-ordered histogram counts."""
     cumulative = np.cumsum(counts)
     n = int(cumulative[-1]) if cumulative.size else 0
@@ -119,11 +119,11 @@ def _integer_counts(flat: np.ndarray, mask: np.ndarray | None, name: str):
     return _histogram(values, None, low, high - low + 1), -low, flat.dtype
 
 
-def _is_lazy(x) -> bool:
+def is_lazy(x) -> bool:
     return not isinstance(x, (np.ndarray, torch.Tensor)) and hasattr(x, "load") and hasattr(x, "shape")
 
 
-def _lazy_counts(volume, name: str) -> tuple[np.ndarray, int, np.dtype] | None:
+def lazy_counts(volume, name: str) -> tuple[np.ndarray, int, np.dtype] | None:
     """Per-channel value-ordered histograms ``(C, bins)`` of a LazyVolume of <= 16-bit integers,
     read in blocks of slices (about 64 MB each) so the volume is never held whole; None for
     other dtypes."""
@@ -148,7 +148,7 @@ def _lazy_counts(volume, name: str) -> tuple[np.ndarray, int, np.dtype] | None:
     return counts, offset, out_dtype
 
 
-def _lazy_select(volume, q1: np.ndarray, name: str, channel: int | None) -> np.ndarray | None:
+def lazy_select(volume, q1: np.ndarray, name: str, channel: int | None) -> np.ndarray | None:
     """Percentiles ``q1`` of a LazyVolume of floats or wide integers (one channel, or all), by
     radix selection in blocks (:mod:`slab.transforms.radix`); None for other dtypes."""
     from slab.transforms import radix
@@ -194,31 +194,31 @@ def volume_percentiles(x, q, mask=None, *, name: str = "volume"):
     def shaped(result: np.ndarray):
         return float(result[0]) if qa.ndim == 0 else np.asarray(result, dtype=np.float64).reshape(qa.shape)
 
-    if mask is None and _is_lazy(x):
+    if mask is None and is_lazy(x):
         if name == "volume":  # a lazy volume knows its file
             name = str(getattr(x, "meta", {}).get("filename_or_obj") or name)
-        found = _lazy_counts(x, name)
+        found = lazy_counts(x, name)
         if found is not None:
             counts, offset, dtype = found
-            return shaped(_from_counts(counts.sum(axis=0), offset, dtype, q1, name))
-        selected = _lazy_select(x, q1, name, None)
+            return shaped(percentiles_from_counts(counts.sum(axis=0), offset, dtype, q1, name))
+        selected = lazy_select(x, q1, name, None)
         if selected is not None:
             return shaped(selected)
-    array = _to_numpy(x)
+    array = to_numpy(x)
     # Order does not matter to a percentile: flatten in memory order so that a volume loaded
     # x-fastest (Fortran order) is not copied; the mask is flattened the same way.
     order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
     flat = array.reshape(-1, order=order)
     m = None
     if mask is not None:
-        m = _to_numpy(mask)
+        m = to_numpy(mask)
         if m.shape != array.shape:
             raise SlabError(f"mask: shape {tuple(m.shape)} does not match {name} {tuple(array.shape)}")
         m = m.astype(bool, copy=False).reshape(-1, order=order)
     if array.dtype.kind in "biu":
         found = _integer_counts(flat, m, name)
         if found is not None:
-            return shaped(_from_counts(*found, q1, name))
+            return shaped(percentiles_from_counts(*found, q1, name))
         values = flat if m is None else flat[m]
     elif array.dtype.kind == "f":
         values = flat if m is None else flat[m]

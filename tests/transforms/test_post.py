@@ -162,7 +162,7 @@ def test_seeded_fill_matches_labelling_over_shapes_dtypes_layouts(shape, dtype, 
     out = HysteresisFill(low, high, connectivity)(p)
     assert out.dtype == np.uint8 and out.shape == p.shape
     np.testing.assert_array_equal(out, expected)
-    labelled = post._filter_components(post.greater_than(p, low), connectivity, lambda seeds: seeds > 0,
+    labelled = post.filter_components(post.greater_than(p, low), connectivity, lambda seeds: seeds > 0,
                                        count_in=post.greater_than(p, high))
     np.testing.assert_array_equal(labelled, expected)
 

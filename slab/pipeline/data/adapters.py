@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from slab.pipeline.data.nnunet import nnunet_items
-from slab.pipeline.data.staging import Staging, _natural, _require_dir, _require_file, _subdirs
+from slab.pipeline.data.staging import Staging, natural_order, require_dir, require_file, subdirs
 from slab.core.checks import DATASET_KINDS
 from slab.core.errors import SlabError, SlabWarning
 from slab.core.outputs import atomic_write
@@ -54,7 +54,7 @@ def _sennet_images(volume: Path, volumes: list[Path]) -> list[Path] | None:
     """The image slices of a label-only volume (``kidney_3_dense``: its labels are a run of
     ``kidney_3_sparse``'s slices, with the same file names), or None."""
     labels = volume / "labels"
-    names = [p.name for p in _natural(labels.iterdir()) if p.is_file()] if labels.is_dir() else []
+    names = [p.name for p in natural_order(labels.iterdir()) if p.is_file()] if labels.is_dir() else []
     if (volume / "images").is_dir() or not names:
         return None
     siblings = [v for v in volumes if v != volume and _sennet_case(v.name) == _sennet_case(volume.name)
@@ -75,8 +75,8 @@ def sennet_items(root: Path, out: Staging) -> list[dict]:
     competitors paired them: a folder of links to them is written. Volumes of one kidney
     (``kidney_1_dense``, ``kidney_1_voi``) share a case.
     """
-    train = _require_dir(root / "train", "train/<volume>/images/*.tif")
-    volumes = _subdirs(train)
+    train = require_dir(root / "train", "train/<volume>/images/*.tif")
+    volumes = subdirs(train)
     if not volumes:
         raise SlabError(f"{train}: no volume directories; expected train/<volume>/images/*.tif")
     csv_path, rles = root / "train_rles.csv", None
@@ -85,7 +85,7 @@ def sennet_items(root: Path, out: Staging) -> list[dict]:
         images, labels = volume / "images", volume / "labels"
         paired = _sennet_images(volume, volumes)
         if paired is None:
-            image = load_volume(_require_dir(images, f"the image slices of {volume.name} (images/*.tif)"), lazy=True)
+            image = load_volume(require_dir(images, f"the image slices of {volume.name} (images/*.tif)"), lazy=True)
         else:
             image = SliceFolder(paired[0].parent, paired)
             images = Path(out.link(paired, f"{volume.name}/images"))
@@ -100,7 +100,7 @@ def sennet_items(root: Path, out: Staging) -> list[dict]:
             item["label"] = str(labels)
         else:
             if rles is None:
-                rles = read_sennet_rles(_require_file(csv_path, f"train_rles.csv for the labels of {volume.name} "
+                rles = read_sennet_rles(require_file(csv_path, f"train_rles.csv for the labels of {volume.name} "
                                                                 f"({labels} is absent)"))
             if volume.name not in rles:
                 raise SlabError(f"{csv_path}: no rows for {volume.name}, whose {labels} is absent")
@@ -125,15 +125,15 @@ def uwmgi_items(root: Path, out: Staging) -> list[dict]:
     Each case-day becomes ``image.nii.gz`` with spacing ``(SX, SY, 3)`` mm and a 3-channel
     ``label.nii.gz`` (large_bowel, small_bowel, stomach) in the same geometry.
     """
-    train = _require_dir(root / "train", "train/caseN/caseN_dayM/scans/*.png")
-    csv_path = _require_file(root / "train.csv", "train.csv with columns id, class, segmentation")
+    train = require_dir(root / "train", "train/caseN/caseN_dayM/scans/*.png")
+    csv_path = require_file(root / "train.csv", "train.csv with columns id, class, segmentation")
     rles = read_uwmgi_rles(csv_path)
-    days = [day for case in _subdirs(train) for day in _subdirs(case)]
+    days = [day for case in subdirs(train) for day in subdirs(case)]
     if not days:
         raise SlabError(f"{train}: no case-day directories; expected train/caseN/caseN_dayM/scans/*.png")
     items = []
     for day in days:
-        scans = _require_dir(day / "scans", f"the slices of {day.name} (scans/slice_XXXX_W_H_SX_SY.png)")
+        scans = require_dir(day / "scans", f"the slices of {day.name} (scans/slice_XXXX_W_H_SX_SY.png)")
         numbers, size, spacing = _uwmgi_scans(scans)
         image = load_volume(scans, spacing=spacing + (UWMGI_SLICE_THICKNESS,))
         if tuple(image.shape[1:3]) != size:
@@ -157,7 +157,7 @@ def uwmgi_items(root: Path, out: Staging) -> list[dict]:
 def _uwmgi_scans(scans: Path) -> tuple[list[int], tuple[int, int], tuple[float, float]]:
     """Slice numbers (in load order), slice size ``(W, H)`` and pixel spacing from the file names."""
     numbers, geometry = [], {}
-    for path in _natural(scans.iterdir()):
+    for path in natural_order(scans.iterdir()):
         match = _UWMGI_SCAN.match(path.name)
         if match is None:
             raise SlabError(f"{path}: expected a scan named slice_XXXX_W_H_SX_SY.png")
@@ -186,7 +186,7 @@ def brats_items(root: Path, out: Staging) -> list[dict]:
     ``W39_1998.09.19_Segm.nii``) uses its one ``*Segm.nii[.gz]``; a case missing a file is
     skipped and reported, not the whole dataset.
     """
-    cases = _natural({p.parent for p in root.rglob("*.nii*") if p.parent.name.startswith("BraTS")})
+    cases = natural_order({p.parent for p in root.rglob("*.nii*") if p.parent.name.startswith("BraTS")})
     if not cases:
         raise SlabError(f"{root}: no BraTS20_Training_XXX case directories (at any depth)")
     items = []
@@ -238,7 +238,7 @@ def rsna_spine_items(root: Path, out: Staging) -> list[dict]:
     neighbour, by world coordinates) onto the DICOM grid, values kept (1..7 = C1..C7).
     """
     csv_path = root / "train.csv"
-    images = _require_dir(root / "train_images", "train_images/<StudyInstanceUID>/*.dcm")
+    images = require_dir(root / "train_images", "train_images/<StudyInstanceUID>/*.dcm")
     targets = {}
     for where, row in read_csv_rows(csv_path, ("StudyInstanceUID",) + RSNA_TARGETS):
         uid = row["StudyInstanceUID"].strip()
@@ -253,7 +253,7 @@ def rsna_spine_items(root: Path, out: Staging) -> list[dict]:
         raise SlabError(f"{csv_path}: no studies")
     segmentations = {}
     seg_dir = root / "segmentations"
-    for path in _natural(seg_dir.iterdir()) if seg_dir.is_dir() else []:
+    for path in natural_order(seg_dir.iterdir()) if seg_dir.is_dir() else []:
         uid = re.sub(r"\.nii(\.gz)?$", "", path.name)
         if uid == path.name:
             continue
@@ -351,7 +351,7 @@ def build_datalist(kind: str, root, out_dir, n_folds: int = 5, seed: int = 0) ->
     if kind not in ADAPTERS:
         raise SlabError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     root, out_dir = Path(root).resolve(), Path(out_dir).resolve()
-    _require_dir(root, f"a {kind} dataset root")
+    require_dir(root, f"a {kind} dataset root")
     adapter, labels, label_format = ADAPTERS[kind]
     created = not out_dir.exists()
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slab.pipeline.data.staging import Staging, _require_dir, _require_file
+from slab.pipeline.data.staging import Staging, require_dir, require_file
 from slab.core.errors import SlabError
 from slab.io.volumes import natural_key
 
@@ -56,7 +56,7 @@ def nnunet_items(root: Path, out: Staging) -> list[dict]:
     from slab.core.checks import read_json_object
     from slab.io.volumes import load_volume
 
-    meta = read_json_object(_require_file(root / "dataset.json", "nnU-Net's dataset.json"), "dataset.json")
+    meta = read_json_object(require_file(root / "dataset.json", "nnU-Net's dataset.json"), "dataset.json")
     channels = meta.get("channel_names", meta.get("modality"))
     ending = meta.get("file_ending", ".nii.gz")
     if not isinstance(channels, dict) or not channels or not isinstance(ending, str) or not ending.startswith("."):
@@ -70,7 +70,7 @@ def nnunet_items(root: Path, out: Staging) -> list[dict]:
             if isinstance(meta.get("labels"), dict) else None
     if not labels:
         raise SlabError(f"{root / 'dataset.json'}: expected 'labels', e.g. {{\"background\": 0, \"liver\": 1}}")
-    images, label_dir = _require_dir(root / "imagesTr", "imagesTr/"), _require_dir(root / "labelsTr", "labelsTr/")
+    images, label_dir = require_dir(root / "imagesTr", "imagesTr/"), require_dir(root / "labelsTr", "labelsTr/")
     pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
     cases: dict[str, dict[int, Path]] = {}
     for path in images.iterdir():
@@ -85,7 +85,7 @@ def nnunet_items(root: Path, out: Staging) -> list[dict]:
         if sorted(found) != list(range(len(channels))):
             raise SlabError(f"{images}: case {case} has channel files {sorted(found)}; dataset.json names "
                             f"{len(channels)} channel(s) (0000 to {len(channels) - 1:04d})")
-        label = _require_file(label_dir / f"{case}{ending}", f"the label of case {case}")
+        label = require_file(label_dir / f"{case}{ending}", f"the label of case {case}")
         if regions:
             value_map = load_volume(label)
             values = np.asarray(value_map)[0]

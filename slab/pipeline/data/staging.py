@@ -34,21 +34,21 @@ class Staging:
         self.skipped.append({"case": case, "reason": reason})
 
 
-def _natural(paths):
+def natural_order(paths):
     return sorted(paths, key=lambda p: natural_key(p.name))
 
 
-def _subdirs(directory: Path) -> list[Path]:
-    return _natural(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+def subdirs(directory: Path) -> list[Path]:
+    return natural_order(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _require_dir(path: Path, what: str) -> Path:
+def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise SlabError(f"{path}: missing; expected {what}")
     return path
 
 
-def _require_file(path: Path, what: str) -> Path:
+def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise SlabError(f"{path}: missing; expected {what}")
     return path

@@ -74,7 +74,7 @@ class Ensemble:
 
         self.checkpoints = [Path(c) for c in checkpoints]
         self.specs = [spec_of_checkpoint(c) for c in self.checkpoints]
-        self.postprocess_options = merge_postprocess(chosen, overrides.pop("postprocess", None))
+        options = merge_postprocess(chosen, overrides.pop("postprocess", None))
         self.overrides = overrides
         # The first member, built now: it checks the settings and answers the questions about inputs.
         self.first = self._member(0)
@@ -82,7 +82,7 @@ class Ensemble:
                     s.get("activation", "sigmoid")) for s in self.specs}
         if len(outputs) > 1:
             raise SlabError(f"ensemble: its members predict different labels or activations ({sorted(outputs)})")
-        self.postprocess = make_postprocess(self.postprocess_options)
+        self.postprocess = make_postprocess(options)
         self.memory_budget = self.first.memory_budget
         self.out_channels = self.first.out_channels
         self.activation = self.first.activation

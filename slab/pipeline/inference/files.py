@@ -28,8 +28,7 @@ class VolumePredictor(Protocol):
 
     out_channels: int
     memory_budget: int | None
-    postprocess: Callable
-    postprocess_options: dict
+    postprocess: Callable  # make_postprocess's chain: in memory, and read by the out-of-core chain
     label_map: dict
 
     def __call__(self, volume, out_path=None, shard=None): ...
@@ -205,7 +204,7 @@ def _predict_out_of_core(volume, target: Target, predictor: VolumePredictor, rle
         raise SlabError("--statistics: needs the volume in memory; this one is predicted out of core "
                         "(raise --memory-budget, or drop --statistics)")
     output_path, prob_path, segmentation = target.mask, target.prob, target.layout == "seg.nrrd"
-    BlockwisePostprocess.settings(predictor.postprocess_options, predictor.out_channels)  # refusals first
+    BlockwisePostprocess.settings(predictor.postprocess, predictor.out_channels)  # refusals first
     # before the input's statistics are read: a header claiming 100000^3 voxels is one line, not days
     check_work_space(output_path, (predictor.out_channels,) + tuple(int(n) for n in volume.shape[1:]),
                      predictor.work_arrays,
@@ -219,7 +218,7 @@ def _predict_out_of_core(volume, target: Target, predictor: VolumePredictor, rle
         ACTIVE.discard(work)
         return {}  # rank 0 post-processes and writes
     affine = np.asarray(volume.affine)
-    post = BlockwisePostprocess(probs, predictor.postprocess_options, predictor.memory_budget or (1 << 30))
+    post = BlockwisePostprocess(probs, predictor.postprocess, predictor.memory_budget or (1 << 30))
     values, order = predictor.label_map["values"], predictor.label_map["order"]
     fields = segment_metadata(predictor.label_names(), values) if segmentation else None
     source = str(volume.meta.get("filename_or_obj"))

@@ -125,7 +125,6 @@ class Predictor:
         if postprocess is None and self.activation == "softmax":
             postprocess = {"argmax": True}
         self.postprocess = make_postprocess(postprocess)
-        self.postprocess_options = dict(postprocess or {})  # for the out-of-core chain (slab.transforms.blockwise)
         check_probability_thresholds(postprocess or {})
         self.device = resolve_device(device)
         if not (isinstance(overlap, (int, float)) and 0 <= overlap < 1):

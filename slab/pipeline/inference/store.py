@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from slab.core.errors import SlabError, SlabWarning
-from slab.core.outputs import _os_error
+from slab.core.outputs import os_error
 
 STATE = "state.json"
 # Work folders of resumable runs in progress (what an interrupted command says it kept).
@@ -129,7 +129,7 @@ class PlaneStore:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise _os_error(self.folder, err) from None
+                raise os_error(self.folder, err) from None
         barrier(self.info)
         states = [state for state in self._read_states() if state.get("key") == key]
         ACTIVE.add(self.folder)
@@ -150,7 +150,7 @@ class PlaneStore:
                 barrier(self.info)
                 array = zarr.open_array(str(path), mode="r+")
             except OSError as err:
-                raise _os_error(path, err) from None
+                raise os_error(path, err) from None
             if tuple(array.shape) != self.shape:
                 raise SlabError(f"{path}: partial results of shape {tuple(array.shape)}, expected {self.shape}; "
                                 f"remove {self.folder}")
@@ -176,7 +176,7 @@ class PlaneStore:
             tmp.write_text(json.dumps({"key": self.key, "done": done}), encoding="utf-8")
             os.replace(tmp, self.folder / self.state_name)
         except OSError as err:
-            raise _os_error(self.folder / self.state_name, err) from None
+            raise os_error(self.folder / self.state_name, err) from None
 
     def all_done(self, blocks) -> bool:
         """Whether every ``(plane index, box)`` of ``blocks`` is recorded by some rank."""
@@ -196,7 +196,7 @@ class PlaneStore:
         try:
             self.arrays[plane_index][region] = sums.numpy()
         except OSError as err:
-            raise _os_error(self.folder, err) from None
+            raise os_error(self.folder, err) from None
         self.done[str(plane_index)].add(block_id(corner))
         self.mine[str(plane_index)].add(block_id(corner))
         self._write_state()

@@ -256,11 +256,11 @@ def choose_thresholds(cases: _Cases, combo, n_labels: int, tubular) -> list[floa
     """Per label, the level of ``LEVELS`` at the centre of the flat optimum of the mean target
     over the cases (:func:`~slab.pipeline.evaluation.metrics.choose_threshold`)."""
     from slab.pipeline.evaluation.metrics import choose_threshold
-    from slab.pipeline.planning.selection import _sweep
+    from slab.pipeline.planning.selection import sweep_label
 
     out = []
     for label in range(n_labels):
-        sweep = _sweep(lambda: cases(combo), label, cases.spacing_of, tubular[label])
+        sweep = sweep_label(lambda: cases(combo), label, cases.spacing_of, tubular[label])
         out.append(choose_threshold(LEVELS, [sweep[t] for t in LEVELS])[0])
     return out
 

@@ -97,7 +97,7 @@ def _label_score(cases, label: int, options: dict, spacing_of, tolerance, tubula
     return nan_mean(values)
 
 
-def _sweep(cases, label: int, spacing_of, tubular) -> dict[float, float]:
+def sweep_label(cases, label: int, spacing_of, tubular) -> dict[float, float]:
     """The label's mean target at every level of ``LEVELS`` (one pass per case)."""
     from slab.pipeline.evaluation.metrics import threshold_sweep
 
@@ -141,7 +141,7 @@ def choose_postprocessing(cases, n_labels: int, spacing_of, tolerance: float, tu
             log.append({"step": "argmax", "score": best, "kept": True})
             _components(score, current, best, smallest[label], log, chosen, steps, label, base)
             continue
-        sweep = _sweep(cases, label, spacing_of, tubular[label])
+        sweep = sweep_label(cases, label, spacing_of, tubular[label])
         base = sweep[0.5]
         threshold, info = choose_threshold(LEVELS, [sweep[t] for t in LEVELS])
         current, best = {"threshold": threshold}, sweep[threshold]

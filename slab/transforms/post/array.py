@@ -11,8 +11,8 @@ from scipy import ndimage as ndi
 from slab.core.checks import CONNECTIVITIES, FILL_MODES
 from slab.core.errors import SlabError
 from slab.transforms.post.functional import (_check_connectivity, _check_int, _check_no_nan, _check_number,
-                                             _check_values, _fill_holes, _filter_components, _hysteresis_pairs,
-                                             _is_sequence, _largest, _like, _numpy, _per_channel, _per_volume,
+                                             _check_values, _fill_holes, filter_components, hysteresis_pairs,
+                                             _is_sequence, _largest, _like, _numpy, per_channel, _per_volume,
                                              _volumes, argmax_masks, check_binary, greater_than, hysteresis_fill)
 from slab.io.volumes import check_same_geometry
 
@@ -51,7 +51,7 @@ class Threshold(Transform):
         volumes = _volumes(a, "Threshold")
         out = np.empty(a.shape, np.uint8)
         channels = [out] if a.ndim == 3 else list(out)
-        for v, t, dest in zip(volumes, _per_channel("threshold", self.threshold, len(volumes)), channels):
+        for v, t, dest in zip(volumes, per_channel("threshold", self.threshold, len(volumes)), channels):
             dest[...] = greater_than(v, t)
         return _like(out, x)
 
@@ -87,8 +87,8 @@ class HysteresisFill(Transform):
         a = _numpy(x)
         _check_no_nan(a, "HysteresisFill")
         volumes = _volumes(a, "HysteresisFill")
-        lows = _per_channel("hysteresis", self.low, len(volumes))
-        highs = _per_channel("hysteresis", self.high, len(volumes))
+        lows = per_channel("hysteresis", self.low, len(volumes))
+        highs = per_channel("hysteresis", self.high, len(volumes))
         results = [hysteresis_fill(v, lo, hi, self.connectivity) for v, lo, hi in zip(volumes, lows, highs)]
         return _like(results[0] if a.ndim == 3 else np.stack(results), x)
 
@@ -115,7 +115,7 @@ class RemoveSmallComponents(Transform):
         mask = check_binary(v, "RemoveSmallComponents")
         if self.min_size <= 1:
             return mask.astype(np.uint8)
-        return _filter_components(mask, self.connectivity, lambda sizes: sizes >= self.min_size)
+        return filter_components(mask, self.connectivity, lambda sizes: sizes >= self.min_size)
 
     def __call__(self, x):
         return _per_volume(x, self._remove, "RemoveSmallComponents")
@@ -139,7 +139,7 @@ class KeepLargestComponents(Transform):
 
     def _keep(self, v: np.ndarray) -> np.ndarray:
         mask = check_binary(v, "KeepLargestComponents")
-        return _filter_components(mask, self.connectivity, lambda sizes: _largest(sizes, self.k))
+        return filter_components(mask, self.connectivity, lambda sizes: _largest(sizes, self.k))
 
     def __call__(self, x):
         return _per_volume(x, self._keep, "KeepLargestComponents")
@@ -287,15 +287,18 @@ class Postprocess(Transform):
                  hysteresis: Sequence[float] | Sequence[Sequence[float]] | None = None, min_size: int = 0,
                  keep_largest: int | None = None, fill_holes: str | None = None, connectivity: int = 26):
         connectivity = _check_connectivity(connectivity)
+        # the settings parsed, kept: the out-of-core chain (slab.transforms.blockwise) reads them
+        self.connectivity, self.min_size = connectivity, _check_int("min_size", min_size, 0)
+        self.keep_largest, self.fill_holes = keep_largest, fill_holes
         if hysteresis is not None:
-            low, high = _hysteresis_pairs(hysteresis)
+            low, high = hysteresis_pairs(hysteresis)
             self.binarise = HysteresisFill(low, high, connectivity=connectivity)
         elif threshold is not None:
             self.binarise = Threshold(threshold)
         else:
             self.binarise = None  # the input must already be a mask
         self.steps = []
-        if _check_int("min_size", min_size, 0):
+        if self.min_size:
             self.steps.append(RemoveSmallComponents(min_size, connectivity))
         if keep_largest is not None:
             self.steps.append(KeepLargestComponents(keep_largest, connectivity))

@@ -53,7 +53,7 @@ def _check_values(name: str, value) -> float | tuple[float, ...]:
     return _check_number(name, value)
 
 
-def _per_channel(name: str, value, labels: int) -> list[float]:
+def per_channel(name: str, value, labels: int) -> list[float]:
     """``value`` (a number or one per channel) as one number per label channel, the length checked."""
     if not isinstance(value, tuple):
         return [value] * labels
@@ -215,11 +215,11 @@ def hysteresis_fill(v: np.ndarray, low: float, high: float, connectivity: int) -
     seeded fill where it is built and takes the dtype, else cc3d labelling (the same mask)."""
     if _compiled_fill is not None and (v.dtype.kind in "fb" or v.dtype.kind in "iu" and v.dtype.itemsize <= 4):
         return seeded_fill(v, low, high, connectivity)
-    return _filter_components(greater_than(v, low), connectivity, lambda seeds: seeds > 0,
+    return filter_components(greater_than(v, low), connectivity, lambda seeds: seeds > 0,
                               count_in=greater_than(v, high))
 
 
-def _filter_components(mask: np.ndarray, connectivity: int, keep: Callable[[np.ndarray], np.ndarray],
+def filter_components(mask: np.ndarray, connectivity: int, keep: Callable[[np.ndarray], np.ndarray],
                        count_in: np.ndarray | None = None) -> np.ndarray:
     """The connected components of ``mask`` that ``keep`` selects, as uint8.
 
@@ -305,7 +305,7 @@ def _is_sequence(value) -> bool:
     return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
 
 
-def _hysteresis_pairs(hysteresis) -> tuple:
+def hysteresis_pairs(hysteresis) -> tuple:
     """``(low, high)`` of one pair of numbers, or ``(lows, highs)`` of a sequence of pairs."""
     items = list(hysteresis) if _is_sequence(hysteresis) else []
     if items and not any(_is_sequence(v) for v in items) and len(items) == 2:
@@ -351,7 +351,7 @@ def organ_mask_from_image(image, *, downsample: int = 4, sigma: float = 2.0, per
     small = np.mean([c[::downsample, ::downsample, ::downsample] for c in channels], axis=0, dtype=np.float32)
     small = ndi.gaussian_filter(small, sigma) if sigma else small
     level = threshold_otsu(small) if percentile is None else np.percentile(small, percentile)
-    mask = _filter_components(small > level, 26, lambda sizes: _largest(sizes, 1)).view(bool)
+    mask = filter_components(small > level, 26, lambda sizes: _largest(sizes, 1)).view(bool)
     if closing:
         # Padded, so that the erosion half of the closing does not eat the organ at the border.
         mask = ndi.binary_closing(np.pad(mask, closing), ball(closing))[(slice(closing, -closing),) * 3]
