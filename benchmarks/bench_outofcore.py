@@ -49,7 +49,7 @@ def phantom(x0, x1, y0, y1, z0, z1, seed: int):
 
 
 def write_phantom(folder: Path, shape, chunks=(8, 256, 256)) -> None:
-    from slab.io.chunked_writers import write_zarr
+    from slab.io.zarr import write_zarr
 
     class Generated:
         """The phantom as a lazy (1, X, Y, Z) volume, made slab by slab (what write_zarr asks for)."""

@@ -9,7 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from slab.core.errors import SlabError
-from slab.io.formats import itk_volume, native, one_line
+from slab.io.itk import itk_volume
+from slab.io.common import native, one_line
 from slab.io.headers import check_memory
 
 

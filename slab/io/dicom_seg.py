@@ -98,7 +98,7 @@ def write_dicom_seg(mask, source, path, names: Sequence[str], *, version: str = 
     from pydicom.sr.codedict import codes
 
     from slab.io.dicom import dicom_series
-    from slab.io.formats import one_line
+    from slab.io.common import one_line
     from slab.core.outputs import atomic_write
 
     source = Path(source)

@@ -12,7 +12,7 @@ the only dataset inside it; ``scan.n5/setup0/timepoint0/s0`` names one.
 Geometry: ``pixelResolution`` (``{"unit", "dimensions"}``, n5-viewer / BigStitcher), or
 ``resolution`` with ``units`` (n5-ij), and ``offset``, in their units converted to mm; slab also
 writes its voxel-to-world matrix as ``slab.affine`` and reads it back where it agrees with those
-(as for zarr and HDF5, :mod:`slab.io.chunked`).
+(as for zarr and HDF5, :mod:`slab.io.arrays`).
 
 Untrusted files run no code and allocate no more than a block: every block's header is checked
 against the dataset, and decompression stops at the block's size.
@@ -31,7 +31,7 @@ import numpy as np
 
 from slab.core.checks import read_json_object
 from slab.core.errors import SlabError
-from slab.io.formats import N5_SUFFIXES, one_line, run_parallel, spacing_of
+from slab.io.common import N5_SUFFIXES, one_line, run_parallel, spacing_of
 from slab.io.headers import read_bounded, stored_limit
 
 N5_VERSION = "4.0.0"
@@ -233,7 +233,7 @@ class N5Array:
 
 def _geometry(attrs: dict, ndim: int, source) -> np.ndarray:
     """The voxel-to-world matrix from the dataset's resolution and offset (x, y, z, in mm)."""
-    from slab.io.chunked import diag_affine, unit_mm
+    from slab.io.arrays import diag_affine, unit_mm
 
     spacing, offset, units = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [None] * 3
     resolution = attrs.get("pixelResolution")
@@ -260,8 +260,8 @@ def _geometry(attrs: dict, ndim: int, source) -> np.ndarray:
 
 
 def open_n5(path, spacing=None):
-    """An N5 dataset as a lazy volume (:class:`slab.io.chunked.ArrayVolume`)."""
-    from slab.io.chunked import ArrayVolume, default_axes, restore_affine, stored_affine
+    """An N5 dataset as a lazy volume (:class:`slab.io.arrays.ArrayVolume`)."""
+    from slab.io.arrays import ArrayVolume, default_axes, restore_affine, stored_affine
 
     root, inner = split_n5(path)
     source = str(path)
@@ -290,7 +290,7 @@ def open_n5(path, spacing=None):
 def write_n5(volume, affine: np.ndarray, path: Path, chunks: int = 64, block_bytes: int = 256 << 20) -> None:
     """An N5 container holding one gzip dataset at its root (``(C, X, Y, Z)`` as dimensions x, y,
     z[, c]) with ``pixelResolution`` and ``offset`` in mm and slab's matrix, written block by block."""
-    from slab.io.chunked_writers import copy_blocks, block_steps
+    from slab.io.arrays import copy_blocks, block_steps
     from slab.core.outputs import atomic_write
 
     affine = np.asarray(affine, dtype=np.float64)

@@ -9,7 +9,7 @@ decodes and encodes each family stays in its own module.
 Reading resolves in this order: the containers whose datasets are addressed by a path *through*
 them (``scan.zarr/2``, ``scan.n5/setup0/s0``, ``scan.h5/group/name``) and multi-page TIFF files;
 then a missing path is refused; a directory is a slice stack or a DICOM series (listed once,
-:func:`~slab.io.formats.directory_kind`); a file goes by its suffix.
+:func:`~slab.io.stacks.directory_kind`); a file goes by its suffix.
 
 Example
 -------
@@ -26,14 +26,22 @@ from pathlib import Path
 import numpy as np
 
 from slab.core.errors import SlabError
-from slab.io.formats import (EXPECTED, ITK_SUFFIXES, LPS_TO_RAS, NIFTI_SUFFIXES, SLICE_SUFFIXES, check_itk_header,
-                             check_stack_target, directory_kind, native, open_nifti, read_itk, read_nifti,
-                             stack_spacing, suffix_of, write_itk, write_nifti, write_stack)
-from slab.io.chunked import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, is_zarr, open_zarr, warn_orientation
-from slab.io.chunked_writers import write_hdf5, write_tiff, write_zarr
-from slab.io.containers import open_hdf5, open_tiff, split_hdf5
+from slab.io.common import EXPECTED, ITK_SUFFIXES, LPS_TO_RAS, NIFTI_SUFFIXES, SLICE_SUFFIXES, native, suffix_of
+from slab.io.itk import check_itk_header, read_itk, write_itk
+from slab.io.stacks import check_stack_target, directory_kind, stack_spacing, write_stack
+from slab.io.nifti import open_nifti, read_nifti, write_nifti
+from slab.io.common import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES
+from slab.io.zarr import is_zarr, open_zarr
+from slab.io.arrays import warn_orientation
+from slab.io.hdf5 import write_hdf5
+from slab.io.tiff import write_tiff
+from slab.io.zarr import write_zarr
+from slab.io.hdf5 import open_hdf5, split_hdf5
+from slab.io.tiff import open_tiff
 from slab.io.dicom import read_dicom
-from slab.io.lazy import NiftiVolume, SliceFolder, metatensor
+from slab.io.nifti import NiftiVolume
+from slab.io.stacks import SliceFolder
+from slab.io.lazy import metatensor
 from slab.io.n5 import N5_SUFFIXES, is_n5_container, open_n5, split_n5, write_n5
 
 

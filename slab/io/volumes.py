@@ -12,9 +12,10 @@ decoded straight into one preallocated buffer.
 
 Headers are checked before anything is allocated (:mod:`slab.io.headers`). A path is resolved
 to its format in one place, :mod:`slab.io.registry` (one class per format); the families
-themselves live in :mod:`slab.io.formats` (NIfTI, ITK, slice stacks, DICOM directories),
-:mod:`slab.io.chunked` (zarr, HDF5, multi-page TIFF: read lazily, written block by block) and
-:mod:`slab.io.n5`, lazy volumes in :mod:`slab.io.lazy`. Every file
+themselves live in one module each: :mod:`slab.io.nifti`, :mod:`slab.io.itk`,
+:mod:`slab.io.stacks` (slice directories), :mod:`slab.io.dicom`, :mod:`slab.io.zarr`,
+:mod:`slab.io.n5`, :mod:`slab.io.hdf5`, :mod:`slab.io.tiff` (the chunked ones read lazily and
+written block by block over :mod:`slab.io.arrays`), lazy volumes in :mod:`slab.io.lazy`. Every file
 is written through :func:`~slab.core.outputs.atomic_write`; bad input raises a one-line
 :class:`~slab.core.errors.SlabError` that names the file.
 """
@@ -29,8 +30,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from slab.core.errors import SlabError
-from slab.io.formats import (EXPECTED, ITK_SUFFIXES, LPS_TO_RAS, NIFTI_SUFFIXES, PNG_DTYPES, SLICE_FORMATS, SLICE_SUFFIXES,
-                             STEM_SUFFIXES, VOLUME_SUFFIXES, keep_locale, natural_key, suffix_of)
+from slab.io.common import EXPECTED, ITK_SUFFIXES, LPS_TO_RAS, NIFTI_SUFFIXES, PNG_DTYPES, SLICE_SUFFIXES, STEM_SUFFIXES, VOLUME_SUFFIXES, keep_locale, natural_key, suffix_of
+from slab.core.checks import SLICE_FORMATS
 from slab.io.lazy import LazyVolume, metatensor
 from slab.io.registry import FORMATS, NotLazyError, WriteOptions, find, writer_for
 from slab.core.outputs import atomic_write

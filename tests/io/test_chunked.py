@@ -19,7 +19,8 @@ from monai.data import MetaTensor
 from slab.networks import build_network, save_weights
 from slab.pipeline.cli import main
 from slab.pipeline.inference import predict_2p5d
-from slab.io.chunked_writers import _downsample, pyramid_shapes, write_zarr
+from slab.io.arrays import _downsample
+from slab.io.zarr import pyramid_shapes, write_zarr
 from slab.core.errors import SlabError, SlabWarning
 from slab.transforms.intensity import PercentileNormalize
 from slab.io.volumes import load_volume, output_format, save_volume

@@ -373,8 +373,8 @@ def test_lazy_stack_reads_only_the_slices_asked_for(tmp_path, rng, monkeypatch):
     read = []
     import slab.io.lazy
 
-    decode = slab.io.lazy.decode_slice
-    monkeypatch.setattr(slab.io.lazy, "decode_slice", lambda path: read.append(path.name) or decode(path))
+    decode = slab.io.stacks.decode_slice
+    monkeypatch.setattr(slab.io.stacks, "decode_slice", lambda path: read.append(path.name) or decode(path))
 
     lazy[0, :, :, 3:6]
 
@@ -596,7 +596,7 @@ def test_tiff_slices_decode_as_tifffile_reads_them(tmp_path, dtype, compression,
     """The fast path (a struct-read header, imagecodecs' libtiff decode) gives tifffile's array."""
     import tifffile
 
-    from slab.io.lazy import _plain_tiff, decode_slice
+    from slab.io.stacks import _plain_tiff, decode_slice
 
     rng = np.random.default_rng(0)
     image = (rng.random((37, 53)) * 1000).astype(dtype)
@@ -613,7 +613,7 @@ def test_tiff_fast_path_falls_back_and_refuses_bombs(tmp_path):
     import tifffile
 
     from slab.core.errors import SlabError
-    from slab.io.lazy import _plain_tiff, decode_slice
+    from slab.io.stacks import _plain_tiff, decode_slice
 
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((4, 5, 3), np.uint8))

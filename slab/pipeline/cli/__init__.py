@@ -82,9 +82,9 @@ def quiet_libraries(verbose: bool = False) -> None:
     """Silence other libraries' log lines and warnings (slab's own warnings still show)."""
     warnings.showwarning = _show_warning
     if verbose:
-        import slab.io.formats
+        import slab.io.common
 
-        slab.io.formats.SHOW_NATIVE_MESSAGES = True
+        slab.io.common.SHOW_NATIVE_MESSAGES = True
         return
     warnings.simplefilter("ignore")
     warnings.simplefilter("default", SlabWarning)  # each distinct warning once per place

@@ -33,7 +33,7 @@ from slab.core.checks import DATASET_KINDS
 from slab.core.errors import SlabError, SlabWarning
 from slab.core.outputs import atomic_write
 from slab.io.volumes import check_same_geometry, load_volume, natural_key
-from slab.io.lazy import SliceFolder
+from slab.io.stacks import SliceFolder
 from slab.io.rle import UWMGI_CLASSES, read_csv_rows, read_sennet_rles, read_uwmgi_rles, sennet_label, uwmgi_label
 
 KINDS = DATASET_KINDS

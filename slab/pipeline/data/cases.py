@@ -23,15 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slab.core.errors import SlabError
-from slab.io.containers import multipage_tiff
-from slab.io.formats import (
-    SLICE_SUFFIXES,
-    STEM_SUFFIXES,
-    UWMGI_SCAN,
-    VOLUME_SUFFIXES,
-    natural_key,
-    suffix_of,
-)
+from slab.io.tiff import multipage_tiff
+from slab.io.common import SLICE_SUFFIXES, STEM_SUFFIXES, VOLUME_SUFFIXES, natural_key, suffix_of
+from slab.io.stacks import UWMGI_SCAN
 
 _NNUNET = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _GENERIC_FOLDERS = ("images", "scans")
@@ -73,7 +67,7 @@ def _visible(folder: Path) -> list[Path]:
 def folder_kind(folder: Path) -> str:
     """``"zarr"`` (a zarr store or N5 container), ``"stack"`` (slices), ``"dicom"`` (a series), ``"case"`` (holds
     ``images/``) or ``"collection"`` (also a folder of multi-page TIFF volumes)."""
-    from slab.io.chunked import is_zarr
+    from slab.io.zarr import is_zarr
     from slab.io.n5 import is_n5
 
     if is_zarr(folder) or is_n5(folder):
@@ -84,7 +78,7 @@ def folder_kind(folder: Path) -> str:
     if slices:
         return "collection" if multipage_tiff(slices[0]) else "stack"
     if any(suffix_of(p) == ".dcm" or (not p.suffix and p.name.upper() != "DICOMDIR") for p in files):
-        from slab.io.formats import directory_kind
+        from slab.io.stacks import directory_kind
 
         try:
             if directory_kind(folder)[0] == "dicom":
@@ -170,7 +164,7 @@ def find_cases(inputs) -> tuple[bool, list[Case]]:
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else list(inputs))]
     if not paths:
         raise SlabError("input: no input given")
-    from slab.io.containers import split_hdf5
+    from slab.io.hdf5 import split_hdf5
 
     for path in paths:
         inside = split_hdf5(path)

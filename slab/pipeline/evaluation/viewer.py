@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from slab.core.errors import SlabError
-from slab.io.formats import spacing_of
+from slab.io.common import spacing_of
 
 MAX_VOXELS = 160 ** 3  # shown at full resolution up to this many voxels (a 512³ case becomes ~8 MB)
 # label colours of a prediction (RGB), cycled; the categories keep slab render's colours

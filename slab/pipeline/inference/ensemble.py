@@ -153,7 +153,7 @@ class Ensemble:
         import shutil
 
         from slab.core.distributed import DistInfo, barrier
-        from slab.io.chunked_writers import write_zarr
+        from slab.io.zarr import write_zarr
         from slab.io.volumes import load_volume
         from slab.pipeline.inference.store import ACTIVE, MeanVolume, work_dir
 

@@ -94,7 +94,7 @@ def run_key(model: torch.nn.Module, shape, dtype, source, settings: dict) -> str
 
 def finished(out_path, key: str) -> bool:
     """Whether ``out_path`` holds the finished result of the run ``key``."""
-    from slab.io.chunked_writers import read_notes
+    from slab.io.zarr import read_notes
 
     return Path(out_path).is_dir() and read_notes(out_path).get("run_key") == key
 
@@ -205,7 +205,7 @@ class PlaneStore:
         """Planes added in order and divided by ``count``, chunk by chunk, into ``out_path``
         (which records the run's key: :func:`finished`), ``block_bytes`` of output at a time (the
         float32 sums read for them take up to eight times that)."""
-        from slab.io.chunked_writers import write_zarr
+        from slab.io.zarr import write_zarr
 
         write_zarr(MeanVolume(self.arrays, count, np.dtype(out_dtype)), affine, out_path, notes={"run_key": self.key},
                    block_bytes=block_bytes)

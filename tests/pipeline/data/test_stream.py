@@ -105,7 +105,7 @@ def test_a_streamed_sample_reads_only_its_slab(tmp_path, monkeypatch):
     """A 64x64 sample of a 96x80x40 zarr volume reads, of the label, the window and (to centre a
     positive draw) one row of the slice; of the image, the slab's slices at the window in one
     read; never a whole slice or the volume."""
-    from slab.io import chunked
+    from slab.io import arrays as chunked
 
     items = [_case(tmp_path / "big", (96, 80, 40), 4)]
     ds = SlabDataset(items, samples_per_epoch=30, stream=True, patch_size=(64, 64), planes=("xy", "zx", "zy"))

@@ -1,86 +1,18 @@
-"""HDF5 datasets and multi-page TIFF / BigTIFF (ImageJ and OME-TIFF metadata), read lazily as
-:class:`~slab.io.chunked.ArrayVolume` objects; see :mod:`slab.io.chunked` for the axis
-order and the geometry they share with zarr."""
+"""Multi-page TIFF / BigTIFF volumes (ImageJ and OME-TIFF voxel sizes) through tifffile, read
+lazily page by page and written block by block as OME-TIFF (the voxel size only: TIFF keeps no
+orientation); a one-page TIFF is a slice of a stack, not a volume."""
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
-from slab.io.chunked import ArrayVolume, default_axes, diag_affine, restore_affine, stored_affine, unit_mm
 from slab.core.errors import SlabError
-from slab.io.formats import HDF5_SUFFIXES, TIFF_SUFFIXES, one_line, suffix_of
+from slab.io.arrays import ArrayVolume, diag_affine, unit_mm
+from slab.io.common import TIFF_SUFFIXES, one_line, spacing_of, suffix_of
 from slab.io.headers import tiff_header
-
-
-# ---------------------------------------------------------------------------------------------
-# HDF5
-
-
-def split_hdf5(path) -> tuple[Path, str | None] | None:
-    """``(file, dataset)`` for ``file.h5`` or ``file.h5/group/dataset``; None for other paths."""
-    path = Path(path)
-    for i, part in enumerate(path.parts):
-        if suffix_of(Path(part)) in HDF5_SUFFIXES:
-            file = Path(*path.parts[: i + 1])
-            inner = "/".join(path.parts[i + 1:])
-            if file.is_file() or not inner:
-                return file, inner or None
-    return None
-
-
-def open_hdf5(path, spacing=None) -> ArrayVolume:
-    import h5py
-
-    file, name = split_hdf5(path)
-    source = str(path)
-    if not file.is_file():
-        raise SlabError(f"{file}: no such file")
-    try:
-        handle = h5py.File(file, "r")
-    except Exception as err:  # noqa: BLE001 - h5py raises OSError and others on damaged files
-        raise SlabError(f"{file}: not a readable HDF5 file ({one_line(err)})") from None
-    try:
-        if name is None:
-            found = []
-            handle.visititems(lambda key, node: found.append(key) if isinstance(node, h5py.Dataset)
-                              and node.ndim in (3, 4) else None)
-            if len(found) != 1:
-                listed = ", ".join(found[:6]) or "none"
-                raise SlabError(f"{file}: holds {len(found)} 3D/4D datasets ({listed}); name one, "
-                                f"e.g. {file}/{found[0] if found else 'DATASET'}")
-            name = found[0]
-        node = handle.get(name)
-        if not isinstance(node, h5py.Dataset):
-            raise SlabError(f"{source}: no dataset {name!r} in {file}")
-        if node.dtype.kind not in "biuf":
-            raise SlabError(f"{source}: a dataset of {node.dtype}; expected numbers")
-        axes = default_axes(node.ndim, source)
-        attrs = dict(node.attrs)
-        size = attrs.get("element_size_um")
-        affine = np.eye(4)
-        if size is not None:
-            try:
-                size = np.asarray(size, dtype=np.float64).ravel()
-            except (TypeError, ValueError):
-                raise SlabError(f"{source}: element_size_um {size!r:.60}; expected three positive sizes (z y x)") \
-                    from None
-            if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
-                raise SlabError(f"{source}: element_size_um {size.tolist()}; expected three positive sizes (z y x)")
-            affine = diag_affine(size[::-1] * 1e-3, (0, 0, 0))
-        own = attrs.get("slab_affine")
-        if own is not None:
-            own = stored_affine({"slab": {"affine": np.asarray(own).tolist()}}, source)
-            affine = restore_affine(own, affine, origin=False) if size is not None else own
-        return ArrayVolume(node, axes, affine, source, spacing, closer=handle.close)
-    except BaseException:
-        handle.close()
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-page TIFF
 
 
 def _ome_tiff_geometry(xml: str, source) -> tuple[list[float], list[float]] | None:
@@ -207,4 +139,39 @@ class _OnePage:
         return np.asarray(self.array[index[1:]])[np.newaxis][index[:1]]
 
 
-__all__ = ["multipage_tiff", "open_hdf5", "open_tiff", "split_hdf5"]
+def write_tiff(volume, affine: np.ndarray, path: Path) -> None:
+    """A multi-page OME-TIFF (one zlib-compressed page per z, channels as OME's C; BigTIFF past
+    2 GiB) with its voxel size in mm, written page by page."""
+    import tifffile
+
+    from slab.core.outputs import atomic_write
+
+    spacing = spacing_of(np.asarray(affine, dtype=np.float64))
+    channels, depth = volume.shape[0], volume.shape[3]
+    nbytes = math.prod(volume.shape) * volume.dtype.itemsize
+    metadata = {"axes": "ZCYX" if channels > 1 else "ZYX"}
+    for axis, size in zip("XYZ", spacing):
+        metadata[f"PhysicalSize{axis}"] = float(size)
+        metadata[f"PhysicalSize{axis}Unit"] = "mm"
+
+    plane = max(1, channels * volume.shape[1] * volume.shape[2] * volume.dtype.itemsize)
+    step = max(1, min(depth, (256 << 20) // plane))
+
+    def pages():
+        for z0 in range(0, depth, step):
+            block = np.asarray(volume[:, :, :, z0:z0 + step])  # (C, X, Y, dz), read a block at a time
+            for z in range(block.shape[3]):
+                yield from (np.ascontiguousarray(block[c, :, :, z].T) for c in range(channels))
+
+    shape = (depth, channels, volume.shape[2], volume.shape[1]) if channels > 1 else \
+        (depth, volume.shape[2], volume.shape[1])
+    with atomic_write(path) as tmp:
+        try:
+            tifffile.imwrite(tmp, data=pages(), shape=shape, dtype=volume.dtype, ome=True, metadata=metadata,
+                             bigtiff=nbytes > (2 << 30) - (32 << 20), compression="zlib",
+                             photometric="minisblack")
+        except (ValueError, TypeError) as err:
+            raise SlabError(f"{path}: cannot write {volume.dtype} as TIFF ({one_line(err)})") from None
+
+
+__all__ = ["multipage_tiff", "open_tiff", "write_tiff"]

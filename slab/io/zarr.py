@@ -1,24 +1,7 @@
-"""Chunked and multi-page volumes, read lazily and written block by block: zarr (v2 and v3) and
-OME-Zarr (its multiscale pyramid, any level), HDF5 datasets, multi-page TIFF / BigTIFF
-(ImageJ and OME-TIFF metadata). This module holds what they share (:class:`ArrayVolume`, the
-geometry helpers) and the zarr reader; :mod:`slab.io.containers` reads HDF5 and TIFF,
-:mod:`slab.io.chunked_writers` writes all three.
-
-Axis order. These containers store C-ordered arrays, x fastest: ``(Z, Y, X)``, ``(C, Z, Y, X)``
-or the axes an OME-Zarr / OME-TIFF / ImageJ file names (``t`` of size one is dropped). slab's
-``(C, X, Y, Z)`` is a transposed view of that, so nothing is copied to reorder axes.
-
-Geometry. OME-Zarr's ``scale`` and ``translation`` (in the axes' unit, converted to mm), HDF5's
-``element_size_um`` (Fiji / ilastik, z y x in µm), OME-TIFF's ``PhysicalSize*`` and ImageJ's
-resolution and ``spacing``. None of these stores an orientation, so slab also writes its own
-voxel-to-world matrix (RAS, level 0) as the attribute ``slab.affine``; on reading, that matrix is
-used where it agrees with the container's own voxel size and origin, so an oblique NIfTI comes
-back exactly where it was, and every other program shows the volume axis-aligned at the right
-size. A pyramid level's matrix is derived from level 0's through the levels' transforms.
-
-Untrusted stores run no code: zarr metadata is read as JSON and checked before zarr opens the
-array; object arrays and the pickle codec are refused.
-"""
+"""zarr (v2 and v3) and OME-Zarr 0.4: an array, a group of one array, or a multiscale image (any
+level by its path, ``image.zarr/2``) read lazily, codecs that would run code refused, chunk
+files checked against their claims; written block by block with an OME-Zarr pyramid
+(labels take every second voxel, images average)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,148 +9,21 @@ from pathlib import Path
 import numpy as np
 
 from slab.core.checks import read_json_object
-from slab.core.errors import SlabError, SlabWarning
-from slab.io.formats import HDF5_SUFFIXES, TIFF_SUFFIXES, ZARR_SUFFIXES, one_line, spacing_of, suffix_of
-from slab.io.lazy import LazyVolume
+from slab.core.errors import SlabError
+from slab.io.arrays import (
+    OME_VERSION,
+    ArrayVolume,
+    block_steps,
+    copy_blocks,
+    default_axes,
+    diag_affine,
+    restore_affine,
+    stored_affine,
+    unit_mm,
+)
+from slab.io.common import ZARR_SUFFIXES, one_line, spacing_of, suffix_of
 
-# mm per unit of the OME-NGFF / OME-XML / ImageJ unit names (a unit-less axis is taken as mm).
-UNITS_MM = {
-    "meter": 1e3, "m": 1e3, "centimeter": 10.0, "cm": 10.0, "millimeter": 1.0, "mm": 1.0, "micrometer": 1e-3,
-    "micron": 1e-3, "um": 1e-3, "\u00b5m": 1e-3, "\u03bcm": 1e-3, "nanometer": 1e-6, "nm": 1e-6, "angstrom": 1e-7,
-    "\u00c5": 1e-7, "picometer": 1e-9, "pm": 1e-9, "": 1.0, None: 1.0, "pixel": 1.0,
-}
-OME_VERSION = "0.4"
 _REFUSED_CODECS = {"pickle"}  # numcodecs.Pickle unpickles chunk bytes: code from a file
-
-
-# ---------------------------------------------------------------------------------------------
-# Geometry helpers
-
-
-def diag_affine(spacing_xyz, origin_xyz) -> np.ndarray:
-    affine = np.diag([*map(float, spacing_xyz), 1.0])
-    affine[:3, 3] = [float(o) for o in origin_xyz]
-    return affine
-
-
-def stored_affine(attrs: dict, source) -> np.ndarray | None:
-    """slab's own level-0 matrix from a container's attributes, when it is a finite 4x4."""
-    entry = attrs.get("slab") if isinstance(attrs, dict) else None
-    affine = entry.get("affine") if isinstance(entry, dict) else None
-    if affine is None:
-        return None
-    try:
-        affine = np.asarray(affine, dtype=np.float64)
-    except (TypeError, ValueError):
-        affine = None
-    if affine is None or affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise SlabError(f"{source}: its slab.affine attribute is not a finite 4x4 matrix")
-    return affine
-
-
-def restore_affine(own: np.ndarray, level0: np.ndarray, level: np.ndarray | None = None, origin: bool = True) -> np.ndarray:
-    """slab's matrix ``own`` (written for level 0, whose container geometry is ``level0``) where it
-    agrees with the container (same voxel size, and same ``origin`` where the container has
-    one), carried to a ``level`` of its own container geometry; else the container's."""
-    level = level0 if level is None else level
-    agrees = (np.allclose(spacing_of(own), np.diag(level0)[:3], rtol=1e-5, atol=1e-9)
-              and (not origin or np.allclose(own[:3, 3], level0[:3, 3], rtol=1e-6, atol=1e-6)))
-    if agrees and not origin:
-        return own
-    return own @ np.linalg.inv(level0) @ level if agrees else level
-
-
-def unit_mm(unit, source) -> float:
-    key = unit.strip() if isinstance(unit, str) else unit
-    if key not in UNITS_MM and isinstance(key, str):
-        key = key.lower()
-    if key not in UNITS_MM:
-        raise SlabError(f"{source}: unknown length unit {unit!r}; expected one of millimeter, micrometer, nanometer, "
-                        "centimeter, meter")
-    return UNITS_MM[key]
-
-
-# ---------------------------------------------------------------------------------------------
-# A lazy volume over any array with numpy indexing in its own axis order
-
-
-class ArrayVolume(LazyVolume):
-    """A ``(C, X, Y, Z)`` view of an array stored with the named ``axes`` (one letter per array
-    axis: ``z``, ``y``, ``x``, optionally ``c``; any other letter, e.g. a ``t``, an axis of size
-    one), read on demand."""
-
-    def __init__(self, array, axes: str, affine: np.ndarray, source, spacing=None, extra: dict | None = None,
-                 closer=None):
-        self.array, self.axes, self._closer = array, axes, closer
-        shape = tuple(int(s) for s in array.shape)
-        if len(axes) != len(shape) or any(axes.count(a) > 1 for a in "czyx") or not set("zyx") <= set(axes):
-            raise SlabError(f"{source}: array axes {axes!r} (shape {shape}); expected z, y and x "
-                            "(and optionally c, t)")
-        for axis, n in zip(axes, shape):
-            if axis not in "czyx" and n != 1:
-                what = "a time series" if axis == "t" else f"an axis {axis!r}"
-                raise SlabError(f"{source}: {what} of {n} points (shape {shape}); slab reads one 3D "
-                                "(multi-channel) volume")
-        sizes = dict(zip(axes, shape))
-        shape = (sizes.get("c", 1), sizes["x"], sizes["y"], sizes["z"])
-        if min(shape) < 1:
-            raise SlabError(f"{source}: array of shape {tuple(array.shape)}; expected at least one voxel per axis")
-        super().__init__(shape, array.dtype, affine, source, spacing, extra)
-
-    def _read(self, c, x, y, z) -> np.ndarray:
-        wanted = {"c": c, "x": x, "y": y, "z": z}
-        index, local = [], []
-        for axis, n in zip(self.axes, self.array.shape):
-            item = wanted.get(axis, 0)
-            read, after = _forward(slice(item, item + 1) if isinstance(item, int) else item, int(n))
-            index.append(read)
-            local.append(after)
-        try:
-            data = np.asarray(self.array[tuple(index)])[tuple(local)]
-        except SlabError:
-            raise
-        except Exception as err:  # noqa: BLE001 - codecs and stores raise many kinds on damaged chunks
-            raise SlabError(f"{self.meta['filename_or_obj']}: a chunk cannot be read ({one_line(err)})") from None
-        kept = [a for a in self.axes if a in "czyx"]
-        data = data.reshape([n for a, n in zip(self.axes, data.shape) if a in "czyx"])
-        if "c" not in kept:
-            data, kept = data[np.newaxis], ["c"] + kept
-        data = data.transpose([kept.index(a) for a in "cxyz"])
-        squeeze = tuple(i for i, item in enumerate((c, x, y, z)) if isinstance(item, int))
-        return data.squeeze(squeeze) if squeeze else data
-
-    def close(self) -> None:
-        if self._closer is not None:
-            self._closer()
-            self._closer = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-
-def _forward(item: slice, n: int) -> tuple[slice, slice]:
-    """A slice with a positive step that stores read, and the slice of what it read that gives
-    ``item`` (stores take no negative steps)."""
-    picked = range(n)[item]
-    if picked.step > 0 or not picked:
-        return slice(picked.start, picked.stop, picked.step) if picked else slice(0, 0), slice(None)
-    lo = picked[-1]
-    return slice(lo, picked[0] + 1), slice(None, None, picked.step)
-
-
-def default_axes(ndim: int, source) -> str:
-    if ndim == 3:
-        return "zyx"
-    if ndim == 4:
-        return "czyx"
-    raise SlabError(f"{source}: a {ndim}D array; expected (Z, Y, X) or (C, Z, Y, X)")
-
-
-# ---------------------------------------------------------------------------------------------
-# zarr and OME-Zarr
 
 
 def is_zarr(path: Path, metadata: bool = False) -> bool:
@@ -373,15 +229,90 @@ def _open_level(group: Path, attrs: dict, multiscale: dict, dataset: dict, sourc
     return ArrayVolume(array, axes, level, source, spacing)
 
 
-def warn_orientation(affine: np.ndarray, path) -> None:
-    """Warn that a TIFF keeps only the voxel size of a rotated or flipped volume."""
-    import warnings
+# Written pyramids stop when the largest axis of the last level is at most this.
+PYRAMID_MIN = 256
+
+
+def _ome_axes(channels: int) -> list[dict]:
+    axes = [{"name": "c", "type": "channel"}] if channels > 1 else []
+    return axes + [{"name": a, "type": "space", "unit": "millimeter"} for a in "zyx"]
+
+
+def pyramid_shapes(shape_czyx, levels: int | None = None) -> list[tuple[int, ...]]:
+    """The level shapes of a written pyramid: level 0, then halves until the largest spatial axis
+    is at most :data:`PYRAMID_MIN` (or ``levels`` levels in all)."""
+    shapes = [tuple(int(n) for n in shape_czyx)]
+    while (len(shapes) < levels) if levels is not None else (max(shapes[-1][1:]) > PYRAMID_MIN):
+        last = shapes[-1]
+        if max(last[1:]) == 1:
+            break
+        shapes.append((last[0],) + tuple((n + 1) // 2 if n > 1 else 1 for n in last[1:]))
+    return shapes
+
+
+def write_zarr(volume, affine: np.ndarray, path: Path, *, labels: bool = False, chunks=64,
+               levels: int | None = None, block_bytes: int = 64 << 20, notes: dict | None = None) -> None:
+    """An OME-Zarr 0.4 image (zarr v2, ``/`` chunk keys, Blosc zstd): level 0 and a pyramid, written
+    block by block from ``volume`` ((C, X, Y, Z) array or LazyVolume); ``chunks`` is one size for
+    every axis or ``(z, y, x)`` (e.g. thin in z for 2.5D reading); ``labels`` downsamples by
+    taking every second voxel instead of averaging; ``notes`` join the ``slab`` attribute."""
+    import zarr
+    from numcodecs import Blosc
+
+    from slab.core.outputs import atomic_write
 
     affine = np.asarray(affine, dtype=np.float64)
-    if not np.allclose(affine, diag_affine(spacing_of(affine), (0, 0, 0)), atol=1e-6):
-        warnings.warn(SlabWarning(f"{path}: TIFF stores only the voxel size; the volume's orientation and origin are "
-                                  "not kept (write .nii.gz, .nrrd or .zarr to keep them)"), stacklevel=3)
+    channels = volume.shape[0]
+    shape = (channels,) + tuple(volume.shape[1:][::-1])  # (C, Z, Y, X)
+    shapes = pyramid_shapes(shape, levels)
+    spacing = np.asarray(spacing_of(affine), dtype=np.float64)
+    origin = affine[:3, 3]
+    datasets, scale, translation = [], spacing.copy(), origin.copy()
+    for i, _ in enumerate(shapes):
+        if i:
+            factor = np.asarray([2.0 if n > 1 else 1.0 for n in shapes[i - 1][1:][::-1]])  # x y z
+            if not labels:
+                translation = translation + (factor - 1) / 2 * scale
+            scale = scale * factor
+        lead = [1.0] if channels > 1 else []
+        datasets.append({"path": str(i), "coordinateTransformations": [
+            {"type": "scale", "scale": lead + scale[::-1].tolist()},
+            {"type": "translation", "translation": [0.0] * len(lead) + translation[::-1].tolist()}]})
+    attrs = {"multiscales": [{"version": OME_VERSION, "name": Path(path).name, "axes": _ome_axes(channels),
+                              "datasets": datasets, "type": "nearest" if labels else "mean"}],
+             "slab": {"affine": affine.tolist(), "axes": "xyz order of the level-0 voxel-to-world matrix, RAS mm",
+                      **(notes or {})}}
+    compressor = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if volume.dtype.itemsize == 1
+                       else Blosc.SHUFFLE)
+    zyx = tuple(int(c) for c in (chunks if isinstance(chunks, (tuple, list)) else (chunks,) * 3))
+    zstep, ystep = block_steps(volume, zyx[:2], block_bytes)
+    with atomic_write(path) as tmp:
+        try:
+            group = zarr.open_group(store=str(tmp), mode="w", zarr_format=2)
+            source = volume
+            for i, level_shape in enumerate(shapes):
+                level_chunks = (1,) * (channels > 1) + tuple(min(c, n) for c, n in zip(zyx, level_shape[1:]))
+                array = group.create_array(
+                    name=str(i), shape=level_shape if channels > 1 else level_shape[1:], dtype=volume.dtype,
+                    chunks=level_chunks, compressors=compressor, fill_value=0,
+                    chunk_key_encoding={"name": "v2", "separator": "/"})
+                copy_blocks(source, array, channels, zstep, ystep, labels if i else None)
+                source = ArrayVolume(array, "czyx" if channels > 1 else "zyx", np.eye(4), str(path))
+            group.attrs.update(attrs)
+        except (SlabError, OSError):
+            raise
+        except (ValueError, TypeError) as err:
+            raise SlabError(f"{path}: cannot write {volume.dtype} as zarr ({one_line(err)})") from None
 
 
-__all__ = ["ArrayVolume", "open_zarr", "is_zarr", "warn_orientation", "ZARR_SUFFIXES", "HDF5_SUFFIXES", "TIFF_SUFFIXES",
-           "UNITS_MM"]
+def read_notes(path) -> dict:
+    """The ``slab`` attribute of a zarr store written by :func:`write_zarr` ({} when there is none)."""
+    try:
+        kind, _, attrs = zarr_node(Path(path), str(path))
+    except SlabError:
+        return {}
+    notes = attrs.get("slab") if kind == "group" else None
+    return notes if isinstance(notes, dict) else {}
+
+
+__all__ = ["is_zarr", "zarr_node", "open_zarr", "PYRAMID_MIN", "pyramid_shapes", "write_zarr", "read_notes"]
