@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from slab.core.errors import SlabError
 from slab.io.itk import itk_volume
-from slab.io.common import native, one_line
+from slab.io.common import LPS_TO_RAS, native, one_line
 from slab.io.headers import check_memory
 
 
@@ -101,6 +101,32 @@ def _stored_dtype(header) -> np.dtype | None:
         if info.min <= low and high <= info.max:
             return np.dtype(dtype)
     return np.dtype(np.int16) if signed else np.dtype(np.uint16)  # checked on the values below
+
+
+def dicom_info(directory: Path) -> tuple[tuple[int, ...], np.dtype, np.ndarray] | None:
+    """``(shape (1, X, Y, Z), dtype, RAS affine)`` of the series from its headers alone, checked as
+    :func:`read_dicom` checks them (the placement GDCM gives: origin at the first slice in its
+    order, axes the rows, columns and slice normal, the slice step between its positions); the
+    dtype is the stored one where the rescale keeps it, else float32 (what a read may widen to).
+    None for what headers cannot place (one slice, colour), which a read then describes."""
+    files, headers = dicom_series(directory)
+    first = headers[0]
+    try:
+        rows, cols, samples = int(first.Rows), int(first.Columns), int(getattr(first, "SamplesPerPixel", 1))
+        row_mm, col_mm = (float(v) for v in first.PixelSpacing)
+        orientation = np.array([float(v) for v in first.ImageOrientationPatient])
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(files) < 2 or samples != 1:
+        return None
+    normal = np.cross(orientation[:3], orientation[3:])
+    step = float((positions[-1] - positions[0]) @ normal) / (len(files) - 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = orientation[:3] * col_mm, orientation[3:] * row_mm
+    lps[:3, 2] = normal * step
+    lps[:3, 3] = positions[0]
+    return (1, cols, rows, len(files)), _stored_dtype(first) or np.dtype(np.float32), LPS_TO_RAS @ lps
 
 
 def read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -38,7 +38,7 @@ from slab.io.tiff import write_tiff
 from slab.io.zarr import write_zarr
 from slab.io.hdf5 import open_hdf5, split_hdf5
 from slab.io.tiff import open_tiff
-from slab.io.dicom import read_dicom
+from slab.io.dicom import dicom_info, read_dicom
 from slab.io.nifti import NiftiVolume
 from slab.io.stacks import SliceFolder
 from slab.io.lazy import metatensor
@@ -252,11 +252,14 @@ class Itk(_Eager):
 
 
 class DicomSeries(_Eager):
-    """A directory holding one DICOM series (read whole through GDCM; its checks run on read, so
-    ``info`` reads it too)."""
+    """A directory holding one DICOM series: read whole through GDCM, described from its headers
+    (pydicom's, checked as a read checks them) without reading the pixels."""
 
     name, directory = "dicom", True
     _reader = staticmethod(read_dicom)
+
+    def info(self, source):
+        return dicom_info(source.path) or super().info(source)
 
 
 class Stack(VolumeFormat):

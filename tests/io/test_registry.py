@@ -122,3 +122,24 @@ def test_formats_are_resolved_in_the_registry_only():
                                                       for c in node.comparators):
                 offenders.append(f"{rel}:{node.lineno}")
     assert not offenders
+
+
+@pytest.mark.parametrize("degrees, spacing", [(20, (0.7, 0.8, 1.5)), (-35, (1.0, 0.5, 3.0)), (0, (0.9, 0.9, 0.9))])
+def test_a_dicom_series_is_described_from_its_headers(tmp_path, rng, monkeypatch, degrees, spacing):
+    """volume_info of a DICOM series (oblique, anisotropic, files named against slice order) reads
+    headers only, and says what the read gives: shape, stored dtype, affine."""
+    import SimpleITK as sitk
+    from test_io import _rotation_x, _write_dicom_series
+
+    data = rng.integers(-1000, 2000, size=(5, 7, 6), dtype=np.int16)  # (z, y, x)
+    _write_dicom_series(tmp_path / "ct", data, spacing, (10.0, -20.0, 5.5), _rotation_x(degrees))
+    read = load_volume(tmp_path / "ct")
+
+    def no_pixels(self):
+        raise AssertionError("volume_info read the pixels")
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", no_pixels)
+    shape, dtype, affine = volume_info(tmp_path / "ct")
+    assert shape == tuple(read.shape) == (1, 6, 7, 5)
+    assert dtype == np.dtype(str(read.dtype).removeprefix("torch.")) == np.int16
+    np.testing.assert_allclose(affine, np.asarray(read.affine), atol=1e-4)
