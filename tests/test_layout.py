@@ -244,3 +244,16 @@ def test_the_tests_are_laid_out_by_room():
     assert top == ["test_bad_inputs.py", "test_bundle_zoo.py", "test_bundles.py", "test_demo.py", "test_docs.py",
                    "test_layout.py", "test_wheel.py"]
     assert len({p.name for p in tests}) == len(tests)  # one name per test module: helpers are found by name
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A helper one module takes from another is public in its home (``_name`` stays in its file);
+    the compiled fill (``slab.transforms._fill``, optional) is the one private module imported."""
+    crossing = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slab"):
+                crossing += [(name, node.module, a.name) for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")
+                             and a.name not in ("_fill", "_compiled_fill")]
+    assert not crossing, crossing

@@ -11,11 +11,11 @@ from matplotlib.patches import Patch
 from slab.pipeline.evaluation.render import (
     CHUNK,
     Spatial,
-    _block_sum,
-    _floor,
-    _picture,
-    _split,
-    _surfaces,
+    block_sums,
+    floor_plane,
+    draw_picture,
+    split_categories,
+    category_surfaces,
     check_size,
     display_factor,
     spatial_image,
@@ -35,7 +35,7 @@ def label_display_map(mask, factor: int = 1) -> tuple[np.ndarray, list[int]]:
     labels = np.zeros(tuple(-(-s // f) for s in channels[0].shape), np.uint8)
     counts = np.zeros(len(channels), np.int64)
     for index, first in channels[0].slabs(max(f, CHUNK // f * f)):
-        sums = np.stack([_block_sum(first if c == 0 else ch.mask(index), f) for c, ch in enumerate(channels)])
+        sums = np.stack([block_sums(first if c == 0 else ch.mask(index), f) for c, ch in enumerate(channels)])
         counts += sums.sum(axis=(1, 2, 3), dtype=np.int64)
         labels[tuple(slice(i.start // f, -(-i.stop // f)) for i in index)] = np.where(
             sums.any(axis=0), sums.argmax(axis=0) + 1, 0)
@@ -71,16 +71,16 @@ def render_prediction(mask, out_png, names: Sequence[str] | None = None, spacing
     notes = [] if any(counts) else ["the prediction is empty: nothing to show"]
     if factor > 1:
         notes.append(f"shown at 1/{factor} resolution (blocks of {factor}³ voxels)")
-    floor = None if image is None else _floor(image, labels, spacing, factor)
-    surface = _surfaces(labels, spacing, factor, max_faces, names)
+    floor = None if image is None else floor_plane(image, labels, spacing, factor)
+    surface = category_surfaces(labels, spacing, factor, max_faces, names)
     del labels
-    parts = {} if surface is None else _split(surface, names)
+    parts = {} if surface is None else split_categories(surface, names)
     colour = {name: tuple(int(round(255 * v)) for v in PALETTE[i % len(PALETTE)]) for i, name in enumerate(names)}
     voxel = float(np.prod(spacing))
     handles = [Patch(color=np.array(colour[name]) / 255,
                      label=f"{name}: {count:,} voxels, {count * voxel / 1000:,.1f} mL")
                for name, count in zip(names, counts)]
-    _picture([(part, colour[name]) for name, part in parts.items()], floor, views, width, height, out_png,
+    draw_picture([(part, colour[name]) for name, part in parts.items()], floor, views, width, height, out_png,
              [title, "prediction (no ground truth)"], notes, handles)
     return {"path": Path(out_png), "counts": dict(zip(names, counts)), "factor": factor, "notes": notes}
 

@@ -114,7 +114,7 @@ def display_factor(shape: Sequence[int], max_voxels: int) -> int:
     return f
 
 
-def _block_sum(mask: np.ndarray, f: int) -> np.ndarray:
+def block_sums(mask: np.ndarray, f: int) -> np.ndarray:
     """Foreground voxels in each ``f³`` block (edges zero-padded), as uint16."""
     if any(s % f for s in mask.shape):
         mask = np.pad(mask, [(0, -s % f) for s in mask.shape])
@@ -142,7 +142,7 @@ def category_map(pred, truth, factor: int = 1, channel: int | None = None) -> tu
     counts = np.zeros(3, np.int64)
     for index, pm in p.slabs(max(f, CHUNK // f * f)):
         tm = t.mask(index)
-        hit, predicted, true = (_block_sum(m, f) for m in (pm & tm, pm, tm))
+        hit, predicted, true = (block_sums(m, f) for m in (pm & tm, pm, tm))
         blocks = np.stack([hit, predicted - hit, true - hit])
         counts += blocks.sum(axis=(1, 2, 3), dtype=np.int64)
         labels[tuple(slice(i.start // f, -(-i.stop // f)) for i in index)] = np.where(
@@ -167,7 +167,7 @@ def _notes(counts: dict[str, int], factor: int) -> list[str]:
     return notes
 
 
-def _surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int,
+def category_surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int,
               names: Sequence[str] = CATEGORIES) -> pv.PolyData | None:
     """Smoothed surfaces of a category map (code ``i + 1`` is ``names[i]``) with a cell array
     ``category``; None when empty."""
@@ -189,7 +189,7 @@ def _surfaces(labels: np.ndarray, spacing, factor: int, max_faces: int,
     if surface.n_cells > max_faces:
         # Decimate each category on its own so that every face keeps its category.
         parts = []
-        for name, part in _split(surface, names).items():
+        for name, part in split_categories(surface, names).items():
             part = part.decimate(1 - max_faces / surface.n_cells)
             part.cell_data["category"] = np.full(part.n_cells, list(names).index(name) + 1, np.uint8)
             parts.append(part)
@@ -208,7 +208,7 @@ def _camera_vectors(views: int) -> list[tuple[float, float, float]]:
     return [(float(np.cos(a)), float(np.sin(a)), 0.6) for a in angles]
 
 
-def _floor(image: Spatial, labels: np.ndarray, spacing, factor: int) -> pv.ImageData:
+def floor_plane(image: Spatial, labels: np.ndarray, spacing, factor: int) -> pv.ImageData:
     """The axial image slice just below the labels, as a grey plane."""
     zs = np.flatnonzero(labels.any(axis=(0, 1))) if labels.any() else np.array([labels.shape[2] // 2])
     z = max(int(zs[0]) - 1, 0) * factor
@@ -327,21 +327,21 @@ def render_hits(
     factor = display_factor(p.shape, max_voxels)
     labels, counts = category_map(p.volume, t.volume, factor, p.channel)
     notes = _notes(counts, factor)
-    floor = None if image is None else _floor(image, labels, spacing, factor)
-    surface = _surfaces(labels, spacing, factor, max_faces)
+    floor = None if image is None else floor_plane(image, labels, spacing, factor)
+    surface = category_surfaces(labels, spacing, factor, max_faces)
     del labels
     if mesh is not None and surface is None:
         notes.append(f"no surface: {mesh} not written")
         mesh = None
     for note in notes:
         logger.info("render %s: %s", out_png, note)
-    parts = {} if surface is None else _split(surface)
+    parts = {} if surface is None else split_categories(surface)
 
     handles = [
         Patch(color=np.array(COLOURS[name]) / 255, label=f"{LEGEND[name]}: {counts[name]:,} voxels")
         for name in CATEGORIES
     ]
-    _picture([(part, COLOURS[name]) for name, part in parts.items()], floor, views, width, height, out_png,
+    draw_picture([(part, COLOURS[name]) for name, part in parts.items()], floor, views, width, height, out_png,
              [title, score_line(scores)], notes, handles)
     if mesh is not None:
         _write_mesh(_to_world(surface, spacing, np.diag([*spacing, 1.0]) if affine is None else affine), mesh)
@@ -349,7 +349,7 @@ def render_hits(
             "mesh": mesh}
 
 
-def _picture(parts, floor, views: int, width: int, height: int, out_png, lines, notes, handles) -> None:
+def draw_picture(parts, floor, views: int, width: int, height: int, out_png, lines, notes, handles) -> None:
     """The 3D scene of coloured surfaces ``parts`` (``(surface, (r, g, b))``) over an optional grey
     ``floor`` from ``views`` angles, under a header of title ``lines``, ``notes`` and a legend."""
     rows = 1 if views <= 3 else 2
@@ -384,7 +384,7 @@ def _picture(parts, floor, views: int, width: int, height: int, out_png, lines, 
         fig.savefig(tmp, dpi=100, format="png")
 
 
-def _split(surface: pv.PolyData, names: Sequence[str] = CATEGORIES) -> dict[str, pv.PolyData]:
+def split_categories(surface: pv.PolyData, names: Sequence[str] = CATEGORIES) -> dict[str, pv.PolyData]:
     """The non-empty categories of a surface (code ``i + 1`` is ``names[i]``), one surface each."""
     category = np.asarray(surface.cell_data["category"])
     return {
@@ -424,7 +424,7 @@ def _write_mesh(surface: pv.PolyData, path: Path) -> dict[str, int]:
             with _verbosity():
                 plotter = pv.Plotter(off_screen=True)
                 try:
-                    for name, part in _split(surface).items():
+                    for name, part in split_categories(surface).items():
                         plotter.add_mesh(part, color=COLOURS[name])
                     plotter.export_gltf(str(tmp), rotate_scene=False)
                 finally:
@@ -464,7 +464,7 @@ def export_mesh(
     p, t = spatial_pair(pred, truth, channel)
     factor = display_factor(p.shape, max_voxels)
     labels, counts = category_map(p.volume, t.volume, factor, p.channel)
-    surface = _surfaces(labels, spacing, factor, max_faces)
+    surface = category_surfaces(labels, spacing, factor, max_faces)
     if surface is None:
         raise SlabError(f"{out_path}: prediction and truth are both empty; there is no surface to export")
     faces = _write_mesh(_to_world(surface, spacing, np.diag([*spacing, 1.0]) if affine is None else affine), out_path)

@@ -20,8 +20,7 @@ from slab.transforms.post.array import __all__ as _array
 from slab.transforms.post.dictionary import *  # noqa: F401,F403
 from slab.transforms.post.dictionary import __all__ as _dictionary
 from slab.transforms.post.functional import *  # noqa: F401,F403
-from slab.transforms.post.functional import (_check_connectivity, _check_values, _compiled_fill,  # noqa: F401
-                                             filter_components, hysteresis_pairs, per_channel)
+from slab.transforms.post.functional import _compiled_fill  # noqa: F401 - None where the C fill is not built
 from slab.transforms.post.functional import __all__ as _functional
 
 __all__ = sorted({*_array, *_dictionary, *_functional})

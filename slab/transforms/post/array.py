@@ -10,10 +10,10 @@ from scipy import ndimage as ndi
 
 from slab.core.checks import CONNECTIVITIES, FILL_MODES
 from slab.core.errors import SlabError
-from slab.transforms.post.functional import (_check_connectivity, _check_int, _check_no_nan, _check_number,
-                                             _check_values, _fill_holes, filter_components, hysteresis_pairs,
-                                             _is_sequence, _largest, _like, _numpy, per_channel, _per_volume,
-                                             _volumes, argmax_masks, check_binary, greater_than, hysteresis_fill)
+from slab.transforms.post.functional import (check_connectivity, check_int, check_no_nan, check_number,
+                                             check_values, fill_enclosed, filter_components, hysteresis_pairs,
+                                             is_sequence, largest_labels, like_input, as_numpy, per_channel, per_volume,
+                                             label_volumes, argmax_masks, check_binary, greater_than, hysteresis_fill)
 from slab.io.volumes import check_same_geometry
 
 
@@ -41,19 +41,19 @@ class Threshold(Transform):
     """
 
     def __init__(self, threshold: float | Sequence[float] = 0.5):
-        self.threshold = _check_values("threshold", threshold)
+        self.threshold = check_values("threshold", threshold)
 
     def __call__(self, x):
-        a = _numpy(x)
-        _check_no_nan(a, "Threshold")
+        a = as_numpy(x)
+        check_no_nan(a, "Threshold")
         if not isinstance(self.threshold, tuple):
-            return _like(greater_than(a, self.threshold).view(np.uint8), x)
-        volumes = _volumes(a, "Threshold")
+            return like_input(greater_than(a, self.threshold).view(np.uint8), x)
+        volumes = label_volumes(a, "Threshold")
         out = np.empty(a.shape, np.uint8)
         channels = [out] if a.ndim == 3 else list(out)
         for v, t, dest in zip(volumes, per_channel("threshold", self.threshold, len(volumes)), channels):
             dest[...] = greater_than(v, t)
-        return _like(out, x)
+        return like_input(out, x)
 
 
 class HysteresisFill(Transform):
@@ -72,7 +72,7 @@ class HysteresisFill(Transform):
     """
 
     def __init__(self, low: float | Sequence[float], high: float | Sequence[float], connectivity: int = 26):
-        self.low, self.high = _check_values("low", low), _check_values("high", high)
+        self.low, self.high = check_values("low", low), check_values("high", high)
         lows, highs = (list(v) if isinstance(v, tuple) else [v] for v in (self.low, self.high))
         n = max(len(lows), len(highs))
         if {len(lows), len(highs)} - {1, n}:
@@ -81,16 +81,16 @@ class HysteresisFill(Transform):
             if lo > hi:
                 where = f" (channel {c})" if n > 1 else ""
                 raise SlabError(f"hysteresis: low {lo:g} is above high {hi:g}{where}; expected low <= high")
-        self.connectivity = _check_connectivity(connectivity)
+        self.connectivity = check_connectivity(connectivity)
 
     def __call__(self, x):
-        a = _numpy(x)
-        _check_no_nan(a, "HysteresisFill")
-        volumes = _volumes(a, "HysteresisFill")
+        a = as_numpy(x)
+        check_no_nan(a, "HysteresisFill")
+        volumes = label_volumes(a, "HysteresisFill")
         lows = per_channel("hysteresis", self.low, len(volumes))
         highs = per_channel("hysteresis", self.high, len(volumes))
         results = [hysteresis_fill(v, lo, hi, self.connectivity) for v, lo, hi in zip(volumes, lows, highs)]
-        return _like(results[0] if a.ndim == 3 else np.stack(results), x)
+        return like_input(results[0] if a.ndim == 3 else np.stack(results), x)
 
 
 class RemoveSmallComponents(Transform):
@@ -108,8 +108,8 @@ class RemoveSmallComponents(Transform):
     """
 
     def __init__(self, min_size: int, connectivity: int = 26):
-        self.min_size = _check_int("min_size", min_size, 0)
-        self.connectivity = _check_connectivity(connectivity)
+        self.min_size = check_int("min_size", min_size, 0)
+        self.connectivity = check_connectivity(connectivity)
 
     def _remove(self, v: np.ndarray) -> np.ndarray:
         mask = check_binary(v, "RemoveSmallComponents")
@@ -118,7 +118,7 @@ class RemoveSmallComponents(Transform):
         return filter_components(mask, self.connectivity, lambda sizes: sizes >= self.min_size)
 
     def __call__(self, x):
-        return _per_volume(x, self._remove, "RemoveSmallComponents")
+        return per_volume(x, self._remove, "RemoveSmallComponents")
 
 
 class KeepLargestComponents(Transform):
@@ -134,15 +134,15 @@ class KeepLargestComponents(Transform):
     """
 
     def __init__(self, k: int = 1, connectivity: int = 26):
-        self.k = _check_int("keep_largest", k, 1)
-        self.connectivity = _check_connectivity(connectivity)
+        self.k = check_int("keep_largest", k, 1)
+        self.connectivity = check_connectivity(connectivity)
 
     def _keep(self, v: np.ndarray) -> np.ndarray:
         mask = check_binary(v, "KeepLargestComponents")
-        return filter_components(mask, self.connectivity, lambda sizes: _largest(sizes, self.k))
+        return filter_components(mask, self.connectivity, lambda sizes: largest_labels(sizes, self.k))
 
     def __call__(self, x):
-        return _per_volume(x, self._keep, "KeepLargestComponents")
+        return per_volume(x, self._keep, "KeepLargestComponents")
 
 
 class FillHoles(Transform):
@@ -164,22 +164,22 @@ class FillHoles(Transform):
         if mode not in FILL_MODES:
             raise SlabError(f"fill_holes: expected '3d' or 'slice', got {mode!r}")
         self.mode = mode
-        self.axis = _check_int("axis", axis, 0)
+        self.axis = check_int("axis", axis, 0)
         if self.axis > 2:
             raise SlabError(f"axis: expected a spatial axis 0, 1 or 2, got {axis!r}")
 
     def _fill(self, v: np.ndarray) -> np.ndarray:
         mask = check_binary(v, "FillHoles")
         if self.mode == "3d":
-            return _fill_holes(mask)
+            return fill_enclosed(mask)
         out = np.empty(mask.shape, np.uint8)
         for i in range(mask.shape[self.axis]):
             index = (slice(None),) * self.axis + (i,)
-            out[index] = _fill_holes(mask[index])
+            out[index] = fill_enclosed(mask[index])
         return out
 
     def __call__(self, x):
-        return _per_volume(x, self._fill, "FillHoles")
+        return per_volume(x, self._fill, "FillHoles")
 
 
 class MaskToROI(Transform):
@@ -191,7 +191,7 @@ class MaskToROI(Transform):
     """
 
     def __call__(self, x, roi):
-        a, r = _numpy(x), check_binary(roi, "roi")
+        a, r = as_numpy(x), check_binary(roi, "roi")
         if a.shape[-3:] != r.shape[-3:] or r.ndim not in (3, 4) or a.ndim not in (3, 4):
             raise SlabError(f"roi: shape {tuple(r.shape)} does not match the volume's {tuple(a.shape)}")
         labels = a.shape[0] if a.ndim == 4 else 1
@@ -201,7 +201,7 @@ class MaskToROI(Transform):
             check_same_geometry(x, roi, names=["volume", "roi"])
         if a.ndim == 3 and r.ndim == 4:
             r = r[0]
-        return _like(a * r, x)
+        return like_input(a * r, x)
 
 
 class RegionGrow(Transform):
@@ -227,11 +227,11 @@ class RegionGrow(Transform):
 
     def __init__(self, tolerance: float = 2.0, max_iterations: int | None = 10, connectivity: int = 6,
                  scale: str = "std"):
-        self.tolerance = _check_number("tolerance", tolerance)
+        self.tolerance = check_number("tolerance", tolerance)
         if self.tolerance < 0:
             raise SlabError(f"tolerance: expected a number >= 0, got {tolerance!r}")
-        self.max_iterations = None if max_iterations is None else _check_int("max_iterations", max_iterations, 1)
-        self.connectivity = _check_connectivity(connectivity)
+        self.max_iterations = None if max_iterations is None else check_int("max_iterations", max_iterations, 1)
+        self.connectivity = check_connectivity(connectivity)
         if scale not in ("std", "intensity"):
             raise SlabError(f"scale: expected 'std' or 'intensity', got {scale!r}")
         self.scale = scale
@@ -248,15 +248,15 @@ class RegionGrow(Transform):
         return grown.view(np.uint8)
 
     def __call__(self, image, seed):
-        img, s = _numpy(image), check_binary(seed, "seed")
-        _check_no_nan(img, "RegionGrow image")
-        images, seeds = _volumes(img, "RegionGrow image"), _volumes(s, "RegionGrow seed")
+        img, s = as_numpy(image), check_binary(seed, "seed")
+        check_no_nan(img, "RegionGrow image")
+        images, seeds = label_volumes(img, "RegionGrow image"), label_volumes(s, "RegionGrow seed")
         if images[0].shape != seeds[0].shape:
             raise SlabError(f"seed: spatial shape {seeds[0].shape} does not match the image's {images[0].shape}")
         if len(images) not in (1, len(seeds)):
             raise SlabError(f"image: {len(images)} channels; expected 1 or one per seed label ({len(seeds)})")
         results = [self._grow(images[i if len(images) > 1 else 0], sd) for i, sd in enumerate(seeds)]
-        return _like(results[0] if s.ndim == 3 else np.stack(results), seed)
+        return like_input(results[0] if s.ndim == 3 else np.stack(results), seed)
 
 
 class Postprocess(Transform):
@@ -286,9 +286,9 @@ class Postprocess(Transform):
     def __init__(self, threshold: float | Sequence[float] | None = 0.5,
                  hysteresis: Sequence[float] | Sequence[Sequence[float]] | None = None, min_size: int = 0,
                  keep_largest: int | None = None, fill_holes: str | None = None, connectivity: int = 26):
-        connectivity = _check_connectivity(connectivity)
+        connectivity = check_connectivity(connectivity)
         # the settings parsed, kept: the out-of-core chain (slab.transforms.blockwise) reads them
-        self.connectivity, self.min_size = connectivity, _check_int("min_size", min_size, 0)
+        self.connectivity, self.min_size = connectivity, check_int("min_size", min_size, 0)
         self.keep_largest, self.fill_holes = keep_largest, fill_holes
         if hysteresis is not None:
             low, high = hysteresis_pairs(hysteresis)
@@ -306,11 +306,11 @@ class Postprocess(Transform):
             self.steps.append(FillHoles(fill_holes))
 
     def __call__(self, x, roi=None):
-        a = _numpy(x if roi is None else MaskToROI()(x, roi))
+        a = as_numpy(x if roi is None else MaskToROI()(x, roi))
         a = check_binary(a, "input").view(np.uint8) if self.binarise is None else self.binarise(a)
         for step in self.steps:
             a = step(a)
-        return _like(a, x)
+        return like_input(a, x)
 
 
 class PerLabelPostprocess(Transform):
@@ -318,17 +318,17 @@ class PerLabelPostprocess(Transform):
     channel ``i`` of ``(L, X, Y, Z)`` goes through ``Postprocess(**labels[i])``."""
 
     def __init__(self, labels: Sequence[Mapping]):
-        if not _is_sequence(labels) or not labels or not all(isinstance(o, Mapping) for o in labels):
+        if not is_sequence(labels) or not labels or not all(isinstance(o, Mapping) for o in labels):
             raise SlabError(f"postprocess labels: expected one object of settings per label, got {labels!r}")
         self.chains = [Postprocess(**dict(o)) for o in labels]
 
     def __call__(self, x, roi=None):
-        a = _numpy(x)
+        a = as_numpy(x)
         if a.ndim != 4 or a.shape[0] != len(self.chains):
             raise SlabError(f"input: expected {len(self.chains)} label channel(s) (L, X, Y, Z), got shape {a.shape}")
         out = np.concatenate([np.asarray(chain(a[i:i + 1], None if roi is None else roi))
                               for i, chain in enumerate(self.chains)])
-        return _like(out, x)
+        return like_input(out, x)
 
 
 class ArgmaxPostprocess(Transform):
@@ -341,7 +341,7 @@ class ArgmaxPostprocess(Transform):
 
     def __call__(self, x, roi=None):
         masks = argmax_masks(x if roi is None else MaskToROI()(x, roi))
-        return _like(np.asarray(self.inner(masks)), x)
+        return like_input(np.asarray(self.inner(masks)), x)
 
 
 def merge_postprocess(chosen: Mapping | None, given: Mapping | None) -> dict:
@@ -384,7 +384,7 @@ def make_postprocess(options: Mapping | None):
         if "labels" in options:
             if set(options) != {"labels"}:
                 raise SlabError(f"postprocess: 'labels' (per-label settings) goes alone, got {sorted(options)}")
-            if not _is_sequence(options["labels"]) or not all(isinstance(o, Mapping) for o in options["labels"]):
+            if not is_sequence(options["labels"]) or not all(isinstance(o, Mapping) for o in options["labels"]):
                 raise SlabError(f"postprocess labels: expected one object of settings per label, "
                                 f"got {options['labels']!r}")
             chain = PerLabelPostprocess([{**default, **o} for o in options["labels"]])

@@ -30,27 +30,27 @@ _CHUNK_VOXELS = 1 << 20
 # Checks and conversions
 
 
-def _check_connectivity(connectivity) -> int:
+def check_connectivity(connectivity) -> int:
     if connectivity not in CONNECTIVITIES or isinstance(connectivity, bool):
         raise SlabError(f"connectivity: expected 6, 18 or 26, got {connectivity!r}")
     return int(connectivity)
 
 
-def _check_number(name: str, value) -> float:
+def check_number(name: str, value) -> float:
     number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not number or not math.isfinite(value):
         raise SlabError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
 
 
-def _check_values(name: str, value) -> float | tuple[float, ...]:
+def check_values(name: str, value) -> float | tuple[float, ...]:
     """A finite number, or a non-empty sequence of them (one per label channel) as a tuple."""
-    if _is_sequence(value):
+    if is_sequence(value):
         values = tuple(value.ravel().tolist()) if isinstance(value, np.ndarray) else tuple(value)
         if not values:
             raise SlabError(f"{name}: expected a number or one number per label channel, got {value!r}")
-        return tuple(_check_number(name, v) for v in values)
-    return _check_number(name, value)
+        return tuple(check_number(name, v) for v in values)
+    return check_number(name, value)
 
 
 def per_channel(name: str, value, labels: int) -> list[float]:
@@ -63,22 +63,22 @@ def per_channel(name: str, value, labels: int) -> list[float]:
     return list(value)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise SlabError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def _numpy(x) -> np.ndarray:
+def as_numpy(x) -> np.ndarray:
     return convert_data_type(x, np.ndarray)[0]
 
 
-def _like(array: np.ndarray, x):
+def like_input(array: np.ndarray, x):
     """``array`` as the type of ``x`` (numpy, tensor on x's device, MetaTensor with x's meta)."""
     return convert_to_dst_type(array, x, dtype=array.dtype)[0]
 
 
-def _volumes(a: np.ndarray, who: str) -> list[np.ndarray]:
+def label_volumes(a: np.ndarray, who: str) -> list[np.ndarray]:
     if a.ndim == 3:
         return [a]
     if a.ndim == 4:
@@ -86,15 +86,15 @@ def _volumes(a: np.ndarray, who: str) -> list[np.ndarray]:
     raise SlabError(f"{who}: expected a (L, X, Y, Z) or (X, Y, Z) volume, got shape {tuple(a.shape)}")
 
 
-def _per_volume(x, fn: Callable[[np.ndarray], np.ndarray], who: str):
+def per_volume(x, fn: Callable[[np.ndarray], np.ndarray], who: str):
     """Apply ``fn`` (3D numpy in, 3D numpy out) to each label of ``x``; ``x``'s type and meta out."""
-    a = _numpy(x)
-    results = [fn(v) for v in _volumes(a, who)]
+    a = as_numpy(x)
+    results = [fn(v) for v in label_volumes(a, who)]
     out = results[0] if a.ndim == 3 else np.stack(results)
-    return _like(out, x)
+    return like_input(out, x)
 
 
-def _check_no_nan(a: np.ndarray, who: str) -> None:
+def check_no_nan(a: np.ndarray, who: str) -> None:
     # A min is one pass with no temporary, and NaN propagates through it.
     if a.dtype.kind == "f" and a.size and np.isnan(np.min(a)):
         raise SlabError(f"{who}: the input contains NaN; expected finite probabilities")
@@ -109,7 +109,7 @@ def check_binary(x, who: str) -> np.ndarray:
     x : numpy array, tensor or MetaTensor
     who : the argument or file named in the error message.
     """
-    a = _numpy(x)
+    a = as_numpy(x)
     if a.dtype == np.bool_:
         return a
     if a.dtype.kind not in "uif":
@@ -257,14 +257,14 @@ def filter_components(mask: np.ndarray, connectivity: int, keep: Callable[[np.nd
     return out.T if flip else out
 
 
-def _largest(sizes: np.ndarray, k: int) -> np.ndarray:
+def largest_labels(sizes: np.ndarray, k: int) -> np.ndarray:
     """Select the ``k`` largest labels (index 0 excluded); equal sizes go to the lower label."""
     selected = np.zeros(sizes.shape, bool)
     selected[np.argsort(-sizes[1:], kind="stable")[:k] + 1] = True
     return selected
 
 
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
+def fill_enclosed(mask: np.ndarray) -> np.ndarray:
     """Fill background regions (face-connected, as scipy's default) that do not touch the border."""
     background, n = cc3d.connected_components(~mask, connectivity=4 if mask.ndim == 2 else 6, return_N=True)
     inside = np.ones(n + 1, bool)
@@ -286,10 +286,10 @@ def argmax_masks(prob) -> np.ndarray:
     >>> argmax_masks(p)[:, :, 0, 0].tolist()  # background 0.1, 0.3, 0.6
     [[1, 0, 0], [0, 1, 0]]
     """
-    a = _numpy(prob)
+    a = as_numpy(prob)
     if a.ndim != 4:
         raise SlabError(f"input: expected (L, X, Y, Z) class probabilities, got shape {a.shape}")
-    _check_no_nan(a, "input")
+    check_no_nan(a, "input")
     out = np.zeros(a.shape, np.uint8)
     step = max(1, (1 << 24) // max(1, int(np.prod(a.shape[:3]))))
     for z in range(0, a.shape[3], step):  # a slab of slices at a time: no float copy of the volume
@@ -301,16 +301,16 @@ def argmax_masks(prob) -> np.ndarray:
     return out
 
 
-def _is_sequence(value) -> bool:
+def is_sequence(value) -> bool:
     return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
 
 
 def hysteresis_pairs(hysteresis) -> tuple:
     """``(low, high)`` of one pair of numbers, or ``(lows, highs)`` of a sequence of pairs."""
-    items = list(hysteresis) if _is_sequence(hysteresis) else []
-    if items and not any(_is_sequence(v) for v in items) and len(items) == 2:
+    items = list(hysteresis) if is_sequence(hysteresis) else []
+    if items and not any(is_sequence(v) for v in items) and len(items) == 2:
         return items[0], items[1]
-    if not items or not all(_is_sequence(p) and len(p) == 2 for p in items):
+    if not items or not all(is_sequence(p) and len(p) == 2 for p in items):
         raise SlabError(f"hysteresis: expected (low, high) or one (low, high) pair per label channel, "
                         f"got {hysteresis!r}")
     return tuple(p[0] for p in items), tuple(p[1] for p in items)
@@ -338,29 +338,32 @@ def organ_mask_from_image(image, *, downsample: int = 4, sigma: float = 2.0, per
     -------
     uint8 mask, ``(1, X, Y, Z)`` (or ``(X, Y, Z)``), of ``image``'s type and meta.
     """
-    downsample = _check_int("downsample", downsample, 1)
-    closing = _check_int("closing", closing, 0)
-    sigma = _check_number("sigma", sigma)
+    downsample = check_int("downsample", downsample, 1)
+    closing = check_int("closing", closing, 0)
+    sigma = check_number("sigma", sigma)
     if sigma < 0:
         raise SlabError(f"sigma: expected a number >= 0, got {sigma!r}")
-    if percentile is not None and not 0 <= _check_number("percentile", percentile) <= 100:
+    if percentile is not None and not 0 <= check_number("percentile", percentile) <= 100:
         raise SlabError(f"percentile: expected a number in [0, 100], got {percentile!r}")
-    a = _numpy(image)
-    _check_no_nan(a, "image")
-    channels = _volumes(a, "organ_mask_from_image")
+    a = as_numpy(image)
+    check_no_nan(a, "image")
+    channels = label_volumes(a, "organ_mask_from_image")
     small = np.mean([c[::downsample, ::downsample, ::downsample] for c in channels], axis=0, dtype=np.float32)
     small = ndi.gaussian_filter(small, sigma) if sigma else small
     level = threshold_otsu(small) if percentile is None else np.percentile(small, percentile)
-    mask = filter_components(small > level, 26, lambda sizes: _largest(sizes, 1)).view(bool)
+    mask = filter_components(small > level, 26, lambda sizes: largest_labels(sizes, 1)).view(bool)
     if closing:
         # Padded, so that the erosion half of the closing does not eat the organ at the border.
         mask = ndi.binary_closing(np.pad(mask, closing), ball(closing))[(slice(closing, -closing),) * 3]
-    mask = _fill_holes(mask)
+    mask = fill_enclosed(mask)
     # Each voxel takes the nearest subsampled voxel (sample i sits at i * downsample).
     nearest = [np.minimum((np.arange(n) + downsample // 2) // downsample, m - 1)
                for n, m in zip(channels[0].shape, mask.shape)]
     out = mask[np.ix_(*nearest)]
-    return _like(out if a.ndim == 3 else out[None], image)
+    return like_input(out if a.ndim == 3 else out[None], image)
 
 
-__all__ = ["argmax_masks", "check_binary", "greater_than", "hysteresis_fill", "organ_mask_from_image", "seeded_fill"]
+__all__ = ["argmax_masks", "as_numpy", "check_binary", "check_connectivity", "check_int", "check_no_nan", "check_number",
+           "check_values", "fill_enclosed", "filter_components", "greater_than", "hysteresis_fill", "hysteresis_pairs",
+           "is_sequence", "label_volumes", "largest_labels", "like_input", "organ_mask_from_image", "per_channel",
+           "per_volume", "seeded_fill"]
