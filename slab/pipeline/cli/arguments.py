@@ -71,6 +71,14 @@ def html_path(text: str) -> str:
     return text
 
 
+def check_view(view, image) -> None:
+    """``--view`` draws the page over the image the masks belong to: it needs ``--image``."""
+    if view and not image:
+        from slab.core.errors import SlabError
+
+        raise SlabError("--view: needs --image IMAGE (the volume the page shows under the masks)")
+
+
 def fold_list(text: str) -> list[int]:
     """``0,2``: distinct fold numbers >= 0."""
     try:

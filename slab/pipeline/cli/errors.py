@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slab.pipeline.cli.arguments import non_negative_int, png_path, positive_int, probability
+from slab.pipeline.cli.arguments import check_view, html_path, non_negative_int, png_path, positive_int, probability
 
 HELP = "rank false-positive and missed clusters of a prediction (CSV), and draw the top ones (PNG)"
 
@@ -21,13 +21,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image", metavar="IMAGE", help="image in the same geometry, drawn under the sections")
     parser.add_argument("--sheet", type=png_path, metavar="SHEET.png",
                         help="also draw the top clusters (3D crop + section each; a PNG)")
+    parser.add_argument("--view", type=html_path, metavar="OUT.html",
+                        help="also write the page of slab view, its error clusters as links (needs --image)")
     parser.add_argument("--top", type=positive_int, default=6, metavar="K", help="clusters on the sheet (default 6)")
     parser.add_argument("--channel", type=non_negative_int, default=0, metavar="C", help="label channel (default 0)")
 
 
 def paths(args) -> tuple[dict, dict]:
     return ({"PRED": args.pred, "TRUTH": args.truth, "--prob": args.prob, "--image": args.image},
-            {"-o": args.output, "--sheet": args.sheet})
+            {"-o": args.output, "--sheet": args.sheet, "--view": args.view})
 
 
 def run(args) -> int:
@@ -37,6 +39,7 @@ def run(args) -> int:
     from slab.io.volumes import check_same_geometry, load_volume
     from slab.transforms.post import greater_than
 
+    check_view(args.view, args.image)
     pred, truth = load_volume(args.pred), load_volume(args.truth)
     check_same_geometry(pred, truth, names=[args.pred, args.truth])
     for name, volume in ((args.pred, pred), (args.truth, truth)):
@@ -68,6 +71,11 @@ def run(args) -> int:
     if args.sheet:
         error_sheet(clusters, p, t, image, args.sheet, spacing=spacing, top=args.top)
         written.append(args.sheet)
+    if args.view:
+        from slab.pipeline.evaluation.viewer import write_page
+
+        write_page(args.image, args.pred, args.truth, args.view, threshold=args.threshold)
+        written.append(args.view)
     fp = sum(c["kind"] == "false_positive" for c in clusters)
     print(f"{fp} false-positive and {len(clusters) - fp} missed cluster(s); wrote {', '.join(written)}")
     return 0

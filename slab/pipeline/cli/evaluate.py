@@ -12,7 +12,7 @@ import json
 import math
 import sys
 
-from slab.pipeline.cli.arguments import non_negative_float, png_path, probability
+from slab.pipeline.cli.arguments import check_view, html_path, non_negative_float, png_path, probability
 from slab.core.errors import SlabError
 
 HELP = "Score a mask or probability map against the truth: dice, IoU, precision, recall, surface dice (JSON)."
@@ -38,6 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--radius-bins", action="store_true",
                         help="also centreline recall and precision per vessel radius (1, 2, 3-4, 5-8, >8 voxels)")
     parser.add_argument("--json", metavar="OUT", help="also write the JSON to OUT")
+    parser.add_argument("--image", metavar="IMAGE", help="the image PRED was predicted from (for --view)")
+    parser.add_argument("--view", type=html_path, metavar="OUT.html",
+                        help="also write the page of slab view: IMAGE with PRED (at --threshold), TRUTH, the hits, "
+                             "false positives and misses, scores and error clusters (needs --image)")
     parser.add_argument("--plot", type=png_path, metavar="PNG", help="plot the sweep's curves to PNG (needs --sweep)")
 
 
@@ -86,7 +90,8 @@ def _shape_metrics(result: dict, pred, truth, args, probabilities: bool) -> None
 
 
 def paths(args) -> tuple[dict, dict]:
-    return {"PRED": args.pred, "TRUTH": args.truth}, {"--json": args.json, "--plot": args.plot}
+    return ({"PRED": args.pred, "TRUTH": args.truth, "--image": args.image},
+            {"--json": args.json, "--plot": args.plot, "--view": args.view})
 
 
 def run(args) -> int:
@@ -99,6 +104,7 @@ def run(args) -> int:
     from slab.io.volumes import check_same_geometry
 
     tolerances = check_tolerances(args.tolerance)
+    check_view(args.view, args.image)
     thresholds = None
     if args.sweep is not None:
         thresholds = check_thresholds(args.sweep or np.round(np.arange(1, 20) * 0.05, 2))
@@ -127,6 +133,11 @@ def run(args) -> int:
         with atomic_write(args.json) as tmp:
             tmp.write_text(text + "\n", encoding="utf-8")
     print(text)
-    if args.json or args.plot:
-        print(f"wrote {', '.join(p for p in (args.json, args.plot) if p)}", file=sys.stderr)
+    if args.view:
+        from slab.pipeline.evaluation.viewer import write_page
+
+        write_page(args.image, args.pred, args.truth, args.view, threshold=args.threshold)
+    written = [p for p in (args.json, args.plot, args.view) if p]
+    if written:
+        print(f"wrote {', '.join(written)}", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from slab.core.errors import SlabError
 from slab.io.common import spacing_of
@@ -209,13 +210,17 @@ start().catch(e => {{ document.getElementById("status").textContent = "error: " 
 
 
 def write_page(image_path, pred_path=None, truth_path=None, out_html="case.html", *, names=None,
-               max_voxels: int = MAX_VOXELS) -> dict:
-    """Read the volumes (checked: same geometry), write the page atomically; its summary."""
+               max_voxels: int = MAX_VOXELS, threshold: float = 0.5) -> dict:
+    """Read the volumes (checked: same geometry), write the page atomically; its summary. A
+    prediction that is a probability map (floating point) is shown as its mask ``> threshold``
+    (the threshold ``slab evaluate`` and ``slab errors`` scored it at)."""
     from slab.core.outputs import atomic_write
     from slab.io.volumes import check_same_geometry, load_volume
 
     image = load_volume(image_path)
     volumes = [load_volume(p) if p is not None else None for p in (pred_path, truth_path)]
+    if volumes[0] is not None and volumes[0].dtype.is_floating_point:
+        volumes[0] = (volumes[0] > threshold).to(torch.uint8)
     given = [(v, str(p)) for v, p in zip(volumes, (pred_path, truth_path)) if v is not None]
     if given:
         check_same_geometry(image, *[v for v, _ in given], names=[str(image_path)] + [p for _, p in given])

@@ -180,3 +180,32 @@ def test_blocked_labels_sit_at_the_block_centres_the_page_places_them():
     assert shown[0, 0, 0] == values[1, 1, 1] and shown[1, 1, 1] == values[4, 4, 3]  # centres (edge repeated)
     assert shown[2, 0, 0] == values[6, 1, 1]  # the last, partial block: its edge voxel
     assert block_centres(values, 1) is values
+
+
+@pytest.mark.parametrize("command", ["evaluate", "errors"])
+def test_evaluate_and_errors_write_the_page_of_what_they_scored(tmp_path, capsys, command):
+    """``--view`` on slab evaluate and slab errors: the page of IMAGE, PRED (a probability map shown
+    at the command's --threshold: one organ at 0.65 kept, the other at 0.55 dropped at 0.6), TRUTH
+    and their hits / false positives / misses, the Dice of what was scored; without --image, one
+    line and nothing written."""
+    image_path, pred_path, truth_path = _case(tmp_path)
+    pred = load_volume(pred_path).numpy()[0]
+    probs = np.select([pred == 1, pred == 2], [0.65, 0.55], 0.2).astype(np.float32)
+    nib.save(nib.Nifti1Image(probs, AFFINE), tmp_path / "probs.nii.gz")
+    truth = (load_volume(truth_path).numpy()[0] > 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(truth, AFFINE), tmp_path / "truth01.nii.gz")
+    mask = probs > 0.6
+    dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + truth.sum())
+    extra = ["-o", str(tmp_path / "clusters.csv")] if command == "errors" else []
+    argv = [command, str(tmp_path / "probs.nii.gz"), str(tmp_path / "truth01.nii.gz"), *extra, "--threshold", "0.6",
+            "--image", str(image_path), "--view", str(tmp_path / "page.html")]
+    assert main(argv) == 0
+    page = (tmp_path / "page.html").read_text(encoding="utf-8")
+    assert f"<td>label 1</td><td>{dice:.3f}</td>" in page and dice < 0.7  # the organ under 0.6 left out
+    for layer in ('"name": "prediction"', '"name": "hit"', '"name": "false_positive"', '"name": "miss"'):
+        assert layer in page, layer
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv[:-4] + ["--view", str(tmp_path / "again.html")]) == 2
+    assert "--view: needs --image" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
