@@ -126,7 +126,8 @@ def dicom_info(directory: Path) -> tuple[tuple[int, ...], np.dtype, np.ndarray] 
     lps[:3, 0], lps[:3, 1] = orientation[:3] * col_mm, orientation[3:] * row_mm
     lps[:3, 2] = normal * step
     lps[:3, 3] = positions[0]
-    return (1, cols, rows, len(files)), _stored_dtype(first) or np.dtype(np.float32), LPS_TO_RAS @ lps
+    stored = _stored_dtype(first)
+    return (1, cols, rows, len(files)), stored if stored is not None else np.dtype(np.float32), LPS_TO_RAS @ lps
 
 
 def read_dicom(directory: Path) -> tuple[np.ndarray, np.ndarray, dict]:

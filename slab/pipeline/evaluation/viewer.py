@@ -29,9 +29,10 @@ from slab.core.errors import SlabError
 from slab.io.common import spacing_of
 
 MAX_VOXELS = 160 ** 3  # shown at full resolution up to this many voxels (a 512³ case becomes ~8 MB)
-# label colours of a prediction (RGB), cycled; the categories keep slab render's colours
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
+# label colours of a prediction (RGB), cycled: none near the categories' yellow, green and red (slab
+# render's), so that a prediction's colour is never read as a hit, a false positive or a miss
+PALETTE = ((0, 130, 200), (145, 30, 180), (70, 240, 240), (240, 50, 230), (245, 130, 48), (0, 128, 128),
+           (250, 190, 212), (170, 110, 40), (128, 128, 0), (0, 0, 128))
 
 
 def _niivue() -> tuple[str, str]:
@@ -127,12 +128,14 @@ def build_page(image, pred=None, truth=None, *, names=None, title: str = "case",
                "clusters": []}
     if pred is not None:
         values, names = label_map(pred, names, "PRED")
+        if truth is not None:  # a label the prediction missed entirely (or an empty prediction) is shown and scored
+            truth_values, truth_names = label_map(truth, names or None, "TRUTH")
+            names = truth_names if len(truth_names) > len(names) else names
         layers.append({"name": "prediction", "kind": "labels", "b64": _nifti_b64(block_centres(values, f), shown),
                        "colormap": _colormap(names, [PALETTE[i % len(PALETTE)] for i in range(len(names))])})
         summary["layers"].append("prediction")
         summary["labels"] = names
     if pred is not None and truth is not None:
-        truth_values, _ = label_map(truth, names, "TRUTH")
         p_any, t_any = (values > 0)[None], (truth_values > 0)[None]
         categories, counts = category_map(p_any, t_any, f)
         for code, name in enumerate(CATEGORIES, 1):
@@ -142,7 +145,7 @@ def build_page(image, pred=None, truth=None, *, names=None, title: str = "case",
             summary["layers"].append(name)
         n = len(names)
         scores = evaluate(np.stack([values == i + 1 for i in range(n)]), np.stack([truth_values == i + 1 for i in range(n)]),
-                          spacing, tolerances=(0.0,))
+                          spacing, tolerances=(0.0,)) if n else {"classes": []}
         summary["scores"] = [{"label": names[i], "dice": c["dice"], "surface_dice_0": c["surface_dice"]["0.0"]}
                              for i, c in enumerate(scores["classes"])]
         summary["counts"] = counts
@@ -185,7 +188,7 @@ function toggle(i, on) {{ nv.setOpacity(i, on ? (i === 0 ? 1 : 0.6) : 0); }}
 function jump(mm) {{ nv.scene.crosshairPos = nv.mm2frac(mm); nv.drawScene(); }}
 async function start() {{
   nv = new niivue.Niivue({{isOrientationTextVisible: true, multiplanarForceRender: true, show3Dcrosshair: true,
-                          backColor: [0, 0, 0, 1], loadingText: "loading"}});
+                          backColor: [0, 0, 0, 1], loadingText: "loading", crosshairColor: [0.25, 0.5, 1, 1]}});
   await nv.attachTo("gl");
   for (const layer of DATA.layers) {{
     const bytes = Uint8Array.from(atob(layer.b64), c => c.charCodeAt(0));

@@ -209,3 +209,54 @@ def test_evaluate_and_errors_write_the_page_of_what_they_scored(tmp_path, capsys
     assert main(argv[:-4] + ["--view", str(tmp_path / "again.html")]) == 2
     assert "--view: needs --image" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _screenshot(page: Path, png: Path) -> np.ndarray:
+    """The page as Chromium draws it (WebGL2 through SwiftShader), RGB."""
+    from PIL import Image
+
+    for budget in (30000, 90000):
+        subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--use-angle=swiftshader",
+                        "--enable-unsafe-swiftshader", "--window-size=900,640", f"--virtual-time-budget={budget}",
+                        "--hide-scrollbars", f"--screenshot={png}", page.resolve().as_uri()],
+                       capture_output=True, text=True, timeout=400)
+        if png.is_file():
+            return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
+    raise AssertionError("Chromium wrote no screenshot")
+
+
+def _tinted(rgb: np.ndarray, colour) -> int:
+    """Pixels whose colour leans the way ``colour`` does over a grey image (the layer at opacity
+    0.6 over grey g is 0.6 * colour + 0.4 * g: the channel differences keep the colour's sign)."""
+    r, g, b = (rgb[..., i] for i in range(3))
+    cr, cg, cb = colour
+    lean = np.ones(r.shape, bool)
+    for x, y, cx, cy in ((r, g, cr, cg), (g, b, cg, cb), (r, b, cr, cb)):
+        if abs(cx - cy) > 100:
+            lean &= np.sign(x - y) == np.sign(cx - cy)
+            lean &= np.abs(x - y) > 0.3 * abs(cx - cy)
+    return int(lean.sum())
+
+
+@needs_browser
+def test_a_screenshot_shows_each_category_in_its_colour(tmp_path):
+    """Chromium's screenshot: a page whose prediction is the truth (all hits) shows the hit colour
+    (slab render's yellow) over the image; a page that predicted nothing (all misses) shows the
+    miss colour (red) and no hit colour. The colours are read from the pixels, not assumed."""
+    from slab.pipeline.evaluation.render import COLOURS
+
+    image = np.full(SHAPE, 40.0, np.float32)
+    image[3:18, 3:14, 1:8] = 60.0
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[5:16, 4:13, 2:7] = 1
+    counts = {}
+    for case, pred in (("hits", truth), ("misses", np.zeros(SHAPE, np.uint8))):
+        for name, array in (("image", image), ("pred", pred), ("truth", truth)):
+            nib.save(nib.Nifti1Image(array, AFFINE), tmp_path / f"{case}_{name}.nii.gz")
+        assert main(["view", str(tmp_path / f"{case}_image.nii.gz"), str(tmp_path / f"{case}_pred.nii.gz"),
+                     str(tmp_path / f"{case}_truth.nii.gz"), "-o", str(tmp_path / f"{case}.html")]) == 0
+        rgb = _screenshot(tmp_path / f"{case}.html", tmp_path / f"{case}.png")
+        counts[case] = {k: _tinted(rgb, COLOURS[k]) for k in ("hit", "miss")}
+    assert counts["hits"]["hit"] > 2000 and counts["misses"]["miss"] > 2000, counts
+    # and nothing else on the page is drawn in their colours: not the crosshair, not the prediction's
+    assert counts["misses"]["hit"] == 0 and counts["hits"]["miss"] == 0, counts
