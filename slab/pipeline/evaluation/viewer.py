@@ -127,9 +127,10 @@ def build_page(image, pred=None, truth=None, *, names=None, title: str = "case",
     summary = {"factor": f, "shape": list(raw.shape), "layers": ["image"], "labels": [], "scores": None,
                "clusters": []}
     if pred is not None:
-        values, names = label_map(pred, names, "PRED")
+        given = names
+        values, names = label_map(pred, given, "PRED")
         if truth is not None:  # a label the prediction missed entirely (or an empty prediction) is shown and scored
-            truth_values, truth_names = label_map(truth, names or None, "TRUTH")
+            truth_values, truth_names = label_map(truth, given, "TRUTH")
             names = truth_names if len(truth_names) > len(names) else names
         layers.append({"name": "prediction", "kind": "labels", "b64": _nifti_b64(block_centres(values, f), shown),
                        "colormap": _colormap(names, [PALETTE[i % len(PALETTE)] for i in range(len(names))])})

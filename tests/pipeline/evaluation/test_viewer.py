@@ -260,3 +260,15 @@ def test_a_screenshot_shows_each_category_in_its_colour(tmp_path):
     assert counts["hits"]["hit"] > 2000 and counts["misses"]["miss"] > 2000, counts
     # and nothing else on the page is drawn in their colours: not the crosshair, not the prediction's
     assert counts["misses"]["hit"] == 0 and counts["hits"]["miss"] == 0, counts
+
+
+def test_an_empty_prediction_or_a_missed_label_is_shown_and_scored(tmp_path):
+    """A prediction with nothing in it, or without a label the truth has: the truth's labels are
+    scored (Dice 0 for what was missed), the misses drawn (this was a traceback)."""
+    image_path, pred_path, truth_path = _case(tmp_path)
+    image, pred, truth = (load_volume(p) for p in (image_path, pred_path, truth_path))
+    _, empty = build_page(image, pred * 0, truth)
+    assert [(s["label"], s["dice"]) for s in empty["scores"]] == [("label 1", 0.0), ("label 2", 0.0)]
+    assert empty["layers"] == ["image", "prediction", "hit", "false_positive", "miss"]
+    _, liver_only = build_page(image, (pred == 1).to(pred.dtype), truth, names=["liver", "spleen"])
+    assert [s["label"] for s in liver_only["scores"]] == ["liver", "spleen"] and liver_only["scores"][1]["dice"] == 0.0
