@@ -189,7 +189,8 @@ SCHEMA: dict[str, Any] = {
     "val_every": _s(1, _int(1), "validate every N epochs (and after the last)"),
     "progress": _s(True, _bool, "tqdm progress bars (only on a terminal)"),
     "report_volumes": _s(2, _int(0), "validation volumes drawn in report.html at each new best (sections of "
-                         "prediction and truth outlines, per label); 0: the report without pictures"),
+                         "prediction and truth outlines, per label; and each as a slab view page, report/valN.html, "
+                         "linked); 0: the report without pictures"),
     "val": {
         "planes": _s(None, _list(_choice(PLANES), unique=True, optional=True, what="planes"),
                      "2.5D inference planes; null: the training planes"),

@@ -114,6 +114,11 @@ def write_report(out: Path, cfg: dict, history: list[dict], best: dict) -> Path:
                      "outlined.</p>")
         parts += [f"<figure>{_embedded(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>"
                   for caption, png in pictures]
+        pages = sorted((out / PICTURES).glob("val*.html"), key=lambda p: p.name)
+        if pages:  # slab view's page of each kept validation volume, beside this report (NiiVue is 2 MB a page)
+            parts.append("<p>In the viewer (slices, 3D, hits / false positives / misses as layers, error clusters): "
+                         + ", ".join(f'<a href="{PICTURES}/{html.escape(p.name)}">{html.escape(p.stem)}</a>'
+                                     for p in pages) + "</p>")
     parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre>",
               "<p>Beside this page: <code>log.csv</code> (the table above), <code>curves.png</code>, "
               "<code>best.pt</code> / <code>last.pt</code>, and <code>tensorboard/</code> "

@@ -189,13 +189,17 @@ class SegValidation:
             index, image, truth, spacing = self.volume(k)
             item = self.items[index]
             case = str(item.get("id") or item.get("case") or Path(str(item["image"])).name)
+            masks = []
             for c in range(prob.shape[0]):
                 t = float(thresholds[c] if thresholds else threshold)
                 name = names[c] if c < len(names) else f"label {c + 1}"
                 png = folder / f"val{index}_{c}.png"
-                cross_sections(image[0].numpy(), prob[c] > t, truth[c], png, spacing=spacing,
+                masks.append(prob[c] > t)
+                cross_sections(image[0].numpy(), masks[-1], truth[c], png, spacing=spacing,
                                title=f"{case}: {name}, threshold {t:g}", affine=self.affines[index])
                 drawn.append((f"{case}: {name}", png))
+            write_viewer_page(folder / f"val{index}.html", image, np.stack(masks), truth, self.affines[index], case,
+                              names)
         if reliability:  # the reliability curve of every label, pooled over this process's volumes
             from slab.pipeline.evaluation.calibration import plot_reliability, pooled
 
@@ -213,6 +217,22 @@ class SegValidation:
 
         gathered = sorted((c for part in gather_objects(parts, info) for c in part), key=lambda c: c[0])
         return summarize_sweeps(gathered, self.cfg["val"]["metric"])
+
+
+def write_viewer_page(path: Path, image, masks: np.ndarray, truth, affine, case: str, names: list[str]) -> Path:
+    """The page of ``slab view`` (:mod:`slab.pipeline.evaluation.viewer`) of one validation volume:
+    its (normalised) image, the prediction at the chosen thresholds, the truth, hits / false
+    positives / misses, scores and error clusters; ``report.html`` links it."""
+    from slab.core.outputs import atomic_write
+    from slab.io.lazy import metatensor
+    from slab.pipeline.evaluation.viewer import build_page
+
+    volumes = [metatensor(np.asarray(a, dtype=dtype), affine, case) for a, dtype in
+               ((np.asarray(image)[:1], np.float32), (masks, np.uint8), (np.asarray(truth) > 0, np.uint8))]
+    page, _ = build_page(*volumes, names=list(names) or None, title=case)
+    with atomic_write(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
 
 
 def summarize_sweeps(curves: list, metric: str) -> dict:

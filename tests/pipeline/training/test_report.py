@@ -110,6 +110,12 @@ def test_report_holds_the_run_and_the_best_checkpoints_pictures(cases, tmp_path)
                              title=f"{item['id']}: label 1, threshold {threshold:g}",
                              affine=affine)
     np.testing.assert_array_equal(np.asarray(Image.open(redrawn["path"])), np.asarray(Image.open(io.BytesIO(picture))))
+    # the same volume in slab view's page, linked from the report: its Dice is best.pt's at the threshold
+    mask, truth = np.asarray(prob[0]).astype(np.float16) > threshold, np.asarray(label[0]) > 0
+    dice = 2 * (mask & truth).sum() / max(1, mask.sum() + truth.sum())
+    viewer = (out / "report" / "val0.html").read_text(encoding="utf-8")
+    assert f"<td>label 1</td><td>{dice:.3f}</td>" in viewer and '"name": "miss"' in viewer
+    assert '<a href="report/val0.html">val0</a>' in (out / "report.html").read_text(encoding="utf-8")
     # and the reliability curve over the body of the validation volumes, redrawn from best.pt's prediction
     from slab.pipeline.evaluation.calibration import calibration, plot_reliability, pooled
 
