@@ -200,7 +200,11 @@ async function start() {{
     nv.addVolume(image);
   }}
   nv.setSliceType(nv.sliceTypeMultiplanar);
+  // case.html#mm=x,y,z opens with the cursor at that world point (a link to a cluster from outside)
+  const at = /^#mm=(-?[0-9.]+),(-?[0-9.]+),(-?[0-9.]+)$/.exec(location.hash);
+  if (at) jump(at.slice(1, 4).map(Number));
   document.getElementById("status").textContent = JSON.stringify({{
+    cursor: Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3),
     layers: nv.volumes.map(v => v.name.replace(".nii.gz", "")),
     labels: nv.volumes.map(v => v.colormapLabel && v.colormapLabel.labels ? v.colormapLabel.labels : null),
     probes: DATA.probes, values: DATA.probes.map(mm => nv.volumes.map(v => {{

@@ -40,14 +40,14 @@ def _case(root: Path) -> tuple[Path, Path, Path]:
     return tuple(paths)
 
 
-def _open(page: Path) -> dict:
+def _open(page: Path, fragment: str = "") -> dict:
     """The page in headless Chromium (WebGL2 through SwiftShader), after its scripts ran: #status.
     A page still loading when Chromium's virtual time ran out (a busy machine) is opened again
     with more time; an error the page reports fails at once."""
     for budget in (30000, 90000, 240000):
         done = subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--use-angle=swiftshader",
                                "--enable-unsafe-swiftshader", "--window-size=800,600",
-                               f"--virtual-time-budget={budget}", "--dump-dom", page.resolve().as_uri()],
+                               f"--virtual-time-budget={budget}", "--dump-dom", page.resolve().as_uri() + fragment],
                               capture_output=True, text=True, timeout=400)
         status = re.search(r'<pre id="status">([^<]*)</pre>', done.stdout)
         assert "<title>slab-view-error</title>" not in done.stdout, status and status.group(1)
@@ -272,3 +272,17 @@ def test_an_empty_prediction_or_a_missed_label_is_shown_and_scored(tmp_path):
     assert empty["layers"] == ["image", "prediction", "hit", "false_positive", "miss"]
     _, liver_only = build_page(image, (pred == 1).to(pred.dtype), truth, names=["liver", "spleen"])
     assert [s["label"] for s in liver_only["scores"]] == ["liver", "spleen"] and liver_only["scores"][1]["dice"] == 0.0
+
+
+@needs_browser
+def test_a_link_to_a_cluster_opens_the_page_with_the_cursor_there(tmp_path):
+    """``case.html#mm=x,y,z`` (what a cluster's link does inside the page) puts NiiVue's cursor at
+    that world point: read back from the page, it is the cluster's centroid in world mm."""
+    image_path, pred_path, truth_path = _case(tmp_path)
+    image, pred, truth = (load_volume(p) for p in (image_path, pred_path, truth_path))
+    page, summary = build_page(image, pred, truth)
+    (tmp_path / "case.html").write_text(page, encoding="utf-8")
+    far = max(summary["clusters"], key=lambda c: abs(c["mm"][0]))["mm"]
+    status = _open(tmp_path / "case.html", "#mm=" + ",".join(f"{v:g}" for v in far))
+    np.testing.assert_allclose(status["cursor"], far, atol=1e-3)
+    assert np.abs(np.asarray(_open(tmp_path / "case.html")["cursor"]) - far).max() > 1  # not where it opens anyway
