@@ -150,6 +150,11 @@ def test_a_run_trains_from_the_encoder_records_it_and_predicts_without_it(tmp_pa
     path.unlink()  # prediction never reads the encoder's file: the checkpoint carries the weights
     from slab.io.volumes import load_volume
 
+    # nor does a resumed run (it continues from last.pt's weights); its record stays the file's
+    resumed = train(datalist, config, out, device="cpu", resume=True)  # the run is whole: nothing left to train
+    assert len(resumed["history"]) == 1
+    assert load_checkpoint(out / "last.pt")["network"]["encoder_weights"] == recorded
+
     items = json.loads(Path(datalist).read_text())["validation"]
     probabilities = load_model(out, device="cpu")(load_volume(items[0]["image"]))
     assert probabilities.shape[1:] == (32, 32, 12) and torch.isfinite(torch.as_tensor(probabilities)).all()

@@ -124,7 +124,7 @@ def _resume_state(out: Path, cfg: dict, resume: bool) -> dict | None:
     return state
 
 
-def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainTask:
+def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo, resumed: dict | None = None) -> TrainTask:
     if cfg["task"] == "classification":
         from slab.pipeline.training.classification import ClassificationTask
 
@@ -132,8 +132,8 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo) -> TrainT
     from slab.pipeline.training.segmentation import Segmentation2p5DTask, Segmentation3DTask
 
     if cfg["task"] == "segmentation_3d":
-        return Segmentation3DTask(datalist, cfg, fold, info)
-    return Segmentation2p5DTask(datalist, cfg, fold, info)
+        return Segmentation3DTask(datalist, cfg, fold, info, resumed)
+    return Segmentation2p5DTask(datalist, cfg, fold, info, resumed)
 
 
 def _start_at_prior(task: TrainTask, cfg: dict) -> None:
@@ -168,7 +168,7 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     out = Path(out)
     state = _resume_state(out, cfg, resume)
     seed_everything(cfg["seed"])  # the model's initial weights
-    task = _build_task(datalist, cfg, fold, info)
+    task = _build_task(datalist, cfg, fold, info, state.get("network") if state else None)
     if state is None and cfg["task"] != "classification" and cfg["output_bias"] == "prior":
         _start_at_prior(task, cfg)
     if info.is_main:

@@ -112,7 +112,9 @@ class _SegmentationTask(TrainTask):
 
     spatial_dims = 2
 
-    def __init__(self, datalist, cfg: dict, fold: int | None, info: DistInfo) -> None:
+    def __init__(self, datalist, cfg: dict, fold: int | None, info: DistInfo, resumed: dict | None = None) -> None:
+        """``resumed``: the network of the checkpoint a resumed run continues from (its encoder's
+        provenance stands for the encoder's file, which the checkpoint's weights replace anyway)."""
         from slab.networks import network_divisor, network_min_size
 
         self.cfg = cfg
@@ -131,6 +133,9 @@ class _SegmentationTask(TrainTask):
         names = data.get("labels")
         self.label_names = list(names) if isinstance(names, list) and len(names) == self.n_labels else None
         self.network = network_args(cfg, self.spatial_dims, self.in_channels(), self.n_labels)
+        recorded = (resumed or {}).get("encoder_weights")
+        if self.network.get("encoder_weights") is not None and isinstance(recorded, dict) and "source" in recorded:
+            self.network["encoder_weights"] = recorded  # not read again: last.pt holds the weights
         self.model = build_model(self.network)
         self.divisor = network_divisor(self.network["name"], self.spatial_dims, **network_options(self.network))
         self.min_size = network_min_size(self.network["name"], self.spatial_dims, **network_options(self.network))
@@ -228,8 +233,8 @@ class Segmentation2p5DTask(_SegmentationTask):
     slices, optional crop, :class:`slab.transforms.augment.RandSlabAugmentd`; whole-volume validation
     through :func:`slab.pipeline.inference.predict_2p5d` over ``val.planes`` with ``val.tta``."""
 
-    def __init__(self, datalist, cfg, fold, info) -> None:
-        super().__init__(datalist, cfg, fold, info)
+    def __init__(self, datalist, cfg, fold, info, resumed=None) -> None:
+        super().__init__(datalist, cfg, fold, info, resumed)
         from slab.pipeline.data.slabs import SlabDataset
         from slab.transforms.augment import RandSlabAugmentd
 
@@ -276,8 +281,8 @@ class Segmentation3DTask(_SegmentationTask):
 
     spatial_dims = 3
 
-    def __init__(self, datalist, cfg, fold, info) -> None:
-        super().__init__(datalist, cfg, fold, info)
+    def __init__(self, datalist, cfg, fold, info, resumed=None) -> None:
+        super().__init__(datalist, cfg, fold, info, resumed)
         from monai.transforms import Compose, FgBgToIndicesd, SpatialPadd
 
         prepare = Compose([SpatialPadd(["image", "label"], cfg["patch_size"]), FgBgToIndicesd("label")])
