@@ -234,27 +234,32 @@ def phantom_datalist(out_dir, kind: str = "vessels", shape: Sequence[int] = (96,
 
 def export_training(trainer, export_weights=None) -> dict:
     """Run a bundle's ``train#trainer`` (a :class:`slab.pipeline.training.SlabTrainer`), then write the best
-    checkpoint's weights (state dict only) to ``export_weights`` and its validation summary beside
-    them (``model.json``: best metric, threshold, epochs, time). A bundle's ``train.json`` exports
+    checkpoint's weights (state dict only) to ``export_weights`` and its summary beside them (``model.json``:
+    best metric, threshold, epochs, time, a pretrained encoder's provenance). A bundle's ``train.json`` exports
     under its ``output_dir``; into a bundle only when asked (``--export_weights
     bundles/<name>/models/model.pt``).
 
     Returns the training result with ``time_s`` and ``exported`` added.
     """
-    from slab.networks import read_state_dict
     from slab.core.distributed import dist_env
     from slab.core.outputs import atomic_write
+    from slab.networks import read_state_dict
+    from slab.pipeline.model.checkpoints import load_checkpoint
 
     start = time.perf_counter()
     result = trainer.run()
     result["time_s"] = round(time.perf_counter() - start, 1)
     if export_weights and dist_env().is_main:
         target = Path(export_weights)
-        state = read_state_dict(result["best_checkpoint"])
+        checkpoint = load_checkpoint(result["best_checkpoint"])  # read once: the weights and their network
+        state = read_state_dict(checkpoint["model"], name=result["best_checkpoint"])
         with atomic_write(target) as tmp:
             torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
         summary = {"best": result["best"], "threshold": result["threshold"], "time_s": result["time_s"],
                    "history": result["history"]}
+        encoder = (checkpoint.get("network") or {}).get("encoder_weights")
+        if isinstance(encoder, dict):  # the pretrained encoder the weights started from: source, sha256, licence
+            summary["encoder_weights"] = encoder
         with atomic_write(target.with_suffix(".json")) as tmp:
             tmp.write_text(zoo_json(summary), encoding="utf-8")
         result["exported"] = str(target)

@@ -154,6 +154,18 @@ def test_a_run_trains_from_the_encoder_records_it_and_predicts_without_it(tmp_pa
     resumed = train(datalist, config, out, device="cpu", resume=True)  # the run is whole: nothing left to train
     assert len(resumed["history"]) == 1
     assert load_checkpoint(out / "last.pt")["network"]["encoder_weights"] == recorded
+    # a bundle's export of the run carries the encoder's provenance beside the weights
+    from slab.pipeline.bundle import export_training
+
+    class Finished:
+        def run(self):
+            return resumed
+
+    export_training(Finished(), tmp_path / "bundle" / "model.pt")
+    exported = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    assert exported["encoder_weights"] == recorded and exported["threshold"] == resumed["threshold"]
+    weights = torch.load(tmp_path / "bundle" / "model.pt", weights_only=True)
+    assert weights.keys() == load_checkpoint(out / "best.pt")["model"].keys()
 
     items = json.loads(Path(datalist).read_text())["validation"]
     probabilities = load_model(out, device="cpu")(load_volume(items[0]["image"]))
