@@ -132,6 +132,9 @@ def predict_file(input_path, output_path: str | Path | Target, predictor: Volume
     dict with the paths written: ``mask``, and ``prob`` / ``rle_csv`` when asked for; and
     ``statistics`` (a dict) with ``statistics``.
     """
+    if isinstance(output_path, Target) and prob_path is not None and Path(prob_path) != output_path.prob:
+        raise SlabError(f"prob_path: {prob_path} differs from the checked target's ({output_path.prob}); give it "
+                        "to check_target")
     target = output_path if isinstance(output_path, Target) else check_target(output_path, per_channel, input_path,
                                                                               prob_path)
     output_path, prob_path, layout = target.mask, target.prob, target.layout

@@ -491,3 +491,16 @@ def test_multiscale_inference_averages_resampled_predictions():
     torch.testing.assert_close(both, (plain + back) / 2, atol=1e-6, rtol=0)
     with pytest.raises(SlabError, match="scales"):
         Predictor(config, None, device="cpu", scales=[0.1])
+
+
+def test_a_checked_target_is_not_contradicted(tmp_path):
+    """predict_file with a Target checked already takes its probabilities' path from it: another
+    prob_path beside it is one line, before anything is read or written."""
+    from slab.core.errors import SlabError
+    from slab.pipeline.inference.files import check_target, predict_file
+
+    target = check_target(tmp_path / "mask.nii.gz", prob_path=tmp_path / "p.nii.gz")
+    assert (target.layout, target.format, target.prob_format) == ("volume", "nifti", "nifti")
+    with pytest.raises(SlabError, match="prob_path: .*other.nii.gz differs"):
+        predict_file(tmp_path / "missing.nii.gz", target, None, prob_path=tmp_path / "other.nii.gz")
+    assert list(tmp_path.iterdir()) == []
