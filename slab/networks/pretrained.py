@@ -16,8 +16,9 @@ ImageNet encoder), with every tensor accounted for.
    (``python -m slab.networks.pretrained BACKBONE`` fetches it on a machine that is online).
 
 The published formats are the encoders' own state dicts: lukemelas' EfficientNet-PyTorch files
-(MONAI's ``efficientnet-b*`` URLs) and torchvision's ResNet-50/101/152 (MONAI's share their key
-names; MONAI's ResNet-18/34 have parameter-free shortcuts that no published file fits). Every encoder tensor must be found with its shape, else the mismatches are listed; the
+(MONAI's ``efficientnet-b*`` URLs), torchvision's ResNet-50/101/152 (MONAI's share their key
+names; MONAI's ResNet-18/34 have parameter-free shortcuts that no published file fits) and
+Cadene's SE-ResNeXt-50/101 (MONAI's ``SE_NET_MODELS``; :mod:`slab.networks.encoders`). Every encoder tensor must be found with its shape, else the mismatches are listed; the
 classifier head a published file carries (``_fc``, ``fc``) is the only thing left unused. For
 k ≠ 3 input channels the first convolution is adapted as timm's ``adapt_input_conv`` does (the RGB
 kernels summed for k = 1; repeated and scaled by 3/k otherwise), and the provenance says so.
@@ -42,6 +43,14 @@ def _efficientnet_urls() -> dict:
     return {name: url for name, url in url_map.items() if name.startswith("efficientnet-b")}
 
 
+def _se_resnext_urls() -> dict:
+    from monai.networks.nets.senet import SE_NET_MODELS
+
+    from slab.networks.encoders import SE_RESNEXTS
+
+    return {name: SE_NET_MODELS[name] for name in SE_RESNEXTS}
+
+
 _IMAGENET_NOTE = ("ImageNet-trained weights: ImageNet's terms allow non-commercial research use; check the "
                   "licence before any other use")
 # backbone -> (pinned URL of the published file, licence of the file)
@@ -52,10 +61,23 @@ IMAGENET = {
     # parameter-free shortcuts where torchvision's have 1x1 convolutions, so no published file fits them
     **{name: (f"https://download.pytorch.org/models/{name}-{h}.pth", "BSD-3-Clause (torchvision); " + _IMAGENET_NOTE)
        for name, h in (("resnet50", "0676ba61"), ("resnet101", "63fe2227"), ("resnet152", "394f9c45"))},
+    # Cadene's pretrainedmodels files (MONAI's own URLs, ``monai.networks.nets.senet.SE_NET_MODELS``)
+    **{name: (url, "BSD-3-Clause (Cadene pretrained-models.pytorch); " + _IMAGENET_NOTE)
+       for name, url in _se_resnext_urls().items()},
 }
-_HEADS = ("_fc.", "fc.")  # the classifier of a published ImageNet file: not part of an encoder
-_FIRST_CONV = ("_conv_stem.weight", "conv1.weight")
-_EFFICIENTNET_BLOCK = re.compile(r"^_blocks\.\d+\.(\d+\..+)$")  # MONAI nests blocks by stage: _blocks.S.I.
+_HEADS = ("_fc.", "fc.", "last_linear.")  # the classifier of a published ImageNet file: not part of an encoder
+_FIRST_CONV = ("_conv_stem.weight", "conv1.weight", "layer0.conv1.weight")
+# own key -> published key: MONAI nests EfficientNet blocks by stage (_blocks.S.I.); MONAI's SENet
+# names Cadene's convK / bnK / se_module.fcK / downsample.K by its own blocks (the inverse of
+# ``monai.networks.nets.senet._load_state_dict``, with blocks numbered past 9 as in SE-ResNeXt-101)
+_RENAMES = [(re.compile(pattern), published) for pattern, published in (
+    (r"^_blocks\.\d+\.(\d+\..+)$", r"_blocks.\1"),
+    (r"^(layer\d\.\d+\.)conv(\d)\.conv\.(\w+)$", r"\1conv\2.\3"),
+    (r"^(layer\d\.\d+\.)conv(\d)\.adn\.N\.(\w+)$", r"\1bn\2.\3"),
+    (r"^(layer\d\.\d+\.)se_layer\.fc\.0\.(\w+)$", r"\1se_module.fc1.\2"),
+    (r"^(layer\d\.\d+\.)se_layer\.fc\.2\.(\w+)$", r"\1se_module.fc2.\2"),
+    (r"^(layer\d\.\d+\.)project\.conv\.(\w+)$", r"\1downsample.0.\2"),
+    (r"^(layer\d\.\d+\.)project\.adn\.N\.(\w+)$", r"\1downsample.1.\2"))]
 
 
 def encoder_home() -> Path:
@@ -169,12 +191,16 @@ def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def _published_key(key: str) -> str:
-    match = _EFFICIENTNET_BLOCK.match(key)
-    return f"_blocks.{match.group(1)}" if match else key
+    for pattern, published in _RENAMES:
+        if pattern.match(key):
+            return pattern.sub(published, key)
+    return key
 
 
 def load_encoder(model: nn.Module, spec, backbone: str) -> dict:
-    """Load ``spec``'s weights into ``model.encoder`` (a MONAI ``FlexibleUNet``'s); the
+    """Load ``spec``'s weights into ``model.encoder`` (a MONAI ``FlexibleUNet``'s, or a
+    :class:`~slab.networks.sequence.SliceSequenceClassifier`'s, whose ResNet shortcuts carry a
+    bias that torchvision's files do not: set to zero, their function exactly, and counted); the
     provenance (source, sha256, licence, what was adapted). Every encoder tensor is found with its
     shape, else one SlabError lists the mismatches; nothing is loaded partially."""
     path, provenance = resolve(spec, backbone)
@@ -187,7 +213,10 @@ def load_encoder(model: nn.Module, spec, backbone: str) -> dict:
             loaded[key] = tensor  # older files do not carry the counter
             continue
         if source not in published:
-            if not key.startswith(_HEADS):
+            if key.endswith("downsample.0.bias") and source[:-4] + "weight" in published:
+                loaded[key] = torch.zeros_like(tensor)  # torchvision's shortcuts have no bias: zero is theirs exactly
+                provenance["zero_biases"] = provenance.get("zero_biases", 0) + 1
+            elif not key.startswith(_HEADS):
                 missing.append(source)
             else:
                 loaded[key] = tensor
@@ -196,6 +225,8 @@ def load_encoder(model: nn.Module, spec, backbone: str) -> dict:
         if source in _FIRST_CONV and value.shape != tensor.shape:
             value = adapt_input_conv(value, tensor.shape[1])
             provenance["adapted_input_conv"] = f"3 -> {tensor.shape[1]} channels (timm's adapt_input_conv)"
+        if value.ndim == 4 and value.shape[2:] == (1, 1) and value.shape[:2] == tensor.shape and ".se_module." in source:
+            value = value.reshape(tensor.shape)  # Cadene's squeeze-excitation 1x1 convolutions are MONAI's linears
         if value.shape != tensor.shape:
             mismatched.append(f"{source} {tuple(value.shape)} vs {tuple(tensor.shape)}")
             continue

@@ -75,6 +75,59 @@ def test_a_published_file_loads_every_encoder_tensor_exactly(tmp_path, backbone,
     assert "adapted_input_conv" not in provenance
 
 
+def _cadene_key(key: str) -> str:
+    """MONAI's SENet key -> Cadene's pretrainedmodels key (the published SE-ResNeXt files)."""
+    parts = key.split(".")
+    if not parts[0].startswith("layer") or parts[0] == "layer0":
+        return key
+    head, rest = parts[:2], parts[2:]
+    if rest[0].startswith("conv") and rest[1] == "conv":
+        rest = [rest[0]] + rest[2:]
+    elif rest[0].startswith("conv") and rest[1:3] == ["adn", "N"]:
+        rest = ["bn" + rest[0][4:]] + rest[3:]
+    elif rest[:2] == ["se_layer", "fc"]:
+        rest = ["se_module", "fc1" if rest[2] == "0" else "fc2"] + rest[3:]
+    elif rest[0] == "project":
+        rest = ["downsample", "0" if rest[1] == "conv" else "1"] + rest[(2 if rest[1] == "conv" else 3):]
+    return ".".join(head + rest)
+
+
+def test_a_published_se_resnext_file_loads_as_monai_own_loader_reads_it(tmp_path, monkeypatch):
+    """Cadene's ``se_resnext50_32x4d-a260b3a4.pth`` layout (layer0.conv1, layerN.I.convK / bnK,
+    se_module.fc1/fc2 as 1x1 convolutions, downsample.0/1, last_linear): MONAI's own loader
+    (``senet._load_state_dict``, the reference) and slab's read the same file into the same tensors."""
+    from monai.networks.nets import SEResNext50
+    from monai.networks.nets import senet
+
+    torch.manual_seed(5)
+    state = {}
+    for key, value in SEResNext50(spatial_dims=2, in_channels=3, num_classes=1000).state_dict().items():
+        value = value.clone() + (0.01 * torch.randn_like(value.float())).to(value.dtype)
+        if ".se_layer.fc." in key and key.endswith("weight"):
+            value = value[..., None, None]  # the published squeeze-excitation layers are 1x1 convolutions
+        state[_cadene_key(key)] = value
+    assert state["layer0.conv1.weight"].shape == (64, 3, 7, 7) and state["last_linear.weight"].shape == (1000, 2048)
+    assert state["layer1.0.se_module.fc1.weight"].shape == (16, 256, 1, 1)
+    assert state["layer1.0.bn3.running_var"].shape == (256,) and state["layer4.0.downsample.0.weight"].shape == (2048, 1024, 1, 1)
+    path = tmp_path / "se_resnext50_32x4d-a260b3a4.pth"
+    torch.save(state, path)
+    reference = SEResNext50(spatial_dims=2, in_channels=3, num_classes=1000)
+    monkeypatch.setattr(senet, "load_state_dict_from_url", lambda *a, **k: torch.load(path, weights_only=True))
+    senet._load_state_dict(reference, "se_resnext50_32x4d", progress=False)
+    expected = reference.state_dict()
+
+    net = build_network("flexible_unet", 2, 3, 2, backbone="se_resnext50_32x4d")
+    provenance = load_encoder(net, {"path": str(path), "sha256": _sha(path)}, "se_resnext50_32x4d")
+    own = net.encoder.state_dict()
+    assert set(own) == set(expected) - {"last_linear.weight", "last_linear.bias"}
+    for key, value in own.items():
+        assert torch.equal(value, expected[key]), key
+    assert provenance["tensors"] == len(state) - 2  # every tensor but the classifier's two
+    assert net(torch.zeros(1, 3, 64, 96)).shape == (1, 2, 64, 96)
+    assert IMAGENET["se_resnext50_32x4d"][0].endswith("se_resnext50_32x4d-a260b3a4.pth")
+    assert "Cadene" in IMAGENET["se_resnext50_32x4d"][1] and "non-commercial" in IMAGENET["se_resnext50_32x4d"][1]
+
+
 @pytest.mark.parametrize("channels", [1, 5])
 def test_the_first_convolution_is_adapted_for_k_slab_channels(tmp_path, channels):
     path = _efficientnet_b0_file(tmp_path / "b0.pth")
@@ -170,3 +223,37 @@ def test_a_run_trains_from_the_encoder_records_it_and_predicts_without_it(tmp_pa
     items = json.loads(Path(datalist).read_text())["validation"]
     probabilities = load_model(out, device="cpu")(load_volume(items[0]["image"]))
     assert probabilities.shape[1:] == (32, 32, 12) and torch.isfinite(torch.as_tensor(probabilities)).all()
+
+
+@pytest.mark.parametrize("backbone,writer", [("efficientnet-b0", _efficientnet_b0_file), ("resnet50", _resnet50_file)])
+def test_the_slice_sequence_classifier_starts_from_a_published_file(tmp_path, backbone, writer):
+    """The RSNA 2022 recipe's CNN + BiLSTM: its 2D encoder takes the same files; MONAI's ResNet
+    shortcuts there carry a bias that torchvision's file does not have: zero, its function exactly."""
+    from slab.pipeline.training.segmentation import build_model
+
+    path = writer(tmp_path / "weights.pth")
+    published = torch.load(path, weights_only=True)
+    net = {"name": "sequence_classifier", "spatial_dims": 2, "in_channels": 5, "out_channels": 2,
+           "backbone": backbone, "hidden_size": 8, "encoder_weights": {"path": str(path), "sha256": _sha(path)}}
+    model = build_model(net)
+    provenance = net["encoder_weights"]
+    own = model.encoder.state_dict()
+    for key, value in own.items():
+        parts = key.split(".")
+        source = ".".join(parts[:1] + parts[2:]) if parts[0] == "_blocks" else key
+        if key.endswith("downsample.0.bias"):
+            assert not value.any(), key
+        elif key == ("_conv_stem.weight" if backbone.startswith("efficientnet") else "conv1.weight"):
+            torch.testing.assert_close(value, torch.cat([published[source]] * 2, 1)[:, :5] * (3 / 5))
+        elif not key.endswith("num_batches_tracked") or source in published:
+            assert torch.equal(value, published[source]), key
+    assert provenance["zero_biases" if backbone == "resnet50" else "tensors"] == (4 if backbone == "resnet50" else
+                                                                              provenance["tensors"])
+    assert provenance["adapted_input_conv"] == "3 -> 5 channels (timm's adapt_input_conv)"
+    # a resumed run takes the checkpoint's record for the file: the file is not read again
+    path.unlink()
+    again = {**net, "encoder_weights": {"path": str(path), "sha256": "0" * 64}}
+    build_model(again, resumed={"encoder_weights": provenance})
+    assert again["encoder_weights"] == provenance
+    with pytest.raises(SlabError, match="no ImageNet weights are published for 'resnet10'"):
+        build_model({**net, "backbone": "resnet10", "encoder_weights": "imagenet"})

@@ -176,7 +176,7 @@ class ClassificationTask(TrainTask):
     each); volumes are not kept.
     """
 
-    def __init__(self, datalist, cfg: dict, fold, info) -> None:
+    def __init__(self, datalist, cfg: dict, fold, info, resumed: dict | None = None) -> None:
         from slab.core.distributed import shard_items
 
         self.cfg, self.c = cfg, cfg["classification"]
@@ -199,7 +199,7 @@ class ClassificationTask(TrainTask):
         self.has_val = bool(val_items)
         self.n_samples = cfg["samples_per_epoch"] or len(self.train)
         self.network = network_args(cfg, 2, channels.pop(), 1)
-        self.model = build_model(self.network)
+        self.model = build_model(self.network, resumed)
 
     def sample(self, index: int, epoch: int) -> dict:
         n = len(self.train)

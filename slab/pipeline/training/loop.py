@@ -128,7 +128,7 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo, resumed: 
     if cfg["task"] == "classification":
         from slab.pipeline.training.classification import ClassificationTask
 
-        return ClassificationTask(datalist, cfg, fold, info)
+        return ClassificationTask(datalist, cfg, fold, info, resumed)
     from slab.pipeline.training.segmentation import Segmentation2p5DTask, Segmentation3DTask
 
     if cfg["task"] == "segmentation_3d":

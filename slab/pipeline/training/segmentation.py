@@ -79,12 +79,14 @@ def network_options(net: dict) -> dict:
     return {k: v for k, v in net.items() if k not in ("name", "spatial_dims", "in_channels", "out_channels")}
 
 
-def build_model(net: dict) -> nn.Module:
+def build_model(net: dict, resumed: dict | None = None) -> nn.Module:
     """The network of a training config; training holds its weights, gradients and two AdamW
     moments, so the weights' bytes must fit four times before anything is allocated. A
-    ``flexible_unet`` with ``encoder_weights`` starts from them
+    ``flexible_unet`` or ``sequence_classifier`` with ``encoder_weights`` starts from them
     (:func:`slab.networks.pretrained.load_encoder`); ``net["encoder_weights"]`` then becomes their
-    provenance (source, sha256, licence), which the run's ``network.json`` and checkpoints carry."""
+    provenance (source, sha256, licence), which the run's ``network.json`` and checkpoints carry.
+    ``resumed``: the network of the checkpoint a resumed run continues from; its encoder's
+    provenance stands for the encoder's file (not read again: the checkpoint's weights replace it)."""
     from slab.networks import build_network, parameter_count
     from slab.networks.pretrained import check_spec, load_encoder
     from slab.io.headers import check_memory
@@ -99,6 +101,9 @@ def build_model(net: dict) -> nn.Module:
                               **network_options(net))
     except SlabError as err:
         raise SlabError(f"config {err}") from None
+    recorded = (resumed or {}).get("encoder_weights")
+    if net.get("encoder_weights") is not None and isinstance(recorded, dict) and "source" in recorded:
+        net["encoder_weights"] = recorded
     spec = net.get("encoder_weights")
     if spec is not None and not (isinstance(spec, dict) and "source" in spec):  # a provenance is already loaded
         backbone = net.get("backbone", "efficientnet-b0")
@@ -113,8 +118,7 @@ class _SegmentationTask(TrainTask):
     spatial_dims = 2
 
     def __init__(self, datalist, cfg: dict, fold: int | None, info: DistInfo, resumed: dict | None = None) -> None:
-        """``resumed``: the network of the checkpoint a resumed run continues from (its encoder's
-        provenance stands for the encoder's file, which the checkpoint's weights replace anyway)."""
+        """``resumed``: the network of the checkpoint a resumed run continues from (:func:`build_model`)."""
         from slab.networks import network_divisor, network_min_size
 
         self.cfg = cfg
@@ -133,10 +137,7 @@ class _SegmentationTask(TrainTask):
         names = data.get("labels")
         self.label_names = list(names) if isinstance(names, list) and len(names) == self.n_labels else None
         self.network = network_args(cfg, self.spatial_dims, self.in_channels(), self.n_labels)
-        recorded = (resumed or {}).get("encoder_weights")
-        if self.network.get("encoder_weights") is not None and isinstance(recorded, dict) and "source" in recorded:
-            self.network["encoder_weights"] = recorded  # not read again: last.pt holds the weights
-        self.model = build_model(self.network)
+        self.model = build_model(self.network, resumed)
         self.divisor = network_divisor(self.network["name"], self.spatial_dims, **network_options(self.network))
         self.min_size = network_min_size(self.network["name"], self.spatial_dims, **network_options(self.network))
         self.validation = None
