@@ -202,3 +202,26 @@ def test_sequence_classifier_widen_factor_scales_the_resnet():
     for bad, backbone in ((0, "resnet10"), (0.001, "resnet10"), (True, "resnet10"), (0.5, "efficientnet-b0")):
         with pytest.raises(SlabError, match="widen_factor"):
             SliceSequenceClassifier(in_channels=3, backbone=backbone, widen_factor=bad)
+
+
+@pytest.mark.parametrize("name,options", [("flexible_unet", {"backbone": "efficientnet-b0"}),
+                                          ("flexible_unet", {"backbone": "se_resnext50_32x4d"}),
+                                          ("sequence_classifier", {"backbone": "efficientnet-b0"})])
+def test_batch_norms_keep_pace_with_a_short_schedule(name, options):
+    """MONAI's EfficientNet batch norms come at TensorFlow's momentum 0.01; slab builds every one at
+    PyTorch's 0.1. Known answer: after 30 train-mode passes over batches of mean 3, the first
+    norm's running mean is 3 (1 - 0.9^30) = 2.87 (at 0.01 it would be 3 (1 - 0.99^30) = 0.78)."""
+    from monai.networks.nets.efficientnet import EfficientNetBN
+
+    reference = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=3)
+    assert {m.momentum for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    net = build_network(name, 2, 3, 1, **options)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and {m.momentum for m in norms} == {0.1}
+    norm = norms[0]
+    norm.train()
+    with torch.no_grad():
+        for _ in range(30):
+            norm(torch.full((4, norm.num_features, 5, 5), 3.0) + torch.randn(4, norm.num_features, 5, 5) * 1e-3)
+    torch.testing.assert_close(norm.running_mean, torch.full_like(norm.running_mean, 3 * (1 - 0.9 ** 30)),
+                               atol=1e-3, rtol=0)
