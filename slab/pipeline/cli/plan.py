@@ -32,6 +32,11 @@ def add_arguments(parser) -> None:
                         help="scale every configuration's schedule so that one training run (one fold) takes about "
                              "this long on --device (from a timed training step); the plan prints each one's "
                              "expected time either way")
+    parser.add_argument("--encoder", metavar="auto|BACKBONE",
+                        help="allow a pretrained 2D encoder: the 2d and 2p5d configurations train an encoder UNet from "
+                             "published ImageNet weights (auto: EfficientNet-B0 on a CPU, SE-ResNeXt-50 on a GPU that "
+                             "fits it; or efficientnet-b0..b7, resnet50/101/152, se_resnext50_32x4d/101_32x4d); the "
+                             "file comes from $SLAB_HOME/encoders (see README). Default: UNets from scratch")
     parser.add_argument("--folds", type=positive_int, default=5, metavar="K",
                         help="folds for a datalist without its own (default: 5, at most the number of cases)")
 
@@ -84,7 +89,7 @@ def run(args) -> int:
 
     fp, plans = write_plan(args.datalist, args.out, device=args.device, memory_gib=args.memory, epochs=args.epochs,
                            n_folds=args.folds, configurations=configurations(args.configurations),
-                           minutes=args.budget)
+                           minutes=args.budget, encoder=args.encoder)
     print(describe(fp, plans))
     print(f"wrote {Path(args.out) / 'fingerprint.json'}, {Path(args.out) / 'plans.json'}, "
           f"{Path(args.out) / 'datalist.json'} ({len(plans['folds'])} folds)")

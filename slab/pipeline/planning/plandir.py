@@ -78,12 +78,14 @@ def plan_datalist(datalist, fp: dict, n_folds: int = 5) -> dict:
 
 
 def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_folds: int = 5,
-               configurations=None, progress=None, minutes: float | None = None) -> tuple[dict, dict]:
+               configurations=None, progress=None, minutes: float | None = None,
+               encoder: str | None = None) -> tuple[dict, dict]:
     """Fingerprint, verify and plan ``datalist`` into ``out``; ``(fingerprint, plans)``.
     Bad cases are one SlabError listing every problem."""
     from slab.pipeline.planning.fingerprint import fingerprint
-    from slab.pipeline.planning.plans import CONFIGURATIONS, make_plans
+    from slab.pipeline.planning.plans import CONFIGURATIONS, check_encoder, make_plans
 
+    check_encoder(encoder)  # before a single case is read
     fp, problems = fingerprint(datalist, progress=progress)
     if problems:
         raise SlabError(f"{len(problems)} problem(s) in the datalist's cases (slab plan --verify lists them): "
@@ -91,7 +93,7 @@ def write_plan(datalist, out, *, device=None, memory_gib=None, epochs=None, n_fo
     out = Path(out)
     data = plan_datalist(datalist, fp, n_folds)
     plans = make_plans(fp, device=device, memory_gib=memory_gib, epochs=epochs,
-                       configurations=tuple(configurations or CONFIGURATIONS), minutes=minutes,
+                       configurations=tuple(configurations or CONFIGURATIONS), minutes=minutes, encoder=encoder,
                        n_folds=len({int(item["fold"]) for item in data["training"]}))
     plans["folds"] = sorted({int(item["fold"]) for item in data["training"]})
     if "validation_fold" in data:

@@ -8,6 +8,12 @@ decision with a one-line reason.
   slice per slab.
 - **Network**: a MONAI UNet whose depth follows the patch (the deepest feature map at least 4
   voxels wide, 2 to 5 levels, 16 base features doubling per level).
+- **Pretrained encoder** (only where the user allows it, ``slab plan --encoder auto|BACKBONE``):
+  the 2d and 2p5d configurations train an encoder UNet (``flexible_unet``) from the published
+  ImageNet weights of a 2D encoder (``encoder_weights: "imagenet"``); ``auto`` picks
+  EfficientNet-B0 on a CPU (the cheapest step of the published encoders: a CPU budget buys steps)
+  and the SenNet write-up's SE-ResNeXt-50 on a GPU where its measured batch is at least
+  ``ENCODER_MIN_BATCH`` (:func:`encoder_unet`). 3D keeps its UNet: the encoders are 2D.
 - **Patch**: the median case's slices (2.5D) or volume (3D), capped per device and rounded to
   the network's divisor.
 - **Batch size**: measured. One forward/backward at batch 1 and at batch 2 on the chosen device
@@ -48,6 +54,7 @@ PATCH_CAP_2D = {"cpu": 160, "cuda": 512}
 VOXEL_CAP_3D = {"cpu": 64 ** 3, "cuda": 128 ** 3}
 BATCH_CAP = {2: 32, 3: 4}
 EPOCHS = {"cpu": 20, "cuda": 100}
+ENCODER_MIN_BATCH = 8
 
 
 def _axis_names(axis: int) -> str:
@@ -132,6 +139,48 @@ def unet(patch: list[int]) -> tuple[dict, int, str]:
     net = {"name": "unet", "channels": channels, "strides": [2] * downs, "num_res_units": 1}
     return net, 2 ** downs, (f"UNet of {downs + 1} levels ({'-'.join(map(str, channels))} features): the deepest "
                              f"map of the {min(patch)}-voxel side is {min(patch) // 2 ** downs} wide")
+
+
+def check_encoder(encoder) -> None:
+    """A SlabError naming ``--encoder`` unless it is None, ``"auto"`` or a backbone with published
+    ImageNet weights."""
+    from slab.networks.pretrained import IMAGENET
+
+    if encoder is not None and encoder != "auto" and encoder not in IMAGENET:
+        raise SlabError(f"--encoder: expected auto or one of {', '.join(IMAGENET)}, got {encoder!r}")
+
+
+def encoder_unet(encoder: str, patch, device: torch.device, budget: int, in_channels: int,
+                 out_channels: int) -> tuple[dict, int, str]:
+    """An encoder UNet from published ImageNet weights (``encoder`` is ``"auto"`` or a backbone of
+    ``slab.networks.pretrained.IMAGENET``): ``(network settings, divisor, reason)``."""
+    from slab.networks.pretrained import IMAGENET, encoder_home
+
+    check_encoder(encoder)
+    backbone, why = encoder, "the one asked (--encoder)"
+    if encoder == "auto":
+        backbone, why = "efficientnet-b0", "a CPU budget buys steps: the cheapest step of the published encoders"
+        if device.type == "cuda":
+            net = {"name": "flexible_unet", "backbone": "se_resnext50_32x4d"}
+            batch = _batch(trial_memory(net, 2, in_channels, out_channels, _round_patch(patch, 32), device), budget, 2)[0]
+            if batch >= ENCODER_MIN_BATCH:
+                backbone, why = "se_resnext50_32x4d", f"the SenNet write-up's encoder; batch {batch} fits the GPU"
+            else:
+                why = f"SE-ResNeXt-50 fits batch {batch} < {ENCODER_MIN_BATCH}: the cheapest of the published encoders"
+    url = IMAGENET[backbone][0]
+    name = url.rsplit("/", 1)[1]
+    where = (f"{name} is in {encoder_home()}" if (encoder_home() / name).is_file()
+             else f"before training, place {name} in {encoder_home()} (from {url}) or set SLAB_ALLOW_DOWNLOADS=1")
+    return ({"name": "flexible_unet", "backbone": backbone, "encoder_weights": "imagenet"}, 32,
+            f"encoder UNet from {backbone}'s ImageNet weights ({why}; pretrained encoders allowed by --encoder); "
+            f"{where}")
+
+
+def network_summary(net: dict) -> str:
+    """``UNet [16, 32, 64]`` or ``encoder UNet efficientnet-b0 (imagenet)``."""
+    if net["name"] == "flexible_unet":
+        return f"encoder UNet {net['backbone']}" + (f" ({net['encoder_weights']})" if net.get("encoder_weights") else "")
+    return f"UNet {net.get('channels')}" if net["name"] == "unet" else net["name"]
 
 
 def _round_patch(patch, divisor: int) -> list[int]:
@@ -314,10 +363,11 @@ def default_budget(device: torch.device) -> int:
 
 
 def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, epochs: int | None = None,
-                       minutes: float | None = None, n_folds: int = 5) -> dict:
+                       minutes: float | None = None, n_folds: int = 5, encoder: str | None = None) -> dict:
     """The plan of one configuration: ``{"config": training config, "reasons": {...}, "memory":
     {...}, "time": {...}}``; ``minutes`` scales its schedule to one training run of that long
-    (:func:`fit_budget`)."""
+    (:func:`fit_budget`); ``encoder`` (``"auto"`` or a backbone) allows a pretrained 2D encoder
+    (:func:`encoder_unet`)."""
     kind = device.type
     reasons: dict[str, str] = {}
     cfg: dict = {}
@@ -328,13 +378,16 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
         planes, offsets, reasons["planes"] = slab_geometry(fp, k)
         reasons["offsets"] = reasons["planes"]
         patch, reasons["patch_size"] = patch_2d(fp, planes, kind)
-        net, divisor, reasons["network"] = unet(patch)
+        dims, in_channels = 2, channels * k
+        net, divisor, reasons["network"] = encoder_unet(encoder, patch, device, budget, in_channels, labels) \
+            if encoder else unet(patch)
         patch = _round_patch(patch, divisor)
         cfg.update(task="segmentation_2p5d", offsets=offsets, planes=planes, patch_size=patch)
-        dims, in_channels = 2, channels * k
     elif name == "3d":
         patch, reasons["patch_size"] = patch_3d(fp, kind)
         net, divisor, reasons["network"] = unet(patch)
+        if encoder:
+            reasons["network"] += " (pretrained encoders are 2D: --encoder applies to 2d and 2p5d)"
         patch = _round_patch(patch, divisor)
         cfg.update(task="segmentation_3d", patch_size=patch)
         dims, in_channels = 3, channels
@@ -379,9 +432,11 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
 
 
 def make_plans(fp: dict, *, device=None, memory_gib: float | None = None, epochs: int | None = None,
-               configurations=CONFIGURATIONS, minutes: float | None = None, n_folds: int = 5) -> dict:
+               configurations=CONFIGURATIONS, minutes: float | None = None, n_folds: int = 5,
+               encoder: str | None = None) -> dict:
     """Plans of every configuration for a fingerprint (``slab.pipeline.planning.fingerprint``);
-    ``minutes``: each configuration's schedule scaled to one training run of that long."""
+    ``minutes``: each configuration's schedule scaled to one training run of that long;
+    ``encoder``: a pretrained 2D encoder allowed (:func:`encoder_unet`)."""
     from slab.core.device import resolve_device
 
     device = resolve_device(device)
@@ -389,8 +444,10 @@ def make_plans(fp: dict, *, device=None, memory_gib: float | None = None, epochs
     out = {"device": device.type, "memory_gib": round(budget / 2**30, 2), "configurations": {}}
     if minutes is not None:
         out["budget_minutes"] = minutes
+    if encoder:
+        out["encoder"] = encoder
     for name in configurations:
-        out["configurations"][name] = plan_configuration(fp, name, device, budget, epochs, minutes, n_folds)
+        out["configurations"][name] = plan_configuration(fp, name, device, budget, epochs, minutes, n_folds, encoder)
     first = out["configurations"][configurations[0]]["config"]["val"]
     out["target_metric"] = first["metric"]
     out["tolerance_mm"] = first["tolerance_mm"]
@@ -414,9 +471,10 @@ def describe(fp: dict, plans: dict) -> str:
         cfg = plan["config"]
         slab = f" planes {','.join(cfg['planes'])} offsets {cfg['offsets']}" if "offsets" in cfg else ""
         lines.append(f"{name}: {cfg['task']}{slab} patch {'x'.join(map(str, cfg['patch_size']))} "
-                     f"UNet {cfg['network']['channels']} batch {cfg['batch_size']} "
+                     f"{network_summary(cfg['network'])} batch {cfg['batch_size']} "
                      f"{cfg['epochs']} epochs x {cfg['samples_per_epoch']} samples, normalize {cfg['normalize']['scheme']}")
-        for key in ("planes", "batch_size", "normalize", "loss"):
+        for key in ("planes", "network", "batch_size", "normalize", "loss") if "encoder" in plans else \
+                ("planes", "batch_size", "normalize", "loss"):
             if key in plan["reasons"]:
                 lines.append(f"    {key}: {plan['reasons'][key]}")
         if "time" in plan:
