@@ -154,15 +154,18 @@ def encoder_unet(encoder: str, patch, device: torch.device, budget: int, in_chan
                  out_channels: int) -> tuple[dict, int, str]:
     """An encoder UNet from published ImageNet weights (``encoder`` is ``"auto"`` or a backbone of
     ``slab.networks.pretrained.IMAGENET``): ``(network settings, divisor, reason)``."""
+    from slab.networks import network_divisor
     from slab.networks.pretrained import IMAGENET, encoder_home
 
     check_encoder(encoder)
+    divisor = network_divisor("flexible_unet", 2)
     backbone, why = encoder, "the one asked (--encoder)"
     if encoder == "auto":
         backbone, why = "efficientnet-b0", "a CPU budget buys steps: the cheapest step of the published encoders"
         if device.type == "cuda":
             net = {"name": "flexible_unet", "backbone": "se_resnext50_32x4d"}
-            batch = _batch(trial_memory(net, 2, in_channels, out_channels, _round_patch(patch, 32), device), budget, 2)[0]
+            memory = trial_memory(net, 2, in_channels, out_channels, _round_patch(patch, divisor), device)
+            batch = _batch(memory, budget, 2)[0]
             if batch >= ENCODER_MIN_BATCH:
                 backbone, why = "se_resnext50_32x4d", f"the SenNet write-up's encoder; batch {batch} fits the GPU"
             else:
@@ -171,7 +174,7 @@ def encoder_unet(encoder: str, patch, device: torch.device, budget: int, in_chan
     name = url.rsplit("/", 1)[1]
     where = (f"{name} is in {encoder_home()}" if (encoder_home() / name).is_file()
              else f"before training, place {name} in {encoder_home()} (from {url}) or set SLAB_ALLOW_DOWNLOADS=1")
-    return ({"name": "flexible_unet", "backbone": backbone, "encoder_weights": "imagenet"}, 32,
+    return ({"name": "flexible_unet", "backbone": backbone, "encoder_weights": "imagenet"}, divisor,
             f"encoder UNet from {backbone}'s ImageNet weights ({why}; pretrained encoders allowed by --encoder); "
             f"{where}")
 
@@ -473,8 +476,9 @@ def describe(fp: dict, plans: dict) -> str:
         lines.append(f"{name}: {cfg['task']}{slab} patch {'x'.join(map(str, cfg['patch_size']))} "
                      f"{network_summary(cfg['network'])} batch {cfg['batch_size']} "
                      f"{cfg['epochs']} epochs x {cfg['samples_per_epoch']} samples, normalize {cfg['normalize']['scheme']}")
-        for key in ("planes", "network", "batch_size", "normalize", "loss") if "encoder" in plans else \
-                ("planes", "batch_size", "normalize", "loss"):
+        shown = ("planes", "network", "batch_size", "normalize", "loss") if plans.get("encoder") else \
+            ("planes", "batch_size", "normalize", "loss")  # the network's reason where it is not the default
+        for key in shown:
             if key in plan["reasons"]:
                 lines.append(f"    {key}: {plan['reasons'][key]}")
         if "time" in plan:
