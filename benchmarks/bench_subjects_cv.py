@@ -10,7 +10,7 @@ folds) predicts four more subjects nothing was tuned on. Beside it: the intensit
 the best mean Dice on the eight subjects' normalised images (as ``slab cv`` picks its baseline),
 scored on the same four. CPU seconds from ``resource.getrusage``.
 
-    python benchmarks/bench_subjects_cv.py [--minutes 6] [--configurations 2d,2p5d] [--json out.json]
+    python benchmarks/bench_subjects_cv.py [--minutes 6 | --epochs N] [--configurations 2d,2p5d] [--json out.json]
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def subjects(root: Path, n_train: int = 8, n_test: int = 4) -> tuple[Path, list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=6.0, help="slab plan --budget: minutes per fold run")
+    parser.add_argument("--epochs", type=int, help="slab plan --epochs instead of --budget (the plan's samples per epoch)")
     parser.add_argument("--configurations", default="2d,2p5d")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -76,14 +77,15 @@ def main() -> None:
     quiet_libraries()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     configurations = args.configurations.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, --budget {args.minutes:g} min per fold run, "
+    schedule = f"--epochs {args.epochs}" if args.epochs else f"--budget {args.minutes:g} min per fold run"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {schedule}, "
           f"configurations {configurations}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         datalist, tests = subjects(root)
         plan_dir = root / "plan"
         fp, plans = write_plan(datalist, plan_dir, device="cpu", n_folds=2, configurations=configurations,
-                               minutes=args.minutes)
+                               minutes=None if args.epochs else args.minutes, epochs=args.epochs)
         print(describe(fp, plans), flush=True)
         path = plan_dir / "plans.json"
         planned = json.loads(path.read_text())

@@ -27,10 +27,11 @@ decision with a one-line reason.
   per-volume z-score for MRI-like data (scales differ from scan to scan), per-volume
   percentiles otherwise (one case: nothing to compare).
 - **Schedule**: steps per epoch from the number of cases, epochs per device; augmentation
-  stronger for small datasets. A training step at the chosen batch and a forward pass are
-  timed, so the plan says how long each configuration's schedule will take (``time``); a
-  budget in minutes (``slab plan --budget``) scales the epochs (then the samples per epoch) of
-  one training run to fit it (:func:`fit_budget`).
+  stronger for small datasets. A training step at the chosen batch, a forward pass and the
+  scoring of one validation case are timed (:mod:`slab.pipeline.planning.schedule`), so the plan
+  says how long each configuration's schedule will take (``time``); a budget in minutes
+  (``slab plan --budget``) scales the epochs (then the samples per epoch) of one training run
+  to fit it.
 - **Loss and outputs**: exclusive classes (a label map of values, or binary channels that never
   share a voxel) train a softmax with Dice + CE and predict by argmax; overlapping labels
   (regions) a sigmoid each with Dice + BCE (:func:`label_outputs`).
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from slab.core.errors import SlabError
+from slab.pipeline.planning.schedule import expected_time, fit_budget, trial_scoring, trial_time
 
 
 ANISOTROPIC = 2.0
@@ -246,91 +248,6 @@ def trial_memory(network: dict, dims: int, in_channels: int, out_channels: int, 
     return {"per_sample": int(per_sample), "fixed": int(fixed), "parameters": int(params // 4)}
 
 
-def trial_time(network: dict, dims: int, in_channels: int, out_channels: int, patch, batch: int,
-               device: torch.device, repeats: int = 3) -> dict:
-    """Seconds of one training step (forward, backward, AdamW step) at ``batch`` and of one
-    forward pass per sample in eval mode, measured after a warm-up step: the plan's clock."""
-    import time
-
-    from slab.networks import build_network
-
-    options = {k: v for k, v in network.items() if k != "name"}
-    model = build_network(network["name"], dims, in_channels, out_channels, **options).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, in_channels, *patch, device=device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    steps = []
-    for i in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model(x).float().mean().backward()
-        optimizer.step()
-        sync()
-        if i:  # the first step warms the allocator and kernels up
-            steps.append(time.perf_counter() - start)
-    model.eval()
-    with torch.no_grad():
-        model(x)
-        sync()
-        start = time.perf_counter()
-        model(x)
-        sync()
-        forward = (time.perf_counter() - start) / batch
-    del model, optimizer
-    return {"step_s": float(np.median(steps)), "forward_s_per_sample": float(forward)}
-
-
-def validation_samples(fp: dict, cfg: dict, cases: int) -> int:
-    """Network inputs one validation of ``cases`` median cases takes: slabs over the planes (and
-    TTA views) for 2.5D, sliding windows for 3D."""
-    shape = fp["median_shape"]
-    views = {"none": 1, "flips": 8, "full": 16}[cfg["val"]["tta"]]
-    if cfg["task"] == "segmentation_3d":
-        step = [max(1, int(p * (1 - cfg["val"]["overlap"]))) for p in cfg["patch_size"]]
-        windows = int(np.prod([max(1, math.ceil((n - p) / s) + 1) for n, p, s in zip(shape, cfg["patch_size"], step)]))
-        return cases * windows * (8 if cfg["val"]["tta"] == "flips" else 1)
-    axes = {"xy": 2, "zx": 1, "zy": 0}
-    return cases * views * sum(shape[axes[p]] for p in cfg.get("val", {}).get("planes") or cfg["planes"])
-
-
-def expected_time(fp: dict, cfg: dict, timing: dict, n_folds: int) -> dict:
-    """Expected minutes of one training run of ``cfg`` (one fold): its steps at the measured step
-    time, and its validations (the fold's share of the cases) at the measured forward rate."""
-    steps = cfg["epochs"] * (cfg["samples_per_epoch"] // cfg["batch_size"])
-    validations = math.ceil(cfg["epochs"] / cfg.get("val_every", 1))
-    held = max(1, round(fp["n_cases"] / max(1, n_folds)))
-    train = steps * timing["step_s"]
-    validation = validations * validation_samples(fp, cfg, held) * timing["forward_s_per_sample"]
-    return {"train_min": round(train / 60, 2), "validation_min": round(validation / 60, 2),
-            "total_min": round((train + validation) / 60, 2), "steps": int(steps)}
-
-
-def fit_budget(fp: dict, cfg: dict, timing: dict, n_folds: int, minutes: float) -> str:
-    """Scale ``cfg``'s schedule (in place) so that one training run takes about ``minutes``:
-    epochs first (up or down), then samples per epoch when even one epoch does not fit."""
-    per_epoch = expected_time(fp, {**cfg, "epochs": 1, "val_every": 1}, timing, n_folds)
-    per_epoch_train, per_val = per_epoch["train_min"], per_epoch["validation_min"]
-    val_every = cfg.get("val_every", 1)
-    epochs = int(minutes // max(per_epoch_train + per_val / val_every, 1e-9)) + 1
-    while epochs >= 1 and expected_time(fp, {**cfg, "epochs": epochs}, timing, n_folds)["total_min"] > minutes:
-        epochs -= 1  # the last epoch always validates: count the validations as the run makes them
-    if epochs >= 1:
-        cfg["epochs"] = epochs
-        cfg["warmup_epochs"] = min(1.0, epochs / 10)
-        return (f"--budget {minutes:g} min: {epochs} epochs of {per_epoch_train:.2f} min training and "
-                f"{per_val:.2f} min validation every {val_every}")
-    share = max(0.0, (minutes - per_val) / max(per_epoch_train, 1e-9))
-    samples = max(cfg["batch_size"], int(cfg["samples_per_epoch"] * share) // cfg["batch_size"] * cfg["batch_size"])
-    cfg.update(epochs=1, warmup_epochs=0.1, samples_per_epoch=samples)
-    return (f"--budget {minutes:g} min: not one whole epoch fits ({per_epoch_train:.2f} min training, {per_val:.2f} "
-            f"validation): 1 epoch of {samples} samples")
-
-
 def _batch(memory: dict, budget: int, dims: int) -> tuple[int, str]:
     fits = (budget - memory["fixed"]) // memory["per_sample"]
     batch = int(np.clip(fits, 2, BATCH_CAP[dims]))
@@ -369,7 +286,7 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
                        minutes: float | None = None, n_folds: int = 5, encoder: str | None = None) -> dict:
     """The plan of one configuration: ``{"config": training config, "reasons": {...}, "memory":
     {...}, "time": {...}}``; ``minutes`` scales its schedule to one training run of that long
-    (:func:`fit_budget`); ``encoder`` (``"auto"`` or a backbone) allows a pretrained 2D encoder
+    (:func:`~slab.pipeline.planning.schedule.fit_budget`); ``encoder`` (``"auto"`` or a backbone) allows a pretrained 2D encoder
     (:func:`encoder_unet`)."""
     kind = device.type
     reasons: dict[str, str] = {}
@@ -418,17 +335,19 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
     cfg["val"] = {"metric": metric, "tolerance_mm": tolerance, "tta": "none"}
     if dims == 3:
         cfg["val"]["overlap"] = 0.25
+    from slab.pipeline.training.config import validate_config
+
+    filled = validate_config(cfg)  # a plan is a valid training configuration
     timing = trial_time(net, dims, in_channels, labels, patch, cfg["batch_size"], device)
+    timing["score_s_per_case"] = trial_scoring(fp, filled)
     if minutes is not None:
         reasons["epochs"] = fit_budget(fp, cfg, timing, n_folds, minutes)
         reasons["samples_per_epoch"] = reasons["epochs"]
-    from slab.pipeline.training.config import validate_config
-
-    validate_config(cfg)  # a plan is a valid training configuration
     expected = expected_time(fp, cfg, timing, n_folds)
     return {"config": cfg, "reasons": reasons,
             "time": {**expected, "step_s": round(timing["step_s"], 4),
-                     "forward_ms_per_sample": round(1000 * timing["forward_s_per_sample"], 3), "device": kind},
+                     "forward_ms_per_sample": round(1000 * timing["forward_s_per_sample"], 3),
+                     "score_s_per_case": round(timing["score_s_per_case"], 3), "device": kind},
             "memory": {"per_sample_mib": round(memory["per_sample"] / 2**20, 2),
                        "fixed_mib": round(memory["fixed"] / 2**20, 2), "budget_gib": round(budget / 2**30, 2),
                        "parameters": memory["parameters"], "device": kind}}
@@ -484,6 +403,7 @@ def describe(fp: dict, plans: dict) -> str:
         if "time" in plan:
             t = plan["time"]
             lines.append(f"    expected time: {t['total_min']:.1f} min per fold on {t['device']} ({t['steps']} steps of "
-                         f"{t['step_s']:.3f} s: {t['train_min']:.1f} min; validation {t['validation_min']:.1f} min)"
+                         f"{t['step_s']:.3f} s: {t['train_min']:.1f} min; validation {t['validation_min']:.1f} min, "
+                         f"scoring {t.get('score_s_per_case', 0.0):.1f} s per case)"
                          + (f"; {plan['reasons']['epochs']}" if "--budget" in plan["reasons"].get("epochs", "") else ""))
     return "\n".join(lines)

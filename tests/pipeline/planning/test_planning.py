@@ -13,6 +13,7 @@ import torch
 
 from slab.pipeline.cli import main
 from slab.pipeline.planning import plans as planning
+from slab.pipeline.planning import schedule
 from slab.pipeline.planning.fingerprint import fingerprint, is_tubular, label_summary
 from slab.pipeline.planning.selection import best_window, choose_postprocessing, window_histograms, window_mask
 
@@ -610,20 +611,20 @@ def test_the_plan_says_how_long_and_fits_a_budget():
            "batch_size": 8, "val_every": 2, "val": {"tta": "flips", "planes": None}}
     timing = {"step_s": 0.5, "forward_s_per_sample": 0.01}
     # 2 folds: 2 held-out cases, (30 + 36) slices x 8 flips each, 5 validations
-    assert planning.validation_samples(fp, cfg, 2) == 2 * 8 * (30 + 36)
-    t = planning.expected_time(fp, cfg, timing, n_folds=2)
+    assert schedule.validation_samples(fp, cfg, 2) == 2 * 8 * (30 + 36)
+    t = schedule.expected_time(fp, cfg, timing, n_folds=2)
     assert t["steps"] == 80 and t["train_min"] == pytest.approx(80 * 0.5 / 60, abs=0.01)
     assert t["validation_min"] == pytest.approx(5 * 1056 * 0.01 / 60, abs=0.01)
     three = {"task": "segmentation_3d", "patch_size": [24, 24, 24], "val": {"tta": "none", "overlap": 0.5}}
     # windows: x (40-24)/12 -> 3, y (36-24)/12 -> 2, z (30-24)/12 -> 2
-    assert planning.validation_samples(fp, three, 1) == 3 * 2 * 2
+    assert schedule.validation_samples(fp, three, 1) == 3 * 2 * 2
     for minutes in (0.5, 2.0):
         fitted = dict(cfg)
-        planning.fit_budget(fp, fitted, timing, 2, minutes)
-        total = planning.expected_time(fp, fitted, timing, 2)["total_min"]
+        schedule.fit_budget(fp, fitted, timing, 2, minutes)
+        total = schedule.expected_time(fp, fitted, timing, 2)["total_min"]
         assert total <= minutes + 0.01 and fitted["epochs"] >= 1
     small = dict(cfg)
-    reason = planning.fit_budget(fp, small, timing, 2, 0.05)  # less than one epoch
+    reason = schedule.fit_budget(fp, small, timing, 2, 0.05)  # less than one epoch
     assert small["epochs"] == 1 and small["samples_per_epoch"] < 64 and "not one whole epoch" in reason
     plan = planning.plan_configuration(fp, "2d", CPU, 1 << 30, minutes=1.0, n_folds=2)
     assert plan["time"]["step_s"] > 0 and plan["time"]["total_min"] <= 1.0 + 1e-6
