@@ -53,12 +53,16 @@ def trial_time(network: dict, dims: int, in_channels: int, out_channels: int, pa
     return {"step_s": float(np.median(steps)), "forward_s_per_sample": float(forward)}
 
 
+SCORING_TRIAL_VOXELS = 1 << 21  # a larger median case is timed on a part of this size, scaled by its voxels
+
+
 def trial_scoring(fp: dict, cfg: dict) -> float:
     """Seconds a validation spends scoring one median case besides the network: the threshold
     sweep (Dice and surface dice at every threshold and tolerance, as training's validation
     calls it) and the calibration, timed on a synthetic case of the median shape (a smooth
-    probability field; truth where a shifted copy of it passes 0.5). On a 98x116x94 case the
-    sweep is ~10x the network's forward passes: a plan that counted only those was 7x short."""
+    probability field; truth where a shifted copy of it passes 0.5). A case of more than
+    ``SCORING_TRIAL_VOXELS`` is timed on a part of that size (the longest axes halved) and the
+    time scaled by the voxel ratio: the sweep's passes are linear in the voxels."""
     import time
 
     from scipy.ndimage import gaussian_filter
@@ -66,7 +70,11 @@ def trial_scoring(fp: dict, cfg: dict) -> float:
     from slab.pipeline.evaluation.calibration import calibration
     from slab.pipeline.evaluation.metrics import threshold_sweep
 
-    shape = tuple(int(n) for n in fp["median_shape"])
+    full = [int(n) for n in fp["median_shape"]]
+    shape = list(full)
+    while math.prod(shape) > SCORING_TRIAL_VOXELS:
+        axis = int(np.argmax(shape))
+        shape[axis] = max(1, shape[axis] // 2)
     field = gaussian_filter(np.random.default_rng(0).standard_normal(shape).astype(np.float32), 2.0)
     prob = (1 / (1 + np.exp(-field / max(float(field.std()), 1e-6) * 3)))[None].astype(np.float32)
     truth = (np.roll(prob, 1, axis=1) > 0.5).astype(np.uint8)
@@ -75,7 +83,7 @@ def trial_scoring(fp: dict, cfg: dict) -> float:
     threshold_sweep(prob, truth, cfg["val"]["thresholds"], fp["median_spacing"], [0.0] if tolerance == 0 else
                     [0.0, tolerance])
     calibration(prob, truth, prob)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) * math.prod(full) / math.prod(shape)
 
 
 def validation_samples(fp: dict, cfg: dict, cases: int) -> int:

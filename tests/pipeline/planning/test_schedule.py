@@ -47,6 +47,13 @@ def test_the_scoring_trial_sweeps_as_validation_does(monkeypatch):
     assert seconds > 0
     assert calls == [("sweep", (1, 23, 19, 7), (1, 23, 19, 7), cfg["val"]["thresholds"], [1.5, 1.5, 3.0], [0.0, 3.0]),
                      ("calibration", (1, 23, 19, 7))]
+    # a case larger than the trial's voxels is timed on a part of them, scaled by the voxel ratio
+    monkeypatch.setattr(schedule, "SCORING_TRIAL_VOXELS", 23 * 19 * 7 // 4)
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    assert schedule.trial_scoring(fp, cfg) == pytest.approx(2.0 * (23 * 19 * 7) / (11 * 9 * 7))
+    assert calls[-2][1] == (1, 11, 9, 7)  # 23 -> 11, then 19 -> 9: at most a quarter of the voxels
+    monkeypatch.undo()
     plan = plan_configuration(fp, "2d", torch.device("cpu"), 1 << 26)
     t = plan["time"]
     assert t["score_s_per_case"] > 0 and t["validation_min"] > 0  # the plan's own trial, recorded
