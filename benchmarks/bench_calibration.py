@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mni import mni152, subject  # noqa: E402
+from mni import mni152, write_subject  # noqa: E402
 
 BLOCKS = {"train": (0, 52), "validation": (52, 84), "test": (84, 116)}
 LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
@@ -74,20 +74,13 @@ def subjects_task(root: Path, n_train: int = 6, n_val: int = 2, n_test: int = 4)
     """Grey matter of synthetic subjects of the template (:func:`mni.subject`: deformed, bias
     field, gamma, noise), whole heads: ``n_train`` training, ``n_val`` validation and ``n_test``
     test subjects, each its own seed."""
-    import nibabel as nib
-
     t1, (gm,), affine = mni152(["gm"])
     splits = {"train": range(n_train), "validation": range(100, 100 + n_val), "test": range(200, 200 + n_test)}
     data = {"training": [], "validation": [], "test": [], "labels": ["grey_matter"]}
     for split, seeds in splits.items():
         for seed in seeds:
-            image, (grey,), _ = subject(t1, [gm], seed)
-            folder = root / f"{split}_{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), folder / "image.nii.gz")
-            nib.save(nib.Nifti1Image((grey > 0.5).astype(np.uint8), affine), folder / "label.nii.gz")
-            item = {"image": f"{folder.name}/image.nii.gz", "label": f"{folder.name}/label.nii.gz"}
-            data["training" if split == "train" else split].append(item)
+            item = write_subject(root / f"{split}_{seed}", t1, gm, affine, seed)
+            data["training" if split == "train" else split].append({k: item[k] for k in ("image", "label")})
     path = root / "datalist.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path

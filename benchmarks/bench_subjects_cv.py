@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from bench_calibration import LEVELS, dice, window_baseline  # noqa: E402
-from mni import mni152, subject  # noqa: E402
+from mni import mni152, write_subject  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -40,19 +40,11 @@ def cpu_seconds() -> float:
 
 def subjects(root: Path, n_train: int = 8, n_test: int = 4) -> tuple[Path, list[dict]]:
     """A datalist of ``n_train`` subjects (seeds 0..) and the ``n_test`` held-out ones (seeds 200..)."""
-    import nibabel as nib
-
     t1, (gm,), affine = mni152(["gm"])
     items = {"train": [], "test": []}
     for split, seeds in (("train", range(n_train)), ("test", range(200, 200 + n_test))):
         for seed in seeds:
-            image, (grey,), _ = subject(t1, [gm], seed)
-            folder = root / f"subject_{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), folder / "image.nii.gz")
-            nib.save(nib.Nifti1Image((grey > 0.5).astype(np.uint8), affine), folder / "label.nii.gz")
-            items[split].append({"image": str(folder / "image.nii.gz"), "label": str(folder / "label.nii.gz"),
-                                 "case": folder.name})
+            items[split].append(write_subject(root / f"subject_{seed}", t1, gm, affine, seed))
     path = root / "datalist.json"
     path.write_text(json.dumps({"training": items["train"], "labels": ["grey_matter"]}), encoding="utf-8")
     return path, items["test"]

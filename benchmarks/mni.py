@@ -75,4 +75,16 @@ def subject(t1: np.ndarray, maps: list[np.ndarray], seed: int, *, displacement_v
     return image, [np.clip(warp(m), 0, 1) for m in maps], {"gamma": g, "bias": [float(field.min()), float(field.max())]}
 
 
-__all__ = ["mni152", "subject"]
+def write_subject(folder: Path, t1: np.ndarray, gm: np.ndarray, affine: np.ndarray, seed: int) -> dict:
+    """Subject ``seed`` of the template written to ``folder`` (``image.nii.gz``, int16 T1, and
+    ``label.nii.gz``, grey matter ``> 0.5``); its datalist item with absolute paths."""
+    import nibabel as nib
+
+    image, (grey,), _ = subject(t1, [gm], seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.round(image).astype(np.int16), affine), folder / "image.nii.gz")
+    nib.save(nib.Nifti1Image((grey > 0.5).astype(np.uint8), affine), folder / "label.nii.gz")
+    return {"image": str(folder / "image.nii.gz"), "label": str(folder / "label.nii.gz"), "case": folder.name}
+
+
+__all__ = ["mni152", "subject", "write_subject"]
