@@ -6,7 +6,7 @@ as a classifier. :class:`SEResNeXtEncoder` is that classifier's trunk returning 
 maps a ``FlexibleUNet`` decoder reads (strides 2, 4, 8, 16, 32: the stem before its max-pool, then
 the four stages), registered under ``se_resnext50_32x4d`` and ``se_resnext101_32x4d`` (the names of
 the published ImageNet files, Cadene's ``pretrainedmodels``; :mod:`slab.networks.pretrained` maps
-their keys). Importing :mod:`slab.networks` registers them, once.
+their keys). :mod:`slab.networks.factory` registers them when it is imported, once.
 """
 from __future__ import annotations
 
@@ -66,8 +66,5 @@ def register() -> None:
     """Register the SE-ResNeXt encoders with ``FlexibleUNet`` (once; MONAI's registry is global)."""
     if not all(name in FLEXUNET_BACKBONE.register_dict for name in SE_RESNEXTS):
         FLEXUNET_BACKBONE.register_class(SEResNeXtEncoder)
-
-
-register()
 
 __all__ = ["SE_RESNEXTS", "SEResNeXtEncoder", "register"]

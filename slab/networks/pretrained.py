@@ -19,7 +19,7 @@ The published formats are the encoders' own state dicts: lukemelas' EfficientNet
 (MONAI's ``efficientnet-b*`` URLs), torchvision's ResNet-50/101/152 (MONAI's share their key
 names; MONAI's ResNet-18/34 have parameter-free shortcuts that no published file fits) and
 Cadene's SE-ResNeXt-50/101 (MONAI's ``SE_NET_MODELS``; :mod:`slab.networks.encoders`). Every encoder tensor must be found with its shape, else the mismatches are listed; the
-classifier head a published file carries (``_fc``, ``fc``) is the only thing left unused. For
+classifier head a published file carries (``_fc``, ``fc``, ``last_linear``) is the only thing left unused. For
 k ≠ 3 input channels the first convolution is adapted as timm's ``adapt_input_conv`` does (the RGB
 kernels summed for k = 1; repeated and scaled by 3/k otherwise), and the provenance says so.
 Prediction never loads these files: a trained model carries its weights.
