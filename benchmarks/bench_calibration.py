@@ -12,7 +12,9 @@ its schedule cut to fit 2 cores; the test block is then predicted and scored:
 * Dice at 0.5, at the threshold chosen on validation, and at the test block's own best threshold
   (a sweep of 0.05 ... 0.95), and that best threshold;
 * false positives on the test block's first and last slices of each axis (the cut faces);
-* the intensity window baseline (the best window on the training block, scored on the test block).
+* the intensity window baseline (the best window on the training block, scored on the test block);
+* the run's recorded priors: the foreground share of its training samples and of its training
+  volumes, and the logit adjustment its loss saw (:mod:`slab.pipeline.training.prior`).
 
 ``--tasks subjects``: grey matter of synthetic subjects of the template (``mni.subject``: deformed,
 bias field, gamma, noise), six training, two validation and four test heads, where one window
@@ -198,6 +200,7 @@ def mean_scores(per_case: list[dict]) -> dict:
 
 def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     from slab.pipeline.inference.ensemble import load_model
+    from slab.pipeline.model.checkpoints import load_checkpoint
     from slab.pipeline.planning.crossval import train_fold, write_plan
     from slab.pipeline.training.validation import truth_masks
     from slab.io.volumes import load_volume
@@ -238,6 +241,7 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
         scores = mean_scores([score(model, image, truth, air, exclusive) for image, truth, air in tests])
         scores["train_wall_s"] = time.perf_counter() - start
         scores["train_cpu_s"] = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
+        scores["priors"] = load_checkpoint(run / "last.pt").get("priors")  # samples', volumes', adjustment
         result["configurations"][configuration] = scores
         print(f"  {name} {configuration}: " + json.dumps(scores), flush=True)
     train = [i for i in json.loads((plan_dir / "datalist.json").read_text())["training"] if int(i["fold"]) != fold]
@@ -254,10 +258,23 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
     return result
 
 
+def _priors(priors: dict | None, c: int) -> str:
+    """A run's recorded priors as probabilities (per class against the background for exclusive
+    classes), and the logit adjustment its loss saw."""
+    if not priors:
+        return "-"
+
+    def p(logit: float) -> str:
+        return f"{100 / (1 + np.exp(-logit)):.1f} %"
+
+    return f"{p(priors['samples'][c])} / {p(priors['volumes'][c])} ({priors['adjustment'][c]:+.2f})"
+
+
 def table(results: dict) -> str:
     lines = ["| task | configuration | loss | label | air median p | air p10 | ECE body | Dice @0.5 | Dice @chosen "
-             "(chosen) | best threshold | Dice @best | Dice @best±0.1 | FP on faces / all | window Dice | train CPU s |",
-             "|" + "---|" * 15]
+             "(chosen) | best threshold | Dice @best | Dice @best±0.1 | FP on faces / all | window Dice | train CPU s | "
+             "prior: samples / volumes (loss adjustment) |",
+             "|" + "---|" * 16]
     for task, result in results.items():
         for configuration, scores in result["configurations"].items():
             for c, s in enumerate(scores["labels"]):
@@ -267,7 +284,7 @@ def table(results: dict) -> str:
                     f"{s['air_median']:.3f} | {s['air_p10']:.3f} | {s['ece_body']:.3f} | {s['dice_0.5']:.3f} | "
                     f"{s['dice_chosen']:.3f} ({chosen}) | {s['best_threshold']:g} | {s['dice_best']:.3f} | "
                     f"{s['dice_best_pm0.1'][0]:.3f} / {s['dice_best_pm0.1'][1]:.3f} | {s['fp_faces']} / {s['fp']} | "
-                    f"{result['window'][c]:.3f} | {scores['train_cpu_s']:.0f} |")
+                    f"{result['window'][c]:.3f} | {scores['train_cpu_s']:.0f} | {_priors(scores.get('priors'), c)} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from slab.pipeline.data.stream import label_part, normalised, read_part
+from slab.pipeline.data.stream import add_counts, label_part, normalised, read_part, value_counts
 from slab.core.errors import SlabError
 
 # Side of the cubes whose foreground voxels are counted.
@@ -33,7 +33,8 @@ def _index(box) -> tuple:
 class StreamedVolume:
     """One training volume read in parts: ``image`` and ``label`` (lazy volumes or arrays of one
     spatial shape), the image's block ``normalize`` (or None), a voxel-wise ``label_transform``
-    (or None) and the ``patch`` size; its padding and per-cube foreground counts."""
+    (or None) and the ``patch`` size; its padding, per-cube foreground counts and the label's
+    ``values`` (:func:`slab.pipeline.data.stream.value_counts`)."""
 
     def __init__(self, image, label, patch: Sequence[int], normalize: Callable | None,
                  label_transform: Callable | None, name: str):
@@ -47,6 +48,7 @@ class StreamedVolume:
         fg = np.zeros(grid, dtype=np.int64)
         for z in range(0, self.shape[2], BLOCK):
             block = self.label_part(((0, self.shape[0]), (0, self.shape[1]), (z, min(self.shape[2], z + BLOCK))))
+            self.values = value_counts(block) if z == 0 else add_counts(self.values, value_counts(block))
             foreground = np.zeros((grid[0] * BLOCK, grid[1] * BLOCK, BLOCK), dtype=bool)
             foreground[:self.shape[0], :self.shape[1], :block.shape[3]] = np.any(block > 0, axis=0)
             fg[:, :, z // BLOCK] = foreground.reshape(grid[0], BLOCK, grid[1], BLOCK, BLOCK).sum(axis=(1, 3, 4),

@@ -49,6 +49,32 @@ def label_part(label, index, transform: Callable | None, name: str) -> np.ndarra
     return part
 
 
+def value_counts(label, chunk: int = 1 << 22) -> np.ndarray:
+    """``(C, V)`` int64: the voxels of each value ``0 .. V-1`` in each channel of a ``(C, ...)``
+    label (binary channels, or a class map; values rounded, below 0, NaN and Inf counted as 0),
+    ``V`` at least 2, read ``chunk`` voxels at a time. Summed over volumes with :func:`add_counts`,
+    they give the label prior of whole volumes (:mod:`slab.pipeline.training.prior`)."""
+    label = read_part(label, ...) if not isinstance(label, np.ndarray) else label
+    flat = label.reshape(label.shape[0], -1)
+    counts = np.zeros((flat.shape[0], 2), dtype=np.int64)
+    for start in range(0, flat.shape[1], chunk):
+        part = flat[:, start:start + chunk]
+        part = np.rint(np.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0)) if part.dtype.kind == "f" else part
+        part = np.clip(part, 0, None).astype(np.int64)
+        width = max(counts.shape[1], int(part.max()) + 1 if part.size else 0)
+        counts = add_counts(counts, np.stack([np.bincount(row, minlength=width) for row in part]))
+    return counts
+
+
+def add_counts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sum of two :func:`value_counts` tables (of one channel count), widened to the values of both."""
+    width = max(a.shape[1], b.shape[1])
+    out = np.zeros((a.shape[0], width), dtype=np.int64)
+    out[:, :a.shape[1]] += a
+    out[:, :b.shape[1]] += b
+    return out
+
+
 def normalised(raw: np.ndarray, transform: Callable | None, name: str) -> np.ndarray:
     """A part of an image through its block normalisation, checked for NaN and Inf."""
     part = raw
@@ -83,10 +109,12 @@ class SlabSource:
             rows = [a for a in range(3) if a != axis][0]
             self.counts[plane] = np.zeros((shape[axis + 1], shape[rows + 1]), dtype=np.int32)
         self.channels = shape[0]
+        self.values = np.zeros((1, 2), dtype=np.int64)  # value_counts of the label after its transform
         step = max(1, COUNT_BLOCK_BYTES // max(1, shape[0] * shape[1] * shape[2] * _itemsize(label)))
         for z in range(0, shape[3], step):
             block = label_part(label, (slice(None),) * 3 + (slice(z, z + step),), label_transform, names[1])
             self.channels = block.shape[0]
+            self.values = value_counts(block) if z == 0 else add_counts(self.values, value_counts(block))
             foreground = np.any(block > 0, axis=0)  # (X, Y, z block)
             for plane, counts in self.counts.items():
                 if plane == "xy":  # slices z, rows x
@@ -185,5 +213,5 @@ def streamed_prediction(cfg: dict, image, out_path) -> dict:
     normalize = make_normalize(cfg["normalize"])
     return {"out_path": out_path, "out_dtype": "float32",
             "preprocess": None if normalize is None else normalize.block_transform(image, str(image.meta["filename_or_obj"]))}
-__all__ = ["COUNT_BLOCK_BYTES", "SlabSource", "TruthVolume", "label_part", "normalised", "open_validation", "read_part",
-           "streamed_prediction"]
+__all__ = ["COUNT_BLOCK_BYTES", "SlabSource", "TruthVolume", "add_counts", "label_part", "normalised", "open_validation",
+           "read_part", "streamed_prediction", "value_counts"]

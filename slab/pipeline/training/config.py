@@ -168,8 +168,14 @@ SCHEMA: dict[str, Any] = {
                "(background logit 0, one logit per class) for exclusive classes (see DiceCE)"),
     "output_bias": _s("prior", _optional_choice(("prior",)),
                       "prior: the network starts at the training samples' foreground prior (the output layer's bias "
-                      "set to its logit, measured on samples drawn as training draws them), not at probability 0.5 "
-                      "(see slab.pipeline.training.prior); null: the network's own initialisation"),
+                      "set to its logit, measured on samples drawn as training draws them; the volumes' prior with "
+                      "logit_adjustment), not at probability 0.5 (see slab.pipeline.training.prior); null: the "
+                      "network's own initialisation"),
+    "logit_adjustment": _s(True, _bool, "where foreground-centred draws raise the training samples' foreground "
+                           "prior above the training volumes', the loss sees the logits shifted by the difference "
+                           "of their log-odds, so that the network is calibrated to whole volumes (see "
+                           "slab.pipeline.training.prior); false: calibrated to the samples, as models trained "
+                           "before it were"),
     "shape_loss": {
         "surface_dice": _s(0.0, float_check(0), "weight of 1 - soft surface dice at tolerance 0 (2D contours for 2.5D "
                            "slabs, 3D surfaces for 3D patches), added to loss"),

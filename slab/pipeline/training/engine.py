@@ -358,6 +358,7 @@ class SlabTrainer(SupervisedTrainer):
                 "threshold": self.threshold, "best_threshold": self.best_threshold, "metrics": row,
                 "inference": self.task.inference_spec(self.threshold),
                 "best": self.best, "history": self.history, "rng": rng_states(),
+                "priors": getattr(self.task, "priors", None),
             }
             save_epoch_state(self.out, checkpoint, checkpoint if improved else None)
             if validated:

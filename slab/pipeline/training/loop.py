@@ -136,15 +136,20 @@ def _build_task(datalist, cfg: dict, fold: int | None, info: DistInfo, resumed: 
     return Segmentation2p5DTask(datalist, cfg, fold, info, resumed)
 
 
-def _start_at_prior(task: TrainTask, cfg: dict) -> None:
-    """The network's output bias at the logit of its training samples' foreground prior
-    (:mod:`slab.pipeline.training.prior`), from samples of an epoch training never draws."""
+def _set_priors(task: TrainTask, cfg: dict) -> dict:
+    """The loss's logit adjustment and the network's start (:mod:`slab.pipeline.training.prior`),
+    from samples of an epoch training never draws and the training volumes' label counts."""
     from slab.pipeline.training.engine import TrainingSamples
-    from slab.pipeline.training.prior import SAMPLES, init_output_bias
+    from slab.pipeline.training.prior import SAMPLES, SHARE_SAMPLES, init_output_bias, priors
 
     samples = TrainingSamples(task, cfg["seed"])
-    drawn = [samples[(PRIOR_EPOCH, i)] for i in range(SAMPLES)]
-    task.output_bias = init_output_bias(task.model, task.collate(drawn), task.n_labels, cfg["loss"] == "dice_ce")
+    drawn = [samples[(PRIOR_EPOCH, i)] for i in range(SHARE_SAMPLES if cfg["logit_adjustment"] else SAMPLES)]
+    record = priors([d["label"] for d in drawn], task.volume_counts(), task.n_labels, cfg["loss"] == "dice_ce",
+                    cfg["logit_adjustment"])
+    if cfg["output_bias"] == "prior":
+        start = torch.tensor(record["samples"]) - torch.tensor(record["adjustment"])
+        record["output_bias"] = init_output_bias(task.model, task.collate(drawn[:SAMPLES]), start)
+    return record
 
 
 PRIOR_EPOCH = 2**31 - 1  # never an epoch of training: the prior's samples leave training's draws alone
@@ -169,8 +174,9 @@ def build_trainer(datalist, cfg: dict, out: Path, *, fold=None, resume: bool = F
     state = _resume_state(out, cfg, resume)
     seed_everything(cfg["seed"])  # the model's initial weights
     task = _build_task(datalist, cfg, fold, info, state.get("network") if state else None)
-    if state is None and cfg["task"] != "classification" and cfg["output_bias"] == "prior":
-        _start_at_prior(task, cfg)
+    if cfg["task"] != "classification":
+        # a resumed run keeps the priors it started with (none: a run from before them, unadjusted)
+        task.priors = _set_priors(task, cfg) if state is None else state.get("priors")
     if info.is_main:
         from slab.core.outputs import atomic_write
 

@@ -3,6 +3,7 @@ config and the data, batches padded to the network's sizes, whole-volume validat
 inference engines and thresholds swept per label."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,8 @@ class _SegmentationTask(TrainTask):
         self.info = info
         # exclusive classes (dice_ce) are a softmax with the background logit 0, masks by argmax
         self.activation = "softmax" if cfg["loss"] == "dice_ce" else "sigmoid"
+        self.priors: dict | None = None  # the loss's logit adjustment (slab.pipeline.training.prior)
+        self._adjustment: torch.Tensor | None = None
 
     def start_validation(self) -> None:
         """Load (this rank's share of) the validation volumes; after the training data checks."""
@@ -175,11 +178,21 @@ class _SegmentationTask(TrainTask):
         preprocess) a lazy volume predicted out of core, returned lazily."""
         raise NotImplementedError
 
+    def volume_counts(self) -> np.ndarray:
+        """The training labels' value counts (:func:`slab.pipeline.data.stream.value_counts`),
+        summed over the training volumes: the prior that prediction meets."""
+        raise NotImplementedError
+
     def loss(self, model, batch, device):
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        logits = model(images)
-        return self.loss_fn(logits.float(), labels)
+        logits = model(images).float()
+        adjustment = (self.priors or {}).get("adjustment")
+        if adjustment and any(adjustment):  # the samples' prior over the volumes' (prior.py)
+            if self._adjustment is None or self._adjustment.device != logits.device:
+                self._adjustment = torch.tensor(adjustment, dtype=torch.float32, device=logits.device)
+            logits = logits + self._adjustment.view(1, -1, *([1] * (logits.ndim - 2)))
+        return self.loss_fn(logits, labels)
 
     def batch_images(self, batch) -> int:
         return int(batch["image"].shape[0])
@@ -258,6 +271,13 @@ class Segmentation2p5DTask(_SegmentationTask):
         self.collate = _PadCollate(self.divisor, self.min_size)
         self.start_validation()
 
+    def volume_counts(self) -> np.ndarray:
+        from slab.pipeline.data.stream import add_counts, value_counts
+
+        parts = [source.values for source in self.dataset.sources] if self.dataset.stream else \
+            [value_counts(label) for label in self.dataset.labels]
+        return functools.reduce(add_counts, parts)
+
     def in_channels(self) -> int:
         return self.image_channels * len(self.cfg["offsets"])
 
@@ -290,7 +310,9 @@ class Segmentation3DTask(_SegmentationTask):
         if any(p % self.divisor or p < self.min_size for p in cfg["patch_size"]):
             raise config_error("patch_size", f"multiples of the network's divisor {self.divisor}, each at least "
                         f"{self.min_size}", cfg["patch_size"])
-        self.volumes = []
+        from slab.pipeline.data.stream import value_counts
+
+        self.volumes, self.counts = [], []
         if cfg["stream"]:
             self._stream()
         else:
@@ -298,6 +320,7 @@ class Segmentation3DTask(_SegmentationTask):
                 image, label, _, _ = load_pair(item, cfg["normalize"])
                 self.check_channels(str(item["image"]), image.shape[0], label.shape[0])
                 target = torch.as_tensor(self.label_transform(label))
+                self.counts.append(value_counts(target))  # before the padding: what prediction meets
                 self.volumes.append(prepare({"image": image, "label": target}))
             self.transform = self._augmentation()
         self.start_validation()
@@ -321,6 +344,11 @@ class Segmentation3DTask(_SegmentationTask):
                                                names[0]))
         augment = self._augmentation().transforms[1:]  # all but the crop, which the volumes do
         self.patches = StreamedPatches(self.volumes, self.cfg["pos_neg"], Compose(augment) if augment else None)
+
+    def volume_counts(self) -> np.ndarray:
+        from slab.pipeline.data.stream import add_counts
+
+        return functools.reduce(add_counts, [v.values for v in self.volumes] if self.cfg["stream"] else self.counts)
 
     def in_channels(self) -> int:
         return self.image_channels

@@ -1,17 +1,11 @@
 """Calibration: the reliability curve and ECE against scikit-learn's calibration_curve and known
-answers, the body mask, the threshold chosen at the centre of a flat optimum, and networks that
-start at their training samples' foreground prior."""
-import json
-
+answers, the body mask, the threshold chosen at the centre of a flat optimum (the networks' start
+at the prior: tests/pipeline/training/test_prior.py)."""
 import numpy as np
 import pytest
-import torch
 
 from slab.pipeline.evaluation.calibration import body_mask, pooled, reliability
 from slab.pipeline.evaluation.metrics import choose_threshold
-from slab.pipeline.training.prior import prior_logits, set_output_bias
-
-from test_train import TINY, write_datalist  # noqa: E402
 
 
 def test_reliability_against_scikit_learn():
@@ -67,55 +61,3 @@ def test_threshold_at_the_centre_of_a_flat_optimum():
     from slab.core.checks import THRESHOLD_LEVELS
 
     assert max(THRESHOLD_LEVELS) > 0.95 and 0.45 in THRESHOLD_LEVELS and min(THRESHOLD_LEVELS) < 0.05
-
-
-def test_prior_logits_known_answers():
-    labels = [torch.zeros(1, 10, 10), torch.zeros(1, 10, 10)]
-    labels[0][0, :5, :5] = 1  # 25 of 200 voxels
-    logit = float(prior_logits(labels, 1, exclusive=False)[0])
-    assert logit == pytest.approx(np.log((26 / 202) / (1 - 26 / 202)))
-    classes = [torch.zeros(1, 10, 10, dtype=torch.int64)]
-    classes[0][0, :2] = 1  # 20 voxels of class 1, 10 of class 2, 70 background
-    classes[0][0, 2] = 2
-    logits = prior_logits(classes, 2, exclusive=True)
-    np.testing.assert_allclose(logits.numpy(), np.log(np.array([21, 11]) / 71.0), rtol=1e-6)
-    assert float(prior_logits([torch.zeros(1, 100, 100)], 1, exclusive=False)[0]) == -8.0  # clamped
-
-
-@pytest.mark.parametrize("name, options", [("unet", {"channels": [4, 8, 16], "strides": [2, 2]}),
-                                           ("unet", {"channels": [4, 8], "strides": [2], "num_res_units": 0}),
-                                           ("basic_unet", {"features": [4, 4, 8, 8, 16, 4]})])
-def test_output_bias_moves_the_mean_logit_to_the_prior(name, options):
-    from slab.networks import build_network
-
-    torch.manual_seed(0)
-    model = build_network(name, 2, 3, 2, **options)
-    x = torch.randn(4, 3, 32, 32)
-    target = torch.tensor([-2.0, -0.5])
-    assert set_output_bias(model, x, target)
-    with torch.no_grad():
-        mean = model.eval()(x).mean(dim=(0, 2, 3))
-    np.testing.assert_allclose(mean.numpy(), target.numpy(), atol=0.05)
-
-
-def test_a_run_starts_at_its_prior(tmp_path):
-    """Before its first step, a run's network gives its training samples' foreground share on
-    average, not 0.5; with ``output_bias: null`` it does not."""
-    from slab.pipeline.training import build_trainer
-    from slab.pipeline.training.engine import TrainingSamples
-
-    datalist = write_datalist(tmp_path)
-    cfg = json.loads(json.dumps(TINY))
-    cfg.update(epochs=1, samples_per_epoch=8)
-    trainer = build_trainer(datalist, cfg, tmp_path / "run", device="cpu")
-    task = trainer.task
-    samples = TrainingSamples(task, trainer.cfg["seed"])
-    batch = task.collate([samples[(0, i)] for i in range(16)])
-    share = float(batch["label"].float().mean())
-    with torch.no_grad():
-        prob = torch.sigmoid(task.model.eval()(batch["image"])).mean()
-    assert task.output_bias["applied"] and abs(float(prob) - share) < 0.1 and share < 0.3
-    plain = build_trainer(datalist, {**cfg, "output_bias": None}, tmp_path / "plain", device="cpu")
-    ptask = plain.task
-    with torch.no_grad():
-        assert abs(float(torch.sigmoid(ptask.model.eval()(batch["image"])).mean()) - 0.5) < 0.15
