@@ -351,7 +351,7 @@ def test_cv_writes_table_postprocessing_and_model(cv_plan, capsys):
             saved = np.load(plan / "cv" / "2d" / f"{item['case']}.npy")
             assert saved.shape[1:] == CV_SHAPES[case]
             np.testing.assert_allclose(saved, model(load_volume(item["image"])).numpy(), atol=1e-6)
-    per_case = [result["rows"]["2d"]["at_0.5"]["labels"]["label_1"]["dice"]["std"]]
+    per_case = [result["rows"]["2d"]["tuned"]["labels"]["label_1"]["dice"]["std"]]
     assert per_case[0] > 0  # four different cases, four different scores
     # resumable as a whole: a second run trains nothing
     stamp = (plan / "runs" / "2d" / "fold_0" / "best.pt").resolve().stat().st_mtime_ns
@@ -832,8 +832,9 @@ def test_an_ensemble_goes_out_of_core_as_one_model_does(cv_plan, tmp_path):
     from slab.pipeline.inference.files import VolumePredictor
 
     image = plan.parent / "case2" / "image.nii.gz"
-    in_memory = load_model(plan, device="cpu", configurations=["2d"])
-    out_of_core = load_model(plan, device="cpu", configurations=["2d"], memory_budget=1 << 12)
+    blockwise = {"fill_holes": None}  # whatever cv chose: hole filling needs the whole mask (refused out of core)
+    in_memory = load_model(plan, device="cpu", configurations=["2d"], postprocess=blockwise)
+    out_of_core = load_model(plan, device="cpu", configurations=["2d"], memory_budget=1 << 12, postprocess=blockwise)
     assert isinstance(out_of_core, Ensemble) and len(out_of_core) == 2
     assert isinstance(out_of_core, VolumePredictor) and isinstance(in_memory.first, VolumePredictor)
     assert out_of_core.out_of_core(load_volume(image, lazy=True))
