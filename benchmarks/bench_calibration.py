@@ -21,7 +21,7 @@ bias field, gamma, noise), six training, two validation and four test heads, whe
 cannot fit every scan.
 
     python benchmarks/bench_calibration.py [--tasks gm,tissue,vessels,subjects] [--configurations 2d,2p5d,3d]
-        [--epochs 6] [--samples-2d 640] [--samples-3d 24] [--json out.json]
+        [--epochs 6] [--samples-2d 640] [--samples-3d 24] [--set KEY=JSON ...] [--json out.json]
 """
 from __future__ import annotations
 
@@ -106,8 +106,9 @@ def _datalist(root: Path, items: dict, extra: dict) -> Path:
     return path
 
 
-def shorten(plan_dir: Path, epochs: int, samples: dict) -> None:
-    """``bench_plan``'s cut of every schedule, and no report pictures."""
+def shorten(plan_dir: Path, epochs: int, samples: dict, overrides: dict | None = None) -> None:
+    """``bench_plan``'s cut of every schedule, no report pictures, and ``overrides`` (``--set``)
+    of the training config."""
     from bench_plan import shorten as cut
 
     cut(plan_dir, epochs, samples)
@@ -115,6 +116,7 @@ def shorten(plan_dir: Path, epochs: int, samples: dict) -> None:
     plans = json.loads(path.read_text(encoding="utf-8"))
     for plan in plans["configurations"].values():
         plan["config"]["report_volumes"] = 0
+        plan["config"].update(overrides or {})
     path.write_text(json.dumps(plans, indent=2), encoding="utf-8")
 
 
@@ -215,7 +217,7 @@ def run_task(name: str, datalist: Path, plan_dir: Path, args) -> dict:
         planned["n_folds"] = 2
         path.write_text(json.dumps(planned))
         fold = 1
-    shorten(plan_dir, args.epochs, {2: args.samples_2d, 3: args.samples_3d})
+    shorten(plan_dir, args.epochs, {2: args.samples_2d, 3: args.samples_3d}, args.overrides)
     plans = json.loads((plan_dir / "plans.json").read_text())
     data = json.loads(datalist.read_text())
     root = datalist.parent
@@ -295,8 +297,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--samples-2d", type=int, default=640)
     parser.add_argument("--samples-3d", type=int, default=24)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="set a training-config key in every configuration (e.g. dice_batch=false)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    args.overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     import torch
 
     from slab.pipeline.cli import quiet_libraries

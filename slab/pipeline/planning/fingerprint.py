@@ -7,6 +7,9 @@ Cases are read one at a time (image and label; nothing is held once its case is 
   0.5 / 50 / 99.5 percentiles, mean and standard deviation per channel, and up to
   ``SAMPLES_PER_CASE`` foreground voxels drawn at random (seeded) per case, pooled into the
   dataset-level statistics (nnU-Net's sampling; exact per case, sampled across cases);
+- slices (:func:`slice_statistics`): how many of the three axes' slices hold foreground, the
+  body voxels in those with and without, per label its body voxels — whether the 2.5D sampler's
+  draws of slices without foreground add tissue or only air (:func:`drawn_body_shares`);
 - labels: voxel fraction, connected components (26-connectivity, ``cc3d``) and their sizes,
   and a radius estimate: the Euclidean distance transform on the label's skeleton, median and
   5th percentile, in voxels and mm. A label is *tubular* when its skeleton is at least
@@ -111,6 +114,44 @@ def label_summary(mask: np.ndarray, spacing) -> dict:
     out["tubular"] = is_tubular(out["radius"]["skeleton_voxels"], out["radius"]["median_vox"],
                                 out["radius"]["skeleton_branching"], out["radius"]["tube_fill"])
     return out
+
+
+def slice_statistics(image: np.ndarray, masks: list, foreground: np.ndarray) -> dict:
+    """What the 2.5D sampler draws from, per axis (the slices along x, y, z): how many slices hold
+    foreground (its positive draws) and how many not (its negative draws), and the body voxels in
+    each kind (the first channel above Otsu's threshold, holes filled:
+    :func:`slab.pipeline.evaluation.calibration.body_mask`); and per label its voxels in the body
+    (all in slices with foreground, by definition)."""
+    from slab.pipeline.evaluation.calibration import body_mask
+
+    body = body_mask(image)
+    out = {"positive": [], "negative": [], "body_positive": [], "body_negative": [],
+           "label_body": [int((m & body).sum()) for m in masks]}
+    for axis in range(3):
+        positive = np.moveaxis(foreground, axis, 0).reshape(foreground.shape[axis], -1).any(axis=1)
+        per_slice = np.moveaxis(body, axis, 0).reshape(body.shape[axis], -1).sum(axis=1)
+        out["positive"].append(int(positive.sum()))
+        out["negative"].append(int((~positive).sum()))
+        out["body_positive"].append(int(per_slice[positive].sum()))
+        out["body_negative"].append(int(per_slice[~positive].sum()))
+    return out
+
+
+def drawn_body_shares(slices: dict, positive_fraction: float, axes=(0, 1, 2)) -> list[tuple[float, float]]:
+    """Per label ``(drawn, whole)``: its share of the body voxels in slices drawn as the 2.5D
+    sampler draws them (an axis of ``axes`` alike, then ``positive_fraction`` a slice with
+    foreground, else one without) and in the whole volumes, from :func:`slice_statistics` summed
+    over a dataset's cases (``nan`` where there is no body)."""
+    drawn_body, drawn_label, whole_body = 0.0, np.zeros(len(slices["label_body"])), 0
+    for axis in axes:
+        n_pos, n_neg = slices["positive"][axis], slices["negative"][axis]
+        f = positive_fraction if n_pos and n_neg else float(n_pos > 0)  # one kind only: every draw is of it
+        drawn_body += (f * slices["body_positive"][axis] / max(1, n_pos)
+                       + (1 - f) * slices["body_negative"][axis] / max(1, n_neg))
+        drawn_label += f * np.asarray(slices["label_body"], dtype=float) / max(1, n_pos)
+        whole_body = slices["body_positive"][axis] + slices["body_negative"][axis]
+    return [(float(v / drawn_body) if drawn_body else float("nan"), float(w / whole_body) if whole_body else float("nan"))
+            for v, w in zip(drawn_label, slices["label_body"])]
 
 
 def intensity_summary(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator) -> tuple[list, np.ndarray]:
@@ -245,6 +286,7 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
             "anisotropy": max(spacing) / min(spacing), "foreground_voxels": int(foreground.sum()),
             "overlap_voxels": overlap,
             "intensity": stats, "labels": [label_summary(m, spacing) for m in masks],
+            "slices": slice_statistics(array[0], masks, foreground),
         })
         del image, label, array, values, masks, foreground
     if not cases:
@@ -266,6 +308,9 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
             "median_radius_mm": float(np.median([p["radius"]["median_mm"] for p in present])) if present else 0.0,
             "tubular": bool(present) and sum(p["tubular"] for p in present) * 2 >= len(present),
         })
+    slices = {key: [int(sum(c["slices"][key][a] for c in cases)) for a in range(3)] for key in
+              ("positive", "negative", "body_positive", "body_negative")}
+    slices["label_body"] = [int(sum(c["slices"]["label_body"][i] for c in cases)) for i in range(len(names))]
     shapes = np.asarray([c["shape"] for c in cases])
     spacings = np.asarray([c["spacing"] for c in cases])
     modality = data.get("modality")
@@ -284,5 +329,6 @@ def fingerprint(datalist, *, seed: int = 0, progress=None) -> tuple[dict, list[s
         "intensity": _pooled(samples),
         "dtype": cases[0]["dtype"],
         "folds": sorted({c["fold"] for c in cases}),
+        "slices": slices,
     }
     return summary, problems

@@ -35,6 +35,8 @@ decision with a one-line reason.
 - **Loss and outputs**: exclusive classes (a label map of values, or binary channels that never
   share a voxel) train a softmax with Dice + CE and predict by argmax; overlapping labels
   (regions) a sigmoid each with Dice + BCE (:func:`label_outputs`).
+- **Prior**: a 2.5D configuration's loss undoes a lowered foreground prior too where the
+  sampler's draws of slices without foreground are tissue, not air (:func:`prior_adjustment`).
 - **Metric**: surface dice at tolerance 0 where a label is tubular (vessels: the SenNet metric),
   Dice otherwise; the plan's tolerance is one voxel of the coarsest axis.
 """
@@ -57,6 +59,7 @@ VOXEL_CAP_3D = {"cpu": 64 ** 3, "cuda": 128 ** 3}
 BATCH_CAP = {2: 32, 3: 4}
 EPOCHS = {"cpu": 20, "cuda": 100}
 ENCODER_MIN_BATCH = 8
+DILUTED = 0.8  # a label's drawn share of the body below this much of the volumes': a lowered prior undone
 
 
 def _axis_names(axis: int) -> str:
@@ -115,6 +118,29 @@ def label_outputs(fp: dict) -> tuple[str, str]:
                             f"{len(fp['cases'])} cases: regions): a sigmoid per label with Dice + BCE")
     return "dice_ce", (f"{n} label channels never overlap (no voxel in two of them in {len(fp['cases'])} cases): "
                        "exclusive classes, a softmax with Dice + CE, masks by argmax")
+
+
+def prior_adjustment(fp: dict, planes: list[str], positive_fraction: float) -> tuple[bool | str, str]:
+    """``(logit_adjustment, reason)`` of a 2.5D configuration: ``"both"`` where the sampler's draws
+    of slices without foreground add tissue (body voxels) and so lower a label's share of the body
+    below ``DILUTED`` of the volumes' — a label shift the loss undoes (the vessel phantoms'
+    vessel-free slices: 3.3 % of the drawn body against 5.8 %); else ``true``, only a raised prior
+    undone: slices without foreground that are air (MNI152 grey matter: 59.2 % of the body drawn
+    and whole) dilute nothing where the network has to decide (:mod:`slab.pipeline.training.prior`)."""
+    from slab.pipeline.planning.fingerprint import drawn_body_shares
+    from slab.transforms.slabs import PLANE_AXIS
+
+    slices = fp.get("slices")
+    if not slices or not fp["labels"]:
+        return True, "no slice statistics in the fingerprint: only a raised prior undone"
+    shares = drawn_body_shares(slices, positive_fraction, sorted({PLANE_AXIS[p] for p in planes}))
+    parts = "; ".join(f"{lab['name']} {d:.1%} drawn, {w:.1%} in the volumes"
+                      for lab, (d, w) in zip(fp["labels"], shares) if w == w and d == d) or "no body"
+    if any(w > 0 and d < DILUTED * w for d, w in shares):
+        return "both", (f"the slices without foreground hold tissue, so drawing them lowers a label's share of the "
+                        f"body ({parts}): a label shift, the loss undoes the lowered prior too")
+    return True, (f"the draws keep each label's share of the body ({parts}): the slices without foreground add "
+                  "air, not a label shift; only a raised prior undone")
 
 
 def slab_geometry(fp: dict, k: int) -> tuple[list[str], list[int], str]:
@@ -338,6 +364,9 @@ def plan_configuration(fp: dict, name: str, device: torch.device, budget: int, e
     from slab.pipeline.training.config import validate_config
 
     filled = validate_config(cfg)  # a plan is a valid training configuration
+    if dims == 2:
+        cfg["logit_adjustment"], reasons["logit_adjustment"] = prior_adjustment(fp, cfg["planes"],
+                                                                                filled["positive_fraction"])
     timing = trial_time(net, dims, in_channels, labels, patch, cfg["batch_size"], device)
     timing["score_s_per_case"] = trial_scoring(fp, filled)
     if minutes is not None:
@@ -397,6 +426,8 @@ def describe(fp: dict, plans: dict) -> str:
                      f"{cfg['epochs']} epochs x {cfg['samples_per_epoch']} samples, normalize {cfg['normalize']['scheme']}")
         shown = ("planes", "network", "batch_size", "normalize", "loss") if plans.get("encoder") else \
             ("planes", "batch_size", "normalize", "loss")  # the network's reason where it is not the default
+        if cfg.get("logit_adjustment") == "both":  # the non-default decision, with its numbers
+            shown += ("logit_adjustment",)
         for key in shown:
             if key in plan["reasons"]:
                 lines.append(f"    {key}: {plan['reasons'][key]}")

@@ -93,6 +93,12 @@ def _bool(v, name):
     return v
 
 
+def _adjustment_check(v, name):
+    if v is not True and v is not False and v != "both":
+        raise config_error(name, 'true, false or "both"', v)
+    return v
+
+
 def _choice(options: Sequence[str]):
     def check(v, name):
         if v not in options:
@@ -166,16 +172,20 @@ SCHEMA: dict[str, Any] = {
     "loss": _s("dice_bce", _choice(LOSSES),
                "dice_bce: Dice + BCE on sigmoid outputs (multi-label); dice_ce: Dice + CE on the softmax over "
                "(background logit 0, one logit per class) for exclusive classes (see DiceCE)"),
+    "dice_batch": _s(False, _bool, "the loss's Dice over the whole batch as one sample (nnU-Net's batch dice) "
+                     "instead of per sample (measured: benchmarks/bench_calibration.py --set dice_batch=true)"),
     "output_bias": _s("prior", _optional_choice(("prior",)),
                       "prior: the network starts at the training samples' foreground prior (the output layer's bias "
                       "set to its logit, measured on samples drawn as training draws them; the volumes' prior with "
                       "logit_adjustment), not at probability 0.5 (see slab.pipeline.training.prior); null: the "
                       "network's own initialisation"),
-    "logit_adjustment": _s(True, _bool, "where foreground-centred draws raise the training samples' foreground "
-                           "prior above the training volumes', the loss sees the logits shifted by the difference "
-                           "of their log-odds, so that the network is calibrated to whole volumes (see "
-                           "slab.pipeline.training.prior); false: calibrated to the samples, as models trained "
-                           "before it were"),
+    "logit_adjustment": _s(True, _adjustment_check,
+                           "true: where foreground-centred draws raise the training samples' foreground prior above "
+                           "the training volumes', the loss sees the logits shifted by the difference of their "
+                           "log-odds, so that the network is calibrated to whole volumes; \"both\": a lowered prior "
+                           "undone too (2.5D draws of slices without foreground that are tissue, not air: the plan "
+                           "decides, see slab.pipeline.training.prior); false: calibrated to the samples, as models "
+                           "trained before it were"),
     "shape_loss": {
         "surface_dice": _s(0.0, float_check(0), "weight of 1 - soft surface dice at tolerance 0 (2D contours for 2.5D "
                            "slabs, 3D surfaces for 3D patches), added to loss"),

@@ -17,26 +17,27 @@ class DiceCE(nn.Module):
     background, so trained networks run through the same inference path as ``dice_bce`` ones.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch: bool = False) -> None:
         super().__init__()
         from monai.losses import DiceCELoss
 
-        self.loss = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False)
+        self.loss = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, batch=batch)
 
     def forward(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         background = torch.zeros_like(logits[:, :1])
         return self.loss(torch.cat([background, logits], dim=1), classes)
 
 
-def build_loss(name: str) -> nn.Module:
+def build_loss(name: str, batch: bool = False) -> nn.Module:
     """``dice_bce``: MONAI ``DiceCELoss(sigmoid=True)`` (Dice + BCE-with-logits, multi-label,
-    binary channel targets); ``dice_ce``: :class:`DiceCE` (exclusive classes, class-map target)."""
+    binary channel targets); ``dice_ce``: :class:`DiceCE` (exclusive classes, class-map target).
+    ``batch``: the Dice over the whole batch as one sample (nnU-Net's batch dice), not per sample."""
     from monai.losses import DiceCELoss
 
     if name == "dice_bce":
-        return DiceCELoss(sigmoid=True)
+        return DiceCELoss(sigmoid=True, batch=batch)
     if name == "dice_ce":
-        return DiceCE()
+        return DiceCE(batch)
     raise config_error("loss", f"one of {', '.join(LOSSES)}", name)
 
 
@@ -191,7 +192,7 @@ class CombinedLoss(nn.Module):
 
 def build_training_loss(cfg: dict, dims: int) -> nn.Module:
     """The config's ``loss`` with its ``shape_loss`` terms (none by default)."""
-    base = build_loss(cfg["loss"])
+    base = build_loss(cfg["loss"], bool(cfg.get("dice_batch", False)))
     shape = cfg.get("shape_loss") or {}
     if not shape.get("surface_dice") and not shape.get("cldice"):
         return base

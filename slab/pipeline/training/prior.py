@@ -33,13 +33,21 @@ on ``SHARE_SAMPLES`` draws (their own seeds), the volumes' from the training lab
 counts (:func:`slab.pipeline.data.stream.value_counts`); the network then starts at the volumes'
 prior (``delta`` plus its start make the samples' prior, as without the adjustment).
 
-Only a raised prior is undone (``delta >= 0``). Samples can also hold *less* foreground than the
-volumes: 2.5D slices padded to the patch and negative draws from slices without foreground (the
-neck, the crown) add background. That background is easy — padding, air — and leaves the
-posterior where tissue is ambiguous as it is, so it is not a label shift: undoing it (MNI152 grey
-matter, 2.5D: samples 7 %, volumes 13.5 %) raised every output and over-segmented (Dice at 0.5
-0.906 -> 0.886, best threshold 0.6 -> 0.65): the network starts at, and the loss keeps, the
-samples' prior.
+Which way. With ``true`` (the default) only a raised prior is undone (``delta >= 0``). Samples
+can also hold *less* foreground than the volumes: 2.5D slices padded to the patch and the draws
+of slices without foreground. Whether that is a label shift depends on what those slices are,
+which the share of the *body* (the image above Otsu's threshold) tells. Over 512 draws: MNI152
+grey matter's 2.5D samples hold 62.8 % of their body as grey matter, its volumes 62.6 % —
+its slices without grey matter are air and padding is no body, so nothing changes where the
+network has to decide, and undoing the all-voxel difference (samples 7 %, volumes 13.5 %)
+over-segmented (Dice at 0.5 0.906 -> 0.886, best threshold 0.6 -> 0.65). The vessel phantoms'
+vessel-free slices are tissue: the samples hold 2.65 % of their body as vessel, the volumes
+5.64 %; a model trained without undoing it crosses the diagonal of its reliability curve at
+0.33 = sigmoid(-0.72), the adjustment the loss would see, and its best threshold is 0.35. ``slab plan``
+measures which from the dataset's slices and sets ``"both"`` for a 2.5D configuration where
+drawing slices without foreground lowers a label's share of the body
+(:func:`slab.pipeline.planning.plans.prior_adjustment`): the lowered prior is undone too, and the
+vessel models' best threshold moves to 0.4-0.5 (``benchmarks/bench_calibration.py``).
 """
 from __future__ import annotations
 
@@ -130,12 +138,15 @@ def init_output_bias(model: nn.Module, batch: dict, target: torch.Tensor) -> boo
 
 def priors(samples: list, volumes: np.ndarray, n_labels: int, exclusive: bool, adjust: bool) -> dict:
     """The samples' and the volumes' prior logits (``samples``: training targets as drawn;
-    ``volumes``: the training labels' value counts) and the loss's ``adjustment`` (with
-    ``adjust``, their difference where the samples' is the higher, else 0), as the run records
-    them."""
+    ``volumes``: the training labels' value counts) and the loss's ``adjustment``: with ``adjust``
+    true their difference where the samples' is the higher, else 0; ``"both"`` their difference
+    either way; false none. As the run records them."""
     drawn = prior_logits(samples, n_labels, exclusive)
     whole = share_logits(volumes, n_labels, exclusive)
-    delta = (drawn - whole).clamp(0.0, LIMIT) if adjust else torch.zeros_like(drawn)  # a raised prior only
+    if adjust == "both":
+        delta = (drawn - whole).clamp(-LIMIT, LIMIT)
+    else:
+        delta = (drawn - whole).clamp(0.0, LIMIT) if adjust else torch.zeros_like(drawn)  # a raised prior only
 
     def rounded(values):
         return [round(float(v), 4) for v in values]

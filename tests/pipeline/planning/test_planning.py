@@ -208,6 +208,66 @@ def test_validation_entries_keep_their_own_fold(tmp_path):
     assert data["validation_fold"] == 2 and [i["fold"] for i in data["training"]] == [0, 1, 0, 1, 2]
 
 
+def test_slice_statistics_and_drawn_body_shares_known_answers():
+    """A bright 6x6x6 body, an 8-voxel label in it: per axis 2 slices with foreground (body 72),
+    the others without (body 144). The sampler draws each kind half the time, so the drawn body
+    holds 6 label voxels in 93 (0.0645) where the volume holds 8 in 216 (0.037)."""
+    from slab.pipeline.planning.fingerprint import drawn_body_shares, slice_statistics
+
+    image = np.zeros((10, 8, 6), np.float32)
+    image[2:8, 1:7, :] = 100.0
+    label = np.zeros(image.shape, bool)
+    label[3:5, 2:4, 1:3] = True
+    stats = slice_statistics(image, [label], label)
+    assert stats == {"positive": [2, 2, 2], "negative": [8, 6, 4], "body_positive": [72, 72, 72],
+                     "body_negative": [144, 144, 144], "label_body": [8]}
+    ((drawn, whole),) = drawn_body_shares(stats, 0.5)
+    assert drawn == pytest.approx(6 / 93) and whole == pytest.approx(8 / 216)
+    ((drawn, whole),) = drawn_body_shares(stats, 0.5, axes=[2])  # one plane: slices along z only
+    assert drawn == pytest.approx(2 / (18 + 18)) and whole == pytest.approx(8 / 216)
+    air = np.zeros_like(image)
+    air[3:5, 1:7, :] = 100.0  # the body only where the slices along x hold foreground
+    stats = slice_statistics(air, [label], label)
+    assert stats["body_negative"][0] == 0 and stats["positive"][0] == 2
+    # every slice positive: every draw is of them, the drawn share is the volume's
+    full = np.ones_like(label)
+    ((drawn, whole),) = drawn_body_shares(slice_statistics(image, [full], full), 0.5)
+    assert drawn == pytest.approx(whole)
+
+
+def _mni152_t1() -> np.ndarray:
+    from nilearn import datasets
+
+    path = Path(datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    a = np.asarray(nib.load(path).dataobj, np.float32)
+    s = [n // 2 * 2 for n in a.shape]
+    return a[:s[0], :s[1], :s[2]].reshape(s[0] // 2, 2, s[1] // 2, 2, s[2] // 2, 2).mean(axis=(1, 3, 5))
+
+
+def test_the_plan_undoes_a_lowered_prior_where_empty_slices_are_tissue(tmp_path):
+    """MNI152 grey matter: the slices without it are air, the drawn body holds what the head does
+    (true: only a raised prior undone); two vessel phantoms (fingerprinted as a plan reads them):
+    their vessel-free slices are tissue, and drawing them half the time nearly halves the
+    vessels' share of the body ("both")."""
+    from slab.pipeline.data.phantom import write_phantom
+    from slab.pipeline.planning.fingerprint import drawn_body_shares, slice_statistics
+
+    gm = _mni152("gm") > 0.5
+    brain = {"labels": [{"name": "grey_matter"}], "slices": slice_statistics(_mni152_t1(), [gm], gm)}
+    items = []
+    for seed in (0, 1):
+        write_phantom(tmp_path / f"v{seed}", shape=(48, 48, 48), seed=seed, kind="vessels")
+        items.append({"image": f"v{seed}/image.nii.gz", "label": f"v{seed}/label.nii.gz"})
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": items, "labels": ["vessel"]}))
+    phantoms, problems = fingerprint(tmp_path / "datalist.json")
+    assert problems == []
+    for fp, expected, ratio in ((brain, True, (0.95, 1.05)), (phantoms, "both", (0.45, 0.65))):
+        value, reason = planning.prior_adjustment(fp, ["xy", "zx", "zy"], 0.5)
+        ((drawn, whole),) = drawn_body_shares(fp["slices"], 0.5)
+        assert value == expected and ratio[0] < drawn / whole < ratio[1], (drawn, whole, reason)
+    assert planning.prior_adjustment({"labels": [{"name": "l"}]}, ["xy"], 0.5)[0] is True  # an older fingerprint
+
+
 def test_fingerprint_of_phantoms_against_numpy(tmp_path):
     datalist = write_datalist(tmp_path, n=3, shape=(21, 19, 13))
     fp, problems = fingerprint(datalist)

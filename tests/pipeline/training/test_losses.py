@@ -91,3 +91,30 @@ def test_combined_loss_and_training_with_it(tmp_path):
     cfg3.pop("planes")
     result = train(datalist, cfg3, tmp_path / "run3", device="cpu")
     assert np.isfinite(result["history"][-1]["train_loss"])
+
+
+@pytest.mark.parametrize("name", ["dice_bce", "dice_ce"])
+def test_batch_dice_pools_the_batch_known_answer(name):
+    """``dice_batch``: one Dice over the whole batch (nnU-Net's batch dice) against the mean of
+    per-sample Dice; an empty sample whose prediction is not empty costs a whole Dice per sample
+    and only its false positives pooled. Known answers from the sums, plus the same cross-entropy."""
+    from slab.pipeline.training.losses import build_training_loss
+
+    logits = torch.full((2, 1, 4, 4), -2.0)
+    logits[0, 0, :2] = 2.0  # sample 0: 8 pixels predicted, 8 true (the same ones)
+    logits[1, 0, 0, :2] = 2.0  # sample 1: 2 pixels predicted, none true
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2] = 1.0
+    p, y = torch.sigmoid(logits), target
+    eps = 1e-5
+    per = [1 - (2 * (p[i] * y[i]).sum() + eps) / (p[i].sum() + y[i].sum() + eps) for i in range(2)]
+    pooled = 1 - (2 * (p * y).sum() + eps) / (p.sum() + y.sum() + eps)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    if name == "dice_ce":
+        target = target.long()
+    cfg = {"loss": name, "shape_loss": {}}
+    by_sample = build_training_loss({**cfg, "dice_batch": False}, 2)(logits, target)
+    by_batch = build_training_loss({**cfg, "dice_batch": True}, 2)(logits, target)
+    assert by_sample.item() == pytest.approx((sum(per) / 2 + bce).item(), rel=1e-5)
+    assert by_batch.item() == pytest.approx((pooled + bce).item(), rel=1e-5)
+    assert by_batch.item() < by_sample.item()  # the empty sample's whole-Dice penalty is gone

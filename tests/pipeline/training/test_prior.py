@@ -75,6 +75,38 @@ def test_only_a_raised_prior_is_undone():
     assert record["adjustment"][1] == 0.0
 
 
+def test_both_undoes_a_lowered_prior_too():
+    """``adjust="both"`` (the plan's choice where slices without foreground are tissue): the
+    difference of the log-odds either way, the start at the volumes' prior."""
+    from slab.pipeline.training.prior import priors
+
+    poor = [torch.zeros(1, 10, 10)]
+    poor[0][0, :1] = 1  # 10 %
+    record = priors(poor, np.array([[500, 500]]), 1, exclusive=False, adjust="both")
+    assert record["adjustment"] == [pytest.approx(_logit(11 / 102) - _logit(501 / 1002), abs=1e-4)]
+    assert record["adjustment"][0] < 0 and record["start"] == [pytest.approx(record["volumes"][0], abs=1e-4)]
+    classes = [torch.zeros(1, 10, 10, dtype=torch.int64)]
+    classes[0][0, :4] = 1
+    classes[0][0, 4] = 2
+    record = priors(classes, np.array([[600, 100, 300]]), 2, exclusive=True, adjust="both")
+    np.testing.assert_allclose(record["adjustment"], [np.log(41 / 51) - np.log(101 / 601),
+                                                      np.log(11 / 51) - np.log(301 / 601)], atol=1e-4)
+
+
+def test_logit_adjustment_and_dice_batch_in_the_config():
+    from slab.core.errors import SlabError
+    from slab.pipeline.training.config import validate_config
+
+    cfg = validate_config({})
+    assert cfg["logit_adjustment"] is True and cfg["dice_batch"] is False
+    assert validate_config({"logit_adjustment": "both"})["logit_adjustment"] == "both"
+    for bad in ("lowered", 1, None):
+        with pytest.raises(SlabError, match="logit_adjustment"):
+            validate_config({"logit_adjustment": bad})
+    with pytest.raises(SlabError, match="dice_batch"):
+        validate_config({"dice_batch": "yes"})
+
+
 @pytest.mark.parametrize("name, options", [("unet", {"channels": [4, 8, 16], "strides": [2, 2]}),
                                            ("unet", {"channels": [4, 8], "strides": [2], "num_res_units": 0}),
                                            ("basic_unet", {"features": [4, 4, 8, 8, 16, 4]})])
@@ -169,6 +201,9 @@ def test_2p5d_volume_counts_in_memory_and_streamed_and_the_adjustment_off(tmp_pa
     np.testing.assert_array_equal(counts[1], counts[0])
     off = build_trainer(datalist, _cfg(logit_adjustment=False), tmp_path / "off", device="cpu").task.priors
     assert off["adjustment"] == [0.0] and off["start"] == off["samples"] and off["n_samples"] == SAMPLES
+    both = build_trainer(datalist, _cfg(logit_adjustment="both"), tmp_path / "both", device="cpu").task.priors
+    assert both["adjustment"] == [pytest.approx(both["samples"][0] - both["volumes"][0], abs=2e-4)]
+    assert both["start"] == [pytest.approx(both["volumes"][0], abs=2e-4)]  # either way, the volumes' prior
 
 
 def test_output_bias_null_keeps_the_networks_own_start(tmp_path):
