@@ -13,6 +13,8 @@ its schedule cut to fit 2 cores; the test block is then predicted and scored:
   (a sweep of 0.05 ... 0.95), and that best threshold;
 * false positives on the test block's first and last slices of each axis (the cut faces);
 * the intensity window baseline (the best window on the training block, scored on the test block);
+* where the reliability curve over every voxel crosses the diagonal (:func:`crossing`; in the
+  JSON and the per-configuration lines);
 * the run's recorded priors: the foreground share of its training samples and of its training
   volumes, and the logit adjustment its loss saw (:mod:`slab.pipeline.training.prior`).
 
@@ -159,8 +161,30 @@ def score(model, image, truth: np.ndarray, air: np.ndarray, exclusive: bool) -> 
             "best_threshold": best, "dice_best": sweep[best],
             "dice_best_pm0.1": [sweep.get(round(best - 0.1, 2), float("nan")), sweep.get(round(best + 0.1, 2), float("nan"))],
             "fp_faces": faces, "fp": int((mask & ~(truth[c] > 0)).sum()),
+            "crossing": crossing(prob[c], truth[c]),
         })
     return out
+
+
+def crossing(prob: np.ndarray, truth: np.ndarray, bins: int = 20) -> float:
+    """Where the reliability curve over every voxel (``bins`` equal bins) crosses the diagonal
+    from below — over-confident under it, under-confident above: the probability, interpolated
+    between the last bin whose voxels are true less often than they are given and the next,
+    above which every bin is true at least as often. A calibrated model crosses near 0.5 where
+    it crosses at all; NaN where no bin is under-confident."""
+    from slab.pipeline.evaluation.calibration import reliability
+
+    points = [(b["probability"], b["observed"] - b["probability"]) for b in reliability(prob, truth, bins=bins)["bins"]
+              if b["count"]]
+    above = len(points)
+    while above and points[above - 1][1] >= 0:
+        above -= 1
+    if above == len(points):
+        return float("nan")
+    if above == 0:
+        return float(points[0][0])
+    (p0, d0), (p1, d1) = points[above - 1], points[above]
+    return float(p0 + (p1 - p0) * -d0 / (d1 - d0))
 
 
 def window_baseline(train_cases, test_cases) -> list[float]:
