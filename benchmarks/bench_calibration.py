@@ -325,7 +325,13 @@ def main() -> None:
                         help="set a training-config key in every configuration (e.g. dice_batch=false)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    args.overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    args.overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            args.overrides[key] = json.loads(value)
+        except ValueError:
+            parser.error(f"--set {item}: expected KEY=JSON, e.g. dice_batch=true or logit_adjustment='\"both\"'")
     import torch
 
     from slab.pipeline.cli import quiet_libraries

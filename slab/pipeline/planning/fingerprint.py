@@ -142,14 +142,14 @@ def drawn_body_shares(slices: dict, positive_fraction: float, axes=(0, 1, 2)) ->
     sampler draws them (an axis of ``axes`` alike, then ``positive_fraction`` a slice with
     foreground, else one without) and in the whole volumes, from :func:`slice_statistics` summed
     over a dataset's cases (``nan`` where there is no body)."""
-    drawn_body, drawn_label, whole_body = 0.0, np.zeros(len(slices["label_body"])), 0
+    drawn_body, drawn_label = 0.0, np.zeros(len(slices["label_body"]))
     for axis in axes:
         n_pos, n_neg = slices["positive"][axis], slices["negative"][axis]
         f = positive_fraction if n_pos and n_neg else float(n_pos > 0)  # one kind only: every draw is of it
         drawn_body += (f * slices["body_positive"][axis] / max(1, n_pos)
                        + (1 - f) * slices["body_negative"][axis] / max(1, n_neg))
         drawn_label += f * np.asarray(slices["label_body"], dtype=float) / max(1, n_pos)
-        whole_body = slices["body_positive"][axis] + slices["body_negative"][axis]
+    whole_body = slices["body_positive"][0] + slices["body_negative"][0]  # every axis' slices hold the whole body
     return [(float(v / drawn_body) if drawn_body else float("nan"), float(w / whole_body) if whole_body else float("nan"))
             for v, w in zip(drawn_label, slices["label_body"])]
 

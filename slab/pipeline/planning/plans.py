@@ -133,7 +133,10 @@ def prior_adjustment(fp: dict, planes: list[str], positive_fraction: float) -> t
     slices = fp.get("slices")
     if not slices or not fp["labels"]:
         return True, "no slice statistics in the fingerprint: only a raised prior undone"
-    shares = drawn_body_shares(slices, positive_fraction, sorted({PLANE_AXIS[p] for p in planes}))
+    axes = sorted({PLANE_AXIS[p] for p in planes})
+    if not any(slices["negative"][a] for a in axes):
+        return True, "every slice holds foreground: the draws are slices prediction meets; only a raised prior undone"
+    shares = drawn_body_shares(slices, positive_fraction, axes)
     parts = "; ".join(f"{lab['name']} {d:.1%} drawn, {w:.1%} in the volumes"
                       for lab, (d, w) in zip(fp["labels"], shares) if w == w and d == d) or "no body"
     if any(w > 0 and d < DILUTED * w for d, w in shares):

@@ -137,7 +137,7 @@ def init_output_bias(model: nn.Module, batch: dict, target: torch.Tensor) -> boo
         model.train(was_training)
 
 
-def priors(samples: list, volumes: np.ndarray, n_labels: int, exclusive: bool, adjust: bool) -> dict:
+def priors(samples: list, volumes: np.ndarray, n_labels: int, exclusive: bool, adjust: bool | str) -> dict:
     """The samples' and the volumes' prior logits (``samples``: training targets as drawn;
     ``volumes``: the training labels' value counts) and the loss's ``adjustment``: with ``adjust``
     true their difference where the samples' is the higher, else 0; ``"both"`` their difference

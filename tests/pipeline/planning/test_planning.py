@@ -266,6 +266,15 @@ def test_the_plan_undoes_a_lowered_prior_where_empty_slices_are_tissue(tmp_path)
         ((drawn, whole),) = drawn_body_shares(fp["slices"], 0.5)
         assert value == expected and ratio[0] < drawn / whole < ratio[1], (drawn, whole, reason)
     assert planning.prior_adjustment({"labels": [{"name": "l"}]}, ["xy"], 0.5)[0] is True  # an older fingerprint
+    # one slice (a 2D image as a volume), every slice along z holding foreground: nothing to dilute
+    flat = np.zeros((9, 7, 1), np.float32)
+    flat[2:7, 1:6] = 50.0
+    dot = np.zeros(flat.shape, bool)
+    dot[4, 3, 0] = True
+    one = {"labels": [{"name": "l"}], "slices": slice_statistics(flat, [dot], dot)}
+    assert one["slices"]["positive"] == [1, 1, 1] and one["slices"]["negative"] == [8, 6, 0]
+    assert planning.prior_adjustment(one, ["xy"], 0.5) == (True, "every slice holds foreground: the draws are "
+                                                           "slices prediction meets; only a raised prior undone")
 
 
 def test_fingerprint_of_phantoms_against_numpy(tmp_path):
