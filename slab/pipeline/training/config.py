@@ -172,6 +172,9 @@ SCHEMA: dict[str, Any] = {
     "loss": _s("dice_bce", _choice(LOSSES),
                "dice_bce: Dice + BCE on sigmoid outputs (multi-label); dice_ce: Dice + CE on the softmax over "
                "(background logit 0, one logit per class) for exclusive classes (see DiceCE)"),
+    "dice_weight": _s(1.0, float_check(0), "weight of the loss's Dice term against its cross-entropy (MONAI's "
+                      "lambda_dice); 0: the cross-entropy alone, calibrated but less accurate (measured: "
+                      "benchmarks/bench_calibration.py --set dice_weight=0)"),
     "dice_batch": _s(False, _bool, "the loss's Dice over the whole batch as one sample (nnU-Net's batch dice) "
                      "instead of per sample (measured: benchmarks/bench_calibration.py --set dice_batch=true)"),
     "output_bias": _s("prior", _optional_choice(("prior",)),

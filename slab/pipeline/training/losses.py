@@ -17,27 +17,29 @@ class DiceCE(nn.Module):
     background, so trained networks run through the same inference path as ``dice_bce`` ones.
     """
 
-    def __init__(self, batch: bool = False) -> None:
+    def __init__(self, batch: bool = False, dice_weight: float = 1.0) -> None:
         super().__init__()
         from monai.losses import DiceCELoss
 
-        self.loss = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, batch=batch)
+        self.loss = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, batch=batch,
+                               lambda_dice=dice_weight)
 
     def forward(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         background = torch.zeros_like(logits[:, :1])
         return self.loss(torch.cat([background, logits], dim=1), classes)
 
 
-def build_loss(name: str, batch: bool = False) -> nn.Module:
+def build_loss(name: str, batch: bool = False, dice_weight: float = 1.0) -> nn.Module:
     """``dice_bce``: MONAI ``DiceCELoss(sigmoid=True)`` (Dice + BCE-with-logits, multi-label,
     binary channel targets); ``dice_ce``: :class:`DiceCE` (exclusive classes, class-map target).
-    ``batch``: the Dice over the whole batch as one sample (nnU-Net's batch dice), not per sample."""
+    ``batch``: the Dice over the whole batch as one sample (nnU-Net's batch dice), not per sample;
+    ``dice_weight``: the Dice term's weight against the cross-entropy's 1 (0: cross-entropy alone)."""
     from monai.losses import DiceCELoss
 
     if name == "dice_bce":
-        return DiceCELoss(sigmoid=True, batch=batch)
+        return DiceCELoss(sigmoid=True, batch=batch, lambda_dice=dice_weight)
     if name == "dice_ce":
-        return DiceCE(batch)
+        return DiceCE(batch, dice_weight)
     raise config_error("loss", f"one of {', '.join(LOSSES)}", name)
 
 
@@ -192,7 +194,7 @@ class CombinedLoss(nn.Module):
 
 def build_training_loss(cfg: dict, dims: int) -> nn.Module:
     """The config's ``loss`` with its ``shape_loss`` terms (none by default)."""
-    base = build_loss(cfg["loss"], bool(cfg.get("dice_batch", False)))
+    base = build_loss(cfg["loss"], bool(cfg.get("dice_batch", False)), float(cfg.get("dice_weight", 1.0)))
     shape = cfg.get("shape_loss") or {}
     if not shape.get("surface_dice") and not shape.get("cldice"):
         return base

@@ -118,3 +118,7 @@ def test_batch_dice_pools_the_batch_known_answer(name):
     assert by_sample.item() == pytest.approx((sum(per) / 2 + bce).item(), rel=1e-5)
     assert by_batch.item() == pytest.approx((pooled + bce).item(), rel=1e-5)
     assert by_batch.item() < by_sample.item()  # the empty sample's whole-Dice penalty is gone
+    ce_alone = build_training_loss({**cfg, "dice_batch": False, "dice_weight": 0.0}, 2)(logits, target)
+    half = build_training_loss({**cfg, "dice_batch": False, "dice_weight": 0.5}, 2)(logits, target)
+    assert ce_alone.item() == pytest.approx(bce.item(), rel=1e-5)
+    assert half.item() == pytest.approx((sum(per) / 4 + bce).item(), rel=1e-5)

@@ -93,7 +93,7 @@ def test_both_undoes_a_lowered_prior_too():
                                                       np.log(11 / 51) - np.log(301 / 601)], atol=1e-4)
 
 
-def test_logit_adjustment_and_dice_batch_in_the_config():
+def test_logit_adjustment_dice_batch_and_dice_weight_in_the_config():
     from slab.core.errors import SlabError
     from slab.pipeline.training.config import validate_config
 
@@ -105,6 +105,9 @@ def test_logit_adjustment_and_dice_batch_in_the_config():
             validate_config({"logit_adjustment": bad})
     with pytest.raises(SlabError, match="dice_batch"):
         validate_config({"dice_batch": "yes"})
+    assert cfg["dice_weight"] == 1.0 and validate_config({"dice_weight": 0})["dice_weight"] == 0.0
+    with pytest.raises(SlabError, match="dice_weight"):
+        validate_config({"dice_weight": -1})
 
 
 @pytest.mark.parametrize("name, options", [("unet", {"channels": [4, 8, 16], "strides": [2, 2]}),
